@@ -1,0 +1,18 @@
+//! Images for wasmlet: references, the content-addressed local store and the compiled-code cache.
+//!
+//! The store keeps every blob under `blobs/sha256/<hex>`, verified against its digest, and an
+//! index of images (`index.json`) written atomically and guarded by a file lock so that the
+//! `wasmlet image` CLI and a running server can share one root.
+
+mod compiled;
+mod error;
+pub mod fsutil;
+mod reference;
+mod store;
+mod wasm;
+
+pub use compiled::{CompiledCache, CompiledProgram};
+pub use error::{Error, Result};
+pub use reference::Reference;
+pub use store::{FsUsage, ImageRecord, ImageStore};
+pub use wasm::{WasmKind, sha256_digest};

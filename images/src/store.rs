@@ -1,0 +1,321 @@
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::reference::looks_like_id;
+use crate::{Error, Reference, Result, WasmKind, fsutil, sha256_digest};
+
+/// One image in the local store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// `sha256:<hex>`; the same string everywhere the CRI names this image.
+    pub id: String,
+    /// Normalized `registry/repo:tag` names.
+    pub repo_tags: Vec<String>,
+    /// Normalized `registry/repo@sha256:..` names.
+    pub repo_digests: Vec<String>,
+    /// Bytes the image takes in the store.
+    pub size: u64,
+    /// Digest of the wasm blob that runs.
+    pub wasm_digest: String,
+    /// Module or component.
+    pub kind: WasmKind,
+    /// OCI annotations kept from the image.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Numeric user from the image config, if it names one.
+    #[serde(default)]
+    pub uid: Option<i64>,
+    /// User name from the image config, if it names one that is not numeric.
+    #[serde(default)]
+    pub username: String,
+    /// When the image entered the store, in nanoseconds since the epoch.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Index {
+    version: u32,
+    images: Vec<ImageRecord>,
+}
+
+/// Bytes and inodes used by the image store, for ImageFsInfo.
+#[derive(Debug, Clone)]
+pub struct FsUsage {
+    /// The store's directory.
+    pub mountpoint: PathBuf,
+    /// Bytes used.
+    pub used_bytes: u64,
+    /// Inodes used.
+    pub inodes_used: u64,
+}
+
+/// The content-addressed store under `<root>`: `blobs/sha256/<hex>`, `index.json`, `lock`.
+pub struct ImageStore {
+    root: PathBuf,
+    /// The last index read, with the (inode, mtime, len) of the file it came from, so that an
+    /// unchanged index is not parsed again but a change by another process is seen.
+    cached: Mutex<Option<((u64, i64, i64, u64), Vec<ImageRecord>)>>,
+}
+
+impl ImageStore {
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<ImageStore> {
+        let root = root.into();
+        fs::create_dir_all(root.join("blobs/sha256"))
+            .map_err(Error::io(format!("create image store {}", root.display())))?;
+        Ok(ImageStore { root, cached: Mutex::new(None) })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.root.join("index.json")
+    }
+
+    /// Path of the blob with `digest` (`sha256:<hex>`).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.root.join("blobs/sha256").join(hex)
+    }
+
+    /// Takes the store's file lock: shared for readers, exclusive for writers.
+    fn lock(&self, exclusive: bool) -> Result<File> {
+        let path = self.root.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(Error::io(format!("open {}", path.display())))?;
+        if exclusive { file.lock() } else { file.lock_shared() }
+            .map_err(Error::io(format!("lock {}", path.display())))?;
+        Ok(file)
+    }
+
+    fn read_index(&self) -> Result<Vec<ImageRecord>> {
+        let path = self.index_path();
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("stat {}", path.display()))(e)),
+        };
+        let stamp = (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.len());
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, images)) = cached.as_ref()
+            && *s == stamp
+        {
+            return Ok(images.clone());
+        }
+        let bytes = fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
+        let index: Index = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::CorruptIndex { path: path.clone(), reason: e.to_string() })?;
+        *cached = Some((stamp, index.images.clone()));
+        Ok(index.images)
+    }
+
+    fn write_index(&self, images: Vec<ImageRecord>) -> Result<()> {
+        let path = self.index_path();
+        let index = Index { version: 1, images };
+        let bytes = serde_json::to_vec_pretty(&index).expect("index serializes");
+        fsutil::write_atomic(&path, &bytes).map_err(Error::io(format!("write {}", path.display())))
+    }
+
+    /// Every image in the store.
+    pub fn list(&self) -> Result<Vec<ImageRecord>> {
+        let _lock = self.lock(false)?;
+        self.read_index()
+    }
+
+    /// Finds the image that `image` names: an id (with or without `sha256:`), a tag or a
+    /// digest reference. `Ok(None)` when nothing matches.
+    pub fn resolve(&self, image: &str) -> Result<Option<ImageRecord>> {
+        let _lock = self.lock(false)?;
+        let images = self.read_index()?;
+        Ok(find(&images, image)?.map(|i| images[i].clone()))
+    }
+
+    /// Puts a wasm binary into the store, tagged `tag` if given, and returns its record.
+    /// The bytes must be a wasm module or component.
+    pub fn import(&self, bytes: &[u8], tag: Option<&str>) -> Result<ImageRecord> {
+        let reference = tag.map(Reference::parse).transpose()?;
+        let what = tag.unwrap_or("imported image");
+        let kind = WasmKind::detect(what, bytes)?;
+        let digest = sha256_digest(bytes);
+        let blob = self.blob_path(&digest);
+        let _lock = self.lock(true)?;
+        if !blob.exists() {
+            fsutil::write_atomic(&blob, bytes).map_err(Error::io(format!("write {}", blob.display())))?;
+        }
+        let mut images = self.read_index()?;
+        let tagged = reference.as_ref().and_then(Reference::tagged);
+        // A tag names one image: move it off any other image that had it.
+        if let Some(t) = &tagged {
+            for other in images.iter_mut().filter(|i| i.id != digest) {
+                other.repo_tags.retain(|x| x != t);
+            }
+        }
+        let position = images.iter().position(|i| i.id == digest);
+        let record = match position {
+            Some(i) => &mut images[i],
+            None => {
+                images.push(ImageRecord {
+                    id: digest.clone(),
+                    repo_tags: Vec::new(),
+                    repo_digests: Vec::new(),
+                    size: bytes.len() as u64,
+                    wasm_digest: digest.clone(),
+                    kind,
+                    annotations: BTreeMap::new(),
+                    uid: None,
+                    username: String::new(),
+                    created_at: now_nanos(),
+                });
+                images.last_mut().expect("just pushed")
+            }
+        };
+        if let Some(reference) = &reference {
+            if let Some(t) = tagged
+                && !record.repo_tags.contains(&t)
+            {
+                record.repo_tags.push(t);
+            }
+            let d = reference.with_digest(&digest);
+            if !record.repo_digests.contains(&d) {
+                record.repo_digests.push(d);
+            }
+        }
+        let record = record.clone();
+        self.write_index(images)?;
+        tracing::info!(image = %record.id, tags = ?record.repo_tags, "imported image");
+        Ok(record)
+    }
+
+    /// Removes the image `image` names, with all its tags, and its blob when no other image
+    /// uses it. Returns the removed record; `Ok(None)` if there was none (not an error).
+    pub fn remove(&self, image: &str) -> Result<Option<ImageRecord>> {
+        let _lock = self.lock(true)?;
+        let mut images = self.read_index()?;
+        let Some(i) = find(&images, image)? else { return Ok(None) };
+        let removed = images.remove(i);
+        if !images.iter().any(|o| o.wasm_digest == removed.wasm_digest) {
+            let _ = fs::remove_file(self.blob_path(&removed.wasm_digest));
+        }
+        self.write_index(images)?;
+        tracing::info!(image = %removed.id, "removed image");
+        Ok(Some(removed))
+    }
+
+    /// Reads a blob and checks that its bytes still hash to `digest`.
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest);
+        let bytes = fs::read(&path).map_err(Error::io(format!("read blob {digest}")))?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(Error::DigestMismatch { digest: digest.to_string(), actual });
+        }
+        Ok(bytes)
+    }
+
+    /// Bytes and inodes under the store's root.
+    pub fn fs_usage(&self) -> FsUsage {
+        let (used_bytes, inodes_used) = fsutil::disk_usage(&self.root);
+        FsUsage { mountpoint: self.root.clone(), used_bytes, inodes_used }
+    }
+}
+
+fn find(images: &[ImageRecord], image: &str) -> Result<Option<usize>> {
+    if looks_like_id(image) {
+        let id = if image.starts_with("sha256:") { image.to_string() } else { format!("sha256:{image}") };
+        return Ok(images.iter().position(|i| i.id == id));
+    }
+    let reference = Reference::parse(image)?;
+    Ok(match (&reference.digest, reference.tagged()) {
+        (Some(digest), _) => {
+            let wanted = reference.with_digest(digest);
+            images.iter().position(|i| i.repo_digests.contains(&wanted))
+        }
+        (None, Some(tagged)) => images.iter().position(|i| i.repo_tags.contains(&tagged)),
+        (None, None) => None,
+    })
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module(n: u32) -> Vec<u8> {
+        wat::parse_str(format!("(module (global i32 (i32.const {n})))")).unwrap()
+    }
+
+    #[test]
+    fn import_resolve_by_id_tag_and_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let rec = store.import(&module(1), Some("hello")).unwrap();
+        assert_eq!(rec.repo_tags, vec!["docker.io/library/hello:latest"]);
+        assert_eq!(rec.repo_digests, vec![format!("docker.io/library/hello@{}", rec.id)]);
+        for name in [
+            rec.id.clone(),
+            rec.id.trim_start_matches("sha256:").to_string(),
+            "hello".to_string(),
+            "docker.io/library/hello:latest".to_string(),
+            rec.repo_digests[0].clone(),
+        ] {
+            assert_eq!(store.resolve(&name).unwrap().as_ref(), Some(&rec), "{name}");
+        }
+        assert_eq!(store.resolve("other").unwrap(), None);
+        assert_eq!(store.read_blob(&rec.wasm_digest).unwrap(), module(1));
+    }
+
+    #[test]
+    fn a_tag_moves_and_remove_takes_all_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let a = store.import(&module(1), Some("x:1")).unwrap();
+        store.import(&module(1), Some("y:2")).unwrap();
+        let b = store.import(&module(2), Some("x:1")).unwrap();
+        let a_now = store.resolve(&a.id).unwrap().unwrap();
+        assert_eq!(a_now.repo_tags, vec!["docker.io/library/y:2"]);
+        assert_eq!(store.resolve("x:1").unwrap().unwrap().id, b.id);
+        assert_eq!(store.remove("y:2").unwrap().unwrap().id, a.id);
+        assert!(store.remove("y:2").unwrap().is_none(), "second remove is a no-op");
+        assert!(!store.blob_path(&a.wasm_digest).exists());
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn refuses_non_wasm_and_detects_corrupt_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let err = store.import(b"GIF89a......", Some("pic")).unwrap_err();
+        assert!(err.to_string().contains("pic: not a wasm module or component"), "{err}");
+        assert!(store.list().unwrap().is_empty());
+        let rec = store.import(&module(3), None).unwrap();
+        fs::write(store.blob_path(&rec.wasm_digest), module(4)).unwrap();
+        let err = store.read_blob(&rec.wasm_digest).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_root_sees_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ImageStore::open(dir.path()).unwrap();
+        let b = ImageStore::open(dir.path()).unwrap();
+        assert!(b.list().unwrap().is_empty());
+        a.import(&module(5), Some("seen")).unwrap();
+        assert!(b.resolve("seen").unwrap().is_some());
+    }
+}

@@ -1,0 +1,168 @@
+//! `wasmlet`: the node agent binary.
+
+mod client;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use wasmlet_images::ImageStore;
+
+#[derive(Parser)]
+#[command(name = "wasmlet", version, about = "A Kubernetes node agent whose containers are WebAssembly")]
+struct Cli {
+    /// Format of wasmlet's own log lines (on stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the CRI v1 API (RuntimeService and ImageService) on a unix socket.
+    Cri {
+        /// State directory: images, compiled code, sandboxes, containers.
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+        /// Socket path [default: ROOT/cri.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Manage the local image store.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Run one container in a new pod through a CRI server, print its log and exit with its code.
+    Pod {
+        #[command(subcommand)]
+        command: PodCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Put a .wasm (module or component) or .wat file into the store.
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// Name to tag it with, e.g. `hello` or `registry.example/app:1.0`.
+        #[arg(long)]
+        tag: Option<String>,
+        /// State directory of the wasmlet that will run it.
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
+    /// List images.
+    Ls {
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
+    /// Remove an image (by id, tag or digest) with all its tags.
+    Rm {
+        image: String,
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCommand {
+    /// RunPodSandbox, CreateContainer, StartContainer, wait for the exit, print the log, clean up.
+    Run(client::PodRun),
+}
+
+fn default_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("wasmlet");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/wasmlet"),
+        None => PathBuf::from("/var/lib/wasmlet"),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASMLET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let rt = tokio::runtime::Runtime::new().context("start tokio")?;
+    match cli.command {
+        Command::Cri { root, socket } => rt.block_on(serve(root.unwrap_or_else(default_root), socket)),
+        Command::Image { command } => image(command),
+        Command::Pod { command: PodCommand::Run(args) } => {
+            let code = rt.block_on(client::run_pod(args))?;
+            std::process::exit(code)
+        }
+    }
+}
+
+async fn serve(root: PathBuf, socket: Option<PathBuf>) -> Result<()> {
+    let socket = socket.unwrap_or_else(|| root.join("cri.sock"));
+    let runtime = {
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || wasmlet_runtime::Runtime::open(root)).await??
+    };
+    let listener = wasmlet_runtime::server::bind(&socket)
+        .await
+        .with_context(|| format!("bind {}", socket.display()))?;
+    tracing::info!(root = %root.display(), socket = %socket.display(), "serving CRI v1");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down");
+    };
+    wasmlet_runtime::server::serve(runtime, listener, shutdown).await?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn image(command: ImageCommand) -> Result<()> {
+    let open = |root: Option<PathBuf>| ImageStore::open(root.unwrap_or_else(default_root).join("images"));
+    match command {
+        ImageCommand::Import { file, tag, root } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            let bytes = if file.extension().is_some_and(|e| e == "wat") {
+                wat::parse_bytes(&bytes).with_context(|| format!("{}: invalid WAT", file.display()))?.into_owned()
+            } else {
+                bytes
+            };
+            let record = open(root)?.import(&bytes, tag.as_deref())?;
+            println!("{}", record.id);
+        }
+        ImageCommand::Ls { root } => {
+            println!("{:<50} {:<11} {:>10}  ID", "TAG", "KIND", "SIZE");
+            for i in open(root)?.list()? {
+                let kind = format!("{:?}", i.kind).to_lowercase();
+                let tags = if i.repo_tags.is_empty() { vec!["<none>".to_string()] } else { i.repo_tags.clone() };
+                for t in tags {
+                    println!("{t:<50} {kind:<11} {:>10}  {}", i.size, &i.id[7..19]);
+                }
+            }
+        }
+        ImageCommand::Rm { image, root } => match open(root)?.remove(&image)? {
+            Some(r) => println!("removed {}", r.id),
+            None => bail!("image {image:?} not found"),
+        },
+    }
+    Ok(())
+}

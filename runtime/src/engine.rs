@@ -1,0 +1,355 @@
+//! The one shared wasmtime engine, its linkers, and running a guest to its end.
+//!
+//! Guests run as async calls on a tokio runtime of their own, so a busy guest never delays the
+//! gRPC server. An epoch ticker makes every running guest yield to the executor each tick: a
+//! guest in a tight loop still lets others run, and dropping its future (a kill) takes effect
+//! at the next tick or host call.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use wasmlet_images::{CompiledCache, CompiledProgram};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Config, Engine, InstancePre, Linker, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use wasmlet_images::WasmKind;
+
+use crate::logs::GuestOutput;
+use crate::{Error, Result};
+
+/// How often the epoch advances: the longest a guest runs before yielding, and the longest a
+/// kill waits for a guest that is computing.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// A program linked and ready to instantiate (pre-instantiated once per image).
+#[derive(Clone)]
+pub enum Program {
+    /// A core module with WASI preview 1.
+    Module(InstancePre<P1State>),
+    /// A `wasi:cli/command` component with WASI preview 2.
+    Component(CommandPre<P2State>),
+}
+
+/// A directory the guest sees.
+#[derive(Debug, Clone)]
+pub struct Preopen {
+    /// Host directory (symlinks already resolved).
+    pub host: PathBuf,
+    /// Path in the guest.
+    pub guest: String,
+    /// Whether the guest may only read.
+    pub read_only: bool,
+}
+
+/// Everything one guest instance is given.
+pub struct GuestSpec {
+    /// argv, program name first.
+    pub args: Vec<String>,
+    /// Environment, in order.
+    pub env: Vec<(String, String)>,
+    /// Directories.
+    pub preopens: Vec<Preopen>,
+    /// Initial working directory (components only: preview 1 has no such notion).
+    pub cwd: Option<String>,
+    /// fd 1.
+    pub stdout: GuestOutput,
+    /// fd 2.
+    pub stderr: GuestOutput,
+}
+
+/// Counters a running guest updates, read by the stats RPCs; the memory limit may be changed
+/// while it runs (UpdateContainerResources).
+#[derive(Debug, Default)]
+pub struct GuestMeter {
+    /// Time spent running the guest (polls of its future), in nanoseconds.
+    pub cpu_nanos: AtomicU64,
+    /// Linear memory and table bytes currently allocated.
+    pub memory_bytes: AtomicU64,
+    /// Memory limit in bytes; 0 means none.
+    pub memory_limit: AtomicU64,
+    oom: AtomicBool,
+}
+
+/// How a guest ended, before it is mapped to CRI exit codes and reasons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It returned or called exit with this code.
+    Exited(i32),
+    /// It trapped; the message names the trap.
+    Trapped(String),
+    /// It tried to grow memory past its limit.
+    OutOfMemory { limit: u64 },
+    /// It could not be instantiated (e.g. an import nobody provides).
+    StartFailed(String),
+}
+
+/// Store state for preview 1 modules.
+pub struct P1State {
+    wasi: WasiP1Ctx,
+    limiter: Limiter,
+}
+
+/// Store state for preview 2 components.
+pub struct P2State {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+}
+
+impl WasiView for P2State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+    }
+}
+
+/// Enforces the memory limit and keeps the meter's memory figure current.
+struct Limiter {
+    meter: Arc<GuestMeter>,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let limit = self.meter.memory_limit.load(Ordering::Relaxed);
+        let used = self.meter.memory_bytes.load(Ordering::Relaxed);
+        let after = used - (current as u64).min(used) + desired as u64;
+        if limit != 0 && after > limit {
+            self.meter.oom.store(true, Ordering::Relaxed);
+            return Err(wasmtime::Error::msg(format!("memory limit of {limit} bytes exceeded")));
+        }
+        self.meter.memory_bytes.store(after, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, _desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(true)
+    }
+}
+
+/// The shared engine, linkers, compiled-code cache and guest executor.
+pub struct WasmEngine {
+    engine: Engine,
+    module_linker: Linker<P1State>,
+    component_linker: wasmtime::component::Linker<P2State>,
+    cache: CompiledCache,
+    /// Programs by wasm digest: a second container of an image neither compiles nor links.
+    programs: Mutex<HashMap<String, Program>>,
+    /// Always Some until dropped; taken in Drop to shut down without blocking.
+    executor: Option<tokio::runtime::Runtime>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl WasmEngine {
+    /// An engine whose compiled code is cached under `cache_dir`.
+    pub fn new(cache_dir: PathBuf) -> std::result::Result<WasmEngine, String> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| format!("wasmtime engine: {e:#}"))?;
+        let mut module_linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |s: &mut P1State| &mut s.wasi)
+            .map_err(|e| format!("link wasi preview 1: {e:#}"))?;
+        let mut component_linker = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
+            .map_err(|e| format!("link wasi preview 2: {e:#}"))?;
+        let cache = CompiledCache::new(cache_dir, &engine).map_err(|e| e.to_string())?;
+        let executor = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("wasm-guest")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("guest executor: {e}"))?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (e, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    e.increment_epoch();
+                }
+            })
+            .map_err(|e| format!("epoch ticker: {e}"))?;
+        Ok(WasmEngine {
+            engine,
+            module_linker,
+            component_linker,
+            cache,
+            programs: Mutex::new(HashMap::new()),
+            executor: Some(executor),
+            ticker_stop,
+        })
+    }
+
+    /// The compiled-code cache.
+    pub fn cache(&self) -> &CompiledCache {
+        &self.cache
+    }
+
+    /// The program for an image's wasm: from memory, else from the compiled-code cache, else
+    /// compiled from `wasm()`. Blocking; call it off the async executor. `what` names the
+    /// image in errors.
+    pub fn program(
+        &self,
+        what: &str,
+        wasm_digest: &str,
+        kind: WasmKind,
+        wasm: impl FnOnce() -> wasmlet_images::Result<Vec<u8>>,
+    ) -> Result<Program> {
+        if let Some(p) = self.programs.lock().unwrap_or_else(|e| e.into_inner()).get(wasm_digest) {
+            return Ok(p.clone());
+        }
+        let compiled = self.cache.load_or_compile(&self.engine, what, wasm_digest, kind, wasm)?;
+        let unlinkable = |e: wasmtime::Error| Error::InvalidArgument(format!("{what}: cannot be linked: {e:#}"));
+        let program = match compiled {
+            CompiledProgram::Module(m) => Program::Module(self.module_linker.instantiate_pre(&m).map_err(unlinkable)?),
+            CompiledProgram::Component(c) => {
+                let pre = self.component_linker.instantiate_pre(&c).map_err(unlinkable)?;
+                Program::Component(CommandPre::new(pre).map_err(|e| {
+                    Error::InvalidArgument(format!("{what}: not a wasi:cli/command component: {e:#}"))
+                })?)
+            }
+        };
+        self.programs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(wasm_digest.to_string(), program.clone());
+        Ok(program)
+    }
+
+    /// Drops the in-memory program of `wasm_digest` (its image was removed).
+    pub fn forget(&self, wasm_digest: &str) {
+        self.programs.lock().unwrap_or_else(|e| e.into_inner()).remove(wasm_digest);
+        self.cache.forget(wasm_digest);
+    }
+
+    /// Spawns `fut` on the guest executor.
+    pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.executor.as_ref().expect("executor lives until drop").spawn(fut)
+    }
+
+    /// Runs a guest to its end. Dropping the returned future kills the guest.
+    pub fn run(&self, program: &Program, spec: GuestSpec, meter: Arc<GuestMeter>) -> impl Future<Output = Outcome> + Send + 'static {
+        let engine = self.engine.clone();
+        let program = program.clone();
+        let m = meter.clone();
+        Metered {
+            inner: Box::pin(async move {
+                let mut wasi = match build_wasi(spec) {
+                    Ok(w) => w,
+                    Err(e) => return Outcome::StartFailed(e),
+                };
+                let limiter = Limiter { meter: m.clone() };
+                let result = match program {
+                    Program::Module(pre) => {
+                        let mut store = Store::new(&engine, P1State { wasi: wasi.build_p1(), limiter });
+                        prepare(&mut store, |s| &mut s.limiter);
+                        run_module(&mut store, &pre).await
+                    }
+                    Program::Component(pre) => {
+                        let state = P2State { ctx: wasi.build(), table: ResourceTable::new(), limiter };
+                        let mut store = Store::new(&engine, state);
+                        prepare(&mut store, |s| &mut s.limiter);
+                        run_component(&mut store, &pre).await
+                    }
+                };
+                classify(result, &m)
+            }),
+            meter,
+        }
+    }
+}
+
+impl Drop for WasmEngine {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+        // Dropping a runtime blocks, which panics inside async code: let it wind down alone.
+        if let Some(executor) = self.executor.take() {
+            executor.shutdown_background();
+        }
+    }
+}
+
+type RunResult = std::result::Result<i32, (wasmtime::Error, bool)>;
+
+fn prepare<T: 'static>(store: &mut Store<T>, limiter: fn(&mut T) -> &mut Limiter) {
+    store.limiter(move |s| limiter(s) as &mut dyn ResourceLimiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+}
+
+async fn run_module(store: &mut Store<P1State>, pre: &InstancePre<P1State>) -> RunResult {
+    let instance = pre.instantiate_async(&mut *store).await.map_err(|e| (e, true))?;
+    let start = instance
+        .get_typed_func::<(), ()>(&mut *store, "_start")
+        .map_err(|e| (e.context("module exports no `_start` function"), true))?;
+    start.call_async(&mut *store, ()).await.map(|()| 0).map_err(|e| (e, false))
+}
+
+async fn run_component(store: &mut Store<P2State>, pre: &CommandPre<P2State>) -> RunResult {
+    let command = pre.instantiate_async(&mut *store).await.map_err(|e| (e, true))?;
+    match command.wasi_cli_run().call_run(&mut *store).await {
+        Ok(Ok(())) => Ok(0),
+        Ok(Err(())) => Ok(1),
+        Err(e) => Err((e, false)),
+    }
+}
+
+fn classify(result: RunResult, meter: &GuestMeter) -> Outcome {
+    match result {
+        Ok(code) => Outcome::Exited(code),
+        Err((e, _)) if e.downcast_ref::<I32Exit>().is_some() => {
+            Outcome::Exited(e.downcast_ref::<I32Exit>().map(|x| x.0).unwrap_or(1))
+        }
+        Err(_) if meter.oom.load(Ordering::Relaxed) => {
+            Outcome::OutOfMemory { limit: meter.memory_limit.load(Ordering::Relaxed) }
+        }
+        Err((e, true)) => Outcome::StartFailed(format!("{e:#}")),
+        Err((e, false)) => match e.downcast_ref::<wasmtime::Trap>() {
+            Some(trap) => Outcome::Trapped(format!("wasm trap: {trap}")),
+            None => Outcome::Trapped(format!("{e:#}")),
+        },
+    }
+}
+
+fn build_wasi(spec: GuestSpec) -> std::result::Result<WasiCtxBuilder, String> {
+    let mut b = WasiCtxBuilder::new();
+    b.args(&spec.args).envs(&spec.env).stdout(spec.stdout).stderr(spec.stderr);
+    b.allow_blocking_current_thread(true);
+    if let Some(cwd) = &spec.cwd {
+        b.initial_cwd(cwd);
+    }
+    for p in &spec.preopens {
+        let perms = if p.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        b.preopened_dir(&p.host, &p.guest, perms)
+            .map_err(|e| format!("preopen {} at {}: {e:#}", p.host.display(), p.guest))?;
+    }
+    Ok(b)
+}
+
+/// Adds the time spent in each poll of the guest's future to its meter: the guest's CPU time,
+/// host calls included.
+struct Metered<F> {
+    inner: Pin<Box<F>>,
+    meter: Arc<GuestMeter>,
+}
+
+impl<F: Future> Future for Metered<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let started = Instant::now();
+        let r = self.inner.as_mut().poll(cx);
+        self.meter.cpu_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+}

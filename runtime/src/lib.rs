@@ -1,0 +1,13 @@
+//! wasmlet's runtime: pod sandboxes and WebAssembly containers on one shared wasmtime engine,
+//! and the CRI v1 server over them.
+
+pub mod cri;
+pub mod engine;
+mod error;
+pub mod logs;
+pub mod model;
+mod runtime;
+pub mod server;
+
+pub use error::{Error, Result};
+pub use runtime::{EXEC_OUTPUT_LIMIT, Event, EventKind, ExecOutput, RUNTIME_HANDLERS, Runtime, Usage, now_nanos};

@@ -1,0 +1,333 @@
+//! Guest stdout/stderr: CRI log files and capped in-memory capture (for ExecSync).
+//!
+//! A CRI log record is `<RFC3339Nano UTC> <stdout|stderr> <P|F> <text>\n`. A guest's output is
+//! cut at newlines; a line longer than [`MAX_LINE`] is written as `P` pieces followed by an `F`
+//! piece, as containerd does, and a last line without a newline is written as `F` when the
+//! guest ends.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+/// Longest text in one log record (containerd's default `max_container_log_line_size`).
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Which guest stream a record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// File descriptor 1.
+    Stdout,
+    /// File descriptor 2.
+    Stderr,
+}
+
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// A container's CRI log file, shared by its stdout and stderr; reopened on log rotation.
+pub struct LogFile {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl LogFile {
+    /// Opens (creating it and its directory if needed) the log file at `path` for appending.
+    pub fn open(path: &Path) -> io::Result<LogFile> {
+        Ok(LogFile { path: path.to_path_buf(), file: Mutex::new(open_append(path)?) })
+    }
+
+    /// Closes and reopens the file by path, after the kubelet renamed it for rotation.
+    pub fn reopen(&self) -> io::Result<()> {
+        let fresh = open_append(&self.path)?;
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = f.write_all(bytes) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot write container log");
+        }
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Where a guest stream's bytes end up.
+#[derive(Clone)]
+enum Target {
+    Log(Arc<LogFile>),
+    /// Capture up to a byte limit; what goes past it is dropped without an error to the guest.
+    Capture(Arc<Mutex<Vec<u8>>>, usize),
+    Discard,
+}
+
+/// One guest output stream. Cloned handles share the pending partial line, so every stream
+/// object WASI makes for fd 1 (or 2) writes through the same line buffer.
+#[derive(Clone)]
+pub struct GuestOutput {
+    stream: Stream,
+    target: Target,
+    pending: Arc<Mutex<Vec<u8>>>,
+}
+
+impl GuestOutput {
+    /// Writes records into `log`.
+    pub fn log(stream: Stream, log: Arc<LogFile>) -> GuestOutput {
+        GuestOutput::new(stream, Target::Log(log))
+    }
+
+    /// Keeps at most `limit` bytes in memory, readable with [`GuestOutput::captured`].
+    pub fn capture(stream: Stream, limit: usize) -> GuestOutput {
+        GuestOutput::new(stream, Target::Capture(Arc::new(Mutex::new(Vec::new())), limit))
+    }
+
+    /// Drops everything (a container without a log path).
+    pub fn discard(stream: Stream) -> GuestOutput {
+        GuestOutput::new(stream, Target::Discard)
+    }
+
+    fn new(stream: Stream, target: Target) -> GuestOutput {
+        GuestOutput { stream, target, pending: Arc::new(Mutex::new(Vec::new())) }
+    }
+
+    /// The bytes captured so far (empty for other targets).
+    pub fn captured(&self) -> Vec<u8> {
+        match &self.target {
+            Target::Capture(buf, _) => buf.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn write(&self, bytes: &[u8]) {
+        match &self.target {
+            Target::Discard => {}
+            Target::Capture(buf, limit) => {
+                let mut buf = buf.lock().unwrap_or_else(|e| e.into_inner());
+                let room = limit.saturating_sub(buf.len());
+                buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
+            Target::Log(log) => {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let records = cut_records(&mut pending, bytes, self.stream, &now_rfc3339());
+                if !records.is_empty() {
+                    log.append(&records);
+                }
+            }
+        }
+    }
+
+    /// Writes out a pending unterminated line as a full record: the guest has ended.
+    pub fn finish(&self) {
+        if let Target::Log(log) = &self.target {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if !pending.is_empty() {
+                let mut out = Vec::new();
+                push_record(&mut out, &now_rfc3339(), self.stream, 'F', &pending);
+                pending.clear();
+                log.append(&out);
+            }
+        }
+    }
+}
+
+/// Appends `input` to the partial line in `pending` and returns the finished records: one `F`
+/// record per newline, and `P` records for every `MAX_LINE` bytes without one.
+fn cut_records(pending: &mut Vec<u8>, input: &[u8], stream: Stream, ts: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = input;
+    while !rest.is_empty() {
+        let room = MAX_LINE - pending.len();
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(i) if i <= room => {
+                pending.extend_from_slice(&rest[..i]);
+                push_record(&mut out, ts, stream, 'F', pending);
+                pending.clear();
+                rest = &rest[i + 1..];
+            }
+            // No newline within reach, and all of it fits: wait for the rest of the line.
+            _ if rest.len() <= room => {
+                pending.extend_from_slice(rest);
+                rest = &[];
+            }
+            _ => {
+                pending.extend_from_slice(&rest[..room]);
+                push_record(&mut out, ts, stream, 'P', pending);
+                pending.clear();
+                rest = &rest[room..];
+            }
+        }
+    }
+    out
+}
+
+fn push_record(out: &mut Vec<u8>, ts: &str, stream: Stream, tag: char, text: &[u8]) {
+    out.extend_from_slice(ts.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(stream.name().as_bytes());
+    out.push(b' ');
+    out.push(tag as u8);
+    out.push(b' ');
+    out.extend_from_slice(text);
+    out.push(b'\n');
+}
+
+/// Now as RFC 3339 with nanoseconds in UTC, e.g. `2016-10-06T00:17:09.669794202Z`.
+pub fn now_rfc3339() -> String {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    rfc3339_nanos(d.as_secs() as i64, d.subsec_nanos())
+}
+
+/// Formats seconds and nanoseconds since the epoch as RFC 3339 UTC with 9 fraction digits.
+pub fn rfc3339_nanos(secs: i64, nanos: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        GuestOutput::write(self, &bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(1024 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        GuestOutput::write(&self, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(chunks: &[&[u8]]) -> Vec<String> {
+        let mut pending = Vec::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend(cut_records(&mut pending, c, Stream::Stdout, "T"));
+        }
+        String::from_utf8(out).unwrap().lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn lines_and_partials() {
+        assert_eq!(records(&[b"a\nb\n"]), ["T stdout F a", "T stdout F b"]);
+        assert_eq!(records(&[b"he", b"llo\n"]), ["T stdout F hello"]);
+        assert_eq!(records(&[b"\n"]), ["T stdout F "]);
+        assert!(records(&[b"no newline yet"]).is_empty());
+    }
+
+    #[test]
+    fn long_lines_are_cut_into_partials() {
+        let long = vec![b'x'; MAX_LINE * 2 + 5];
+        let mut input = long.clone();
+        input.push(b'\n');
+        let r = records(&[&input]);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0], format!("T stdout P {}", "x".repeat(MAX_LINE)));
+        assert_eq!(r[1], format!("T stdout P {}", "x".repeat(MAX_LINE)));
+        assert_eq!(r[2], "T stdout F xxxxx");
+        // Exactly MAX_LINE then newline is one full record.
+        let mut exact = vec![b'y'; MAX_LINE];
+        exact.push(b'\n');
+        assert_eq!(records(&[&exact]), [format!("T stdout F {}", "y".repeat(MAX_LINE))]);
+        // Written in small pieces, the result is the same.
+        let pieces: Vec<&[u8]> = input.chunks(1000).collect();
+        assert_eq!(records(&pieces), r);
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339_nanos(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339_nanos(1_475_713_029, 669_794_202), "2016-10-06T00:17:09.669794202Z");
+        assert_eq!(rfc3339_nanos(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(rfc3339_nanos(4_102_444_799, 999_999_999), "2099-12-31T23:59:59.999999999Z");
+    }
+
+    #[test]
+    fn capture_is_capped_and_log_finish_flushes() {
+        let c = GuestOutput::capture(Stream::Stderr, 4);
+        c.write(b"abcdef");
+        assert_eq!(c.captured(), b"abcd");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c/0.log");
+        let log = Arc::new(LogFile::open(&path).unwrap());
+        let out = GuestOutput::log(Stream::Stdout, log.clone());
+        let err = GuestOutput::log(Stream::Stderr, log);
+        out.write(b"one\ntw");
+        err.write(b"oops\n");
+        out.finish();
+        let text = fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1).collect();
+        assert_eq!(lines, ["stdout F one", "stderr F oops", "stdout F tw"]);
+    }
+}

@@ -1,0 +1,824 @@
+//! The runtime proper: pod sandboxes and wasm containers, their state on disk, and the
+//! operations the CRI asks for, in the runtime's own terms.
+//!
+//! On disk, under the root:
+//! - `images/`: the image store; `compiled/`: the compiled-code cache;
+//! - `pods/<sandbox id>/sandbox.json` and `pods/<sandbox id>/containers/<container id>.json`.
+//!
+//! Every change of a record is written (atomically) before the call that made it returns, so a
+//! `kill -9` loses nothing a client was told about.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, oneshot, watch};
+use wasmlet_images::{ImageRecord, ImageStore, fsutil};
+
+use crate::engine::{GuestMeter, GuestSpec, Preopen, Program, WasmEngine};
+use crate::logs::{GuestOutput, LogFile, Stream};
+use crate::model::*;
+use crate::{Error, Result};
+
+/// Runtime handler names wasmlet answers to; "" is the default.
+pub const RUNTIME_HANDLERS: [&str; 2] = ["", "wasmlet"];
+
+/// The most ExecSync returns of each of stdout and stderr (as the CRI asks).
+pub const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
+
+/// A change to a container, for GetContainerEvents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The container.
+    pub container_id: String,
+    /// Its sandbox.
+    pub sandbox_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// When, in nanoseconds since the epoch.
+    pub at: i64,
+}
+
+/// What happened to a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Created,
+    Started,
+    Stopped,
+    Deleted,
+}
+
+/// Resource use of one container at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    /// When it was read.
+    pub timestamp: i64,
+    /// Cumulative CPU time.
+    pub cpu_nanos: u64,
+    /// CPU use since the previous reading, in nanoseconds per second; None on the first one.
+    pub nano_cores: Option<u64>,
+    /// Wasm memory currently allocated.
+    pub memory_bytes: u64,
+    /// The memory limit, if any.
+    pub memory_limit: Option<u64>,
+}
+
+/// What ExecSync returns.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+}
+
+/// The runtime. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    images: ImageStore,
+    engine: WasmEngine,
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    pod_cidr: Mutex<String>,
+}
+
+#[derive(Default)]
+struct State {
+    sandboxes: HashMap<String, SandboxRecord>,
+    /// Reserved sandbox names -> sandbox id.
+    sandbox_names: HashMap<String, String>,
+    containers: HashMap<String, Entry>,
+}
+
+struct Entry {
+    record: ContainerRecord,
+    meter: Arc<GuestMeter>,
+    program: Option<Program>,
+    live: Option<Live>,
+    last_sample: Option<(i64, u64)>,
+}
+
+/// A running guest: how to end it and how to learn it has ended.
+struct Live {
+    kill: Option<oneshot::Sender<ExitStatus>>,
+    done: watch::Receiver<bool>,
+    log: Option<Arc<LogFile>>,
+}
+
+impl Runtime {
+    /// Opens the runtime on `root`, loading every sandbox and container stored there.
+    /// Containers that were running when the last process died are recorded as exited.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Runtime> {
+        let root = root.into();
+        fs::create_dir_all(root.join("pods"))
+            .map_err(|e| Error::Internal(format!("create {}: {e}", root.display())))?;
+        let images = ImageStore::open(root.join("images"))?;
+        let engine = WasmEngine::new(root.join("compiled")).map_err(Error::Internal)?;
+        let (events, _) = broadcast::channel(1024);
+        let runtime = Runtime {
+            inner: Arc::new(Inner {
+                root,
+                images,
+                engine,
+                state: Mutex::new(State::default()),
+                events,
+                pod_cidr: Mutex::new(String::new()),
+            }),
+        };
+        runtime.load()?;
+        Ok(runtime)
+    }
+
+    /// The image store.
+    pub fn images(&self) -> &ImageStore {
+        &self.inner.images
+    }
+
+    /// Where state lives.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.inner.root.join("pods").join(id)
+    }
+
+    fn container_file(&self, sandbox_id: &str, id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("containers").join(format!("{id}.json"))
+    }
+
+    fn persist_sandbox(&self, rec: &SandboxRecord) -> Result<()> {
+        write_json(&self.sandbox_dir(&rec.id).join("sandbox.json"), rec)
+    }
+
+    fn persist_container(&self, rec: &ContainerRecord) -> Result<()> {
+        write_json(&self.container_file(&rec.sandbox_id, &rec.id), rec)
+    }
+
+    fn emit(&self, rec: &ContainerRecord, kind: EventKind) {
+        let _ = self.inner.events.send(Event {
+            container_id: rec.id.clone(),
+            sandbox_id: rec.sandbox_id.clone(),
+            kind,
+            at: now_nanos(),
+        });
+    }
+
+    /// Container events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn load(&self) -> Result<()> {
+        let pods = self.inner.root.join("pods");
+        let mut state = self.state();
+        let dirs = fs::read_dir(&pods).map_err(|e| Error::Internal(format!("read {}: {e}", pods.display())))?;
+        for dir in dirs.flatten() {
+            let path = dir.path().join("sandbox.json");
+            let Some(sandbox) = read_json::<SandboxRecord>(&path) else { continue };
+            state.sandbox_names.insert(sandbox.spec.metadata.reserved_name(), sandbox.id.clone());
+            let containers = fs::read_dir(dir.path().join("containers")).into_iter().flatten().flatten();
+            for file in containers {
+                if file.path().extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                let Some(mut record) = read_json::<ContainerRecord>(&file.path()) else { continue };
+                if matches!(record.state, ContainerState::Running | ContainerState::Unknown) {
+                    record.exit(now_nanos(), ExitStatus::lost());
+                    self.persist_container(&record)?;
+                    tracing::warn!(container = %record.id, "container was running when wasmlet stopped; marked exited");
+                }
+                let entry = Entry {
+                    record,
+                    meter: Arc::new(GuestMeter::default()),
+                    program: None,
+                    live: None,
+                    last_sample: None,
+                };
+                state.containers.insert(entry.record.id.clone(), entry);
+            }
+            state.sandboxes.insert(sandbox.id.clone(), sandbox);
+        }
+        tracing::info!(sandboxes = state.sandboxes.len(), containers = state.containers.len(), "loaded state");
+        Ok(())
+    }
+
+    // ---- sandboxes ------------------------------------------------------------------------
+
+    /// Creates a ready sandbox and returns its id.
+    pub fn run_sandbox(&self, spec: SandboxSpec) -> Result<String> {
+        if !RUNTIME_HANDLERS.contains(&spec.runtime_handler.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "unknown runtime handler {:?}: wasmlet serves {:?}",
+                spec.runtime_handler, RUNTIME_HANDLERS
+            )));
+        }
+        let m = &spec.metadata;
+        if m.name.is_empty() || m.namespace.is_empty() || m.uid.is_empty() {
+            return Err(Error::InvalidArgument(
+                "pod sandbox metadata needs a name, a namespace and a uid".to_string(),
+            ));
+        }
+        if !spec.log_directory.is_empty() && !Path::new(&spec.log_directory).is_absolute() {
+            return Err(Error::InvalidArgument(format!(
+                "pod sandbox {}: log directory {:?} is not absolute",
+                m.name, spec.log_directory
+            )));
+        }
+        let name = m.reserved_name();
+        let mut state = self.state();
+        if let Some(existing) = state.sandbox_names.get(&name) {
+            return Err(Error::AlreadyExists(format!(
+                "pod sandbox name {name:?} is reserved by sandbox {existing}; remove it first"
+            )));
+        }
+        let record = SandboxRecord { id: new_id(), spec, state: SandboxState::Ready, created_at: now_nanos() };
+        self.persist_sandbox(&record)?;
+        tracing::info!(sandbox = %record.id, name = %name, "pod sandbox ready");
+        state.sandbox_names.insert(name, record.id.clone());
+        let id = record.id.clone();
+        state.sandboxes.insert(id.clone(), record);
+        Ok(id)
+    }
+
+    /// Stops every container of the sandbox at once and marks it not ready. Idempotent; a
+    /// missing sandbox is not an error.
+    pub async fn stop_sandbox(&self, id: &str) -> Result<()> {
+        let ids = self.containers_of(id);
+        for c in ids {
+            self.stop_container(&c, 0).await?;
+        }
+        let mut state = self.state();
+        if let Some(sandbox) = state.sandboxes.get_mut(id)
+            && sandbox.stop()
+        {
+            self.persist_sandbox(sandbox)?;
+            tracing::info!(sandbox = %id, "pod sandbox stopped");
+        }
+        Ok(())
+    }
+
+    /// Removes the sandbox with its containers (running ones are ended first). Idempotent.
+    pub async fn remove_sandbox(&self, id: &str) -> Result<()> {
+        for c in self.containers_of(id) {
+            self.remove_container(&c).await?;
+        }
+        let mut state = self.state();
+        if let Some(sandbox) = state.sandboxes.remove(id) {
+            state.sandbox_names.remove(&sandbox.spec.metadata.reserved_name());
+            let dir = self.sandbox_dir(id);
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove sandbox state");
+            }
+            tracing::info!(sandbox = %id, "pod sandbox removed");
+        }
+        Ok(())
+    }
+
+    fn containers_of(&self, sandbox_id: &str) -> Vec<String> {
+        let state = self.state();
+        state.containers.values().filter(|e| e.record.sandbox_id == sandbox_id).map(|e| e.record.id.clone()).collect()
+    }
+
+    /// One sandbox.
+    pub fn sandbox(&self, id: &str) -> Result<SandboxRecord> {
+        self.state().sandboxes.get(id).cloned().ok_or_else(|| Error::sandbox_not_found(id))
+    }
+
+    /// Every sandbox.
+    pub fn sandboxes(&self) -> Vec<SandboxRecord> {
+        self.state().sandboxes.values().cloned().collect()
+    }
+
+    /// The pod CIDR the kubelet last gave (UpdateRuntimeConfig).
+    pub fn set_pod_cidr(&self, cidr: String) {
+        tracing::info!(%cidr, "pod CIDR updated");
+        *self.inner.pod_cidr.lock().unwrap_or_else(|e| e.into_inner()) = cidr;
+    }
+
+    // ---- containers -----------------------------------------------------------------------
+
+    /// Creates a container in a ready sandbox: resolves its image, checks its log path and
+    /// mounts, and has its code compiled (or found in the cache) so the start is quick.
+    pub async fn create_container(&self, sandbox_id: &str, spec: ContainerSpec) -> Result<String> {
+        let sandbox = self.sandbox(sandbox_id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {sandbox_id} is not ready: containers cannot be created in it"
+            )));
+        }
+        let name = &spec.metadata.name;
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("container metadata needs a name".to_string()));
+        }
+        let image = self.find_image(&spec.image.image)?;
+        let log_file = log_file(&sandbox.spec, &spec)?;
+        for m in &spec.mounts {
+            resolve_mount(m)?;
+        }
+        let program = {
+            let rt = self.clone();
+            let image = image.clone();
+            tokio::task::spawn_blocking(move || rt.program_for(&image))
+                .await
+                .map_err(|e| Error::Internal(format!("compile task: {e}")))??
+        };
+        let mut state = self.state();
+        if !state.sandboxes.contains_key(sandbox_id) {
+            return Err(Error::sandbox_not_found(sandbox_id));
+        }
+        let taken = state.containers.values().any(|e| {
+            e.record.sandbox_id == sandbox_id
+                && e.record.spec.metadata.name == spec.metadata.name
+                && e.record.spec.metadata.attempt == spec.metadata.attempt
+        });
+        if taken {
+            return Err(Error::AlreadyExists(format!(
+                "container {name:?} attempt {} already exists in pod sandbox {sandbox_id}",
+                spec.metadata.attempt
+            )));
+        }
+        let record = ContainerRecord {
+            id: new_id(),
+            sandbox_id: sandbox_id.to_string(),
+            image_ref: image.repo_digests.first().cloned().unwrap_or_else(|| image.id.clone()),
+            image_id: image.id.clone(),
+            image_name: image.repo_tags.first().cloned().unwrap_or_else(|| spec.image.image.clone()),
+            wasm_digest: image.wasm_digest.clone(),
+            kind: image.kind,
+            spec,
+            log_file,
+            state: ContainerState::Created,
+            created_at: now_nanos(),
+            started_at: 0,
+            finished_at: 0,
+            exit: None,
+        };
+        self.persist_container(&record)?;
+        tracing::info!(container = %record.id, sandbox = %sandbox_id, name = %record.spec.metadata.name, "container created");
+        self.emit(&record, EventKind::Created);
+        let id = record.id.clone();
+        let meter = Arc::new(GuestMeter::default());
+        if let Some(limit) = record.spec.resources.as_ref().map(|r| r.memory_limit_in_bytes).filter(|l| *l > 0) {
+            meter.memory_limit.store(limit as u64, Ordering::Relaxed);
+        }
+        state
+            .containers
+            .insert(id.clone(), Entry { record, meter, program: Some(program), live: None, last_sample: None });
+        Ok(id)
+    }
+
+    fn find_image(&self, image: &str) -> Result<ImageRecord> {
+        if image.is_empty() {
+            return Err(Error::InvalidArgument("container config names no image".to_string()));
+        }
+        self.inner.images.resolve(image)?.ok_or_else(|| Error::NotFound { kind: "image", id: image.to_string() })
+    }
+
+    fn program_for(&self, image: &ImageRecord) -> Result<Program> {
+        let what = image.repo_tags.first().unwrap_or(&image.id);
+        self.inner.engine.program(what, &image.wasm_digest, image.kind, || self.inner.images.read_blob(&image.wasm_digest))
+    }
+
+    /// Starts a created container.
+    pub fn start_container(&self, id: &str) -> Result<()> {
+        let mut state = self.state();
+        let hostname = {
+            let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
+            state.sandboxes.get(&entry.record.sandbox_id).map(|s| s.spec.hostname.clone()).unwrap_or_default()
+        };
+        let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+        entry.record.start(now_nanos())?;
+        let prepared = self.prepare_start(entry, &hostname);
+        let (program, spec, log) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let status = ExitStatus {
+                    code: START_ERROR_EXIT_CODE,
+                    reason: "StartError".to_string(),
+                    message: e.to_string(),
+                };
+                entry.record.exit(now_nanos(), status);
+                self.persist_container(&entry.record)?;
+                self.emit(&entry.record, EventKind::Stopped);
+                return Err(e);
+            }
+        };
+        self.persist_container(&entry.record)?;
+        let (kill_tx, kill_rx) = oneshot::channel::<ExitStatus>();
+        let (done_tx, done_rx) = watch::channel(false);
+        let (stdout, stderr) = (spec.stdout.clone(), spec.stderr.clone());
+        let guest = self.inner.engine.run(&program, spec, entry.meter.clone());
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let cid = id.to_string();
+        self.inner.engine.spawn(async move {
+            let status = tokio::select! {
+                outcome = guest => ExitStatus::from_outcome(&outcome),
+                Ok(status) = kill_rx => status,
+            };
+            stdout.finish();
+            stderr.finish();
+            if let Some(inner) = weak.upgrade() {
+                Runtime { inner }.record_exit(&cid, status);
+            }
+            let _ = done_tx.send(true);
+        });
+        entry.live = Some(Live { kill: Some(kill_tx), done: done_rx, log });
+        tracing::info!(container = %id, "container started");
+        self.emit(&entry.record, EventKind::Started);
+        Ok(())
+    }
+
+    /// Everything a start needs; an error here is a StartError.
+    fn prepare_start(&self, entry: &mut Entry, hostname: &str) -> Result<(Program, GuestSpec, Option<Arc<LogFile>>)> {
+        let rec = &entry.record;
+        let program = match &entry.program {
+            Some(p) => p.clone(),
+            None => {
+                // After a restart: the compiled-code cache has it, so this does not compile.
+                let image = self.find_image(&rec.image_id)?;
+                let p = self.program_for(&image)?;
+                entry.program = Some(p.clone());
+                p
+            }
+        };
+        let log = match &rec.log_file {
+            Some(path) => Some(Arc::new(LogFile::open(path).map_err(|e| {
+                Error::FailedPrecondition(format!("open log file {}: {e}", path.display()))
+            })?)),
+            None => None,
+        };
+        let output = |stream| match &log {
+            Some(l) => GuestOutput::log(stream, l.clone()),
+            None => GuestOutput::discard(stream),
+        };
+        let mut spec = guest_spec(rec, hostname, output(Stream::Stdout), output(Stream::Stderr))?;
+        if spec.args.is_empty() {
+            spec.args.push(rec.spec.metadata.name.clone());
+        }
+        Ok((program, spec, log))
+    }
+
+    fn record_exit(&self, id: &str, status: ExitStatus) {
+        let mut state = self.state();
+        let Some(entry) = state.containers.get_mut(id) else { return };
+        if let Some(live) = entry.live.as_mut() {
+            live.kill = None;
+        }
+        tracing::info!(container = %id, code = status.code, reason = %status.reason, "container exited");
+        if entry.record.exit(now_nanos(), status) {
+            if let Err(e) = self.persist_container(&entry.record) {
+                tracing::error!(container = %id, error = %e, "cannot persist exit");
+            }
+            self.emit(&entry.record, EventKind::Stopped);
+        }
+    }
+
+    /// Stops a running container: it has `timeout_secs` to end by itself, then it is killed
+    /// (exit code 137). Stopping a container that is not running succeeds and changes nothing.
+    pub async fn stop_container(&self, id: &str, timeout_secs: i64) -> Result<()> {
+        let (mut done, kill) = {
+            let mut state = self.state();
+            let Some(entry) = state.containers.get_mut(id) else {
+                return Err(Error::container_not_found(id));
+            };
+            match entry.live.as_mut() {
+                Some(live) if entry.record.state == ContainerState::Running => (live.done.clone(), live.kill.take()),
+                _ => return Ok(()),
+            }
+        };
+        let grace = Duration::from_secs(timeout_secs.max(0) as u64);
+        let ended = timeout_secs > 0 && tokio::time::timeout(grace, done.wait_for(|d| *d)).await.is_ok();
+        if !ended {
+            if let Some(kill) = kill {
+                let _ = kill.send(ExitStatus::killed(timeout_secs.max(0)));
+            }
+            let _ = done.wait_for(|d| *d).await;
+        }
+        Ok(())
+    }
+
+    /// Removes a container, ending it first if it runs. Idempotent.
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        match self.stop_container(id, 0).await {
+            Err(Error::NotFound { .. }) => return Ok(()),
+            other => other?,
+        }
+        let mut state = self.state();
+        if let Some(entry) = state.containers.remove(id) {
+            let path = self.container_file(&entry.record.sandbox_id, id);
+            if let Err(e) = fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove container state");
+            }
+            tracing::info!(container = %id, "container removed");
+            self.emit(&entry.record, EventKind::Deleted);
+        }
+        Ok(())
+    }
+
+    /// One container.
+    pub fn container(&self, id: &str) -> Result<ContainerRecord> {
+        self.state().containers.get(id).map(|e| e.record.clone()).ok_or_else(|| Error::container_not_found(id))
+    }
+
+    /// Every container.
+    pub fn containers(&self) -> Vec<ContainerRecord> {
+        self.state().containers.values().map(|e| e.record.clone()).collect()
+    }
+
+    /// Resource use of a container now.
+    pub fn usage(&self, id: &str) -> Result<Usage> {
+        let mut state = self.state();
+        let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+        let now = now_nanos();
+        let cpu = entry.meter.cpu_nanos.load(Ordering::Relaxed);
+        let nano_cores = entry.last_sample.and_then(|(t, c)| {
+            let dt = (now - t) as u128;
+            (dt > 0).then(|| ((cpu.saturating_sub(c)) as u128 * 1_000_000_000 / dt) as u64)
+        });
+        entry.last_sample = Some((now, cpu));
+        let running = entry.record.state == ContainerState::Running;
+        let limit = entry.meter.memory_limit.load(Ordering::Relaxed);
+        Ok(Usage {
+            timestamp: now,
+            cpu_nanos: cpu,
+            nano_cores,
+            memory_bytes: if running { entry.meter.memory_bytes.load(Ordering::Relaxed) } else { 0 },
+            memory_limit: (limit > 0).then_some(limit),
+        })
+    }
+
+    /// Changes a container's resources; a new memory limit applies to the running guest's next
+    /// memory growth.
+    pub fn update_resources(&self, id: &str, resources: Resources) -> Result<()> {
+        let mut state = self.state();
+        let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+        if entry.record.state == ContainerState::Exited {
+            return Err(Error::FailedPrecondition(format!("container {id} has exited: its resources cannot change")));
+        }
+        entry.meter.memory_limit.store(resources.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
+        entry.record.spec.resources = Some(resources);
+        self.persist_container(&entry.record)
+    }
+
+    /// Reopens a running container's log file after the kubelet rotated it.
+    pub fn reopen_log(&self, id: &str) -> Result<()> {
+        let state = self.state();
+        let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
+        match (&entry.live, entry.record.state) {
+            (Some(Live { log: Some(log), .. }), ContainerState::Running) => log
+                .reopen()
+                .map_err(|e| Error::Internal(format!("reopen log of container {id}: {e}"))),
+            (_, ContainerState::Running) => Ok(()),
+            _ => Err(Error::FailedPrecondition(format!("container {id} is not running: its log is closed"))),
+        }
+    }
+
+    /// Runs `cmd` in a running container's context (its mounts, env and working directory)
+    /// as a new instance, and returns its output. `cmd[0]` names a `.wasm` file the container
+    /// can see, or else the container's own program runs with `argv = cmd`.
+    pub async fn exec_sync(&self, id: &str, cmd: Vec<String>, timeout_secs: i64) -> Result<ExecOutput> {
+        if cmd.is_empty() {
+            return Err(Error::InvalidArgument(format!("exec in container {id}: empty command")));
+        }
+        let (record, program, hostname) = {
+            let state = self.state();
+            let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
+            if entry.record.state != ContainerState::Running {
+                return Err(Error::FailedPrecondition(format!("container {id} is not running")));
+            }
+            let hostname =
+                state.sandboxes.get(&entry.record.sandbox_id).map(|s| s.spec.hostname.clone()).unwrap_or_default();
+            (entry.record.clone(), entry.program.clone(), hostname)
+        };
+        let stdout = GuestOutput::capture(Stream::Stdout, EXEC_OUTPUT_LIMIT);
+        let stderr = GuestOutput::capture(Stream::Stderr, EXEC_OUTPUT_LIMIT);
+        let mut spec = guest_spec(&record, &hostname, stdout.clone(), stderr.clone())?;
+        spec.args = cmd.clone();
+        let program = match wasm_in_container(&spec.preopens, &cmd[0]) {
+            Some(path) => {
+                let rt = self.clone();
+                let what = format!("{} in container {id}", cmd[0]);
+                tokio::task::spawn_blocking(move || rt.program_from_file(&what, &path))
+                    .await
+                    .map_err(|e| Error::Internal(format!("compile task: {e}")))??
+            }
+            None => program.ok_or_else(|| Error::Internal(format!("container {id} runs without a program")))?,
+        };
+        let meter = Arc::new(GuestMeter::default());
+        meter.memory_limit.store(record.spec.resources.as_ref().map_or(0, |r| r.memory_limit_in_bytes.max(0) as u64), Ordering::Relaxed);
+        let task = self.inner.engine.spawn(self.inner.engine.run(&program, spec, meter));
+        let abort = task.abort_handle();
+        let outcome = if timeout_secs > 0 {
+            match tokio::time::timeout(Duration::from_secs(timeout_secs as u64), task).await {
+                Ok(r) => r,
+                Err(_) => {
+                    abort.abort();
+                    return Err(Error::DeadlineExceeded(format!(
+                        "exec {:?} in container {id} timed out after {timeout_secs}s",
+                        cmd[0]
+                    )));
+                }
+            }
+        } else {
+            task.await
+        }
+        .map_err(|e| Error::Internal(format!("exec task: {e}")))?;
+        let status = ExitStatus::from_outcome(&outcome);
+        let mut err = stderr.captured();
+        if !status.message.is_empty() {
+            err.extend_from_slice(status.message.as_bytes());
+            err.push(b'\n');
+        }
+        Ok(ExecOutput { stdout: stdout.captured(), stderr: err, exit_code: status.code })
+    }
+
+    fn program_from_file(&self, what: &str, path: &Path) -> Result<Program> {
+        let bytes = fs::read(path).map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+        let kind = wasmlet_images::WasmKind::detect(what, &bytes)?;
+        let digest = wasmlet_images::sha256_digest(&bytes);
+        self.inner.engine.program(what, &digest, kind, || Ok(bytes))
+    }
+
+    /// Drops compiled code for an image's wasm once no container uses it.
+    pub fn forget_wasm(&self, wasm_digest: &str) {
+        let in_use = self.state().containers.values().any(|e| e.record.wasm_digest == wasm_digest);
+        if !in_use {
+            self.inner.engine.forget(wasm_digest);
+        }
+    }
+}
+
+/// The guest's view of a container: argv, env, directories, working directory.
+fn guest_spec(rec: &ContainerRecord, hostname: &str, stdout: GuestOutput, stderr: GuestOutput) -> Result<GuestSpec> {
+    let spec = &rec.spec;
+    let mut args: Vec<String> = spec.command.iter().chain(&spec.args).cloned().collect();
+    if spec.command.is_empty() && !args.is_empty() {
+        args.insert(0, spec.metadata.name.clone());
+    }
+    let mut env = spec.envs.clone();
+    if !hostname.is_empty() && !env.iter().any(|(k, _)| k == "HOSTNAME") {
+        env.push(("HOSTNAME".to_string(), hostname.to_string()));
+    }
+    let mut preopens = Vec::new();
+    for m in &spec.mounts {
+        if let Some(p) = resolve_mount(m)? {
+            preopens.push(p);
+        }
+    }
+    let cwd = (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone());
+    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr })
+}
+
+/// Checks a mount and gives the directory to preopen. The host path is resolved (a symlink is
+/// followed, as the CRI asks). File mounts are not supported yet and are skipped with a warning.
+fn resolve_mount(m: &Mount) -> Result<Option<Preopen>> {
+    if !m.container_path.starts_with('/') {
+        return Err(Error::InvalidArgument(format!("mount {:?}: container path must be absolute", m.container_path)));
+    }
+    let host = fs::canonicalize(&m.host_path).map_err(|e| {
+        Error::InvalidArgument(format!("mount {}: host path {:?}: {e}", m.container_path, m.host_path))
+    })?;
+    if !host.is_dir() {
+        tracing::warn!(host = %host.display(), guest = %m.container_path, "file mounts are not supported yet; skipped");
+        return Ok(None);
+    }
+    Ok(Some(Preopen { host, guest: m.container_path.clone(), read_only: m.readonly || m.recursive_read_only }))
+}
+
+/// The container's log file: `<log_directory>/<log_path>`, refusing a path that leaves the
+/// log directory.
+fn log_file(sandbox: &SandboxSpec, spec: &ContainerSpec) -> Result<Option<PathBuf>> {
+    if spec.log_path.is_empty() {
+        return Ok(None);
+    }
+    let name = &spec.metadata.name;
+    if sandbox.log_directory.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "container {name}: log path {:?} given but the pod sandbox has no log directory",
+            spec.log_path
+        )));
+    }
+    let mut rel = PathBuf::new();
+    for c in Path::new(&spec.log_path).components() {
+        match c {
+            Component::Normal(part) => rel.push(part),
+            Component::CurDir => {}
+            Component::ParentDir if rel.pop() => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "container {name}: log path {:?} escapes the log directory {:?}",
+                    spec.log_path, sandbox.log_directory
+                )));
+            }
+        }
+    }
+    if rel.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument(format!("container {name}: log path {:?} names no file", spec.log_path)));
+    }
+    Ok(Some(Path::new(&sandbox.log_directory).join(rel)))
+}
+
+/// The host file behind `guest_path` if it is a `.wasm` file inside one of the preopens.
+fn wasm_in_container(preopens: &[Preopen], guest_path: &str) -> Option<PathBuf> {
+    if !guest_path.ends_with(".wasm") || !guest_path.starts_with('/') {
+        return None;
+    }
+    let guest = Path::new(guest_path);
+    let best = preopens
+        .iter()
+        .filter(|p| guest.starts_with(&p.guest))
+        .max_by_key(|p| p.guest.len())?;
+    let rel = guest.strip_prefix(&best.guest).ok()?;
+    let host = fs::canonicalize(best.host.join(rel)).ok()?;
+    // A symlink that leads out of the mount does not count.
+    (host.starts_with(&best.host) && host.is_file()).then_some(host)
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(|e| Error::Internal(format!("serialize {}: {e}", path.display())))?;
+    fsutil::write_atomic_nosync(path, &bytes).map_err(|e| Error::Internal(format!("write {}: {e}", path.display())))
+}
+
+/// Reads a state file; a file that cannot be parsed is set aside (`.corrupt`), never deleted.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "unreadable state file set aside");
+            let _ = fs::rename(path, path.with_extension("json.corrupt"));
+            None
+        }
+    }
+}
+
+fn new_id() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// Nanoseconds since the epoch.
+pub fn now_nanos() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox(dir: &str) -> SandboxSpec {
+        SandboxSpec { log_directory: dir.to_string(), ..Default::default() }
+    }
+
+    fn container(log_path: &str) -> ContainerSpec {
+        ContainerSpec {
+            metadata: ContainerMetadata { name: "c".into(), attempt: 0 },
+            log_path: log_path.to_string(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn log_paths_stay_inside_the_log_directory() {
+        let ok = log_file(&sandbox("/logs"), &container("c/0.log")).unwrap();
+        assert_eq!(ok, Some(PathBuf::from("/logs/c/0.log")));
+        let ok = log_file(&sandbox("/logs"), &container("c/../d/./1.log")).unwrap();
+        assert_eq!(ok, Some(PathBuf::from("/logs/d/1.log")));
+        assert_eq!(log_file(&sandbox(""), &container("")).unwrap(), None);
+        for bad in ["../x.log", "/etc/passwd", "c/../../x", ".."] {
+            let err = log_file(&sandbox("/logs"), &container(bad)).unwrap_err().to_string();
+            assert!(err.contains("escapes the log directory") || err.contains("names no file"), "{bad}: {err}");
+        }
+        assert!(log_file(&sandbox(""), &container("x.log")).is_err());
+    }
+
+    #[test]
+    fn exec_wasm_lookup_stays_inside_mounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().join("m");
+        fs::create_dir(&mount).unwrap();
+        fs::write(mount.join("tool.wasm"), b"x").unwrap();
+        fs::write(dir.path().join("outside.wasm"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("outside.wasm"), mount.join("link.wasm")).unwrap();
+        let preopens =
+            vec![Preopen { host: fs::canonicalize(&mount).unwrap(), guest: "/data".into(), read_only: true }];
+        assert!(wasm_in_container(&preopens, "/data/tool.wasm").is_some());
+        assert!(wasm_in_container(&preopens, "/data/link.wasm").is_none());
+        assert!(wasm_in_container(&preopens, "/data/../outside.wasm").is_none());
+        assert!(wasm_in_container(&preopens, "/other/tool.wasm").is_none());
+        assert!(wasm_in_container(&preopens, "tool.wasm").is_none());
+    }
+}
