@@ -1,1 +1,304 @@
-//! placeholder
+//! The end-to-end test harness: starts the real `wasmlet` binary on a temporary root and unix
+//! socket, talks to it with the tonic CRI client, and knows where the test workloads are.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+pub use cri_proto::v1 as cri;
+use cri::image_service_client::ImageServiceClient;
+use cri::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+
+/// The preview 1 test workload (`workloads/tool.c`).
+pub fn tool_module() -> &'static Path {
+    Path::new(env!("WORKLOAD_TOOL"))
+}
+
+/// The same workload as a `wasi:cli/command` component.
+pub fn tool_component() -> &'static Path {
+    Path::new(env!("WORKLOAD_TOOL_COMPONENT"))
+}
+
+/// The `wasmlet` binary built next to the test executables (or `$WASMLET_BIN`).
+pub fn wasmlet_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WASMLET_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/wasmlet
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("wasmlet")).expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p wasmlet, or cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+pub type RuntimeClient = RuntimeServiceClient<Channel>;
+pub type ImageClient = ImageServiceClient<Channel>;
+
+/// A running `wasmlet cri` process on its own root and socket.
+pub struct Server {
+    /// Temporary directory holding the root, the socket and the logs.
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts a server on a fresh root.
+    pub async fn start() -> Result<Server> {
+        let dir = tempfile::tempdir()?;
+        let mut s = Server { dir, child: None };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    /// The state root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// The CRI socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("run/cri.sock")
+    }
+
+    /// A directory for pod logs.
+    pub fn log_dir(&self, pod: &str) -> PathBuf {
+        self.dir.path().join("logs").join(pod)
+    }
+
+    /// (Re)starts the server process on the same root and waits until it answers.
+    pub async fn spawn(&mut self) -> Result<()> {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))?;
+        let child = Command::new(wasmlet_bin())
+            .arg("cri")
+            .arg("--root")
+            .arg(self.root())
+            .arg("--socket")
+            .arg(self.socket())
+            .env("WASMLET_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .context("spawn wasmlet cri")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(ch) = cri_proto::connect_unix(self.socket()).await {
+                let mut c = RuntimeServiceClient::new(ch);
+                if c.version(cri::VersionRequest { version: "0.1.0".into() }).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("wasmlet exited with {status} before serving:\n{}", self.server_log());
+            }
+            if Instant::now() > deadline {
+                bail!("wasmlet did not serve within 30s:\n{}", self.server_log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The server's own log (stderr) so far.
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Kills the server with SIGKILL and waits for it to die.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the server process is still alive.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// A RuntimeService client on a new connection.
+    pub async fn runtime(&self) -> RuntimeClient {
+        RuntimeServiceClient::new(cri_proto::connect_unix(self.socket()).await.expect("connect"))
+    }
+
+    /// An ImageService client on a new connection.
+    pub async fn images(&self) -> ImageClient {
+        ImageServiceClient::new(cri_proto::connect_unix(self.socket()).await.expect("connect"))
+    }
+
+    /// `wasmlet image import FILE --tag TAG` on this server's root; returns the image id.
+    pub fn import(&self, file: &Path, tag: &str) -> Result<String> {
+        let out = self.wasmlet(&["image", "import", &file.display().to_string(), "--tag", tag])?;
+        if !out.status.success() {
+            bail!("import {} failed: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// Runs `wasmlet ARGS --root ROOT`.
+    pub fn wasmlet(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(wasmlet_bin()).args(args).arg("--root").arg(self.root()).output()?)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A sandbox config with unique metadata and a log directory under the server's temp dir.
+pub fn sandbox_config(server: &Server, name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.to_string(),
+            uid: format!("uid-{name}"),
+            namespace: "test".to_string(),
+            attempt: 0,
+        }),
+        hostname: name.to_string(),
+        log_directory: server.log_dir(name).display().to_string(),
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        annotations: HashMap::from([("note".to_string(), format!("pod {name}"))]),
+        ..Default::default()
+    }
+}
+
+/// A container config running `image` with `args`, logging to `<name>/0.log`.
+pub fn container_config(name: &str, image: &str, args: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata { name: name.to_string(), attempt: 0 }),
+        image: Some(cri::ImageSpec { image: image.to_string(), ..Default::default() }),
+        command: vec!["tool".to_string()],
+        args: args.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}/0.log"),
+        labels: HashMap::from([("container".to_string(), name.to_string())]),
+        ..Default::default()
+    }
+}
+
+/// Runs a sandbox and returns its id.
+pub async fn run_sandbox(rt: &mut RuntimeClient, config: &cri::PodSandboxConfig) -> Result<String> {
+    Ok(rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() })
+        .await?
+        .into_inner()
+        .pod_sandbox_id)
+}
+
+/// Creates a container in a sandbox and returns its id.
+pub async fn create(
+    rt: &mut RuntimeClient,
+    sandbox: &str,
+    sandbox_config: &cri::PodSandboxConfig,
+    config: cri::ContainerConfig,
+) -> std::result::Result<String, tonic::Status> {
+    Ok(rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.to_string(),
+            config: Some(config),
+            sandbox_config: Some(sandbox_config.clone()),
+        })
+        .await?
+        .into_inner()
+        .container_id)
+}
+
+/// The status of a container.
+pub async fn status(rt: &mut RuntimeClient, id: &str) -> Result<cri::ContainerStatus> {
+    rt.container_status(cri::ContainerStatusRequest { container_id: id.to_string(), verbose: false })
+        .await?
+        .into_inner()
+        .status
+        .context("no status")
+}
+
+/// Waits (polling) until the container has exited, for at most `limit`.
+pub async fn wait_exited(rt: &mut RuntimeClient, id: &str, limit: Duration) -> Result<cri::ContainerStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = status(rt, id).await?;
+        if s.state == cri::ContainerState::ContainerExited as i32 {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("container {id} still in state {} after {limit:?}", s.state);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One record of a CRI log file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub timestamp: String,
+    pub stream: String,
+    pub tag: String,
+    pub text: String,
+}
+
+/// Reads and checks a CRI log file: every line must be `<RFC3339Nano> <stdout|stderr> <P|F> <text>`.
+pub fn read_log(path: &Path) -> Result<Vec<LogRecord>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read log {}", path.display()))?;
+    let mut out = Vec::new();
+    for line in text.split_terminator('\n') {
+        let mut parts = line.splitn(4, ' ');
+        let (ts, stream, tag, text) = (
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().context("short log line")?,
+        );
+        check_timestamp(ts).with_context(|| format!("log line {line:?}"))?;
+        if !matches!(stream, "stdout" | "stderr") || !matches!(tag, "P" | "F") {
+            bail!("bad log line {line:?}");
+        }
+        out.push(LogRecord { timestamp: ts.into(), stream: stream.into(), tag: tag.into(), text: text.into() });
+    }
+    Ok(out)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`, within a day of now.
+fn check_timestamp(ts: &str) -> Result<()> {
+    let b = ts.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let shape = b.len() == 30
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && b[19] == b'.'
+        && digits(20..29)
+        && b[29] == b'Z';
+    if !shape {
+        bail!("timestamp {ts:?} is not RFC 3339 with nanoseconds in UTC");
+    }
+    let year: i32 = ts[0..4].parse()?;
+    if !(2024..2200).contains(&year) {
+        bail!("timestamp {ts:?} is not now");
+    }
+    Ok(())
+}
+
+/// The texts of a log's records from one stream.
+pub fn texts(records: &[LogRecord], stream: &str) -> Vec<String> {
+    records.iter().filter(|r| r.stream == stream).map(|r| r.text.clone()).collect()
+}
