@@ -353,3 +353,86 @@ impl<F: Future> Future for Metered<F> {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::Stream;
+
+    fn spec(out: &GuestOutput) -> GuestSpec {
+        GuestSpec {
+            args: vec!["t".into()],
+            env: vec![],
+            preopens: vec![],
+            cwd: None,
+            stdout: out.clone(),
+            stderr: GuestOutput::discard(Stream::Stderr),
+        }
+    }
+
+    fn engine() -> (tempfile::TempDir, WasmEngine) {
+        let dir = tempfile::tempdir().unwrap();
+        let e = WasmEngine::new(dir.path().to_path_buf()).unwrap();
+        (dir, e)
+    }
+
+    fn program(e: &WasmEngine, wat: &str) -> Program {
+        let wasm = wat::parse_str(wat).unwrap();
+        let digest = wasmlet_images::sha256_digest(&wasm);
+        e.program("test", &digest, WasmKind::Module, || Ok(wasm)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn memory_growth_past_the_limit_is_out_of_memory() {
+        let (_d, e) = engine();
+        let p = program(
+            &e,
+            r#"(module (memory 1) (func (export "_start")
+                 (drop (memory.grow (i32.const 100)))))"#,
+        );
+        let out = GuestOutput::discard(Stream::Stdout);
+        let meter = Arc::new(GuestMeter::default());
+        meter.memory_limit.store(1 << 20, Ordering::Relaxed);
+        let outcome = e.run(&p, spec(&out), meter.clone()).await;
+        assert_eq!(outcome, Outcome::OutOfMemory { limit: 1 << 20 });
+        let meter = Arc::new(GuestMeter::default());
+        assert_eq!(e.run(&p, spec(&out), meter.clone()).await, Outcome::Exited(0));
+        assert_eq!(meter.memory_bytes.load(Ordering::Relaxed), 101 * 65536);
+    }
+
+    #[tokio::test]
+    async fn exits_traps_and_missing_start() {
+        let (_d, e) = engine();
+        let exit = program(
+            &e,
+            r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                 (memory (export "memory") 1) (func (export "_start") (call $exit (i32.const 42))))"#,
+        );
+        let trap = program(&e, r#"(module (func (export "_start") unreachable))"#);
+        let nostart = program(&e, r#"(module (func (export "main")))"#);
+        let out = GuestOutput::discard(Stream::Stdout);
+        let m = || Arc::new(GuestMeter::default());
+        assert_eq!(e.run(&exit, spec(&out), m()).await, Outcome::Exited(42));
+        match e.run(&trap, spec(&out), m()).await {
+            Outcome::Trapped(msg) => assert!(msg.contains("unreachable"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        match e.run(&nostart, spec(&out), m()).await {
+            Outcome::StartFailed(msg) => assert!(msg.contains("_start"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spinning_guest_yields_and_can_be_dropped() {
+        let (_d, e) = engine();
+        let spin = program(&e, r#"(module (func (export "_start") (loop $l (br $l))))"#);
+        let out = GuestOutput::discard(Stream::Stdout);
+        let meter = Arc::new(GuestMeter::default());
+        let run = e.spawn(e.run(&spin, spec(&out), meter.clone()));
+        tokio::time::sleep(EPOCH_TICK * 5).await;
+        run.abort();
+        assert!(run.await.unwrap_err().is_cancelled());
+        assert!(meter.cpu_nanos.load(Ordering::Relaxed) > 0);
+    }
+}

@@ -77,16 +77,20 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s\n", argv[2]);
         printf("to stdout\n");
     } else if (!strcmp(cmd, "grow") && argc >= 3) {
+        // Keep every block reachable and read it back so the allocations cannot be elided.
+        static char *blocks[4096];
         int mib = atoi(argv[2]);
-        for (int i = 0; i < mib; i++) {
-            char *p = malloc(1 << 20);
-            if (!p) {
+        long sum = 0;
+        for (int i = 0; i < mib && i < 4096; i++) {
+            blocks[i] = malloc(1 << 20);
+            if (!blocks[i]) {
                 fprintf(stderr, "malloc failed after %d MiB\n", i);
                 return 3;
             }
-            memset(p, 1, 1 << 20);
+            memset(blocks[i], 1, 1 << 20);
+            sum += blocks[i][i];
         }
-        printf("grew %d MiB\n", mib);
+        printf("grew %d MiB\n", (int)sum);
     } else if (!strcmp(cmd, "partial")) {
         printf("no newline at the end");
     } else {
