@@ -99,13 +99,7 @@ fn pod_sandbox_config() {
         .msg(5, w().int(1, 1).int(2, 53).int(3, 5353).str(4, "127.0.0.1"))
         .map_entry(6, "app", "web")
         .map_entry(7, "a", "b")
-        .msg(
-            8,
-            w().str(1, "/kubepods").msg(
-                2,
-                w().msg(1, w().int(1, 2).int(2, 1)).msg(8, w().int(1, 7)),
-            ),
-        )
+        .msg(8, w().str(1, "/kubepods").msg(2, w().msg(1, w().int(1, 2).int(2, 1)).msg(8, w().int(1, 7))))
         .done();
     assert_eq!(ours.encode_to_vec(), upstream);
     assert_eq!(cri::PodSandboxConfig::decode(&upstream[..]).unwrap(), ours);
@@ -181,10 +175,7 @@ fn list_containers_with_filters_and_the_answer() {
         }),
     };
     let upstream = w()
-        .msg(
-            1,
-            w().str(1, "c1").msg(2, w().int(1, 2)).str(3, "s1").map_entry(4, "io.kubernetes.pod.uid", "u"),
-        )
+        .msg(1, w().str(1, "c1").msg(2, w().int(1, 2)).str(3, "s1").map_entry(4, "io.kubernetes.pod.uid", "u"))
         .done();
     assert_eq!(ours.encode_to_vec(), upstream);
     assert_eq!(cri::ListContainersRequest::decode(&upstream[..]).unwrap(), ours);

@@ -22,10 +22,7 @@ pub struct Reference {
 impl Reference {
     /// Parses and normalizes `input`.
     pub fn parse(input: &str) -> Result<Reference> {
-        let bad = |reason: &str| Error::InvalidReference {
-            reference: input.to_string(),
-            reason: reason.to_string(),
-        };
+        let bad = |reason: &str| Error::InvalidReference { reference: input.to_string(), reason: reason.to_string() };
         if input.is_empty() {
             return Err(bad("empty reference"));
         }
@@ -54,9 +51,7 @@ impl Reference {
             }
         }
         let (registry, repository) = match name.split_once('/') {
-            Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
+            Some((first, path)) if first.contains('.') || first.contains(':') || first == "localhost" => {
                 (first.to_string(), path.to_string())
             }
             _ => (DEFAULT_REGISTRY.to_string(), name.to_string()),
@@ -112,9 +107,7 @@ impl fmt::Display for Reference {
 }
 
 fn validate_digest(digest: &str) -> std::result::Result<(), String> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| "digest must start with sha256:".to_string())?;
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| "digest must start with sha256:".to_string())?;
     if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
         return Err("digest must be 64 lower-case hex characters".to_string());
     }

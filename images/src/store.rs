@@ -55,12 +55,15 @@ pub struct FsUsage {
     pub inodes_used: u64,
 }
 
+/// Identity of one version of a file: (inode, mtime seconds, mtime nanoseconds, length).
+type FileStamp = (u64, i64, i64, u64);
+
 /// The content-addressed store under `<root>`: `blobs/sha256/<hex>`, `index.json`, `lock`.
 pub struct ImageStore {
     root: PathBuf,
     /// The last index read, with the (inode, mtime, len) of the file it came from, so that an
     /// unchanged index is not parsed again but a change by another process is seen.
-    cached: Mutex<Option<((u64, i64, i64, u64), Vec<ImageRecord>)>>,
+    cached: Mutex<Option<(FileStamp, Vec<ImageRecord>)>>,
 }
 
 impl ImageStore {

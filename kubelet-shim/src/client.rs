@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cri_proto::v1 as cri;
 use cri::runtime_service_client::RuntimeServiceClient;
+use cri_proto::v1 as cri;
 use tokio_stream::StreamExt;
 
 #[derive(clap::Args)]
@@ -66,7 +66,10 @@ pub async fn run_pod(a: PodRun) -> Result<i32> {
         ..Default::default()
     };
     let sandbox = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(sandbox_config.clone()), runtime_handler: String::new() })
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
         .await?
         .into_inner()
         .pod_sandbox_id;

@@ -119,9 +119,8 @@ async fn serve(root: PathBuf, socket: Option<PathBuf>) -> Result<()> {
         let root = root.clone();
         tokio::task::spawn_blocking(move || wasmlet_runtime::Runtime::open(root)).await??
     };
-    let listener = wasmlet_runtime::server::bind(&socket)
-        .await
-        .with_context(|| format!("bind {}", socket.display()))?;
+    let listener =
+        wasmlet_runtime::server::bind(&socket).await.with_context(|| format!("bind {}", socket.display()))?;
     tracing::info!(root = %root.display(), socket = %socket.display(), "serving CRI v1");
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

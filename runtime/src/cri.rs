@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 
-use cri_proto::v1 as cri;
 use cri::image_service_server::ImageService;
 use cri::runtime_service_server::RuntimeService;
+use cri_proto::v1 as cri;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -93,7 +93,10 @@ fn ns_mode_back(m: NamespaceMode) -> i32 {
     }) as i32
 }
 
-fn sandbox_spec(config: Option<cri::PodSandboxConfig>, handler: String) -> std::result::Result<model::SandboxSpec, Status> {
+fn sandbox_spec(
+    config: Option<cri::PodSandboxConfig>,
+    handler: String,
+) -> std::result::Result<model::SandboxSpec, Status> {
     let c = config.ok_or_else(|| invalid("RunPodSandbox: config is required"))?;
     let m = c.metadata.ok_or_else(|| invalid("RunPodSandbox: config.metadata is required"))?;
     let ns = c.linux.as_ref().and_then(|l| l.security_context.as_ref()).and_then(|s| s.namespace_options.as_ref());
@@ -209,7 +212,12 @@ fn sandbox_state(s: SandboxState) -> i32 {
 
 fn sandbox_metadata(r: &SandboxRecord) -> cri::PodSandboxMetadata {
     let m = &r.spec.metadata;
-    cri::PodSandboxMetadata { name: m.name.clone(), uid: m.uid.clone(), namespace: m.namespace.clone(), attempt: m.attempt }
+    cri::PodSandboxMetadata {
+        name: m.name.clone(),
+        uid: m.uid.clone(),
+        namespace: m.namespace.clone(),
+        attempt: m.attempt,
+    }
 }
 
 fn to_pod_sandbox(r: &SandboxRecord) -> cri::PodSandbox {
@@ -336,11 +344,7 @@ fn to_image(i: &wasmlet_images::ImageRecord) -> cri::Image {
         size: i.size.max(1),
         uid: i.uid.map(|value| cri::Int64Value { value }),
         username: i.username.clone(),
-        spec: Some(cri::ImageSpec {
-            image: i.id.clone(),
-            annotations: hash(&i.annotations),
-            ..Default::default()
-        }),
+        spec: Some(cri::ImageSpec { image: i.id.clone(), annotations: hash(&i.annotations), ..Default::default() }),
         pinned: false,
     }
 }
@@ -453,8 +457,10 @@ fn sandbox_stats(rt: &Runtime, s: &SandboxRecord) -> Result<cri::PodSandboxStats
             process: Some(cri::ProcessUsage {
                 timestamp: ts,
                 process_count: uint(
-                    rt.containers().iter().filter(|c| c.sandbox_id == s.id && c.state == ContainerState::Running).count()
-                        as u64,
+                    rt.containers()
+                        .iter()
+                        .filter(|c| c.sandbox_id == s.id && c.state == ContainerState::Running)
+                        .count() as u64,
                 ),
             }),
             containers,
@@ -488,7 +494,10 @@ impl RuntimeService for CriServer {
     type GetContainerEventsStream = ResponseStream<cri::ContainerEventResponse>;
     type StreamPodSandboxMetricsStream = ResponseStream<cri::StreamPodSandboxMetricsResponse>;
 
-    async fn version(&self, _: Request<cri::VersionRequest>) -> std::result::Result<Response<cri::VersionResponse>, Status> {
+    async fn version(
+        &self,
+        _: Request<cri::VersionRequest>,
+    ) -> std::result::Result<Response<cri::VersionResponse>, Status> {
         Ok(Response::new(cri::VersionResponse {
             version: KUBE_RUNTIME_API_VERSION.to_string(),
             runtime_name: "wasmlet".to_string(),
@@ -664,7 +673,10 @@ impl RuntimeService for CriServer {
         unimplemented("Exec needs the streaming server, which wasmlet does not serve yet; use ExecSync")
     }
 
-    async fn attach(&self, _: Request<cri::AttachRequest>) -> std::result::Result<Response<cri::AttachResponse>, Status> {
+    async fn attach(
+        &self,
+        _: Request<cri::AttachRequest>,
+    ) -> std::result::Result<Response<cri::AttachResponse>, Status> {
         unimplemented("Attach needs the streaming server, which wasmlet does not serve yet")
     }
 
@@ -736,7 +748,10 @@ impl RuntimeService for CriServer {
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
 
-    async fn status(&self, req: Request<cri::StatusRequest>) -> std::result::Result<Response<cri::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<cri::StatusRequest>,
+    ) -> std::result::Result<Response<cri::StatusResponse>, Status> {
         let condition = |t: &str, message: &str| cri::RuntimeCondition {
             r#type: t.to_string(),
             status: true,
@@ -761,10 +776,16 @@ impl RuntimeService for CriServer {
                     name: name.to_string(),
                     // Read-only preopens are read-only all the way down; there are no user
                     // namespaces: guests have no uids at all.
-                    features: Some(cri::RuntimeHandlerFeatures { recursive_read_only_mounts: true, user_namespaces: false }),
+                    features: Some(cri::RuntimeHandlerFeatures {
+                        recursive_read_only_mounts: true,
+                        user_namespaces: false,
+                    }),
                 })
                 .collect(),
-            features: Some(cri::RuntimeFeatures { supplemental_groups_policy: false, user_namespaces_host_network: false }),
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+                user_namespaces_host_network: false,
+            }),
         }))
     }
 
@@ -860,7 +881,10 @@ impl RuntimeService for CriServer {
 }
 
 impl CriServer {
-    fn list_container_stats_inner(&self, f: Option<cri::ContainerStatsFilter>) -> std::result::Result<Vec<cri::ContainerStats>, Status> {
+    fn list_container_stats_inner(
+        &self,
+        f: Option<cri::ContainerStatsFilter>,
+    ) -> std::result::Result<Vec<cri::ContainerStats>, Status> {
         let f = f.unwrap_or_default();
         let mut out = Vec::new();
         for c in self.runtime.containers() {
@@ -879,7 +903,10 @@ impl CriServer {
         Ok(out)
     }
 
-    fn list_sandbox_stats_inner(&self, f: Option<cri::PodSandboxStatsFilter>) -> std::result::Result<Vec<cri::PodSandboxStats>, Status> {
+    fn list_sandbox_stats_inner(
+        &self,
+        f: Option<cri::PodSandboxStatsFilter>,
+    ) -> std::result::Result<Vec<cri::PodSandboxStats>, Status> {
         let f = f.unwrap_or_default();
         let mut out = Vec::new();
         for s in self.runtime.sandboxes() {
@@ -890,7 +917,10 @@ impl CriServer {
         Ok(out)
     }
 
-    fn find_image(&self, spec: Option<cri::ImageSpec>) -> std::result::Result<Option<wasmlet_images::ImageRecord>, Status> {
+    fn find_image(
+        &self,
+        spec: Option<cri::ImageSpec>,
+    ) -> std::result::Result<Option<wasmlet_images::ImageRecord>, Status> {
         let image = spec.map(|s| s.image).unwrap_or_default();
         if image.is_empty() {
             return Err(invalid("image spec names no image"));

@@ -211,15 +211,14 @@ impl WasmEngine {
             CompiledProgram::Module(m) => Program::Module(self.module_linker.instantiate_pre(&m).map_err(unlinkable)?),
             CompiledProgram::Component(c) => {
                 let pre = self.component_linker.instantiate_pre(&c).map_err(unlinkable)?;
-                Program::Component(CommandPre::new(pre).map_err(|e| {
-                    Error::InvalidArgument(format!("{what}: not a wasi:cli/command component: {e:#}"))
-                })?)
+                Program::Component(
+                    CommandPre::new(pre).map_err(|e| {
+                        Error::InvalidArgument(format!("{what}: not a wasi:cli/command component: {e:#}"))
+                    })?,
+                )
             }
         };
-        self.programs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(wasm_digest.to_string(), program.clone());
+        self.programs.lock().unwrap_or_else(|e| e.into_inner()).insert(wasm_digest.to_string(), program.clone());
         Ok(program)
     }
 
@@ -239,7 +238,12 @@ impl WasmEngine {
     }
 
     /// Runs a guest to its end. Dropping the returned future kills the guest.
-    pub fn run(&self, program: &Program, spec: GuestSpec, meter: Arc<GuestMeter>) -> impl Future<Output = Outcome> + Send + 'static {
+    pub fn run(
+        &self,
+        program: &Program,
+        spec: GuestSpec,
+        meter: Arc<GuestMeter>,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
         let engine = self.engine.clone();
         let program = program.clone();
         let m = meter.clone();

@@ -338,12 +338,8 @@ mod tests {
 
     #[test]
     fn sandbox_stop_is_idempotent() {
-        let mut s = SandboxRecord {
-            id: "s".into(),
-            spec: SandboxSpec::default(),
-            state: SandboxState::Ready,
-            created_at: 1,
-        };
+        let mut s =
+            SandboxRecord { id: "s".into(), spec: SandboxSpec::default(), state: SandboxState::Ready, created_at: 1 };
         assert!(s.stop());
         assert!(!s.stop());
         assert_eq!(s.state, SandboxState::NotReady);

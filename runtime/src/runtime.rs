@@ -226,9 +226,7 @@ impl Runtime {
         }
         let m = &spec.metadata;
         if m.name.is_empty() || m.namespace.is_empty() || m.uid.is_empty() {
-            return Err(Error::InvalidArgument(
-                "pod sandbox metadata needs a name, a namespace and a uid".to_string(),
-            ));
+            return Err(Error::InvalidArgument("pod sandbox metadata needs a name, a namespace and a uid".to_string()));
         }
         if !spec.log_directory.is_empty() && !Path::new(&spec.log_directory).is_absolute() {
             return Err(Error::InvalidArgument(format!(
@@ -388,7 +386,9 @@ impl Runtime {
 
     fn program_for(&self, image: &ImageRecord) -> Result<Program> {
         let what = image.repo_tags.first().unwrap_or(&image.id);
-        self.inner.engine.program(what, &image.wasm_digest, image.kind, || self.inner.images.read_blob(&image.wasm_digest))
+        self.inner
+            .engine
+            .program(what, &image.wasm_digest, image.kind, || self.inner.images.read_blob(&image.wasm_digest))
     }
 
     /// Starts a created container.
@@ -454,9 +454,10 @@ impl Runtime {
             }
         };
         let log = match &rec.log_file {
-            Some(path) => Some(Arc::new(LogFile::open(path).map_err(|e| {
-                Error::FailedPrecondition(format!("open log file {}: {e}", path.display()))
-            })?)),
+            Some(path) => Some(Arc::new(
+                LogFile::open(path)
+                    .map_err(|e| Error::FailedPrecondition(format!("open log file {}: {e}", path.display())))?,
+            )),
             None => None,
         };
         let output = |stream| match &log {
@@ -579,9 +580,9 @@ impl Runtime {
         let state = self.state();
         let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
         match (&entry.live, entry.record.state) {
-            (Some(Live { log: Some(log), .. }), ContainerState::Running) => log
-                .reopen()
-                .map_err(|e| Error::Internal(format!("reopen log of container {id}: {e}"))),
+            (Some(Live { log: Some(log), .. }), ContainerState::Running) => {
+                log.reopen().map_err(|e| Error::Internal(format!("reopen log of container {id}: {e}")))
+            }
             (_, ContainerState::Running) => Ok(()),
             _ => Err(Error::FailedPrecondition(format!("container {id} is not running: its log is closed"))),
         }
@@ -619,7 +620,10 @@ impl Runtime {
             None => program.ok_or_else(|| Error::Internal(format!("container {id} runs without a program")))?,
         };
         let meter = Arc::new(GuestMeter::default());
-        meter.memory_limit.store(record.spec.resources.as_ref().map_or(0, |r| r.memory_limit_in_bytes.max(0) as u64), Ordering::Relaxed);
+        meter.memory_limit.store(
+            record.spec.resources.as_ref().map_or(0, |r| r.memory_limit_in_bytes.max(0) as u64),
+            Ordering::Relaxed,
+        );
         let task = self.inner.engine.spawn(self.inner.engine.run(&program, spec, meter));
         let abort = task.abort_handle();
         let outcome = if timeout_secs > 0 {
@@ -689,9 +693,8 @@ fn resolve_mount(m: &Mount) -> Result<Option<Preopen>> {
     if !m.container_path.starts_with('/') {
         return Err(Error::InvalidArgument(format!("mount {:?}: container path must be absolute", m.container_path)));
     }
-    let host = fs::canonicalize(&m.host_path).map_err(|e| {
-        Error::InvalidArgument(format!("mount {}: host path {:?}: {e}", m.container_path, m.host_path))
-    })?;
+    let host = fs::canonicalize(&m.host_path)
+        .map_err(|e| Error::InvalidArgument(format!("mount {}: host path {:?}: {e}", m.container_path, m.host_path)))?;
     if !host.is_dir() {
         tracing::warn!(host = %host.display(), guest = %m.container_path, "file mounts are not supported yet; skipped");
         return Ok(None);
@@ -738,10 +741,7 @@ fn wasm_in_container(preopens: &[Preopen], guest_path: &str) -> Option<PathBuf> 
         return None;
     }
     let guest = Path::new(guest_path);
-    let best = preopens
-        .iter()
-        .filter(|p| guest.starts_with(&p.guest))
-        .max_by_key(|p| p.guest.len())?;
+    let best = preopens.iter().filter(|p| guest.starts_with(&p.guest)).max_by_key(|p| p.guest.len())?;
     let rel = guest.strip_prefix(&best.guest).ok()?;
     let host = fs::canonicalize(best.host.join(rel)).ok()?;
     // A symlink that leads out of the mount does not count.

@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-pub use cri_proto::v1 as cri;
 use cri::image_service_client::ImageServiceClient;
 use cri::runtime_service_client::RuntimeServiceClient;
+pub use cri_proto::v1 as cri;
 use tonic::transport::Channel;
 
 /// The preview 1 test workload (`workloads/tool.c`).
@@ -74,10 +74,7 @@ impl Server {
 
     /// (Re)starts the server process on the same root and waits until it answers.
     pub async fn spawn(&mut self) -> Result<()> {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("server.log"))?;
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log"))?;
         let child = Command::new(wasmlet_bin())
             .arg("cri")
             .arg("--root")

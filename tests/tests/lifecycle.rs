@@ -20,8 +20,7 @@ async fn runtime_answers_what_a_kubelet_checks() {
     assert!(!v.runtime_version.is_empty());
 
     let s = rt.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner();
-    let conditions: HashMap<_, _> =
-        s.status.unwrap().conditions.into_iter().map(|c| (c.r#type, c.status)).collect();
+    let conditions: HashMap<_, _> = s.status.unwrap().conditions.into_iter().map(|c| (c.r#type, c.status)).collect();
     assert_eq!(conditions.get("RuntimeReady"), Some(&true));
     assert_eq!(conditions.get("NetworkReady"), Some(&true));
     let handlers: Vec<_> = s.runtime_handlers.iter().map(|h| h.name.as_str()).collect();
@@ -70,7 +69,8 @@ async fn sandbox_lifecycle_filters_and_idempotence() {
         .pod_sandbox_id;
     assert_ne!(a, b);
 
-    let st = rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: a.clone(), verbose: true })
+    let st = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: a.clone(), verbose: true })
         .await
         .unwrap()
         .into_inner();
@@ -88,12 +88,8 @@ async fn sandbox_lifecycle_filters_and_idempotence() {
     let list = |f: cri::PodSandboxFilter| {
         let mut rt = lister.clone();
         async move {
-            let items = rt
-                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(f) })
-                .await
-                .unwrap()
-                .into_inner()
-                .items;
+            let items =
+                rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: Some(f) }).await.unwrap().into_inner().items;
             let mut ids: Vec<String> = items.into_iter().map(|i| i.id).collect();
             ids.sort();
             ids
@@ -102,20 +98,17 @@ async fn sandbox_lifecycle_filters_and_idempotence() {
     let mut both = vec![a.clone(), b.clone()];
     both.sort();
     assert_eq!(list(Default::default()).await, both);
-    assert_eq!(list(cri::PodSandboxFilter { id: a.clone(), ..Default::default() }).await, [a.clone()]);
+    assert_eq!(list(cri::PodSandboxFilter { id: a.clone(), ..Default::default() }).await, vec![a.clone()]);
     let sel = HashMap::from([("app".to_string(), "b".to_string())]);
-    assert_eq!(list(cri::PodSandboxFilter { label_selector: sel, ..Default::default() }).await, [b.clone()]);
+    assert_eq!(list(cri::PodSandboxFilter { label_selector: sel, ..Default::default() }).await, vec![b.clone()]);
     let all = rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }).await.unwrap().into_inner().items;
     let b_item = all.iter().find(|i| i.id == b).unwrap();
     assert_eq!(b_item.runtime_handler, "wasmlet");
     assert_eq!(b_item.annotations, b_cfg.annotations);
 
     // Streaming variant returns the same items.
-    let mut stream = rt
-        .stream_pod_sandboxes(cri::StreamPodSandboxesRequest { filter: None })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        rt.stream_pod_sandboxes(cri::StreamPodSandboxesRequest { filter: None }).await.unwrap().into_inner();
     let mut streamed = Vec::new();
     while let Some(msg) = stream.message().await.unwrap() {
         streamed.extend(msg.pod_sandboxes.into_iter().map(|s| s.id));
@@ -128,9 +121,9 @@ async fn sandbox_lifecycle_filters_and_idempotence() {
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: a.clone() }).await.unwrap();
     }
     let not_ready = cri::PodSandboxStateValue { state: cri::PodSandboxState::SandboxNotready as i32 };
-    assert_eq!(list(cri::PodSandboxFilter { state: Some(not_ready), ..Default::default() }).await, [a.clone()]);
+    assert_eq!(list(cri::PodSandboxFilter { state: Some(not_ready), ..Default::default() }).await, vec![a.clone()]);
     let ready = cri::PodSandboxStateValue { state: cri::PodSandboxState::SandboxReady as i32 };
-    assert_eq!(list(cri::PodSandboxFilter { state: Some(ready), ..Default::default() }).await, [b.clone()]);
+    assert_eq!(list(cri::PodSandboxFilter { state: Some(ready), ..Default::default() }).await, vec![b.clone()]);
 
     // Remove twice; then it is gone (NotFound), and its name can be used again.
     for _ in 0..2 {
@@ -207,13 +200,13 @@ async fn container_lifecycle_filters_stats_and_idempotence() {
     assert_eq!(list(Default::default()).await, both);
     assert_eq!(list(cri::ContainerFilter { pod_sandbox_id: sb.clone(), ..Default::default() }).await, both);
     assert!(list(cri::ContainerFilter { pod_sandbox_id: "nope".into(), ..Default::default() }).await.is_empty());
-    assert_eq!(list(cri::ContainerFilter { id: hello.clone(), ..Default::default() }).await, [hello.clone()]);
+    assert_eq!(list(cri::ContainerFilter { id: hello.clone(), ..Default::default() }).await, vec![hello.clone()]);
     let running = cri::ContainerStateValue { state: cri::ContainerState::ContainerRunning as i32 };
-    assert_eq!(list(cri::ContainerFilter { state: Some(running), ..Default::default() }).await, [looper.clone()]);
+    assert_eq!(list(cri::ContainerFilter { state: Some(running), ..Default::default() }).await, vec![looper.clone()]);
     let exited = cri::ContainerStateValue { state: cri::ContainerState::ContainerExited as i32 };
-    assert_eq!(list(cri::ContainerFilter { state: Some(exited), ..Default::default() }).await, [hello.clone()]);
+    assert_eq!(list(cri::ContainerFilter { state: Some(exited), ..Default::default() }).await, vec![hello.clone()]);
     let sel = HashMap::from([("container".to_string(), "hello".to_string())]);
-    assert_eq!(list(cri::ContainerFilter { label_selector: sel, ..Default::default() }).await, [hello.clone()]);
+    assert_eq!(list(cri::ContainerFilter { label_selector: sel, ..Default::default() }).await, vec![hello.clone()]);
     let listed = rt.list_containers(cri::ListContainersRequest { filter: None }).await.unwrap().into_inner();
     assert!(listed.containers.iter().all(|c| c.image_id == image && c.pod_sandbox_id == sb));
 
@@ -276,7 +269,7 @@ async fn container_lifecycle_filters_stats_and_idempotence() {
     }
     assert_eq!(status(&mut rt, &looper).await.unwrap_err().downcast::<tonic::Status>().unwrap().code(), Code::NotFound);
     rt.stop_container(cri::StopContainerRequest { container_id: looper.clone(), timeout: 0 }).await.unwrap();
-    assert_eq!(list(Default::default()).await, [hello.clone()]);
+    assert_eq!(list(Default::default()).await, vec![hello.clone()]);
 
     // Removing the sandbox takes its remaining containers with it.
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb.clone() }).await.unwrap();
@@ -331,7 +324,13 @@ async fn image_service_bookkeeping() {
     let reader = img.clone();
     let by = |s: String| {
         let mut img = reader.clone();
-        async move { img.image_status(cri::ImageStatusRequest { image: spec(&s), verbose: false }).await.unwrap().into_inner().image }
+        async move {
+            img.image_status(cri::ImageStatusRequest { image: spec(&s), verbose: false })
+                .await
+                .unwrap()
+                .into_inner()
+                .image
+        }
     };
     let want = by(id.clone()).await.unwrap();
     assert_eq!(want.id, id);
@@ -339,9 +338,11 @@ async fn image_service_bookkeeping() {
         assert_eq!(by(name.clone()).await.as_ref(), Some(&want), "{name}");
     }
     assert_eq!(by("missing:1".into()).await, None);
-    let filtered =
-        img.list_images(cri::ListImagesRequest { filter: Some(cri::ImageFilter { image: spec("toolc") }) }).await.unwrap();
-    assert_eq!(filtered.into_inner().images.iter().map(|i| i.id.clone()).collect::<Vec<_>>(), [comp.clone()]);
+    let filtered = img
+        .list_images(cri::ListImagesRequest { filter: Some(cri::ImageFilter { image: spec("toolc") }) })
+        .await
+        .unwrap();
+    assert_eq!(filtered.into_inner().images.iter().map(|i| i.id.clone()).collect::<Vec<_>>(), vec![comp.clone()]);
 
     // PullImage of a present image answers its id (the same string everywhere).
     let pulled = img.pull_image(cri::PullImageRequest { image: spec("tool:1"), ..Default::default() }).await.unwrap();
@@ -360,8 +361,10 @@ async fn image_service_bookkeeping() {
     for _ in 0..4 {
         let mut img = img.clone();
         tasks.push(tokio::spawn(async move {
-            img.remove_image(cri::RemoveImageRequest { image: Some(cri::ImageSpec { image: "tool:1".into(), ..Default::default() }) })
-                .await
+            img.remove_image(cri::RemoveImageRequest {
+                image: Some(cri::ImageSpec { image: "tool:1".into(), ..Default::default() }),
+            })
+            .await
         }));
     }
     for t in tasks {

@@ -58,7 +58,12 @@ async fn hello_module_and_component_log_exact_lines() {
         assert_eq!((s.exit_code, s.reason.as_str(), s.message.as_str()), (0, "Completed", ""), "{image}");
         assert_eq!(
             log,
-            [LogRecord { timestamp: log[0].timestamp.clone(), stream: "stdout".into(), tag: "F".into(), text: "hello from wasm".into() }],
+            [LogRecord {
+                timestamp: log[0].timestamp.clone(),
+                stream: "stdout".into(),
+                tag: "F".into(),
+                text: "hello from wasm".into()
+            }],
             "{image}"
         );
     }
@@ -138,7 +143,12 @@ async fn mounts_read_write_and_read_only() {
     std::os::unix::fs::symlink(&rw, &link).unwrap();
     let mounts = vec![
         cri::Mount { container_path: "/data".into(), host_path: link.display().to_string(), ..Default::default() },
-        cri::Mount { container_path: "/config".into(), host_path: ro.display().to_string(), readonly: true, ..Default::default() },
+        cri::Mount {
+            container_path: "/config".into(),
+            host_path: ro.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        },
     ];
     for image in ["tool", "toolc"] {
         let mut cfg = tool(&format!("writer-{image}"), image, &["write", "/data/out.txt", image]);
@@ -206,14 +216,23 @@ async fn exec_sync_output_exit_codes_and_timeout() {
     std::fs::create_dir_all(&tools).unwrap();
     std::fs::copy(tool_component(), tools.join("other.wasm")).unwrap();
     let mut cfg = tool("svc", "tool", &["loop"]);
-    cfg.mounts = vec![cri::Mount { container_path: "/tools".into(), host_path: tools.display().to_string(), readonly: true, ..Default::default() }];
+    cfg.mounts = vec![cri::Mount {
+        container_path: "/tools".into(),
+        host_path: tools.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
     cfg.envs = vec![cri::KeyValue { key: "MODE".into(), value: "exec".into() }];
     let id = pod.create(cfg).await.unwrap();
 
     let execer = pod.rt.clone();
     let exec = |cmd: &[&str], timeout: i64| {
         let mut rt = execer.clone();
-        let req = cri::ExecSyncRequest { container_id: id.clone(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout };
+        let req = cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout,
+        };
         async move { rt.exec_sync(req).await.map(|r| r.into_inner()) }
     };
     let e = exec(&["tool", "hello"], 0).await.unwrap_err();

@@ -1,0 +1,72 @@
+//! The `wasmlet` command line: image import/ls/rm and the README's example pod.
+
+use std::process::{Command, Stdio};
+
+fn wasmlet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wasmlet"))
+}
+
+fn example(name: &str) -> String {
+    format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn image_import_ls_rm() {
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().to_str().unwrap();
+    let out = wasmlet()
+        .args(["image", "import", &example("hello.wat"), "--tag", "hello:1", "--root", root_arg])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+
+    let out = wasmlet().args(["image", "ls", "--root", root_arg]).output().unwrap();
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert!(listing.contains("docker.io/library/hello:1") && listing.contains("module"), "{listing}");
+    assert!(listing.contains(&id[7..19]), "{listing}");
+
+    let bad = root.path().join("bad.wat");
+    std::fs::write(&bad, "(module (func $x (unknown-instruction)))").unwrap();
+    let out = wasmlet().args(["image", "import", bad.to_str().unwrap(), "--root", root_arg]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid WAT"));
+
+    let out = wasmlet().args(["image", "rm", "hello:1", "--root", root_arg]).output().unwrap();
+    assert!(out.status.success());
+    let out = wasmlet().args(["image", "rm", "hello:1", "--root", root_arg]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image \"hello:1\" not found"));
+}
+
+#[test]
+fn readme_example_pod_runs_through_the_cri_socket() {
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().to_str().unwrap();
+    let socket = root.path().join("cri.sock");
+    let out = wasmlet()
+        .args(["image", "import", &example("hello.wat"), "--tag", "hello", "--root", root_arg])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut server = wasmlet()
+        .args(["cri", "--root", root_arg, "--socket", socket.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = wasmlet()
+        .args(["pod", "run", "--socket", socket.to_str().unwrap(), "--image", "hello", "--log-dir"])
+        .arg(root.path().join("logs"))
+        .args(["--", "Ada"])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let line = stdout.lines().next().unwrap_or_default();
+    assert!(line.ends_with(" stdout F hello, Ada from wasm"), "{stdout}");
+    assert!(stderr.contains("container hello exited with code 0 (Completed)"), "{stderr}");
+}
