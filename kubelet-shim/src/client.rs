@@ -129,6 +129,7 @@ pub async fn run_pod(a: PodRun) -> Result<i32> {
     }
     let status = result?;
     print!("{log}");
+    std::io::Write::flush(&mut std::io::stdout())?;
     let message = if status.message.is_empty() { String::new() } else { format!(": {}", status.message) };
     eprintln!("container {} exited with code {} ({}){message}", a.name, status.exit_code, status.reason);
     Ok(status.exit_code)

@@ -89,9 +89,9 @@ fn default_root() -> PathBuf {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASMLET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -101,7 +101,9 @@ fn init_tracing(format: LogFormat) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // A server logs what it does; the client commands speak only when something is wrong.
+    let default_level = if matches!(cli.command, Command::Cri { .. }) { "info" } else { "warn" };
+    init_tracing(cli.log_format, default_level);
     let rt = tokio::runtime::Runtime::new().context("start tokio")?;
     match cli.command {
         Command::Cri { root, socket } => rt.block_on(serve(root.unwrap_or_else(default_root), socket)),
