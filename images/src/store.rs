@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -63,7 +63,7 @@ pub struct ImageStore {
     root: PathBuf,
     /// The last index read, with the (inode, mtime, len) of the file it came from, so that an
     /// unchanged index is not parsed again but a change by another process is seen.
-    cached: Mutex<Option<(FileStamp, Vec<ImageRecord>)>>,
+    cached: Mutex<Option<(FileStamp, Arc<Vec<ImageRecord>>)>>,
 }
 
 impl ImageStore {
@@ -90,8 +90,9 @@ impl ImageStore {
         self.root.join("blobs/sha256").join(hex)
     }
 
-    /// Takes the store's file lock: shared for readers, exclusive for writers.
-    fn lock(&self, exclusive: bool) -> Result<File> {
+    /// Takes the store's file lock, which writers hold across read-modify-write of the index
+    /// (other processes, e.g. `wasmlet image import` beside a server, take it too).
+    fn lock(&self) -> Result<File> {
         let path = self.root.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -99,16 +100,15 @@ impl ImageStore {
             .write(true)
             .open(&path)
             .map_err(Error::io(format!("open {}", path.display())))?;
-        if exclusive { file.lock() } else { file.lock_shared() }
-            .map_err(Error::io(format!("lock {}", path.display())))?;
+        file.lock().map_err(Error::io(format!("lock {}", path.display())))?;
         Ok(file)
     }
 
-    fn read_index(&self) -> Result<Vec<ImageRecord>> {
+    fn read_index(&self) -> Result<Arc<Vec<ImageRecord>>> {
         let path = self.index_path();
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Arc::default()),
             Err(e) => return Err(Error::io(format!("stat {}", path.display()))(e)),
         };
         let stamp = (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.len());
@@ -121,8 +121,9 @@ impl ImageStore {
         let bytes = fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
         let index: Index = serde_json::from_slice(&bytes)
             .map_err(|e| Error::CorruptIndex { path: path.clone(), reason: e.to_string() })?;
-        *cached = Some((stamp, index.images.clone()));
-        Ok(index.images)
+        let images = Arc::new(index.images);
+        *cached = Some((stamp, images.clone()));
+        Ok(images)
     }
 
     fn write_index(&self, images: Vec<ImageRecord>) -> Result<()> {
@@ -133,15 +134,16 @@ impl ImageStore {
     }
 
     /// Every image in the store.
+    ///
+    /// Readers take no lock: the index is only ever replaced by a rename, so a reader sees
+    /// either the old or the new version, and the cache is checked against the file each time.
     pub fn list(&self) -> Result<Vec<ImageRecord>> {
-        let _lock = self.lock(false)?;
-        self.read_index()
+        Ok(self.read_index()?.as_ref().clone())
     }
 
     /// Finds the image that `image` names: an id (with or without `sha256:`), a tag or a
     /// digest reference. `Ok(None)` when nothing matches.
     pub fn resolve(&self, image: &str) -> Result<Option<ImageRecord>> {
-        let _lock = self.lock(false)?;
         let images = self.read_index()?;
         Ok(find(&images, image)?.map(|i| images[i].clone()))
     }
@@ -154,11 +156,11 @@ impl ImageStore {
         let kind = WasmKind::detect(what, bytes)?;
         let digest = sha256_digest(bytes);
         let blob = self.blob_path(&digest);
-        let _lock = self.lock(true)?;
+        let _lock = self.lock()?;
         if !blob.exists() {
             fsutil::write_atomic(&blob, bytes).map_err(Error::io(format!("write {}", blob.display())))?;
         }
-        let mut images = self.read_index()?;
+        let mut images = self.read_index()?.as_ref().clone();
         let tagged = reference.as_ref().and_then(Reference::tagged);
         // A tag names one image: move it off any other image that had it.
         if let Some(t) = &tagged {
@@ -205,8 +207,8 @@ impl ImageStore {
     /// Removes the image `image` names, with all its tags, and its blob when no other image
     /// uses it. Returns the removed record; `Ok(None)` if there was none (not an error).
     pub fn remove(&self, image: &str) -> Result<Option<ImageRecord>> {
-        let _lock = self.lock(true)?;
-        let mut images = self.read_index()?;
+        let _lock = self.lock()?;
+        let mut images = self.read_index()?.as_ref().clone();
         let Some(i) = find(&images, image)? else { return Ok(None) };
         let removed = images.remove(i);
         if !images.iter().any(|o| o.wasm_digest == removed.wasm_digest) {

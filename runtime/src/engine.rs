@@ -202,8 +202,8 @@ impl WasmEngine {
         kind: WasmKind,
         wasm: impl FnOnce() -> wasmlet_images::Result<Vec<u8>>,
     ) -> Result<Program> {
-        if let Some(p) = self.programs.lock().unwrap_or_else(|e| e.into_inner()).get(wasm_digest) {
-            return Ok(p.clone());
+        if let Some(p) = self.cached_program(wasm_digest) {
+            return Ok(p);
         }
         let compiled = self.cache.load_or_compile(&self.engine, what, wasm_digest, kind, wasm)?;
         let unlinkable = |e: wasmtime::Error| Error::InvalidArgument(format!("{what}: cannot be linked: {e:#}"));
@@ -220,6 +220,11 @@ impl WasmEngine {
         };
         self.programs.lock().unwrap_or_else(|e| e.into_inner()).insert(wasm_digest.to_string(), program.clone());
         Ok(program)
+    }
+
+    /// The program for `wasm_digest` if it is already linked in memory (no I/O, no compile).
+    pub fn cached_program(&self, wasm_digest: &str) -> Option<Program> {
+        self.programs.lock().unwrap_or_else(|e| e.into_inner()).get(wasm_digest).cloned()
     }
 
     /// Drops the in-memory program of `wasm_digest` (its image was removed).

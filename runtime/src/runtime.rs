@@ -1,12 +1,10 @@
 //! The runtime proper: pod sandboxes and wasm containers, their state on disk, and the
 //! operations the CRI asks for, in the runtime's own terms.
 //!
-//! On disk, under the root:
-//! - `images/`: the image store; `compiled/`: the compiled-code cache;
-//! - `pods/<sandbox id>/sandbox.json` and `pods/<sandbox id>/containers/<container id>.json`.
-//!
-//! Every change of a record is written (atomically) before the call that made it returns, so a
-//! `kill -9` loses nothing a client was told about.
+//! On disk, under the root: `images/` (the image store), `compiled/` (the compiled-code cache)
+//! and `state.journal` (every sandbox and container record change, see [`crate::journal`]).
+//! Every change is in the journal before the call that made it returns, so a `kill -9` loses
+//! nothing a client was told about.
 
 use std::collections::HashMap;
 use std::fs;
@@ -16,9 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, oneshot, watch};
-use wasmlet_images::{ImageRecord, ImageStore, fsutil};
+use wasmlet_images::{ImageRecord, ImageStore};
 
-use crate::engine::{GuestMeter, GuestSpec, Preopen, Program, WasmEngine};
+use crate::engine::{GuestMeter, GuestSpec, Outcome, Preopen, Program, WasmEngine};
+use crate::journal::{Change, Journal, Snapshot};
 use crate::logs::{GuestOutput, LogFile, Stream};
 use crate::model::*;
 use crate::{Error, Result};
@@ -82,6 +81,7 @@ pub struct Runtime {
 
 struct Inner {
     root: PathBuf,
+    journal: Journal,
     images: ImageStore,
     engine: WasmEngine,
     state: Mutex<State>,
@@ -117,14 +117,15 @@ impl Runtime {
     /// Containers that were running when the last process died are recorded as exited.
     pub fn open(root: impl Into<PathBuf>) -> Result<Runtime> {
         let root = root.into();
-        fs::create_dir_all(root.join("pods"))
-            .map_err(|e| Error::Internal(format!("create {}: {e}", root.display())))?;
+        fs::create_dir_all(&root).map_err(|e| Error::Internal(format!("create {}: {e}", root.display())))?;
         let images = ImageStore::open(root.join("images"))?;
         let engine = WasmEngine::new(root.join("compiled")).map_err(Error::Internal)?;
+        let (journal, snapshot) = Journal::open(&root.join("state.journal"))?;
         let (events, _) = broadcast::channel(1024);
         let runtime = Runtime {
             inner: Arc::new(Inner {
                 root,
+                journal,
                 images,
                 engine,
                 state: Mutex::new(State::default()),
@@ -132,7 +133,7 @@ impl Runtime {
                 pod_cidr: Mutex::new(String::new()),
             }),
         };
-        runtime.load()?;
+        runtime.load(snapshot)?;
         Ok(runtime)
     }
 
@@ -150,20 +151,14 @@ impl Runtime {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn sandbox_dir(&self, id: &str) -> PathBuf {
-        self.inner.root.join("pods").join(id)
-    }
-
-    fn container_file(&self, sandbox_id: &str, id: &str) -> PathBuf {
-        self.sandbox_dir(sandbox_id).join("containers").join(format!("{id}.json"))
-    }
-
-    fn persist_sandbox(&self, rec: &SandboxRecord) -> Result<()> {
-        write_json(&self.sandbox_dir(&rec.id).join("sandbox.json"), rec)
-    }
-
-    fn persist_container(&self, rec: &ContainerRecord) -> Result<()> {
-        write_json(&self.container_file(&rec.sandbox_id, &rec.id), rec)
+    /// Writes a change to the journal. Called with the state lock held, after the change was
+    /// made in `state`, so the journal's order is the state's order.
+    fn journal(&self, state: &State, change: Change) -> Result<()> {
+        let live = state.sandboxes.len() + state.containers.len();
+        self.inner.journal.append(&change, live, || Snapshot {
+            sandboxes: state.sandboxes.clone(),
+            containers: state.containers.iter().map(|(id, e)| (id.clone(), e.record.clone())).collect(),
+        })
     }
 
     fn emit(&self, rec: &ContainerRecord, kind: EventKind) {
@@ -180,35 +175,25 @@ impl Runtime {
         self.inner.events.subscribe()
     }
 
-    fn load(&self) -> Result<()> {
-        let pods = self.inner.root.join("pods");
+    fn load(&self, snapshot: Snapshot) -> Result<()> {
         let mut state = self.state();
-        let dirs = fs::read_dir(&pods).map_err(|e| Error::Internal(format!("read {}: {e}", pods.display())))?;
-        for dir in dirs.flatten() {
-            let path = dir.path().join("sandbox.json");
-            let Some(sandbox) = read_json::<SandboxRecord>(&path) else { continue };
+        for sandbox in snapshot.sandboxes.into_values() {
             state.sandbox_names.insert(sandbox.spec.metadata.reserved_name(), sandbox.id.clone());
-            let containers = fs::read_dir(dir.path().join("containers")).into_iter().flatten().flatten();
-            for file in containers {
-                if file.path().extension().is_none_or(|e| e != "json") {
-                    continue;
-                }
-                let Some(mut record) = read_json::<ContainerRecord>(&file.path()) else { continue };
-                if matches!(record.state, ContainerState::Running | ContainerState::Unknown) {
-                    record.exit(now_nanos(), ExitStatus::lost());
-                    self.persist_container(&record)?;
-                    tracing::warn!(container = %record.id, "container was running when wasmlet stopped; marked exited");
-                }
-                let entry = Entry {
-                    record,
-                    meter: Arc::new(GuestMeter::default()),
-                    program: None,
-                    live: None,
-                    last_sample: None,
-                };
-                state.containers.insert(entry.record.id.clone(), entry);
-            }
             state.sandboxes.insert(sandbox.id.clone(), sandbox);
+        }
+        for mut record in snapshot.containers.into_values() {
+            let lost = matches!(record.state, ContainerState::Running | ContainerState::Unknown);
+            if lost {
+                record.exit(now_nanos(), ExitStatus::lost());
+                tracing::warn!(container = %record.id, "container was running when wasmlet stopped; marked exited");
+            }
+            let entry =
+                Entry { record, meter: Arc::new(GuestMeter::default()), program: None, live: None, last_sample: None };
+            let change = Change::Container(entry.record.clone());
+            state.containers.insert(entry.record.id.clone(), entry);
+            if lost {
+                self.journal(&state, change)?;
+            }
         }
         tracing::info!(sandboxes = state.sandboxes.len(), containers = state.containers.len(), "loaded state");
         Ok(())
@@ -242,11 +227,16 @@ impl Runtime {
             )));
         }
         let record = SandboxRecord { id: new_id(), spec, state: SandboxState::Ready, created_at: now_nanos() };
-        self.persist_sandbox(&record)?;
-        tracing::info!(sandbox = %record.id, name = %name, "pod sandbox ready");
-        state.sandbox_names.insert(name, record.id.clone());
         let id = record.id.clone();
+        let change = Change::Sandbox(record.clone());
+        state.sandbox_names.insert(name.clone(), id.clone());
         state.sandboxes.insert(id.clone(), record);
+        if let Err(e) = self.journal(&state, change) {
+            state.sandboxes.remove(&id);
+            state.sandbox_names.remove(&name);
+            return Err(e);
+        }
+        tracing::info!(sandbox = %id, name = %name, "pod sandbox ready");
         Ok(id)
     }
 
@@ -261,7 +251,8 @@ impl Runtime {
         if let Some(sandbox) = state.sandboxes.get_mut(id)
             && sandbox.stop()
         {
-            self.persist_sandbox(sandbox)?;
+            let change = Change::Sandbox(sandbox.clone());
+            self.journal(&state, change)?;
             tracing::info!(sandbox = %id, "pod sandbox stopped");
         }
         Ok(())
@@ -275,10 +266,7 @@ impl Runtime {
         let mut state = self.state();
         if let Some(sandbox) = state.sandboxes.remove(id) {
             state.sandbox_names.remove(&sandbox.spec.metadata.reserved_name());
-            let dir = self.sandbox_dir(id);
-            if let Err(e) = fs::remove_dir_all(&dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove sandbox state");
-            }
+            self.journal(&state, Change::SandboxRemoved(id.to_string()))?;
             tracing::info!(sandbox = %id, "pod sandbox removed");
         }
         Ok(())
@@ -325,12 +313,16 @@ impl Runtime {
         for m in &spec.mounts {
             resolve_mount(m)?;
         }
-        let program = {
-            let rt = self.clone();
-            let image = image.clone();
-            tokio::task::spawn_blocking(move || rt.program_for(&image))
-                .await
-                .map_err(|e| Error::Internal(format!("compile task: {e}")))??
+        // Compiling (or loading from disk) blocks: off the executor, unless already in memory.
+        let program = match self.inner.engine.cached_program(&image.wasm_digest) {
+            Some(p) => p,
+            None => {
+                let rt = self.clone();
+                let image = image.clone();
+                tokio::task::spawn_blocking(move || rt.program_for(&image))
+                    .await
+                    .map_err(|e| Error::Internal(format!("compile task: {e}")))??
+            }
         };
         let mut state = self.state();
         if !state.sandboxes.contains_key(sandbox_id) {
@@ -363,17 +355,20 @@ impl Runtime {
             finished_at: 0,
             exit: None,
         };
-        self.persist_container(&record)?;
-        tracing::info!(container = %record.id, sandbox = %sandbox_id, name = %record.spec.metadata.name, "container created");
-        self.emit(&record, EventKind::Created);
         let id = record.id.clone();
         let meter = Arc::new(GuestMeter::default());
         if let Some(limit) = record.spec.resources.as_ref().map(|r| r.memory_limit_in_bytes).filter(|l| *l > 0) {
             meter.memory_limit.store(limit as u64, Ordering::Relaxed);
         }
-        state
-            .containers
-            .insert(id.clone(), Entry { record, meter, program: Some(program), live: None, last_sample: None });
+        let change = Change::Container(record.clone());
+        state.containers.insert(id.clone(), Entry { record, meter, program: Some(program), live: None, last_sample: None });
+        if let Err(e) = self.journal(&state, change) {
+            state.containers.remove(&id);
+            return Err(e);
+        }
+        let record = &state.containers[&id].record;
+        tracing::info!(container = %id, sandbox = %sandbox_id, name = %record.spec.metadata.name, "container created");
+        self.emit(record, EventKind::Created);
         Ok(id)
     }
 
@@ -410,16 +405,24 @@ impl Runtime {
                     message: e.to_string(),
                 };
                 entry.record.exit(now_nanos(), status);
-                self.persist_container(&entry.record)?;
-                self.emit(&entry.record, EventKind::Stopped);
+                let record = entry.record.clone();
+                self.journal(&state, Change::Container(record.clone()))?;
+                self.emit(&record, EventKind::Stopped);
                 return Err(e);
             }
         };
-        self.persist_container(&entry.record)?;
+        let meter = entry.meter.clone();
+        let record = entry.record.clone();
+        if let Err(e) = self.journal(&state, Change::Container(record.clone())) {
+            if let Some(entry) = state.containers.get_mut(id) {
+                entry.record.exit(now_nanos(), ExitStatus::from_outcome(&Outcome::StartFailed(e.to_string())));
+            }
+            return Err(e);
+        }
         let (kill_tx, kill_rx) = oneshot::channel::<ExitStatus>();
         let (done_tx, done_rx) = watch::channel(false);
         let (stdout, stderr) = (spec.stdout.clone(), spec.stderr.clone());
-        let guest = self.inner.engine.run(&program, spec, entry.meter.clone());
+        let guest = self.inner.engine.run(&program, spec, meter);
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let cid = id.to_string();
         self.inner.engine.spawn(async move {
@@ -434,9 +437,11 @@ impl Runtime {
             }
             let _ = done_tx.send(true);
         });
-        entry.live = Some(Live { kill: Some(kill_tx), done: done_rx, log });
+        if let Some(entry) = state.containers.get_mut(id) {
+            entry.live = Some(Live { kill: Some(kill_tx), done: done_rx, log });
+        }
         tracing::info!(container = %id, "container started");
-        self.emit(&entry.record, EventKind::Started);
+        self.emit(&record, EventKind::Started);
         Ok(())
     }
 
@@ -479,29 +484,31 @@ impl Runtime {
         }
         tracing::info!(container = %id, code = status.code, reason = %status.reason, "container exited");
         if entry.record.exit(now_nanos(), status) {
-            if let Err(e) = self.persist_container(&entry.record) {
-                tracing::error!(container = %id, error = %e, "cannot persist exit");
+            let record = entry.record.clone();
+            if let Err(e) = self.journal(&state, Change::Container(record.clone())) {
+                tracing::error!(container = %id, error = %e, "cannot record the exit");
             }
-            self.emit(&entry.record, EventKind::Stopped);
+            self.emit(&record, EventKind::Stopped);
         }
     }
 
     /// Stops a running container: it has `timeout_secs` to end by itself, then it is killed
     /// (exit code 137). Stopping a container that is not running succeeds and changes nothing.
     pub async fn stop_container(&self, id: &str, timeout_secs: i64) -> Result<()> {
-        let (mut done, kill) = {
-            let mut state = self.state();
-            let Some(entry) = state.containers.get_mut(id) else {
-                return Err(Error::container_not_found(id));
-            };
-            match entry.live.as_mut() {
-                Some(live) if entry.record.state == ContainerState::Running => (live.done.clone(), live.kill.take()),
+        let mut done = {
+            let state = self.state();
+            let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
+            match &entry.live {
+                Some(live) if entry.record.state == ContainerState::Running => live.done.clone(),
                 _ => return Ok(()),
             }
         };
         let grace = Duration::from_secs(timeout_secs.max(0) as u64);
         let ended = timeout_secs > 0 && tokio::time::timeout(grace, done.wait_for(|d| *d)).await.is_ok();
         if !ended {
+            // Whichever stop runs out of time first kills; a shorter later stop is not held up
+            // by a longer earlier one.
+            let kill = self.state().containers.get_mut(id).and_then(|e| e.live.as_mut()).and_then(|l| l.kill.take());
             if let Some(kill) = kill {
                 let _ = kill.send(ExitStatus::killed(timeout_secs.max(0)));
             }
@@ -518,12 +525,7 @@ impl Runtime {
         }
         let mut state = self.state();
         if let Some(entry) = state.containers.remove(id) {
-            let path = self.container_file(&entry.record.sandbox_id, id);
-            if let Err(e) = fs::remove_file(&path)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove container state");
-            }
+            self.journal(&state, Change::ContainerRemoved(id.to_string()))?;
             tracing::info!(container = %id, "container removed");
             self.emit(&entry.record, EventKind::Deleted);
         }
@@ -572,7 +574,8 @@ impl Runtime {
         }
         entry.meter.memory_limit.store(resources.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
         entry.record.spec.resources = Some(resources);
-        self.persist_container(&entry.record)
+        let change = Change::Container(entry.record.clone());
+        self.journal(&state, change)
     }
 
     /// Reopens a running container's log file after the kubelet rotated it.
@@ -746,24 +749,6 @@ fn wasm_in_container(preopens: &[Preopen], guest_path: &str) -> Option<PathBuf> 
     let host = fs::canonicalize(best.host.join(rel)).ok()?;
     // A symlink that leads out of the mount does not count.
     (host.starts_with(&best.host) && host.is_file()).then_some(host)
-}
-
-fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec(value).map_err(|e| Error::Internal(format!("serialize {}: {e}", path.display())))?;
-    fsutil::write_atomic_nosync(path, &bytes).map_err(|e| Error::Internal(format!("write {}: {e}", path.display())))
-}
-
-/// Reads a state file; a file that cannot be parsed is set aside (`.corrupt`), never deleted.
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
-    let bytes = fs::read(path).ok()?;
-    match serde_json::from_slice(&bytes) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "unreadable state file set aside");
-            let _ = fs::rename(path, path.with_extension("json.corrupt"));
-            None
-        }
-    }
 }
 
 fn new_id() -> String {

@@ -53,8 +53,8 @@ fn tool(name: &str, image: &str, args: &[&str]) -> cri::ContainerConfig {
 #[tokio::test]
 async fn hello_module_and_component_log_exact_lines() {
     let mut pod = Pod::new("hello").await;
-    for image in ["tool", "toolc"] {
-        let (s, log) = pod.run(tool(&format!("hello-{image}"), image, &["hello"])).await;
+    for (image, n) in [("tool", 1), ("toolc", 1), ("tool", 2), ("toolc", 2)] {
+        let (s, log) = pod.run(tool(&format!("hello-{image}-{n}"), image, &["hello"])).await;
         assert_eq!((s.exit_code, s.reason.as_str(), s.message.as_str()), (0, "Completed", ""), "{image}");
         assert_eq!(
             log,
@@ -67,6 +67,8 @@ async fn hello_module_and_component_log_exact_lines() {
             "{image}"
         );
     }
+    // Each image was compiled once: the second container of an image reuses its code.
+    assert_eq!(pod.server.server_log().matches("compiled wasm").count(), 2, "{}", pod.server.server_log());
 }
 
 #[tokio::test]
