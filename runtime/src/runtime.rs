@@ -361,7 +361,9 @@ impl Runtime {
             meter.memory_limit.store(limit as u64, Ordering::Relaxed);
         }
         let change = Change::Container(record.clone());
-        state.containers.insert(id.clone(), Entry { record, meter, program: Some(program), live: None, last_sample: None });
+        state
+            .containers
+            .insert(id.clone(), Entry { record, meter, program: Some(program), live: None, last_sample: None });
         if let Err(e) = self.journal(&state, change) {
             state.containers.remove(&id);
             return Err(e);
