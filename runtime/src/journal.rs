@@ -25,11 +25,11 @@ use crate::{Error, Result};
 #[serde(rename_all = "snake_case")]
 pub enum Change {
     /// A sandbox as it now is.
-    Sandbox(SandboxRecord),
+    Sandbox(Box<SandboxRecord>),
     /// A sandbox is gone.
     SandboxRemoved(String),
-    /// A container as it now is.
-    Container(ContainerRecord),
+    /// A container as it now is (boxed: records are large, removals are small).
+    Container(Box<ContainerRecord>),
     /// A container is gone.
     ContainerRemoved(String),
 }
@@ -45,13 +45,13 @@ impl Snapshot {
     fn apply(&mut self, change: Change) {
         match change {
             Change::Sandbox(s) => {
-                self.sandboxes.insert(s.id.clone(), s);
+                self.sandboxes.insert(s.id.clone(), *s);
             }
             Change::SandboxRemoved(id) => {
                 self.sandboxes.remove(&id);
             }
             Change::Container(c) => {
-                self.containers.insert(c.id.clone(), c);
+                self.containers.insert(c.id.clone(), *c);
             }
             Change::ContainerRemoved(id) => {
                 self.containers.remove(&id);
@@ -60,8 +60,8 @@ impl Snapshot {
     }
 
     fn changes(&self) -> impl Iterator<Item = Change> + '_ {
-        let sandboxes = self.sandboxes.values().cloned().map(Change::Sandbox);
-        sandboxes.chain(self.containers.values().cloned().map(Change::Container))
+        let sandboxes = self.sandboxes.values().map(|s| Change::Sandbox(Box::new(s.clone())));
+        sandboxes.chain(self.containers.values().map(|c| Change::Container(Box::new(c.clone()))))
     }
 
     fn len(&self) -> usize {
@@ -178,10 +178,10 @@ mod tests {
         let (j, snap) = Journal::open(&path).unwrap();
         assert_eq!(snap.len(), 0);
         let mut a = sandbox("a");
-        j.append(&Change::Sandbox(a.clone()), 1, Snapshot::default).unwrap();
-        j.append(&Change::Sandbox(sandbox("b")), 2, Snapshot::default).unwrap();
+        j.append(&Change::Sandbox(Box::new(a.clone())), 1, Snapshot::default).unwrap();
+        j.append(&Change::Sandbox(Box::new(sandbox("b"))), 2, Snapshot::default).unwrap();
         a.stop();
-        j.append(&Change::Sandbox(a.clone()), 2, Snapshot::default).unwrap();
+        j.append(&Change::Sandbox(Box::new(a.clone())), 2, Snapshot::default).unwrap();
         j.append(&Change::SandboxRemoved("b".into()), 1, Snapshot::default).unwrap();
         drop(j);
         // A crash in the middle of the next write leaves half a line.
@@ -200,7 +200,7 @@ mod tests {
     fn a_bad_line_in_the_middle_is_skipped_and_the_file_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.journal");
-        let good = |id: &str| serde_json::to_string(&Change::Sandbox(sandbox(id))).unwrap();
+        let good = |id: &str| serde_json::to_string(&Change::Sandbox(Box::new(sandbox(id)))).unwrap();
         std::fs::write(&path, format!("{}\nnot json\n{}\n", good("x"), good("y"))).unwrap();
         let (_j, snap) = Journal::open(&path).unwrap();
         assert_eq!(snap.sandboxes.len(), 2);
@@ -220,7 +220,7 @@ mod tests {
             s
         };
         for _ in 0..COMPACT_SLACK + 10 {
-            j.append(&Change::Sandbox(a.clone()), 1, snap).unwrap();
+            j.append(&Change::Sandbox(Box::new(a.clone())), 1, snap).unwrap();
         }
         let lines = std::fs::read_to_string(&path).unwrap().lines().count();
         assert!(lines < 20, "compacted to {lines} lines");

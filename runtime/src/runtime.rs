@@ -189,7 +189,7 @@ impl Runtime {
             }
             let entry =
                 Entry { record, meter: Arc::new(GuestMeter::default()), program: None, live: None, last_sample: None };
-            let change = Change::Container(entry.record.clone());
+            let change = Change::Container(Box::new(entry.record.clone()));
             state.containers.insert(entry.record.id.clone(), entry);
             if lost {
                 self.journal(&state, change)?;
@@ -228,7 +228,7 @@ impl Runtime {
         }
         let record = SandboxRecord { id: new_id(), spec, state: SandboxState::Ready, created_at: now_nanos() };
         let id = record.id.clone();
-        let change = Change::Sandbox(record.clone());
+        let change = Change::Sandbox(Box::new(record.clone()));
         state.sandbox_names.insert(name.clone(), id.clone());
         state.sandboxes.insert(id.clone(), record);
         if let Err(e) = self.journal(&state, change) {
@@ -251,7 +251,7 @@ impl Runtime {
         if let Some(sandbox) = state.sandboxes.get_mut(id)
             && sandbox.stop()
         {
-            let change = Change::Sandbox(sandbox.clone());
+            let change = Change::Sandbox(Box::new(sandbox.clone()));
             self.journal(&state, change)?;
             tracing::info!(sandbox = %id, "pod sandbox stopped");
         }
@@ -360,7 +360,7 @@ impl Runtime {
         if let Some(limit) = record.spec.resources.as_ref().map(|r| r.memory_limit_in_bytes).filter(|l| *l > 0) {
             meter.memory_limit.store(limit as u64, Ordering::Relaxed);
         }
-        let change = Change::Container(record.clone());
+        let change = Change::Container(Box::new(record.clone()));
         state
             .containers
             .insert(id.clone(), Entry { record, meter, program: Some(program), live: None, last_sample: None });
@@ -408,14 +408,14 @@ impl Runtime {
                 };
                 entry.record.exit(now_nanos(), status);
                 let record = entry.record.clone();
-                self.journal(&state, Change::Container(record.clone()))?;
+                self.journal(&state, Change::Container(Box::new(record.clone())))?;
                 self.emit(&record, EventKind::Stopped);
                 return Err(e);
             }
         };
         let meter = entry.meter.clone();
         let record = entry.record.clone();
-        if let Err(e) = self.journal(&state, Change::Container(record.clone())) {
+        if let Err(e) = self.journal(&state, Change::Container(Box::new(record.clone()))) {
             if let Some(entry) = state.containers.get_mut(id) {
                 entry.record.exit(now_nanos(), ExitStatus::from_outcome(&Outcome::StartFailed(e.to_string())));
             }
@@ -487,7 +487,7 @@ impl Runtime {
         tracing::info!(container = %id, code = status.code, reason = %status.reason, "container exited");
         if entry.record.exit(now_nanos(), status) {
             let record = entry.record.clone();
-            if let Err(e) = self.journal(&state, Change::Container(record.clone())) {
+            if let Err(e) = self.journal(&state, Change::Container(Box::new(record.clone()))) {
                 tracing::error!(container = %id, error = %e, "cannot record the exit");
             }
             self.emit(&record, EventKind::Stopped);
@@ -576,7 +576,7 @@ impl Runtime {
         }
         entry.meter.memory_limit.store(resources.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
         entry.record.spec.resources = Some(resources);
-        let change = Change::Container(entry.record.clone());
+        let change = Change::Container(Box::new(entry.record.clone()));
         self.journal(&state, change)
     }
 
