@@ -18,6 +18,15 @@ pub enum Error {
     /// A stored blob whose bytes no longer match its digest.
     #[error("blob {digest}: digest mismatch: stored bytes hash to {actual}")]
     DigestMismatch { digest: String, actual: String },
+    /// A registry refused or failed a request.
+    #[error("{context}: {reason}")]
+    Registry { context: String, reason: String },
+    /// Something larger than wasmlet accepts.
+    #[error("{what} is larger than the limit of {limit} bytes")]
+    TooLarge { what: String, limit: u64 },
+    /// An image that holds no runnable wasm, or is malformed.
+    #[error("{image}: {reason}")]
+    BadImage { image: String, reason: String },
     /// The on-disk index cannot be parsed.
     #[error("image index {path}: {reason}")]
     CorruptIndex { path: PathBuf, reason: String },

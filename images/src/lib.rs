@@ -7,12 +7,18 @@
 mod compiled;
 mod error;
 pub mod fsutil;
+pub mod oci;
+mod pull;
 mod reference;
+pub mod registry;
 mod store;
+pub mod timefmt;
 mod wasm;
 
 pub use compiled::{CompiledCache, CompiledProgram};
 pub use error::{Error, Result};
+pub use pull::{pull, push_wasm};
 pub use reference::Reference;
-pub use store::{FsUsage, ImageRecord, ImageStore};
+pub use registry::{Auth, OciRegistry, Registry};
+pub use store::{FsUsage, ImageRecord, ImageStore, NewImage};
 pub use wasm::{WasmKind, sha256_digest};

@@ -25,6 +25,9 @@ pub struct ImageRecord {
     pub wasm_digest: String,
     /// Module or component.
     pub kind: WasmKind,
+    /// Every blob the image keeps in the store (manifest, config, layers), the wasm included.
+    #[serde(default)]
+    pub blobs: Vec<String>,
     /// OCI annotations kept from the image.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
@@ -42,6 +45,27 @@ pub struct ImageRecord {
 struct Index {
     version: u32,
     images: Vec<ImageRecord>,
+}
+
+/// An image to add to the store.
+#[derive(Debug)]
+pub struct NewImage<'a> {
+    /// Its id (`sha256:..`): the config digest of a pulled image, the wasm digest of an import.
+    pub id: String,
+    /// Digest of the blob that runs.
+    pub wasm_digest: String,
+    /// Module or component.
+    pub kind: WasmKind,
+    /// Normalized `registry/repo:tag`, if it has one.
+    pub tag: Option<String>,
+    /// Normalized `registry/repo@digest`, if known.
+    pub repo_digest: Option<String>,
+    /// Every blob to keep (the wasm among them), stored under its digest.
+    pub blobs: Vec<&'a [u8]>,
+    /// Annotations to show.
+    pub annotations: BTreeMap<String, String>,
+    /// The image config's user (`uid`, `name` or `uid:gid`).
+    pub user: Option<String>,
 }
 
 /// Bytes and inodes used by the image store, for ImageFsInfo.
@@ -152,55 +176,81 @@ impl ImageStore {
     /// The bytes must be a wasm module or component.
     pub fn import(&self, bytes: &[u8], tag: Option<&str>) -> Result<ImageRecord> {
         let reference = tag.map(Reference::parse).transpose()?;
-        let what = tag.unwrap_or("imported image");
-        let kind = WasmKind::detect(what, bytes)?;
+        let kind = WasmKind::detect(tag.unwrap_or("imported image"), bytes)?;
         let digest = sha256_digest(bytes);
-        let blob = self.blob_path(&digest);
+        self.add(NewImage {
+            id: digest.clone(),
+            wasm_digest: digest.clone(),
+            kind,
+            tag: reference.as_ref().and_then(Reference::tagged),
+            repo_digest: reference.as_ref().map(|r| r.with_digest(&digest)),
+            blobs: vec![bytes],
+            annotations: BTreeMap::new(),
+            user: None,
+        })
+    }
+
+    /// Stores the blobs of an image (each under its digest) and adds or updates its record:
+    /// a new tag moves off any other image that had it.
+    pub fn add(&self, new: NewImage<'_>) -> Result<ImageRecord> {
+        // Under the lock: a concurrent remove must not delete a blob this image is about to use.
         let _lock = self.lock()?;
-        if !blob.exists() {
-            fsutil::write_atomic(&blob, bytes).map_err(Error::io(format!("write {}", blob.display())))?;
+        let mut size = 0;
+        let mut digests = Vec::new();
+        for blob in &new.blobs {
+            let digest = sha256_digest(blob);
+            let path = self.blob_path(&digest);
+            size += blob.len() as u64;
+            if !path.exists() {
+                fsutil::write_atomic(&path, blob).map_err(Error::io(format!("write {}", path.display())))?;
+            }
+            digests.push(digest);
         }
         let mut images = self.read_index()?.as_ref().clone();
-        let tagged = reference.as_ref().and_then(Reference::tagged);
-        // A tag names one image: move it off any other image that had it.
-        if let Some(t) = &tagged {
-            for other in images.iter_mut().filter(|i| i.id != digest) {
+        if let Some(t) = &new.tag {
+            for other in images.iter_mut().filter(|i| i.id != new.id) {
                 other.repo_tags.retain(|x| x != t);
             }
         }
-        let position = images.iter().position(|i| i.id == digest);
-        let record = match position {
+        let (uid, username) = match new.user.as_deref().map(|u| u.split(':').next().unwrap_or(u)) {
+            Some(u) if !u.is_empty() => match u.parse::<i64>() {
+                Ok(n) => (Some(n), String::new()),
+                Err(_) => (None, u.to_string()),
+            },
+            _ => (None, String::new()),
+        };
+        let record = match images.iter().position(|i| i.id == new.id) {
             Some(i) => &mut images[i],
             None => {
                 images.push(ImageRecord {
-                    id: digest.clone(),
+                    id: new.id.clone(),
                     repo_tags: Vec::new(),
                     repo_digests: Vec::new(),
-                    size: bytes.len() as u64,
-                    wasm_digest: digest.clone(),
-                    kind,
-                    annotations: BTreeMap::new(),
-                    uid: None,
-                    username: String::new(),
+                    size,
+                    wasm_digest: new.wasm_digest.clone(),
+                    kind: new.kind,
+                    blobs: digests,
+                    annotations: new.annotations.clone(),
+                    uid,
+                    username,
                     created_at: now_nanos(),
                 });
                 images.last_mut().expect("just pushed")
             }
         };
-        if let Some(reference) = &reference {
-            if let Some(t) = tagged
-                && !record.repo_tags.contains(&t)
-            {
-                record.repo_tags.push(t);
-            }
-            let d = reference.with_digest(&digest);
-            if !record.repo_digests.contains(&d) {
-                record.repo_digests.push(d);
-            }
+        if let Some(t) = new.tag
+            && !record.repo_tags.contains(&t)
+        {
+            record.repo_tags.push(t);
+        }
+        if let Some(d) = new.repo_digest
+            && !record.repo_digests.contains(&d)
+        {
+            record.repo_digests.push(d);
         }
         let record = record.clone();
         self.write_index(images)?;
-        tracing::info!(image = %record.id, tags = ?record.repo_tags, "imported image");
+        tracing::info!(image = %record.id, tags = ?record.repo_tags, "stored image");
         Ok(record)
     }
 
@@ -211,8 +261,11 @@ impl ImageStore {
         let mut images = self.read_index()?.as_ref().clone();
         let Some(i) = find(&images, image)? else { return Ok(None) };
         let removed = images.remove(i);
-        if !images.iter().any(|o| o.wasm_digest == removed.wasm_digest) {
-            let _ = fs::remove_file(self.blob_path(&removed.wasm_digest));
+        let in_use = |d: &String| images.iter().any(|o| o.wasm_digest == *d || o.blobs.contains(d));
+        for digest in removed.blobs.iter().chain(std::iter::once(&removed.wasm_digest)) {
+            if !in_use(digest) {
+                let _ = fs::remove_file(self.blob_path(digest));
+            }
         }
         self.write_index(images)?;
         tracing::info!(image = %removed.id, "removed image");

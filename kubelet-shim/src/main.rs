@@ -34,6 +34,10 @@ enum Command {
         /// Socket path [default: ROOT/cri.sock].
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// A registry (`host` or `host:port`) to reach over plain HTTP; repeatable. Loopback
+        /// registries always are.
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
     },
     /// Manage the local image store.
     Image {
@@ -60,6 +64,27 @@ enum ImageCommand {
         #[arg(long, env = "WASMLET_ROOT")]
         root: Option<PathBuf>,
     },
+    /// Pull an image from its registry into the store.
+    Pull {
+        /// Reference, e.g. `registry.example/app:1.0` or `127.0.0.1:5000/app@sha256:...`.
+        image: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
+    /// Push a .wasm (module or component) or .wat file as a CNCF wasm artifact.
+    Push {
+        /// The file.
+        file: PathBuf,
+        /// Where to push it, e.g. `registry.example/app:1.0`.
+        image: String,
+        /// Annotations, KEY=VALUE (OCI `org.opencontainers.image.*` keys and others).
+        #[arg(long = "annotation")]
+        annotations: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
     /// List images.
     Ls {
         #[arg(long, env = "WASMLET_ROOT")]
@@ -71,6 +96,32 @@ enum ImageCommand {
         #[arg(long, env = "WASMLET_ROOT")]
         root: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// User name for the registry (with --password).
+    #[arg(long)]
+    username: Option<String>,
+    /// Password for the registry.
+    #[arg(long, env = "WASMLET_REGISTRY_PASSWORD")]
+    password: Option<String>,
+    /// Talk to the registry over plain HTTP (loopback registries always are).
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl RegistryArgs {
+    fn registry(&self, host: &str) -> wasmlet_images::OciRegistry {
+        let auth = match (&self.username, &self.password) {
+            (Some(u), p) => {
+                wasmlet_images::Auth::Basic { username: u.clone(), password: p.clone().unwrap_or_default() }
+            }
+            (None, _) => wasmlet_images::Auth::Anonymous,
+        };
+        let insecure = self.insecure || wasmlet_runtime::RuntimeOptions::default().is_insecure(host);
+        wasmlet_images::OciRegistry::new(host, insecure, auth)
+    }
 }
 
 #[derive(Subcommand)]
@@ -101,13 +152,18 @@ fn init_tracing(format: LogFormat, default: &str) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // One TLS crypto provider for the whole process (registry clients).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // A server logs what it does; the client commands speak only when something is wrong.
     let default_level = if matches!(cli.command, Command::Cri { .. }) { "info" } else { "warn" };
     init_tracing(cli.log_format, default_level);
     let rt = tokio::runtime::Runtime::new().context("start tokio")?;
     match cli.command {
-        Command::Cri { root, socket } => rt.block_on(serve(root.unwrap_or_else(default_root), socket)),
-        Command::Image { command } => image(command),
+        Command::Cri { root, socket, insecure_registries } => {
+            let options = wasmlet_runtime::RuntimeOptions { insecure_registries };
+            rt.block_on(serve(root.unwrap_or_else(default_root), socket, options))
+        }
+        Command::Image { command } => rt.block_on(image(command)),
         Command::Pod { command: PodCommand::Run(args) } => {
             let code = rt.block_on(client::run_pod(args))?;
             std::process::exit(code)
@@ -115,11 +171,11 @@ fn main() -> Result<()> {
     }
 }
 
-async fn serve(root: PathBuf, socket: Option<PathBuf>) -> Result<()> {
+async fn serve(root: PathBuf, socket: Option<PathBuf>, options: wasmlet_runtime::RuntimeOptions) -> Result<()> {
     let socket = socket.unwrap_or_else(|| root.join("cri.sock"));
     let runtime = {
         let root = root.clone();
-        tokio::task::spawn_blocking(move || wasmlet_runtime::Runtime::open(root)).await??
+        tokio::task::spawn_blocking(move || wasmlet_runtime::Runtime::open_with(root, options)).await??
     };
     let listener =
         wasmlet_runtime::server::bind(&socket).await.with_context(|| format!("bind {}", socket.display()))?;
@@ -137,18 +193,49 @@ async fn serve(root: PathBuf, socket: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn image(command: ImageCommand) -> Result<()> {
+/// A .wasm file's bytes, or a .wat file's compiled.
+fn read_wasm(file: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    if file.extension().is_some_and(|e| e == "wat") {
+        return Ok(wat::parse_bytes(&bytes).with_context(|| format!("{}: invalid WAT", file.display()))?.into_owned());
+    }
+    Ok(bytes)
+}
+
+async fn image(command: ImageCommand) -> Result<()> {
     let open = |root: Option<PathBuf>| ImageStore::open(root.unwrap_or_else(default_root).join("images"));
     match command {
         ImageCommand::Import { file, tag, root } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
-            let bytes = if file.extension().is_some_and(|e| e == "wat") {
-                wat::parse_bytes(&bytes).with_context(|| format!("{}: invalid WAT", file.display()))?.into_owned()
-            } else {
-                bytes
-            };
-            let record = open(root)?.import(&bytes, tag.as_deref())?;
+            let record = open(root)?.import(&read_wasm(&file)?, tag.as_deref())?;
             println!("{}", record.id);
+        }
+        ImageCommand::Pull { image, registry, root } => {
+            let reference = wasmlet_images::Reference::parse(&image)?;
+            let store = open(root)?;
+            eprintln!("pulling {reference} from {}", reference.registry);
+            let started = std::time::Instant::now();
+            let record = wasmlet_images::pull(&store, &registry.registry(&reference.registry), &reference).await?;
+            eprintln!(
+                "pulled {reference}: {} bytes, {:?}, in {:.1}s",
+                record.size,
+                record.kind,
+                started.elapsed().as_secs_f64()
+            );
+            println!("{}", record.id);
+        }
+        ImageCommand::Push { file, image, annotations, registry } => {
+            let reference = wasmlet_images::Reference::parse(&image)?;
+            let wasm = read_wasm(&file)?;
+            let mut notes = std::collections::BTreeMap::new();
+            for kv in annotations {
+                let Some((k, v)) = kv.split_once('=') else { bail!("--annotation {kv:?}: expected KEY=VALUE") };
+                notes.insert(k.to_string(), v.to_string());
+            }
+            eprintln!("pushing {} ({} bytes) to {reference}", file.display(), wasm.len());
+            let digest =
+                wasmlet_images::push_wasm(&registry.registry(&reference.registry), &reference, wasm, notes).await?;
+            eprintln!("pushed {reference}");
+            println!("{digest}");
         }
         ImageCommand::Ls { root } => {
             println!("{:<50} {:<11} {:>10}  ID", "TAG", "KIND", "SIZE");

@@ -25,20 +25,31 @@ const STREAM_CHUNK: usize = 500;
 
 /// Maps a runtime error to the gRPC status a CRI client expects.
 pub fn status(e: Error) -> Status {
+    Status::new(code(&e), e.to_string())
+}
+
+fn code(e: &Error) -> tonic::Code {
+    use tonic::Code;
     use wasmlet_images::Error as I;
-    let msg = e.to_string();
     match e {
-        Error::NotFound { .. } | Error::Image(I::NotFound(_)) => Status::not_found(msg),
+        Error::Shared(inner) => code(inner),
+        Error::NotFound { .. } | Error::Image(I::NotFound(_)) => Code::NotFound,
         Error::InvalidArgument(_)
-        | Error::Image(I::InvalidReference { .. } | I::NotWasm { .. } | I::InvalidWasm { .. }) => {
-            Status::invalid_argument(msg)
-        }
-        Error::AlreadyExists(_) => Status::already_exists(msg),
-        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
-        Error::Unimplemented(_) => Status::unimplemented(msg),
-        Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
-        Error::Image(I::DigestMismatch { .. }) => Status::data_loss(msg),
-        Error::Image(I::CorruptIndex { .. } | I::Io { .. }) | Error::Internal(_) => Status::internal(msg),
+        | Error::Image(
+            I::InvalidReference { .. }
+            | I::NotWasm { .. }
+            | I::InvalidWasm { .. }
+            | I::BadImage { .. }
+            | I::TooLarge { .. },
+        ) => Code::InvalidArgument,
+        // As containerd: whatever the registry said is in the message.
+        Error::Image(I::Registry { .. }) => Code::Unknown,
+        Error::AlreadyExists(_) => Code::AlreadyExists,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::Unimplemented(_) => Code::Unimplemented,
+        Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        Error::Image(I::DigestMismatch { .. }) => Code::DataLoss,
+        Error::Image(I::CorruptIndex { .. } | I::Io { .. }) | Error::Internal(_) => Code::Internal,
     }
 }
 
@@ -929,6 +940,53 @@ impl CriServer {
     }
 }
 
+/// Registry credentials from a CRI AuthConfig.
+fn auth(a: Option<cri::AuthConfig>) -> Result<wasmlet_images::Auth> {
+    use base64::Engine;
+    use wasmlet_images::Auth;
+    let Some(a) = a else { return Ok(Auth::Anonymous) };
+    if !a.registry_token.is_empty() {
+        return Ok(Auth::Bearer(a.registry_token));
+    }
+    if !a.username.is_empty() {
+        return Ok(Auth::Basic { username: a.username, password: a.password });
+    }
+    if !a.auth.is_empty() {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(a.auth.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string())));
+        let Some((username, password)) = decoded else {
+            return Err(Error::InvalidArgument("auth config: `auth` is not base64 of user:password".to_string()));
+        };
+        return Ok(Auth::Basic { username, password });
+    }
+    if !a.identity_token.is_empty() {
+        return Err(Error::Unimplemented(
+            "auth config: identity tokens are not supported; give a registry token".into(),
+        ));
+    }
+    Ok(Auth::Anonymous)
+}
+
+/// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// A response stream fed by a task through a channel.
 fn async_stream<T, F, Fut>(f: F) -> ResponseStream<T>
 where
@@ -976,18 +1034,20 @@ impl ImageService for CriServer {
         Ok(Response::new(cri::ImageStatusResponse { image: found.as_ref().map(to_image), info }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn pull_image(
         &self,
         req: Request<cri::PullImageRequest>,
     ) -> std::result::Result<Response<cri::PullImageResponse>, Status> {
+        let deadline = grpc_timeout(req.metadata());
         let r = req.into_inner();
-        let name = r.image.as_ref().map(|s| s.image.clone()).unwrap_or_default();
-        match self.find_image(r.image)? {
-            Some(i) => Ok(Response::new(cri::PullImageResponse { image_ref: i.id })),
-            None => Err(Status::unimplemented(format!(
-                "pull {name}: pulling from registries is not implemented yet; put the image in the store with `wasmlet image import`"
-            ))),
+        let name = r.image.map(|s| s.image).unwrap_or_default();
+        if name.is_empty() {
+            return Err(invalid("PullImage: image spec names no image"));
         }
+        let auth = auth(r.auth).map_err(status)?;
+        let record = self.runtime.pull_image(&name, auth, deadline).await.map_err(status)?;
+        Ok(Response::new(cri::PullImageResponse { image_ref: record.id }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -1052,6 +1112,9 @@ mod tests {
             (Error::Image(I::InvalidReference { reference: "X".into(), reason: "r".into() }), Code::InvalidArgument),
             (Error::Image(I::NotWasm { what: "x".into(), reason: "r".into() }), Code::InvalidArgument),
             (Error::Image(I::InvalidWasm { what: "x".into(), reason: "r".into() }), Code::InvalidArgument),
+            (Error::Image(I::BadImage { image: "x".into(), reason: "r".into() }), Code::InvalidArgument),
+            (Error::Image(I::TooLarge { what: "x".into(), limit: 1 }), Code::InvalidArgument),
+            (Error::Image(I::Registry { context: "x".into(), reason: "r".into() }), Code::Unknown),
             (Error::AlreadyExists("x".into()), Code::AlreadyExists),
             (Error::FailedPrecondition("x".into()), Code::FailedPrecondition),
             (Error::Unimplemented("x".into()), Code::Unimplemented),
@@ -1060,6 +1123,7 @@ mod tests {
             (Error::Image(I::CorruptIndex { path: "p".into(), reason: "r".into() }), Code::Internal),
             (Error::Image(I::Io { context: "c".into(), source: io() }), Code::Internal),
             (Error::Internal("x".into()), Code::Internal),
+            (Error::Shared(std::sync::Arc::new(Error::DeadlineExceeded("x".into()))), Code::DeadlineExceeded),
         ];
         for (e, code) in cases {
             let msg = e.to_string();
@@ -1067,6 +1131,35 @@ mod tests {
             assert_eq!(s.code(), code, "{msg}");
             assert_eq!(s.message(), msg);
         }
+    }
+
+    #[test]
+    fn auth_configs() {
+        use wasmlet_images::Auth;
+        let basic = Auth::Basic { username: "u".into(), password: "p:w".into() };
+        let cfg = |f: fn(&mut cri::AuthConfig)| {
+            let mut a = cri::AuthConfig::default();
+            f(&mut a);
+            auth(Some(a))
+        };
+        assert_eq!(auth(None).unwrap(), Auth::Anonymous);
+        assert_eq!(cfg(|a| a.registry_token = "t".into()).unwrap(), Auth::Bearer("t".into()));
+        assert_eq!(cfg(|a| (a.username, a.password) = ("u".into(), "p:w".into())).unwrap(), basic);
+        assert_eq!(cfg(|a| a.auth = "dTpwOnc=".into()).unwrap(), basic);
+        assert!(cfg(|a| a.auth = "!!".into()).is_err());
+        assert!(matches!(cfg(|a| a.identity_token = "i".into()), Err(Error::Unimplemented(_))));
+    }
+
+    #[test]
+    fn grpc_timeouts() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        for (v, d) in [("2S", 2000), ("1500m", 1500), ("1M", 60_000), ("3000000u", 3000)] {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), Some(std::time::Duration::from_millis(d)), "{v}");
+        }
+        m.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub enum Error {
     /// The image store refused or failed.
     #[error(transparent)]
     Image(#[from] wasmlet_images::Error),
+    /// The same error, handed to every caller of a shared operation (a pull).
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
     /// A failure of wasmlet itself (I/O on its own state, a broken invariant).
     #[error("{0}")]
     Internal(String),

@@ -11,4 +11,6 @@ mod runtime;
 pub mod server;
 
 pub use error::{Error, Result};
-pub use runtime::{EXEC_OUTPUT_LIMIT, Event, EventKind, ExecOutput, RUNTIME_HANDLERS, Runtime, Usage, now_nanos};
+pub use runtime::{
+    EXEC_OUTPUT_LIMIT, Event, EventKind, ExecOutput, RUNTIME_HANDLERS, Runtime, RuntimeOptions, Usage, now_nanos,
+};

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, oneshot, watch};
-use wasmlet_images::{ImageRecord, ImageStore};
+use wasmlet_images::{Auth, ImageRecord, ImageStore, OciRegistry, Reference};
 
 use crate::engine::{GuestMeter, GuestSpec, Outcome, Preopen, Program, WasmEngine};
 use crate::journal::{Change, Journal, Snapshot};
@@ -73,6 +73,26 @@ pub struct ExecOutput {
     pub exit_code: i32,
 }
 
+type PullResult = std::result::Result<ImageRecord, Arc<Error>>;
+
+/// Settings of a runtime that are not state.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeOptions {
+    /// Registries reached over plain HTTP (`host` or `host:port`). Loopback registries
+    /// (`localhost`, `127.0.0.0/8`, `[::1]`) always are, as Docker does.
+    pub insecure_registries: Vec<String>,
+}
+
+impl RuntimeOptions {
+    /// Whether `host` is reached over plain HTTP.
+    pub fn is_insecure(&self, host: &str) -> bool {
+        let name = host.rsplit_once(':').filter(|(h, p)| !h.ends_with(']') || p.chars().all(|c| c.is_ascii_digit()));
+        let name = name.map_or(host, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+        let loopback = name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        loopback || self.insecure_registries.iter().any(|h| h == host || h == name)
+    }
+}
+
 /// The runtime. Cheap to clone; all clones share one state.
 #[derive(Clone)]
 pub struct Runtime {
@@ -81,6 +101,9 @@ pub struct Runtime {
 
 struct Inner {
     root: PathBuf,
+    options: RuntimeOptions,
+    /// Pulls in flight by normalized reference: later callers wait for the first one's result.
+    pulls: Mutex<HashMap<String, watch::Receiver<Option<PullResult>>>>,
     journal: Journal,
     images: ImageStore,
     engine: WasmEngine,
@@ -116,6 +139,11 @@ impl Runtime {
     /// Opens the runtime on `root`, loading every sandbox and container stored there.
     /// Containers that were running when the last process died are recorded as exited.
     pub fn open(root: impl Into<PathBuf>) -> Result<Runtime> {
+        Runtime::open_with(root, RuntimeOptions::default())
+    }
+
+    /// Like [`Runtime::open`], with options.
+    pub fn open_with(root: impl Into<PathBuf>, options: RuntimeOptions) -> Result<Runtime> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| Error::Internal(format!("create {}: {e}", root.display())))?;
         let images = ImageStore::open(root.join("images"))?;
@@ -125,6 +153,8 @@ impl Runtime {
         let runtime = Runtime {
             inner: Arc::new(Inner {
                 root,
+                options,
+                pulls: Mutex::new(HashMap::new()),
                 journal,
                 images,
                 engine,
@@ -662,6 +692,57 @@ impl Runtime {
         self.inner.engine.program(what, &digest, kind, || Ok(bytes))
     }
 
+    /// Pulls `image` from its registry into the store and compiles it, so that the first
+    /// container start does not. Concurrent pulls of one reference share one download; a pull
+    /// that does not finish within `deadline` stores nothing and fails with DeadlineExceeded.
+    pub async fn pull_image(&self, image: &str, auth: Auth, deadline: Option<Duration>) -> Result<ImageRecord> {
+        let reference = Reference::parse(image)?;
+        let key = reference.to_string();
+        let (mut rx, leader) = {
+            let mut pulls = self.inner.pulls.lock().unwrap_or_else(|e| e.into_inner());
+            match pulls.get(&key) {
+                Some(rx) => (rx.clone(), None),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    pulls.insert(key.clone(), rx.clone());
+                    (rx, Some(tx))
+                }
+            }
+        };
+        if let Some(tx) = leader {
+            // The pull runs on its own: a caller that goes away does not cancel it for others.
+            let rt = self.clone();
+            tokio::spawn(async move {
+                let work = rt.pull_and_compile(reference, auth);
+                let result = match deadline {
+                    Some(d) => tokio::time::timeout(d, work)
+                        .await
+                        .unwrap_or_else(|_| Err(Error::DeadlineExceeded(format!("pull {key}: not done within {d:?}")))),
+                    None => work.await,
+                };
+                rt.inner.pulls.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                let _ = tx.send(Some(result.map_err(Arc::new)));
+            });
+        }
+        let done = rx.wait_for(Option::is_some).await.map_err(|_| Error::Internal("pull task ended".into()))?;
+        match done.as_ref().expect("waited for Some") {
+            Ok(record) => Ok(record.clone()),
+            Err(e) => Err(Error::Shared(e.clone())),
+        }
+    }
+
+    async fn pull_and_compile(&self, reference: Reference, auth: Auth) -> Result<ImageRecord> {
+        let insecure = self.inner.options.is_insecure(&reference.registry);
+        let registry = OciRegistry::new(&reference.registry, insecure, auth);
+        let record = wasmlet_images::pull(&self.inner.images, &registry, &reference).await?;
+        let rt = self.clone();
+        let image = record.clone();
+        tokio::task::spawn_blocking(move || rt.program_for(&image))
+            .await
+            .map_err(|e| Error::Internal(format!("compile task: {e}")))??;
+        Ok(record)
+    }
+
     /// Drops compiled code for an image's wasm once no container uses it.
     pub fn forget_wasm(&self, wasm_digest: &str) {
         let in_use = self.state().containers.values().any(|e| e.record.wasm_digest == wasm_digest);
@@ -765,6 +846,25 @@ pub fn now_nanos() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insecure_registries() {
+        let o = RuntimeOptions { insecure_registries: vec!["reg.lan:5000".into(), "plain.example".into()] };
+        for host in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.9.9.9",
+            "[::1]:5000",
+            "reg.lan:5000",
+            "plain.example:443",
+        ] {
+            assert!(o.is_insecure(host), "{host}");
+        }
+        for host in ["docker.io", "reg.lan:5001", "10.0.0.1:5000", "ghcr.io"] {
+            assert!(!o.is_insecure(host), "{host}");
+        }
+    }
 
     fn sandbox(dir: &str) -> SandboxSpec {
         SandboxSpec { log_directory: dir.to_string(), ..Default::default() }

@@ -299,3 +299,65 @@ fn check_timestamp(ts: &str) -> Result<()> {
 pub fn texts(records: &[LogRecord], stream: &str) -> Vec<String> {
     records.iter().filter(|r| r.stream == stream).map(|r| r.text.clone()).collect()
 }
+
+/// A Debian `docker-registry` serving on a free loopback port, its storage in a temp dir.
+pub struct RegistryServer {
+    /// Temp directory with the config and the storage.
+    pub dir: tempfile::TempDir,
+    /// `127.0.0.1:PORT`.
+    pub host: String,
+    child: Child,
+}
+
+impl RegistryServer {
+    /// Starts a registry without authentication (the test command installs `docker-registry`).
+    pub async fn start() -> Result<RegistryServer> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let host = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+            dir.path().join("data").display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start docker-registry (apt-get install docker-registry)")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(&host).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("docker-registry did not listen on {host}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(RegistryServer { dir, host, child })
+    }
+
+    /// Where the registry keeps a blob's bytes (to corrupt it).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir.path().join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    }
+}
+
+impl Drop for RegistryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `wasmlet image push FILE REF`; returns the manifest digest.
+pub fn push(file: &Path, reference: &str) -> Result<String> {
+    let out = Command::new(wasmlet_bin()).args(["image", "push"]).arg(file).arg(reference).output()?;
+    if !out.status.success() {
+        bail!("push {reference} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}

@@ -1,0 +1,130 @@
+//! Pulls from a real registry (Debian's docker-registry on loopback) through the CRI.
+
+use std::time::Duration;
+
+use tonic::Code;
+use wasmlet_tests::*;
+
+fn spec(image: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec { image: image.to_string(), ..Default::default() })
+}
+
+async fn pull(img: &mut ImageClient, image: &str) -> Result<String, tonic::Status> {
+    img.pull_image(cri::PullImageRequest { image: spec(image), ..Default::default() })
+        .await
+        .map(|r| r.into_inner().image_ref)
+}
+
+#[tokio::test]
+async fn push_then_pull_by_tag_and_digest_and_run() {
+    let registry = RegistryServer::start().await.unwrap();
+    let module_ref = format!("{}/wasm/tool:1.0", registry.host);
+    let component_ref = format!("{}/wasm/toolc:2.0", registry.host);
+    let module_digest = push(tool_module(), &module_ref).unwrap();
+    push(tool_component(), &component_ref).unwrap();
+    let server = Server::start().await.unwrap();
+    let mut img = server.images().await;
+    let mut rt = server.runtime().await;
+
+    let id = pull(&mut img, &module_ref).await.unwrap();
+    let status = img.image_status(cri::ImageStatusRequest { image: spec(&module_ref), verbose: false }).await.unwrap();
+    let image = status.into_inner().image.unwrap();
+    assert_eq!(image.id, id, "PullImageResponse.image_ref is Image.id");
+    assert_eq!(image.repo_tags, vec![module_ref.clone()]);
+    let by_digest = format!("{}/wasm/tool@{module_digest}", registry.host);
+    assert_eq!(image.repo_digests, vec![by_digest.clone()]);
+    assert!(image.size > std::fs::metadata(tool_module()).unwrap().len());
+
+    // Pulling again (a kubelet with policy Always) is the same image; by digest too.
+    assert_eq!(pull(&mut img, &module_ref).await.unwrap(), id);
+    assert_eq!(pull(&mut img, &by_digest).await.unwrap(), id);
+    let comp_id = pull(&mut img, &component_ref).await.unwrap();
+    assert_ne!(comp_id, id);
+
+    for (name, image) in [("m", &module_ref), ("c", &component_ref)] {
+        let cfg = sandbox_config(&server, name);
+        let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+        let c = create(&mut rt, &sb, &cfg, container_config(name, image, &["hello"])).await.unwrap();
+        rt.start_container(cri::StartContainerRequest { container_id: c.clone() }).await.unwrap();
+        let s = wait_exited(&mut rt, &c, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(s.exit_code, 0);
+        assert_eq!(s.image_id, if name == "m" { id.clone() } else { comp_id.clone() });
+        assert_eq!(texts(&read_log(std::path::Path::new(&s.log_path)).unwrap(), "stdout"), ["hello from wasm"]);
+    }
+    // Compiled at pull time: starting the containers compiled nothing more.
+    assert_eq!(server.server_log().matches("compiled wasm").count(), 2);
+}
+
+#[tokio::test]
+async fn pull_by_digest_records_no_tag_and_concurrent_pulls_agree() {
+    let registry = RegistryServer::start().await.unwrap();
+    let tagged = format!("{}/wasm/tool:1.0", registry.host);
+    let digest = push(tool_module(), &tagged).unwrap();
+    let server = Server::start().await.unwrap();
+    let img = server.images().await;
+    let by_digest = format!("{}/wasm/tool@{digest}", registry.host);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut img = img.clone();
+        let r = by_digest.clone();
+        tasks.push(tokio::spawn(async move { pull(&mut img, &r).await }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let mut img = img.clone();
+    let listed = img.list_images(cri::ListImagesRequest { filter: None }).await.unwrap().into_inner().images;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].repo_tags.is_empty(), "pull by digest records no tag: {:?}", listed[0].repo_tags);
+    assert_eq!(listed[0].repo_digests, [by_digest]);
+}
+
+#[tokio::test]
+async fn bad_pulls_leave_the_store_unchanged() {
+    let registry = RegistryServer::start().await.unwrap();
+    let good = format!("{}/wasm/tool:1", registry.host);
+    push(tool_module(), &good).unwrap();
+    let corrupt = format!("{}/wasm/other:1", registry.host);
+    push(tool_component(), &corrupt).unwrap();
+    let server = Server::start().await.unwrap();
+    let mut img = server.images().await;
+    let id = pull(&mut img, &good).await.unwrap();
+    let before = img.list_images(cri::ListImagesRequest { filter: None }).await.unwrap().into_inner().images;
+
+    // A tag the registry does not have: the error names the registry.
+    let e = pull(&mut img, &format!("{}/wasm/tool:missing", registry.host)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unknown);
+    assert!(e.message().contains(&registry.host), "{}", e.message());
+
+    // A blob whose bytes no longer match its digest (corrupted in the registry's storage).
+    let component = std::fs::read(tool_component()).unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&component));
+    std::fs::write(registry.blob_path(&digest), b"tampered").unwrap();
+    let e = pull(&mut img, &corrupt).await.unwrap_err();
+    assert!(e.code() == Code::DataLoss || e.message().contains("digest"), "{:?}: {}", e.code(), e.message());
+
+    // A registry nobody listens on.
+    let e = pull(&mut img, "127.0.0.1:1/nothing:1").await.unwrap_err();
+    assert!(e.message().contains("127.0.0.1:1"), "{}", e.message());
+
+    let after = img.list_images(cri::ListImagesRequest { filter: None }).await.unwrap().into_inner().images;
+    assert_eq!(after, before);
+    assert_eq!(after[0].id, id);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(bytes)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
