@@ -4,6 +4,7 @@
 //! index of images (`index.json`) written atomically and guarded by a file lock so that the
 //! `wasmlet image` CLI and a running server can share one root.
 
+pub mod compat;
 mod compiled;
 mod error;
 pub mod fsutil;
@@ -20,5 +21,5 @@ pub use error::{Error, Result};
 pub use pull::{pull, push_wasm};
 pub use reference::Reference;
 pub use registry::{Auth, OciRegistry, Registry};
-pub use store::{FsUsage, ImageRecord, ImageStore, NewImage};
+pub use store::{FsUsage, ImageRecord, ImageRun, ImageStore, NewImage};
 pub use wasm::{WasmKind, sha256_digest};

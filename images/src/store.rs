@@ -28,6 +28,9 @@ pub struct ImageRecord {
     /// Every blob the image keeps in the store (manifest, config, layers), the wasm included.
     #[serde(default)]
     pub blobs: Vec<String>,
+    /// For compat images: the unpacked root filesystem and how the image config says to run.
+    #[serde(default)]
+    pub run: Option<ImageRun>,
     /// OCI annotations kept from the image.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
@@ -45,6 +48,17 @@ pub struct ImageRecord {
 struct Index {
     version: u32,
     images: Vec<ImageRecord>,
+}
+
+/// How a compat image runs: its root filesystem (relative to the store's root) and the
+/// entrypoint, cmd, env and working directory of its config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRun {
+    pub rootfs: String,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: String,
 }
 
 /// An image to add to the store.
@@ -66,6 +80,8 @@ pub struct NewImage<'a> {
     pub annotations: BTreeMap<String, String>,
     /// The image config's user (`uid`, `name` or `uid:gid`).
     pub user: Option<String>,
+    /// For compat images.
+    pub run: Option<ImageRun>,
 }
 
 /// Bytes and inodes used by the image store, for ImageFsInfo.
@@ -187,6 +203,7 @@ impl ImageStore {
             blobs: vec![bytes],
             annotations: BTreeMap::new(),
             user: None,
+            run: None,
         })
     }
 
@@ -230,6 +247,7 @@ impl ImageStore {
                     wasm_digest: new.wasm_digest.clone(),
                     kind: new.kind,
                     blobs: digests,
+                    run: new.run.clone(),
                     annotations: new.annotations.clone(),
                     uid,
                     username,
@@ -266,6 +284,11 @@ impl ImageStore {
             if !in_use(digest) {
                 let _ = fs::remove_file(self.blob_path(digest));
             }
+        }
+        if let Some(run) = &removed.run
+            && !images.iter().any(|o| o.run.as_ref().is_some_and(|r| r.rootfs == run.rootfs))
+        {
+            let _ = fs::remove_dir_all(self.root.join(&run.rootfs));
         }
         self.write_index(images)?;
         tracing::info!(image = %removed.id, "removed image");

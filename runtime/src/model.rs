@@ -235,6 +235,9 @@ pub struct ContainerRecord {
     pub image_ref: String,
     pub wasm_digest: String,
     pub kind: wasmlet_images::WasmKind,
+    /// For compat images: the root filesystem (absolute) and the image config's run settings.
+    #[serde(default)]
+    pub image_run: Option<wasmlet_images::ImageRun>,
     /// `<log_directory>/<log_path>`, when both are set.
     pub log_file: Option<PathBuf>,
     pub state: ContainerState,
@@ -296,6 +299,7 @@ mod tests {
             image_ref: "sha256:00".into(),
             wasm_digest: "sha256:00".into(),
             kind: wasmlet_images::WasmKind::Module,
+            image_run: None,
             log_file: None,
             state: ContainerState::Created,
             created_at: 1,

@@ -377,6 +377,10 @@ impl Runtime {
             image_name: image.repo_tags.first().cloned().unwrap_or_else(|| spec.image.image.clone()),
             wasm_digest: image.wasm_digest.clone(),
             kind: image.kind,
+            image_run: image.run.clone().map(|mut r| {
+                r.rootfs = self.inner.images.root().join(&r.rootfs).display().to_string();
+                r
+            }),
             spec,
             log_file,
             state: ContainerState::Created,
@@ -752,24 +756,48 @@ impl Runtime {
     }
 }
 
-/// The guest's view of a container: argv, env, directories, working directory.
+/// The guest's view of a container: argv, env, directories, working directory. The CRI's
+/// command replaces a compat image's entrypoint and its args replace the image's cmd (as
+/// Kubernetes defines them); the CRI's env wins over the image's; mounts lie over the image's
+/// read-only root filesystem.
 fn guest_spec(rec: &ContainerRecord, hostname: &str, stdout: GuestOutput, stderr: GuestOutput) -> Result<GuestSpec> {
     let spec = &rec.spec;
-    let mut args: Vec<String> = spec.command.iter().chain(&spec.args).cloned().collect();
-    if spec.command.is_empty() && !args.is_empty() {
+    let image = rec.image_run.as_ref();
+    let mut args: Vec<String> = match image {
+        Some(run) if spec.command.is_empty() => {
+            let rest = if spec.args.is_empty() { &run.cmd } else { &spec.args };
+            run.entrypoint.iter().chain(rest).cloned().collect()
+        }
+        _ => spec.command.iter().chain(&spec.args).cloned().collect(),
+    };
+    if image.is_none() && spec.command.is_empty() && !args.is_empty() {
         args.insert(0, spec.metadata.name.clone());
     }
-    let mut env = spec.envs.clone();
+    let mut env: Vec<(String, String)> = image
+        .map(|run| {
+            run.env
+                .iter()
+                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                .filter(|(k, _)| !spec.envs.iter().any(|(ck, _)| ck == k))
+                .collect()
+        })
+        .unwrap_or_default();
+    env.extend(spec.envs.iter().cloned());
     if !hostname.is_empty() && !env.iter().any(|(k, _)| k == "HOSTNAME") {
         env.push(("HOSTNAME".to_string(), hostname.to_string()));
     }
     let mut preopens = Vec::new();
+    if let Some(run) = image {
+        preopens.push(Preopen { host: PathBuf::from(&run.rootfs), guest: "/".to_string(), read_only: true });
+    }
     for m in &spec.mounts {
         if let Some(p) = resolve_mount(m)? {
             preopens.push(p);
         }
     }
-    let cwd = (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone());
+    let working_dir =
+        if spec.working_dir.is_empty() { image.map_or("", |r| r.working_dir.as_str()) } else { &spec.working_dir };
+    let cwd = (!working_dir.is_empty()).then(|| working_dir.to_string());
     Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr })
 }
 

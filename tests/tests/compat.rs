@@ -1,0 +1,173 @@
+//! Compat images: ordinary OCI images whose tar layers carry a `.wasm` entrypoint, built here,
+//! pushed to a real registry, pulled and run through the CRI.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use tonic::Code;
+use wasmlet_images::registry::Registry;
+use wasmlet_images::{Auth, OciRegistry, Reference, sha256_digest};
+use wasmlet_tests::*;
+
+fn tar_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        // Written raw: a hostile layer may hold names set_path would refuse.
+        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Pushes an OCI image with these layers (gzipped or not) and run config; returns the config
+/// digest (the image id a pull must answer).
+async fn push_image(reference: &str, layers: &[(Vec<u8>, bool)], run: serde_json::Value) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = Reference::parse(reference).unwrap();
+    let registry = OciRegistry::new(&r.registry, true, Auth::Anonymous);
+    let mut descriptors = Vec::new();
+    for (bytes, gz) in layers {
+        let digest = registry.push_blob(&r, bytes.clone()).await.unwrap();
+        let media_type =
+            if *gz { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" };
+        descriptors.push(json!({"mediaType": media_type, "digest": digest, "size": bytes.len()}));
+    }
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": run})).unwrap();
+    let config_digest = registry.push_blob(&r, config.clone()).await.unwrap();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": descriptors,
+        "annotations": {"module.wasm.image/variant": "compat"},
+    });
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    registry.push_manifest(&r, manifest, "application/vnd.oci.image.manifest.v1+json").await.unwrap();
+    assert_eq!(config_digest, sha256_digest(&config));
+    config_digest
+}
+
+#[tokio::test]
+async fn compat_image_runs_with_its_config_and_read_only_files() {
+    let registry = RegistryServer::start().await.unwrap();
+    let tool = std::fs::read(tool_module()).unwrap();
+    let base = gzip(&tar_layer(&[
+        ("app/tool.wasm", &tool),
+        ("etc/motd", b"from the base layer\n"),
+        ("data/note", b"hidden later\n"),
+    ]));
+    let top = tar_layer(&[("etc/greeting", b"hi from the image\n"), ("data/.wh.note", b"")]);
+    let reference = format!("{}/compat/tool:1", registry.host);
+    let run = json!({
+        "Entrypoint": ["/app/tool.wasm"],
+        "Cmd": ["cat", "/etc/greeting"],
+        "Env": ["FROM_IMAGE=yes", "OVERRIDE=image"],
+        "WorkingDir": "/app",
+        "User": "1000",
+    });
+    let config_digest = push_image(&reference, &[(base, true), (top, false)], run).await;
+
+    let server = Server::start().await.unwrap();
+    let mut img = server.images().await;
+    let id = img
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec { image: reference.clone(), ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    assert_eq!(id, config_digest);
+    let image = img
+        .image_status(cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec { image: id.clone(), ..Default::default() }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .unwrap();
+    assert_eq!(image.uid.map(|u| u.value), Some(1000));
+
+    let mut rt = server.runtime().await;
+    let cfg = sandbox_config(&server, "compat");
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    let run = |name: &str, args: &[&str], envs: Vec<cri::KeyValue>| {
+        let mut c = container_config(name, &reference, args);
+        c.command.clear(); // the image's entrypoint
+        c.envs = envs;
+        let (mut rt, sb, cfg) = (rt.clone(), sb.clone(), cfg.clone());
+        async move {
+            let id = create(&mut rt, &sb, &cfg, c).await.unwrap();
+            rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
+            let s = wait_exited(&mut rt, &id, Duration::from_secs(30)).await.unwrap();
+            let log = read_log(Path::new(&s.log_path)).unwrap();
+            (s.exit_code, texts(&log, "stdout"), texts(&log, "stderr"))
+        }
+    };
+    // No command, no args: the image's entrypoint and cmd.
+    assert_eq!(run("default", &[], vec![]).await, (0, vec!["hi from the image".to_string()], vec![]));
+    // Args replace the cmd; the base layer's files are there; the whiteout hid data/note.
+    assert_eq!(run("motd", &["cat", "/etc/motd"], vec![]).await.1, ["from the base layer"]);
+    let (code, _, err) = run("hidden", &["cat", "/data/note"], vec![]).await;
+    assert_eq!(code, 1, "{err:?}");
+    let (_, out, _) = run("echo", &["echo", "x"], vec![]).await;
+    assert_eq!(out, ["argv[0]=/app/tool.wasm", "argv[1]=echo", "argv[2]=x"]);
+    let (_, out, _) = run("env", &["env"], vec![cri::KeyValue { key: "OVERRIDE".into(), value: "cri".into() }]).await;
+    assert_eq!(out, ["FROM_IMAGE=yes", "OVERRIDE=cri", "HOSTNAME=compat"]);
+    // The image's files are read-only to the guest.
+    let (code, _, err) = run("write", &["write", "/etc/greeting", "changed"], vec![]).await;
+    assert_eq!(code, 1, "{err:?}");
+    let _ = rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sb }).await;
+}
+
+#[tokio::test]
+async fn hostile_or_non_wasm_compat_images_are_refused() {
+    let registry = RegistryServer::start().await.unwrap();
+    let tool = std::fs::read(tool_module()).unwrap();
+    let escape = format!("{}/compat/escape:1", registry.host);
+    push_image(&escape, &[(tar_layer(&[("../../evil.wasm", &tool)]), false)], json!({"Entrypoint": ["/evil.wasm"]}))
+        .await;
+    let shell = format!("{}/compat/shell:1", registry.host);
+    push_image(&shell, &[(tar_layer(&[("bin/sh", b"#!")]), false)], json!({"Entrypoint": ["/bin/sh"]})).await;
+    let missing = format!("{}/compat/missing:1", registry.host);
+    push_image(&missing, &[(tar_layer(&[("app/x", b"x")]), false)], json!({"Entrypoint": ["/app/tool.wasm"]})).await;
+
+    let server = Server::start().await.unwrap();
+    let mut img = server.images().await;
+    for (reference, says) in [
+        (&escape, "leaves the root filesystem"),
+        (&shell, "not a wasm image"),
+        (&missing, "is not in the image's files"),
+    ] {
+        let e = img
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec { image: reference.clone(), ..Default::default() }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{reference}: {}", e.message());
+        assert!(e.message().contains(reference.as_str()) && e.message().contains(says), "{}", e.message());
+    }
+    let listed = img.list_images(cri::ListImagesRequest { filter: None }).await.unwrap().into_inner().images;
+    assert!(listed.is_empty());
+    assert!(!server.dir.path().join("evil.wasm").exists());
+    let rootfs = server.root().join("images/rootfs");
+    let left: Vec<_> = std::fs::read_dir(&rootfs).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "nothing unpacked is left: {left:?}");
+}
