@@ -150,7 +150,15 @@ fn init_tracing(format: LogFormat, default: &str) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // The whole chain of causes on one line; no backtrace for a user's mistake.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     // One TLS crypto provider for the whole process (registry clients).
     let _ = rustls::crypto::ring::default_provider().install_default();

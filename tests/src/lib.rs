@@ -312,6 +312,15 @@ pub struct RegistryServer {
 impl RegistryServer {
     /// Starts a registry without authentication (the test command installs `docker-registry`).
     pub async fn start() -> Result<RegistryServer> {
+        RegistryServer::start_with(None).await
+    }
+
+    /// Starts a registry that wants HTTP basic authentication as `user` with `password`.
+    pub async fn start_with_htpasswd(user: &str, password: &str) -> Result<RegistryServer> {
+        RegistryServer::start_with(Some((user, password))).await
+    }
+
+    async fn start_with(basic: Option<(&str, &str)>) -> Result<RegistryServer> {
         let dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let host = format!("127.0.0.1:{port}");
@@ -319,6 +328,20 @@ impl RegistryServer {
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
             dir.path().join("data").display()
         );
+        let config = match basic {
+            None => config,
+            Some((user, password)) => {
+                // The registry reads bcrypt htpasswd entries; Python's crypt makes one.
+                let script = "import crypt,sys; print(sys.argv[1] + ':' + crypt.crypt(sys.argv[2], crypt.mksalt(crypt.METHOD_BLOWFISH)))";
+                let out = Command::new("python3").args(["-W", "ignore", "-c", script, user, password]).output()?;
+                if !out.status.success() {
+                    bail!("make htpasswd: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                let htpasswd = dir.path().join("htpasswd");
+                std::fs::write(&htpasswd, out.stdout)?;
+                format!("{config}auth:\n  htpasswd:\n    realm: wasmlet-test\n    path: {}\n", htpasswd.display())
+            }
+        };
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("registry.log"))?;

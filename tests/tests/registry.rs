@@ -128,3 +128,40 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
+
+#[tokio::test]
+async fn registry_auth_from_the_cri_auth_config() {
+    let registry = RegistryServer::start_with_htpasswd("alice", "s3cret").await.unwrap();
+    let reference = format!("{}/private/tool:1", registry.host);
+    let out = std::process::Command::new(wasmlet_bin())
+        .args(["image", "push"])
+        .arg(tool_module())
+        .arg(&reference)
+        .args(["--username", "alice", "--password", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let server = Server::start().await.unwrap();
+    let mut img = server.images().await;
+    let with =
+        |auth: Option<cri::AuthConfig>| cri::PullImageRequest { image: spec(&reference), auth, ..Default::default() };
+
+    for (what, auth) in [
+        ("no credentials", None),
+        (
+            "a wrong password",
+            Some(cri::AuthConfig { username: "alice".into(), password: "nope".into(), ..Default::default() }),
+        ),
+    ] {
+        let e = img.pull_image(with(auth)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unknown, "{what}");
+        assert!(e.message().contains(&registry.host) && e.message().contains("authoriz"), "{what}: {}", e.message());
+    }
+    assert!(img.list_images(cri::ListImagesRequest { filter: None }).await.unwrap().into_inner().images.is_empty());
+
+    let basic = cri::AuthConfig { username: "alice".into(), password: "s3cret".into(), ..Default::default() };
+    let id = img.pull_image(with(Some(basic))).await.unwrap().into_inner().image_ref;
+    // The docker config form: base64 of user:password.
+    let encoded = cri::AuthConfig { auth: "YWxpY2U6czNjcmV0".into(), ..Default::default() };
+    assert_eq!(img.pull_image(with(Some(encoded))).await.unwrap().into_inner().image_ref, id);
+}
