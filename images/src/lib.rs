@@ -8,6 +8,7 @@ pub mod compat;
 mod compiled;
 mod error;
 pub mod fsutil;
+pub mod hosts;
 pub mod oci;
 mod pull;
 mod reference;
@@ -18,7 +19,8 @@ mod wasm;
 
 pub use compiled::{CompiledCache, CompiledProgram};
 pub use error::{Error, Result};
-pub use pull::{pull, push_wasm};
+pub use hosts::{Endpoint, HostConfig, RegistryHosts};
+pub use pull::{pull, pull_from, push_wasm};
 pub use reference::Reference;
 pub use registry::{Auth, OciRegistry, Registry};
 pub use store::{FsUsage, ImageRecord, ImageRun, ImageStore, NewImage};

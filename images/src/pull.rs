@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use crate::oci::{self, ImageConfig, MANIFEST_TYPES, Manifest, WasmSource};
-use crate::registry::{MAX_CONFIG_BYTES, Registry};
+use crate::registry::{MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, Registry};
 use crate::{Error, ImageRecord, ImageRun, ImageStore, NewImage, Reference, Result, WasmKind, compat, sha256_digest};
 
 /// Largest wasm binary accepted.
@@ -64,13 +64,22 @@ fn unpack_compat(
     Ok((result?, image_run))
 }
 
+/// A manifest, refused when larger than [`MAX_MANIFEST_BYTES`] (whichever registry sent it).
+async fn fetch_manifest<R: Registry>(registry: &R, reference: &Reference) -> Result<(Vec<u8>, String)> {
+    let (bytes, media_type) = registry.manifest(reference, &MANIFEST_TYPES).await?;
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(Error::TooLarge { what: format!("manifest of {reference}"), limit: MAX_MANIFEST_BYTES as u64 });
+    }
+    Ok((bytes, media_type))
+}
+
 /// Pulls `reference` from `registry` into `store`: the manifest (an index is resolved by
 /// platform), the config and the wasm layer, each checked against its digest before anything
 /// is stored. A reference by digest records no tag. Returns the stored record.
 pub async fn pull<R: Registry>(store: &ImageStore, registry: &R, reference: &Reference) -> Result<ImageRecord> {
     let name = reference.to_string();
     let bad = |reason: String| Error::BadImage { image: name.clone(), reason };
-    let (top, media_type) = registry.manifest(reference, &MANIFEST_TYPES).await?;
+    let (top, media_type) = fetch_manifest(registry, reference).await?;
     let top_digest = sha256_digest(&top);
     let mut manifest: Manifest =
         serde_json::from_slice(&top).map_err(|e| bad(format!("manifest is not valid JSON: {e}")))?;
@@ -88,7 +97,7 @@ pub async fn pull<R: Registry>(store: &ImageStore, registry: &R, reference: &Ref
             })?
             .clone();
         let by_digest = Reference { digest: Some(entry.digest.clone()), ..reference.clone() };
-        let (bytes, media_type) = registry.manifest(&by_digest, &MANIFEST_TYPES).await?;
+        let (bytes, media_type) = fetch_manifest(registry, &by_digest).await?;
         manifest = serde_json::from_slice(&bytes).map_err(|e| bad(format!("manifest is not valid JSON: {e}")))?;
         if manifest.is_index(&media_type) {
             return Err(bad("an index inside an index is not supported".to_string()));
@@ -139,6 +148,29 @@ pub async fn pull<R: Registry>(store: &ImageStore, registry: &R, reference: &Ref
     Ok(record)
 }
 
+/// Pulls `reference` trying each endpoint in turn (mirrors, then the registry): an endpoint
+/// that cannot be reached or does not have the image passes to the next; content that fails
+/// its checks stops the pull. The image keeps its canonical name.
+pub async fn pull_from(
+    store: &ImageStore,
+    endpoints: &[crate::Endpoint],
+    auth: &crate::Auth,
+    reference: &Reference,
+) -> Result<ImageRecord> {
+    let mut last = None;
+    for e in endpoints {
+        let registry = crate::OciRegistry::new(&e.host, e.insecure, auth.clone());
+        match pull(store, &registry, reference).await {
+            Err(err @ Error::Registry { .. }) => {
+                tracing::warn!(image = %reference, endpoint = %e.host, error = %err, "endpoint failed; trying the next");
+                last = Some(err);
+            }
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Registry { context: format!("pull {reference}"), reason: "no endpoint".into() }))
+}
+
 /// Pushes a wasm module or component to `registry` as a CNCF wasm artifact: config
 /// `application/vnd.wasm.config.v0+json` (os `wasip1` or `wasip2`, `layerDigests`), one
 /// `application/wasm` layer, OCI annotations. Returns the manifest digest.
@@ -176,4 +208,116 @@ pub async fn push_wasm<R: Registry>(
     });
     let manifest = serde_json::to_vec(&manifest).expect("json");
     registry.push_manifest(reference, manifest, oci::OCI_MANIFEST).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A registry in memory: manifests by tag or digest, blobs by digest.
+    #[derive(Default)]
+    struct Fake {
+        manifests: Mutex<HashMap<String, Vec<u8>>>,
+        blobs: Mutex<HashMap<String, Vec<u8>>>,
+    }
+
+    impl Registry for Fake {
+        async fn manifest(&self, r: &Reference, _: &[&str]) -> Result<(Vec<u8>, String)> {
+            let key = r.digest.clone().or(r.tag.clone()).unwrap_or_default();
+            let m = self.manifests.lock().unwrap().get(&key).cloned();
+            let m =
+                m.ok_or_else(|| Error::Registry { context: format!("pull {r}"), reason: "manifest unknown".into() })?;
+            Ok((m, String::new()))
+        }
+        async fn blob(&self, r: &Reference, digest: &str, limit: u64) -> Result<Vec<u8>> {
+            let b = self.blobs.lock().unwrap().get(digest).cloned();
+            let b =
+                b.ok_or_else(|| Error::Registry { context: format!("blob of {r}"), reason: "blob unknown".into() })?;
+            if b.len() as u64 > limit {
+                return Err(Error::TooLarge { what: digest.into(), limit });
+            }
+            Ok(b)
+        }
+        async fn push_blob(&self, _: &Reference, bytes: Vec<u8>) -> Result<String> {
+            let d = sha256_digest(&bytes);
+            self.blobs.lock().unwrap().insert(d.clone(), bytes);
+            Ok(d)
+        }
+        async fn push_manifest(&self, r: &Reference, bytes: Vec<u8>, _: &str) -> Result<String> {
+            let d = sha256_digest(&bytes);
+            let mut m = self.manifests.lock().unwrap();
+            m.insert(r.tag.clone().unwrap_or_default(), bytes.clone());
+            m.insert(d.clone(), bytes);
+            Ok(d)
+        }
+    }
+
+    fn module() -> Vec<u8> {
+        wat::parse_str("(module)").unwrap()
+    }
+
+    #[tokio::test]
+    async fn push_then_pull_through_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let fake = Fake::default();
+        let r = Reference::parse("example.test/app:1").unwrap();
+        let digest = push_wasm(&fake, &r, module(), BTreeMap::new()).await.unwrap();
+        // Wrap it in an index next to a linux/arm64 image: the wasm platform is chosen.
+        let index = json!({"schemaVersion": 2, "mediaType": oci::OCI_INDEX, "manifests": [
+            {"mediaType": oci::OCI_MANIFEST, "digest": "sha256:0000", "size": 1, "platform": {"os": "linux", "architecture": "arm64"}},
+            {"mediaType": oci::OCI_MANIFEST, "digest": digest, "size": 1, "platform": {"os": "wasip1", "architecture": "wasm"}},
+        ]});
+        let ir = Reference::parse("example.test/app:multi").unwrap();
+        let index_digest = fake.push_manifest(&ir, serde_json::to_vec(&index).unwrap(), oci::OCI_INDEX).await.unwrap();
+        let rec = pull(&store, &fake, &ir).await.unwrap();
+        assert_eq!(rec.kind, WasmKind::Module);
+        assert_eq!(rec.repo_tags, ["example.test/app:multi"]);
+        assert_eq!(rec.repo_digests, [format!("example.test/app@{index_digest}")]);
+        assert_eq!(store.read_blob(&rec.wasm_digest).unwrap(), module());
+    }
+
+    #[tokio::test]
+    async fn refusals_leave_the_store_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let fake = Fake::default();
+        let r = |s: &str| Reference::parse(s).unwrap();
+        // A manifest larger than the limit.
+        fake.manifests.lock().unwrap().insert("huge".into(), vec![b' '; MAX_MANIFEST_BYTES + 1]);
+        // A manifest whose config blob the registry does not have.
+        let missing = json!({"schemaVersion": 2, "config": {"mediaType": oci::WASM_CONFIG_V0, "digest": "sha256:ab", "size": 2},
+            "layers": [{"mediaType": oci::WASM_LAYER, "digest": "sha256:cd", "size": 2}]});
+        fake.manifests.lock().unwrap().insert("missing".into(), serde_json::to_vec(&missing).unwrap());
+        // An artifact with no wasm (a chart, say).
+        let config = fake.push_blob(&r("x/a:1"), b"{}".to_vec()).await.unwrap();
+        let chart = json!({"schemaVersion": 2, "config": {"mediaType": "application/vnd.cncf.helm.config.v1+json", "digest": config, "size": 2},
+            "layers": [{"mediaType": "application/vnd.cncf.helm.chart.content.v1.tar+gzip", "digest": config, "size": 2}]});
+        fake.manifests.lock().unwrap().insert("chart".into(), serde_json::to_vec(&chart).unwrap());
+        // Not JSON at all.
+        fake.manifests.lock().unwrap().insert("garbage".into(), b"<html>".to_vec());
+        // A "wasm" layer that is not wasm.
+        push_wasm(&fake, &r("x/a:text"), module(), BTreeMap::new()).await.unwrap();
+        let text = fake.push_blob(&r("x/a:1"), b"hello".to_vec()).await.unwrap();
+        let m = json!({"schemaVersion": 2, "config": {"mediaType": oci::WASM_CONFIG_V0, "digest": config, "size": 2},
+            "layers": [{"mediaType": oci::WASM_LAYER, "digest": text, "size": 5}]});
+        fake.manifests.lock().unwrap().insert("text".into(), serde_json::to_vec(&m).unwrap());
+
+        for (tag, says) in [
+            ("huge", "larger than the limit"),
+            ("missing", "blob unknown"),
+            ("chart", "no wasm layer"),
+            ("garbage", "not valid JSON"),
+            ("text", "not a wasm module or component"),
+            ("absent", "manifest unknown"),
+        ] {
+            let err = pull(&store, &fake, &r(&format!("example.test/x:{tag}"))).await.unwrap_err().to_string();
+            assert!(err.contains(says), "{tag}: {err}");
+            assert!(err.contains("example.test/x") || err.contains("sha256:"), "{tag}: names the image: {err}");
+        }
+        assert!(store.list().unwrap().is_empty());
+    }
 }

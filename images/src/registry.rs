@@ -116,9 +116,6 @@ impl Registry for OciRegistry {
             .pull_manifest_raw(&r, &self.auth, accept)
             .await
             .map_err(self.failed(reference, "pull manifest"))?;
-        if body.len() > MAX_MANIFEST_BYTES {
-            return Err(Error::TooLarge { what: format!("manifest of {reference}"), limit: MAX_MANIFEST_BYTES as u64 });
-        }
         let actual = sha256_digest(&body);
         if let Some(expected) = &reference.digest
             && *expected != actual

@@ -28,6 +28,9 @@ enum LogFormat {
 enum Command {
     /// Serve the CRI v1 API (RuntimeService and ImageService) on a unix socket.
     Cri {
+        /// Configuration file (TOML; `wasmlet config default` prints one). Flags win over it.
+        #[arg(long, env = "WASMLET_CONFIG")]
+        config: Option<PathBuf>,
         /// State directory: images, compiled code, sandboxes, containers.
         #[arg(long, env = "WASMLET_ROOT")]
         root: Option<PathBuf>,
@@ -39,6 +42,11 @@ enum Command {
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
     },
+    /// Print the default configuration file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Manage the local image store.
     Image {
         #[command(subcommand)]
@@ -49,6 +57,49 @@ enum Command {
         #[command(subcommand)]
         command: PodCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// The default configuration, every key with its default and what it does.
+    Default,
+}
+
+/// The configuration file. Every key has a default; command-line flags win over it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// State directory.
+    root: Option<PathBuf>,
+    /// CRI socket path.
+    socket: Option<PathBuf>,
+    /// Mirrors and plain-HTTP registries, by registry host.
+    #[serde(default)]
+    registries: std::collections::BTreeMap<String, wasmlet_images::HostConfig>,
+}
+
+const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is optional; flags win over the file.
+
+# State directory: images, compiled code, sandboxes and containers.
+# Default: $XDG_DATA_HOME/wasmlet or ~/.local/share/wasmlet.
+# root = "/var/lib/wasmlet"
+
+# CRI socket. Default: <root>/cri.sock.
+# socket = "/run/wasmlet/cri.sock"
+
+# Registries, by host as image references spell it. Mirrors are tried in order before the
+# registry itself ("http://" for plain HTTP); images keep their canonical names. Loopback
+# registries are always reached over plain HTTP.
+# [registries."registry.example"]
+# mirrors = ["http://127.0.0.1:5000"]
+# [registries."plain.lan:5000"]
+# insecure = true
+"#;
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
+    let Some(path) = path else { return Ok(Config::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config {}", path.display()))
 }
 
 #[derive(Subcommand)]
@@ -119,7 +170,7 @@ impl RegistryArgs {
             }
             (None, _) => wasmlet_images::Auth::Anonymous,
         };
-        let insecure = self.insecure || wasmlet_runtime::RuntimeOptions::default().is_insecure(host);
+        let insecure = self.insecure || wasmlet_images::hosts::is_loopback(host);
         wasmlet_images::OciRegistry::new(host, insecure, auth)
     }
 }
@@ -167,9 +218,17 @@ fn run() -> Result<()> {
     init_tracing(cli.log_format, default_level);
     let rt = tokio::runtime::Runtime::new().context("start tokio")?;
     match cli.command {
-        Command::Cri { root, socket, insecure_registries } => {
-            let options = wasmlet_runtime::RuntimeOptions { insecure_registries };
-            rt.block_on(serve(root.unwrap_or_else(default_root), socket, options))
+        Command::Cri { config, root, socket, insecure_registries } => {
+            let file = load_config(config.as_deref())?;
+            let registries =
+                wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(&insecure_registries);
+            let options = wasmlet_runtime::RuntimeOptions { registries };
+            let root = root.or(file.root).unwrap_or_else(default_root);
+            rt.block_on(serve(root, socket.or(file.socket), options))
+        }
+        Command::Config { command: ConfigCommand::Default } => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
         }
         Command::Image { command } => rt.block_on(image(command)),
         Command::Pod { command: PodCommand::Run(args) } => {

@@ -70,3 +70,40 @@ fn readme_example_pod_runs_through_the_cri_socket() {
     assert!(line.ends_with(" stdout F hello, Ada from wasm"), "{stdout}");
     assert!(stderr.contains("container hello exited with code 0 (Completed)"), "{stderr}");
 }
+
+#[test]
+fn config_default_is_a_valid_config() {
+    let out = wasmlet().args(["config", "default"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("[registries.\"registry.example\"]"));
+    // Uncommented, the example keys are accepted by `wasmlet cri --config`.
+    let dir = tempfile::tempdir().unwrap();
+    let uncommented: String = text
+        .lines()
+        .map(|l| l.strip_prefix("# ").filter(|l| l.contains('=') || l.starts_with('[')).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        uncommented
+            .replace("/var/lib/wasmlet", dir.path().join("root").to_str().unwrap())
+            .replace("/run/wasmlet/cri.sock", dir.path().join("cri.sock").to_str().unwrap()),
+    )
+    .unwrap();
+    let mut server =
+        wasmlet().args(["cri", "--config", file.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !dir.path().join("cri.sock").exists() {
+        if let Ok(Some(status)) = server.try_wait() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(server.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("wasmlet cri exited with {status}: {err}");
+        }
+        assert!(std::time::Instant::now() < deadline, "no socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

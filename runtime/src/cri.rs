@@ -1039,7 +1039,9 @@ impl ImageService for CriServer {
         &self,
         req: Request<cri::PullImageRequest>,
     ) -> std::result::Result<Response<cri::PullImageResponse>, Status> {
-        let deadline = grpc_timeout(req.metadata());
+        // Stop a little before the client's deadline, so that the answer is ours
+        // (DeadlineExceeded, naming the image) rather than the transport's.
+        let deadline = grpc_timeout(req.metadata()).map(|d| d.mul_f64(0.9));
         let r = req.into_inner();
         let name = r.image.map(|s| s.image).unwrap_or_default();
         if name.is_empty() {

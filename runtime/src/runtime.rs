@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, oneshot, watch};
-use wasmlet_images::{Auth, ImageRecord, ImageStore, OciRegistry, Reference};
+use wasmlet_images::{Auth, ImageRecord, ImageStore, Reference, RegistryHosts};
 
 use crate::engine::{GuestMeter, GuestSpec, Outcome, Preopen, Program, WasmEngine};
 use crate::journal::{Change, Journal, Snapshot};
@@ -78,19 +78,8 @@ type PullResult = std::result::Result<ImageRecord, Arc<Error>>;
 /// Settings of a runtime that are not state.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
-    /// Registries reached over plain HTTP (`host` or `host:port`). Loopback registries
-    /// (`localhost`, `127.0.0.0/8`, `[::1]`) always are, as Docker does.
-    pub insecure_registries: Vec<String>,
-}
-
-impl RuntimeOptions {
-    /// Whether `host` is reached over plain HTTP.
-    pub fn is_insecure(&self, host: &str) -> bool {
-        let name = host.rsplit_once(':').filter(|(h, p)| !h.ends_with(']') || p.chars().all(|c| c.is_ascii_digit()));
-        let name = name.map_or(host, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
-        let loopback = name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        loopback || self.insecure_registries.iter().any(|h| h == host || h == name)
-    }
+    /// Mirrors and plain-HTTP registries (loopback registries are always plain HTTP).
+    pub registries: RegistryHosts,
 }
 
 /// The runtime. Cheap to clone; all clones share one state.
@@ -736,14 +725,21 @@ impl Runtime {
     }
 
     async fn pull_and_compile(&self, reference: Reference, auth: Auth) -> Result<ImageRecord> {
-        let insecure = self.inner.options.is_insecure(&reference.registry);
-        let registry = OciRegistry::new(&reference.registry, insecure, auth);
-        let record = wasmlet_images::pull(&self.inner.images, &registry, &reference).await?;
+        let endpoints = self.inner.options.registries.endpoints(&reference.registry);
+        let known: std::collections::HashSet<String> = self.inner.images.list()?.into_iter().map(|i| i.id).collect();
+        let record = wasmlet_images::pull_from(&self.inner.images, &endpoints, &auth, &reference).await?;
         let rt = self.clone();
         let image = record.clone();
-        tokio::task::spawn_blocking(move || rt.program_for(&image))
+        let compiled = tokio::task::spawn_blocking(move || rt.program_for(&image))
             .await
-            .map_err(|e| Error::Internal(format!("compile task: {e}")))??;
+            .map_err(|e| Error::Internal(format!("compile task: {e}")))?;
+        if let Err(e) = compiled {
+            // Wasm that does not compile is not kept: the store is left as it was.
+            if !known.contains(&record.id) {
+                let _ = self.inner.images.remove(&record.id);
+            }
+            return Err(e);
+        }
         Ok(record)
     }
 
@@ -874,25 +870,6 @@ pub fn now_nanos() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn insecure_registries() {
-        let o = RuntimeOptions { insecure_registries: vec!["reg.lan:5000".into(), "plain.example".into()] };
-        for host in [
-            "localhost",
-            "localhost:5000",
-            "127.0.0.1:5000",
-            "127.9.9.9",
-            "[::1]:5000",
-            "reg.lan:5000",
-            "plain.example:443",
-        ] {
-            assert!(o.is_insecure(host), "{host}");
-        }
-        for host in ["docker.io", "reg.lan:5001", "10.0.0.1:5000", "ghcr.io"] {
-            assert!(!o.is_insecure(host), "{host}");
-        }
-    }
 
     fn sandbox(dir: &str) -> SandboxSpec {
         SandboxSpec { log_directory: dir.to_string(), ..Default::default() }

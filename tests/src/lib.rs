@@ -46,13 +46,19 @@ pub struct Server {
     /// Temporary directory holding the root, the socket and the logs.
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl Server {
     /// Starts a server on a fresh root.
     pub async fn start() -> Result<Server> {
+        Server::start_with(&[]).await
+    }
+
+    /// Starts a server on a fresh root with extra `wasmlet cri` arguments.
+    pub async fn start_with(args: &[&str]) -> Result<Server> {
         let dir = tempfile::tempdir()?;
-        let mut s = Server { dir, child: None };
+        let mut s = Server { dir, child: None, args: args.iter().map(|a| a.to_string()).collect() };
         s.spawn().await?;
         Ok(s)
     }
@@ -81,6 +87,7 @@ impl Server {
             .arg(self.root())
             .arg("--socket")
             .arg(self.socket())
+            .args(&self.args)
             .env("WASMLET_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -165,3 +165,83 @@ async fn registry_auth_from_the_cri_auth_config() {
     let encoded = cri::AuthConfig { auth: "YWxpY2U6czNjcmV0".into(), ..Default::default() };
     assert_eq!(img.pull_image(with(Some(encoded))).await.unwrap().into_inner().image_ref, id);
 }
+
+#[tokio::test]
+async fn a_mirror_serves_a_registry_under_its_canonical_name() {
+    let mirror = RegistryServer::start().await.unwrap();
+    push(tool_module(), &format!("{}/wasm/tool:1", mirror.host)).unwrap();
+    let config = mirror.dir.path().join("wasmlet.toml");
+    // The canonical registry does not exist at all: only the mirror can answer.
+    std::fs::write(
+        &config,
+        format!("[registries.\"registry.invalid\"]\nmirrors = [\"http://127.0.0.1:1\", \"http://{}\"]\n", mirror.host),
+    )
+    .unwrap();
+    let server = Server::start_with(&["--config", config.to_str().unwrap()]).await.unwrap();
+    let mut img = server.images().await;
+    let id = pull(&mut img, "registry.invalid/wasm/tool:1").await.unwrap();
+    let image = img
+        .image_status(cri::ImageStatusRequest { image: spec("registry.invalid/wasm/tool:1"), verbose: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .unwrap();
+    assert_eq!(image.id, id);
+    assert_eq!(image.repo_tags, ["registry.invalid/wasm/tool:1"]);
+    assert!(image.repo_digests[0].starts_with("registry.invalid/wasm/tool@sha256:"));
+
+    // A typo in the config file is refused with the file named, before anything serves.
+    let bad = mirror.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[registries.\"x\"]\nmirror = []\n").unwrap();
+    let out = std::process::Command::new(wasmlet_bin())
+        .args(["cri", "--config", bad.to_str().unwrap(), "--root"])
+        .arg(mirror.dir.path().join("r"))
+        .arg("--socket")
+        .arg(mirror.dir.path().join("s.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("mirror"), "{err}");
+}
+
+#[tokio::test]
+async fn truncated_wasm_and_deadlines() {
+    let registry = RegistryServer::start().await.unwrap();
+    let mut truncated = std::fs::read(tool_module()).unwrap();
+    truncated.truncate(truncated.len() / 2);
+    let file = registry.dir.path().join("truncated.wasm");
+    std::fs::write(&file, &truncated).unwrap();
+    let reference = format!("{}/wasm/truncated:1", registry.host);
+    push(&file, &reference).unwrap();
+    let server = Server::start().await.unwrap();
+    let mut img = server.images().await;
+    let e = pull(&mut img, &reference).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains(&reference) && e.message().contains("invalid wasm"), "{}", e.message());
+
+    // A registry that accepts connections and never answers: the client's deadline holds.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let keep = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            open.push(s);
+        }
+    });
+    let mut req = tonic::Request::new(cri::PullImageRequest {
+        image: spec(&format!("{hole_addr}/slow:1")),
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_secs(1));
+    // Without the deadline this call would never return.
+    let e = img.pull_image(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{}", e.message());
+    assert!(e.message().contains("slow:1"), "{}", e.message());
+    keep.abort();
+
+    assert!(img.list_images(cri::ListImagesRequest { filter: None }).await.unwrap().into_inner().images.is_empty());
+    let mut rt = server.runtime().await;
+    rt.version(cri::VersionRequest { version: "0.1.0".into() }).await.unwrap();
+}
