@@ -12,6 +12,7 @@ if ! command -v wasmtime >/dev/null || ! wasmtime --version | grep -q '^wasmtime
     cargo install -q wasmtime-cli --version 48.0.8 --locked
 fi
 cargo bench -q -p wasmlet-tests --bench pod_start
+cargo bench -q -p wasmlet-tests --bench pull_start
 if [ "${CRITERION:-1}" = 1 ]; then
     cargo bench -q -p wasmlet-runtime --bench start -- --noplot
 fi
