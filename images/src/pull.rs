@@ -187,12 +187,16 @@ pub async fn push_wasm<R: Registry>(
         WasmKind::Module => "wasip1",
         WasmKind::Component => "wasip2",
     };
-    let config = json!({
+    let mut config = json!({
         "created": crate::timefmt::now_rfc3339(),
         "architecture": "wasm",
         "os": os,
         "layerDigests": [wasm_digest],
     });
+    if kind == WasmKind::Component {
+        let (imports, exports) = crate::wasm::component_interfaces(&wasm);
+        config["component"] = json!({ "imports": imports, "exports": exports, "target": null });
+    }
     let config = serde_json::to_vec(&config).expect("json");
     let config_digest = sha256_digest(&config);
     let config_size = config.len();
@@ -278,6 +282,32 @@ mod tests {
         assert_eq!(rec.repo_tags, ["example.test/app:multi"]);
         assert_eq!(rec.repo_digests, [format!("example.test/app@{index_digest}")]);
         assert_eq!(store.read_blob(&rec.wasm_digest).unwrap(), module());
+    }
+
+    #[tokio::test]
+    async fn a_pushed_component_names_its_interfaces() {
+        let fake = Fake::default();
+        let r = Reference::parse("example.test/c:1").unwrap();
+        let component = wat::parse_str(
+            r#"(component (import "wasi:cli/stdout@0.2.0" (instance))
+                 (core module $m (func (export "f") (result i32) i32.const 1))
+                 (core instance $i (instantiate $m))
+                 (func $f (result u32) (canon lift (core func $i "f")))
+                 (export "wasi:cli/run@0.2.0#run" (func $f)))"#,
+        )
+        .unwrap();
+        let annotations = BTreeMap::from([("org.opencontainers.image.title".to_string(), "c".to_string())]);
+        push_wasm(&fake, &r, component, annotations).await.unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&fake.manifests.lock().unwrap()["1"]).unwrap();
+        assert_eq!(manifest["annotations"]["org.opencontainers.image.title"], "c");
+        assert_eq!(manifest["layers"][0]["mediaType"], oci::WASM_LAYER);
+        let config_digest = manifest["config"]["digest"].as_str().unwrap().to_string();
+        let config: serde_json::Value = serde_json::from_slice(&fake.blobs.lock().unwrap()[&config_digest]).unwrap();
+        assert_eq!(config["os"], "wasip2");
+        assert_eq!(config["architecture"], "wasm");
+        assert_eq!(config["component"]["imports"], json!(["wasi:cli/stdout@0.2.0"]));
+        assert_eq!(config["component"]["exports"], json!(["wasi:cli/run@0.2.0#run"]));
+        assert_eq!(config["layerDigests"][0], manifest["layers"][0]["digest"]);
     }
 
     #[tokio::test]

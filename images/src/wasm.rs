@@ -33,6 +33,29 @@ impl WasmKind {
     }
 }
 
+/// The names a component imports and exports at its top level (`wasi:cli/run@0.2.0`, ...),
+/// for the CNCF wasm config. Empty for a core module or bytes that do not parse.
+pub fn component_interfaces(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
+    use wasmparser::Payload;
+    let (mut imports, mut exports) = (Vec::new(), Vec::new());
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else { break };
+        match payload {
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) if depth > 0 => depth -= 1,
+            Payload::ComponentImportSection(r) if depth == 0 => {
+                imports.extend(r.into_iter().flatten().map(|i| i.name.name.to_string()));
+            }
+            Payload::ComponentExportSection(r) if depth == 0 => {
+                exports.extend(r.into_iter().flatten().map(|e| e.name.name.to_string()));
+            }
+            _ => {}
+        }
+    }
+    (imports, exports)
+}
+
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -51,6 +74,24 @@ mod tests {
         let err = WasmKind::detect("x", b"#!/bin/sh\necho hi\n").unwrap_err();
         assert!(err.to_string().contains("x: not a wasm module or component"), "{err}");
         assert!(WasmKind::detect("short", b"\0asm").is_err());
+    }
+
+    #[test]
+    fn component_imports_and_exports() {
+        let c = wat::parse_str(
+            r#"(component
+                 (import "wasi:cli/stdout@0.2.0" (instance))
+                 (component $inner (import "hidden" (func)))
+                 (core module $m (func (export "f") (result i32) i32.const 1))
+                 (core instance $i (instantiate $m))
+                 (func $f (result u32) (canon lift (core func $i "f")))
+                 (export "run" (func $f)))"#,
+        )
+        .unwrap();
+        let (imports, exports) = component_interfaces(&c);
+        assert_eq!(imports, ["wasi:cli/stdout@0.2.0"]);
+        assert_eq!(exports, ["run"]);
+        assert_eq!(component_interfaces(&wat::parse_str("(module)").unwrap()), (vec![], vec![]));
     }
 
     #[test]

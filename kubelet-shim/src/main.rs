@@ -136,6 +136,12 @@ enum ImageCommand {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Show everything the store knows of an image (id, tag or digest), as JSON.
+    Inspect {
+        image: String,
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
     /// List images.
     Ls {
         #[arg(long, env = "WASMLET_ROOT")]
@@ -314,6 +320,10 @@ async fn image(command: ImageCommand) -> Result<()> {
                 }
             }
         }
+        ImageCommand::Inspect { image, root } => match open(root)?.resolve(&image)? {
+            Some(r) => println!("{}", serde_json::to_string_pretty(&r)?),
+            None => bail!("image {image:?} not found"),
+        },
         ImageCommand::Rm { image, root } => match open(root)?.remove(&image)? {
             Some(r) => println!("removed {}", r.id),
             None => bail!("image {image:?} not found"),

@@ -27,6 +27,12 @@ fn image_import_ls_rm() {
     assert!(listing.contains("docker.io/library/hello:1") && listing.contains("module"), "{listing}");
     assert!(listing.contains(&id[7..19]), "{listing}");
 
+    let out = wasmlet().args(["image", "inspect", "hello:1", "--root", root_arg]).output().unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["id"], id.as_str());
+    assert_eq!(record["kind"], "module");
+    assert_eq!(record["repo_tags"][0], "docker.io/library/hello:1");
+
     let bad = root.path().join("bad.wat");
     std::fs::write(&bad, "(module (func $x (unknown-instruction)))").unwrap();
     let out = wasmlet().args(["image", "import", bad.to_str().unwrap(), "--root", root_arg]).output().unwrap();
