@@ -171,3 +171,72 @@ async fn hostile_or_non_wasm_compat_images_are_refused() {
     let left: Vec<_> = std::fs::read_dir(&rootfs).map(|d| d.flatten().collect()).unwrap_or_default();
     assert!(left.is_empty(), "nothing unpacked is left: {left:?}");
 }
+
+/// Pushes a one-layer image with the given config and layer media types.
+async fn push_layer_image(reference: &str, config_type: &str, config: &[u8], layer_type: &str, layer: &[u8]) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = Reference::parse(reference).unwrap();
+    let registry = OciRegistry::new(&r.registry, true, Auth::Anonymous);
+    let layer_digest = registry.push_blob(&r, layer.to_vec()).await.unwrap();
+    let config_digest = registry.push_blob(&r, config.to_vec()).await.unwrap();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": config_type, "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": layer_type, "digest": layer_digest, "size": layer.len()}],
+    });
+    registry
+        .push_manifest(&r, serde_json::to_vec(&manifest).unwrap(), "application/vnd.oci.image.manifest.v1+json")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn wasm_to_oci_and_bytecode_alliance_layer_images_run() {
+    let registry = RegistryServer::start().await.unwrap();
+    // wasm-to-oci / Spin era: config v1, one content layer holding a module.
+    let spin = format!("{}/formats/spin:1", registry.host);
+    let module = std::fs::read(tool_module()).unwrap();
+    push_layer_image(
+        &spin,
+        "application/vnd.wasm.config.v1+json",
+        b"{}",
+        "application/vnd.wasm.content.layer.v1+wasm",
+        &module,
+    )
+    .await;
+    // runwasi's component layer under an ordinary image config.
+    let ba = format!("{}/formats/ba:1", registry.host);
+    let component = std::fs::read(tool_component()).unwrap();
+    let config = br#"{"architecture":"wasm","os":"wasip2","config":{}}"#;
+    push_layer_image(
+        &ba,
+        "application/vnd.oci.image.config.v1+json",
+        config,
+        "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+        &component,
+    )
+    .await;
+
+    let server = Server::start().await.unwrap();
+    let mut img = server.images().await;
+    let mut rt = server.runtime().await;
+    for (name, reference) in [("spin", &spin), ("ba", &ba)] {
+        let id = img
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec { image: reference.clone(), ..Default::default() }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        let cfg = sandbox_config(&server, name);
+        let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+        let c = create(&mut rt, &sb, &cfg, container_config(name, reference, &["hello"])).await.unwrap();
+        rt.start_container(cri::StartContainerRequest { container_id: c.clone() }).await.unwrap();
+        let s = wait_exited(&mut rt, &c, Duration::from_secs(30)).await.unwrap();
+        assert_eq!((s.exit_code, s.image_id.as_str()), (0, id.as_str()), "{name}");
+        assert_eq!(texts(&read_log(Path::new(&s.log_path)).unwrap(), "stdout"), ["hello from wasm"], "{name}");
+    }
+}
