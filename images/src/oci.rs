@@ -88,10 +88,9 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Whether this is an index / manifest list (by the media type the registry sent, else by
-    /// shape).
-    pub fn is_index(&self, content_type: &str) -> bool {
-        let t = self.media_type.as_deref().unwrap_or(content_type);
+    /// Whether this is an index / manifest list (by its media type, else by shape).
+    pub fn is_index(&self) -> bool {
+        let t = self.media_type.as_deref().unwrap_or_default();
         t == OCI_INDEX || t == DOCKER_MANIFEST_LIST || (self.config.is_none() && !self.manifests.is_empty())
     }
 }
@@ -231,7 +230,7 @@ mod tests {
                 "platform":{"architecture":"wasm","os":"wasip1"}}]}"#,
         )
         .unwrap();
-        assert!(index.is_index(""));
+        assert!(index.is_index());
         assert_eq!(choose_platform(&index.manifests).unwrap().digest, "sha256:a");
         let config: ImageConfig = serde_json::from_str(
             r#"{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/app.wasm"],"Cmd":["--x"],

@@ -65,12 +65,12 @@ fn unpack_compat(
 }
 
 /// A manifest, refused when larger than [`MAX_MANIFEST_BYTES`] (whichever registry sent it).
-async fn fetch_manifest<R: Registry>(registry: &R, reference: &Reference) -> Result<(Vec<u8>, String)> {
-    let (bytes, media_type) = registry.manifest(reference, &MANIFEST_TYPES).await?;
+async fn fetch_manifest<R: Registry>(registry: &R, reference: &Reference) -> Result<Vec<u8>> {
+    let bytes = registry.manifest(reference, &MANIFEST_TYPES).await?;
     if bytes.len() > MAX_MANIFEST_BYTES {
         return Err(Error::TooLarge { what: format!("manifest of {reference}"), limit: MAX_MANIFEST_BYTES as u64 });
     }
-    Ok((bytes, media_type))
+    Ok(bytes)
 }
 
 /// Pulls `reference` from `registry` into `store`: the manifest (an index is resolved by
@@ -79,13 +79,12 @@ async fn fetch_manifest<R: Registry>(registry: &R, reference: &Reference) -> Res
 pub async fn pull<R: Registry>(store: &ImageStore, registry: &R, reference: &Reference) -> Result<ImageRecord> {
     let name = reference.to_string();
     let bad = |reason: String| Error::BadImage { image: name.clone(), reason };
-    let (top, media_type) = fetch_manifest(registry, reference).await?;
+    let top = fetch_manifest(registry, reference).await?;
     let top_digest = sha256_digest(&top);
     let mut manifest: Manifest =
         serde_json::from_slice(&top).map_err(|e| bad(format!("manifest is not valid JSON: {e}")))?;
-    let mut manifest_bytes = top.clone();
     let mut blobs_kept = vec![top];
-    if manifest.is_index(&media_type) {
+    if manifest.is_index() {
         let entry = oci::choose_platform(&manifest.manifests)
             .ok_or_else(|| {
                 let platforms: Vec<String> = manifest
@@ -97,15 +96,13 @@ pub async fn pull<R: Registry>(store: &ImageStore, registry: &R, reference: &Ref
             })?
             .clone();
         let by_digest = Reference { digest: Some(entry.digest.clone()), ..reference.clone() };
-        let (bytes, media_type) = fetch_manifest(registry, &by_digest).await?;
+        let bytes = fetch_manifest(registry, &by_digest).await?;
         manifest = serde_json::from_slice(&bytes).map_err(|e| bad(format!("manifest is not valid JSON: {e}")))?;
-        if manifest.is_index(&media_type) {
+        if manifest.is_index() {
             return Err(bad("an index inside an index is not supported".to_string()));
         }
-        manifest_bytes = bytes.clone();
         blobs_kept.push(bytes);
     }
-    let _ = manifest_bytes;
     let config_desc = manifest.config.clone().ok_or_else(|| bad("manifest has no config".to_string()))?;
     let config_bytes = registry.blob(reference, &config_desc.digest, MAX_CONFIG_BYTES).await?;
     // Wasm-era configs are not OCI image configs: read what fits, ignore the rest.
@@ -229,12 +226,12 @@ mod tests {
     }
 
     impl Registry for Fake {
-        async fn manifest(&self, r: &Reference, _: &[&str]) -> Result<(Vec<u8>, String)> {
+        async fn manifest(&self, r: &Reference, _: &[&str]) -> Result<Vec<u8>> {
             let key = r.digest.clone().or(r.tag.clone()).unwrap_or_default();
             let m = self.manifests.lock().unwrap().get(&key).cloned();
             let m =
                 m.ok_or_else(|| Error::Registry { context: format!("pull {r}"), reason: "manifest unknown".into() })?;
-            Ok((m, String::new()))
+            Ok(m)
         }
         async fn blob(&self, r: &Reference, digest: &str, limit: u64) -> Result<Vec<u8>> {
             let b = self.blobs.lock().unwrap().get(digest).cloned();

@@ -40,13 +40,8 @@ impl std::fmt::Debug for Auth {
 
 /// What pulling and pushing need from a registry.
 pub trait Registry: Send + Sync {
-    /// The manifest (or index) `reference` names, its bytes checked against its digest, and
-    /// the media type the registry gave.
-    fn manifest(
-        &self,
-        reference: &Reference,
-        accept: &[&str],
-    ) -> impl Future<Output = Result<(Vec<u8>, String)>> + Send;
+    /// The manifest (or index) `reference` names, its bytes checked against its digest.
+    fn manifest(&self, reference: &Reference, accept: &[&str]) -> impl Future<Output = Result<Vec<u8>>> + Send;
     /// A blob of the repository, at most `limit` bytes, checked against `digest`.
     fn blob(&self, reference: &Reference, digest: &str, limit: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
     /// Uploads a blob unless the registry has it.
@@ -108,10 +103,10 @@ impl OciRegistry {
 }
 
 impl Registry for OciRegistry {
-    async fn manifest(&self, reference: &Reference, accept: &[&str]) -> Result<(Vec<u8>, String)> {
+    async fn manifest(&self, reference: &Reference, accept: &[&str]) -> Result<Vec<u8>> {
         let r = self.oci_ref(reference);
         self.client.store_auth_if_needed(r.resolve_registry(), &self.auth).await;
-        let (body, digest) = self
+        let (body, _) = self
             .client
             .pull_manifest_raw(&r, &self.auth, accept)
             .await
@@ -122,12 +117,7 @@ impl Registry for OciRegistry {
         {
             return Err(Error::DigestMismatch { digest: expected.clone(), actual });
         }
-        let media_type = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
-            .unwrap_or_default();
-        let _ = digest;
-        Ok((body.to_vec(), media_type))
+        Ok(body.to_vec())
     }
 
     async fn blob(&self, reference: &Reference, digest: &str, limit: u64) -> Result<Vec<u8>> {

@@ -109,6 +109,13 @@ struct State {
     containers: HashMap<String, Entry>,
 }
 
+impl State {
+    /// The hostname a sandbox's containers see (empty if the sandbox is gone).
+    fn hostname(&self, sandbox_id: &str) -> String {
+        self.sandboxes.get(sandbox_id).map(|s| s.spec.hostname.clone()).unwrap_or_default()
+    }
+}
+
 struct Entry {
     record: ContainerRecord,
     meter: Arc<GuestMeter>,
@@ -416,7 +423,7 @@ impl Runtime {
         let mut state = self.state();
         let hostname = {
             let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
-            state.sandboxes.get(&entry.record.sandbox_id).map(|s| s.spec.hostname.clone()).unwrap_or_default()
+            state.hostname(&entry.record.sandbox_id)
         };
         let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
         entry.record.start(now_nanos())?;
@@ -629,8 +636,7 @@ impl Runtime {
             if entry.record.state != ContainerState::Running {
                 return Err(Error::FailedPrecondition(format!("container {id} is not running")));
             }
-            let hostname =
-                state.sandboxes.get(&entry.record.sandbox_id).map(|s| s.spec.hostname.clone()).unwrap_or_default();
+            let hostname = state.hostname(&entry.record.sandbox_id);
             (entry.record.clone(), entry.program.clone(), hostname)
         };
         let stdout = GuestOutput::capture(Stream::Stdout, EXEC_OUTPUT_LIMIT);

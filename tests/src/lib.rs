@@ -391,3 +391,11 @@ pub fn push(file: &Path, reference: &str) -> Result<String> {
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
+
+/// PullImage of `image` through the CRI; the image id on success.
+pub async fn pull(img: &mut ImageClient, image: &str) -> std::result::Result<String, tonic::Status> {
+    let spec = cri::ImageSpec { image: image.to_string(), ..Default::default() };
+    img.pull_image(cri::PullImageRequest { image: Some(spec), ..Default::default() })
+        .await
+        .map(|r| r.into_inner().image_ref)
+}

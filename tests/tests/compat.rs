@@ -31,32 +31,55 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     gz.finish().unwrap()
 }
 
-/// Pushes an OCI image with these layers (gzipped or not) and run config; returns the config
-/// digest (the image id a pull must answer).
-async fn push_image(reference: &str, layers: &[(Vec<u8>, bool)], run: serde_json::Value) -> String {
+/// Pushes an OCI image manifest with this config and these (bytes, media type) layers; returns
+/// the config digest (the image id a pull must answer).
+async fn push_oci(
+    reference: &str,
+    config_type: &str,
+    config: Vec<u8>,
+    layers: Vec<(Vec<u8>, &str)>,
+    annotations: serde_json::Value,
+) -> String {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let r = Reference::parse(reference).unwrap();
     let registry = OciRegistry::new(&r.registry, true, Auth::Anonymous);
     let mut descriptors = Vec::new();
-    for (bytes, gz) in layers {
-        let digest = registry.push_blob(&r, bytes.clone()).await.unwrap();
-        let media_type =
-            if *gz { "application/vnd.oci.image.layer.v1.tar+gzip" } else { "application/vnd.oci.image.layer.v1.tar" };
-        descriptors.push(json!({"mediaType": media_type, "digest": digest, "size": bytes.len()}));
+    for (bytes, media_type) in layers {
+        let size = bytes.len();
+        let digest = registry.push_blob(&r, bytes).await.unwrap();
+        descriptors.push(json!({"mediaType": media_type, "digest": digest, "size": size}));
     }
-    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": run})).unwrap();
+    let config_size = config.len();
     let config_digest = registry.push_blob(&r, config.clone()).await.unwrap();
+    assert_eq!(config_digest, sha256_digest(&config));
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "config": {"mediaType": config_type, "digest": config_digest, "size": config_size},
         "layers": descriptors,
-        "annotations": {"module.wasm.image/variant": "compat"},
+        "annotations": annotations,
     });
     let manifest = serde_json::to_vec(&manifest).unwrap();
     registry.push_manifest(&r, manifest, "application/vnd.oci.image.manifest.v1+json").await.unwrap();
-    assert_eq!(config_digest, sha256_digest(&config));
     config_digest
+}
+
+/// Pushes a compat image: tar layers (gzipped or not) and an OCI config with `run`.
+async fn push_image(reference: &str, layers: &[(Vec<u8>, bool)], run: serde_json::Value) -> String {
+    let layers = layers
+        .iter()
+        .map(|(bytes, gz)| {
+            let t = if *gz {
+                "application/vnd.oci.image.layer.v1.tar+gzip"
+            } else {
+                "application/vnd.oci.image.layer.v1.tar"
+            };
+            (bytes.clone(), t)
+        })
+        .collect();
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": run})).unwrap();
+    let compat = json!({"module.wasm.image/variant": "compat"});
+    push_oci(reference, "application/vnd.oci.image.config.v1+json", config, layers, compat).await
 }
 
 #[tokio::test]
@@ -81,15 +104,7 @@ async fn compat_image_runs_with_its_config_and_read_only_files() {
 
     let server = Server::start().await.unwrap();
     let mut img = server.images().await;
-    let id = img
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec { image: reference.clone(), ..Default::default() }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .image_ref;
+    let id = pull(&mut img, &reference).await.unwrap();
     assert_eq!(id, config_digest);
     let image = img
         .image_status(cri::ImageStatusRequest {
@@ -154,13 +169,7 @@ async fn hostile_or_non_wasm_compat_images_are_refused() {
         (&shell, "not a wasm image"),
         (&missing, "is not in the image's files"),
     ] {
-        let e = img
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec { image: reference.clone(), ..Default::default() }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
+        let e = pull(&mut img, reference).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{reference}: {}", e.message());
         assert!(e.message().contains(reference.as_str()) && e.message().contains(says), "{}", e.message());
     }
@@ -174,21 +183,7 @@ async fn hostile_or_non_wasm_compat_images_are_refused() {
 
 /// Pushes a one-layer image with the given config and layer media types.
 async fn push_layer_image(reference: &str, config_type: &str, config: &[u8], layer_type: &str, layer: &[u8]) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let r = Reference::parse(reference).unwrap();
-    let registry = OciRegistry::new(&r.registry, true, Auth::Anonymous);
-    let layer_digest = registry.push_blob(&r, layer.to_vec()).await.unwrap();
-    let config_digest = registry.push_blob(&r, config.to_vec()).await.unwrap();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": config_type, "digest": config_digest, "size": config.len()},
-        "layers": [{"mediaType": layer_type, "digest": layer_digest, "size": layer.len()}],
-    });
-    registry
-        .push_manifest(&r, serde_json::to_vec(&manifest).unwrap(), "application/vnd.oci.image.manifest.v1+json")
-        .await
-        .unwrap();
+    push_oci(reference, config_type, config.to_vec(), vec![(layer.to_vec(), layer_type)], json!({})).await;
 }
 
 #[tokio::test]
@@ -222,15 +217,7 @@ async fn wasm_to_oci_and_bytecode_alliance_layer_images_run() {
     let mut img = server.images().await;
     let mut rt = server.runtime().await;
     for (name, reference) in [("spin", &spin), ("ba", &ba)] {
-        let id = img
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec { image: reference.clone(), ..Default::default() }),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .image_ref;
+        let id = pull(&mut img, reference).await.unwrap();
         let cfg = sandbox_config(&server, name);
         let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
         let c = create(&mut rt, &sb, &cfg, container_config(name, reference, &["hello"])).await.unwrap();

@@ -9,12 +9,6 @@ fn spec(image: &str) -> Option<cri::ImageSpec> {
     Some(cri::ImageSpec { image: image.to_string(), ..Default::default() })
 }
 
-async fn pull(img: &mut ImageClient, image: &str) -> Result<String, tonic::Status> {
-    img.pull_image(cri::PullImageRequest { image: spec(image), ..Default::default() })
-        .await
-        .map(|r| r.into_inner().image_ref)
-}
-
 #[tokio::test]
 async fn push_then_pull_by_tag_and_digest_and_run() {
     let registry = RegistryServer::start().await.unwrap();
