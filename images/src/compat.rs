@@ -9,9 +9,10 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::{Error, Result};
 
-/// Unpacks one layer (`gzip` when `gzipped`) into `root`. `image` names the image in errors.
-pub fn unpack_layer(image: &str, bytes: &[u8], gzipped: bool, root: &Path) -> Result<()> {
-    let reader: Box<dyn Read> = if gzipped { Box::new(flate2::read::GzDecoder::new(bytes)) } else { Box::new(bytes) };
+/// Unpacks one layer read from `layer` (`gzip` when `gzipped`) into `root`. `image` names the
+/// image in errors.
+pub fn unpack_layer(image: &str, layer: impl Read, gzipped: bool, root: &Path) -> Result<()> {
+    let reader: Box<dyn Read> = if gzipped { Box::new(flate2::read::GzDecoder::new(layer)) } else { Box::new(layer) };
     let bad = |reason: String| Error::BadImage { image: image.to_string(), reason };
     let io = |what: String| {
         move |e: std::io::Error| Error::BadImage { image: image.to_string(), reason: format!("{what}: {e}") }
@@ -187,7 +188,7 @@ mod tests {
             file(b, "data/b", b"b");
             link(b, tar::EntryType::Symlink, "app/current", "tool.wasm");
         });
-        unpack_layer("img", &l1, false, &root).unwrap();
+        unpack_layer("img", &l1[..], false, &root).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(
             &mut gz,
@@ -198,7 +199,7 @@ mod tests {
             }),
         )
         .unwrap();
-        unpack_layer("img", &gz.finish().unwrap(), true, &root).unwrap();
+        unpack_layer("img", &gz.finish().unwrap()[..], true, &root).unwrap();
         assert!(!root.join("etc/motd").exists());
         assert!(!root.join("data/a").exists() && root.join("data/c").exists());
         assert_eq!(resolve_in_root(&root, "/app/current"), Some(fs::canonicalize(root.join("app/tool.wasm")).unwrap()));
@@ -225,7 +226,7 @@ mod tests {
         for (what, l) in cases {
             let root = dir.path().join(what.replace(' ', "_"));
             fs::create_dir(&root).unwrap();
-            let err = unpack_layer("img", &l, false, &root).unwrap_err().to_string();
+            let err = unpack_layer("img", &l[..], false, &root).unwrap_err().to_string();
             assert!(err.starts_with("img: "), "{what}: {err}");
             assert!(!dir.path().join("evil").exists(), "{what}");
         }

@@ -18,6 +18,15 @@ pub fn write_atomic_nosync(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_replace(path, bytes, false)
 }
 
+/// Moves the finished file `from` to `to` (same filesystem) durably: fsync of the file, rename,
+/// fsync of the target directory.
+pub fn place_durable(from: &Path, to: &Path) -> std::io::Result<()> {
+    File::open(from)?.sync_all()?;
+    let dir = to.parent().unwrap_or(Path::new("."));
+    fs::rename(from, to)?;
+    File::open(dir)?.sync_all()
+}
+
 fn write_replace(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;

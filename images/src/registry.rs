@@ -8,7 +8,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 
-use crate::{Error, Reference, Result, sha256_digest};
+use crate::{BlobWriter, Error, Reference, Result, sha256_digest};
 
 /// Largest manifest or index accepted (containerd's limit).
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
@@ -42,8 +42,14 @@ impl std::fmt::Debug for Auth {
 pub trait Registry: Send + Sync {
     /// The manifest (or index) `reference` names, its bytes checked against its digest.
     fn manifest(&self, reference: &Reference, accept: &[&str]) -> impl Future<Output = Result<Vec<u8>>> + Send;
-    /// A blob of the repository, at most `limit` bytes, checked against `digest`.
-    fn blob(&self, reference: &Reference, digest: &str, limit: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    /// Streams a blob of the repository into `out` (which enforces its size limit); the
+    /// caller checks the digest with [`BlobWriter::finish`].
+    fn blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        out: &mut BlobWriter,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Uploads a blob unless the registry has it.
     fn push_blob(&self, reference: &Reference, bytes: Vec<u8>) -> impl Future<Output = Result<String>> + Send;
     /// Uploads a manifest under the reference's tag (or digest); returns its digest.
@@ -120,7 +126,7 @@ impl Registry for OciRegistry {
         Ok(body.to_vec())
     }
 
-    async fn blob(&self, reference: &Reference, digest: &str, limit: u64) -> Result<Vec<u8>> {
+    async fn blob(&self, reference: &Reference, digest: &str, out: &mut BlobWriter) -> Result<()> {
         let r = self.oci_ref(reference);
         self.client.store_auth_if_needed(r.resolve_registry(), &self.auth).await;
         self.client
@@ -129,25 +135,17 @@ impl Registry for OciRegistry {
             .map_err(self.failed(reference, "authenticate to"))?;
         let mut stream =
             self.client.pull_blob_stream(&r, digest).await.map_err(self.failed(reference, "pull blob of"))?;
-        if stream.content_length.is_some_and(|n| n > limit) {
-            return Err(Error::TooLarge { what: format!("blob {digest} of {reference}"), limit });
+        if let Some(n) = stream.content_length {
+            out.expect(n)?;
         }
-        let mut bytes = Vec::new();
         while let Some(chunk) = stream.stream.next().await {
             let chunk = chunk.map_err(|e| Error::Registry {
                 context: format!("pull blob {digest} of {reference}"),
                 reason: e.to_string(),
             })?;
-            if (bytes.len() + chunk.len()) as u64 > limit {
-                return Err(Error::TooLarge { what: format!("blob {digest} of {reference}"), limit });
-            }
-            bytes.extend_from_slice(&chunk);
+            out.write(&chunk)?;
         }
-        let actual = sha256_digest(&bytes);
-        if actual != digest {
-            return Err(Error::DigestMismatch { digest: digest.to_string(), actual });
-        }
-        Ok(bytes)
+        Ok(())
     }
 
     async fn push_blob(&self, reference: &Reference, bytes: Vec<u8>) -> Result<String> {

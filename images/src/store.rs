@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ingest::{Ingest, Observer, StagedBlob};
 use crate::reference::looks_like_id;
 use crate::{Error, Reference, Result, WasmKind, fsutil, sha256_digest};
 
@@ -75,13 +76,24 @@ pub struct NewImage<'a> {
     /// Normalized `registry/repo@digest`, if known.
     pub repo_digest: Option<String>,
     /// Every blob to keep (the wasm among them), stored under its digest.
-    pub blobs: Vec<&'a [u8]>,
+    pub blobs: Vec<BlobSource<'a>>,
     /// Annotations to show.
     pub annotations: BTreeMap<String, String>,
     /// The image config's user (`uid`, `name` or `uid:gid`).
     pub user: Option<String>,
     /// For compat images.
     pub run: Option<ImageRun>,
+}
+
+/// Where a blob of a [`NewImage`] comes from.
+#[derive(Debug)]
+pub enum BlobSource<'a> {
+    /// Bytes in memory (hashed here).
+    Bytes(&'a [u8]),
+    /// A downloaded file, already checked against its digest: moved into the store.
+    Staged(&'a StagedBlob),
+    /// A blob the store already has (a pull skipped downloading it).
+    Stored(String),
 }
 
 /// Bytes and inodes used by the image store, for ImageFsInfo.
@@ -112,6 +124,7 @@ impl ImageStore {
         let root = root.into();
         fs::create_dir_all(root.join("blobs/sha256"))
             .map_err(Error::io(format!("create image store {}", root.display())))?;
+        crate::ingest::remove_abandoned(&root);
         Ok(ImageStore { root, cached: Mutex::new(None) })
     }
 
@@ -200,7 +213,7 @@ impl ImageStore {
             kind,
             tag: reference.as_ref().and_then(Reference::tagged),
             repo_digest: reference.as_ref().map(|r| r.with_digest(&digest)),
-            blobs: vec![bytes],
+            blobs: vec![BlobSource::Bytes(bytes)],
             annotations: BTreeMap::new(),
             user: None,
             run: None,
@@ -215,12 +228,33 @@ impl ImageStore {
         let mut size = 0;
         let mut digests = Vec::new();
         for blob in &new.blobs {
-            let digest = sha256_digest(blob);
-            let path = self.blob_path(&digest);
-            size += blob.len() as u64;
-            if !path.exists() {
-                fsutil::write_atomic(&path, blob).map_err(Error::io(format!("write {}", path.display())))?;
-            }
+            let (digest, len) = match blob {
+                BlobSource::Bytes(bytes) => {
+                    let digest = sha256_digest(bytes);
+                    let path = self.blob_path(&digest);
+                    if !path.exists() {
+                        fsutil::write_atomic(&path, bytes).map_err(Error::io(format!("write {}", path.display())))?;
+                    }
+                    (digest, bytes.len() as u64)
+                }
+                BlobSource::Staged(staged) => {
+                    let path = self.blob_path(&staged.digest);
+                    if !path.exists() {
+                        fsutil::place_durable(&staged.path, &path)
+                            .map_err(Error::io(format!("store blob {}", staged.digest)))?;
+                    }
+                    (staged.digest.clone(), staged.size)
+                }
+                BlobSource::Stored(digest) => {
+                    // Removed since the pull looked? Then this pull cannot finish as planned.
+                    let meta = fs::metadata(self.blob_path(digest)).map_err(|_| Error::Registry {
+                        context: format!("store image {}", new.id),
+                        reason: format!("blob {digest} was removed during the pull; pull again"),
+                    })?;
+                    (digest.clone(), meta.len())
+                }
+            };
+            size += len;
             digests.push(digest);
         }
         let mut images = self.read_index()?.as_ref().clone();
@@ -293,6 +327,30 @@ impl ImageStore {
         self.write_index(images)?;
         tracing::info!(image = %removed.id, "removed image");
         Ok(Some(removed))
+    }
+
+    /// Checks, reading it as a stream, that the blob `digest` still hashes to its digest.
+    pub fn verify_blob(&self, digest: &str) -> Result<()> {
+        use sha2::Digest;
+        let path = self.blob_path(digest);
+        let mut file = File::open(&path).map_err(Error::io(format!("read blob {digest}")))?;
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hasher).map_err(Error::io(format!("read blob {digest}")))?;
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest {
+            return Err(Error::DigestMismatch { digest: digest.to_string(), actual });
+        }
+        Ok(())
+    }
+
+    /// Whether the store has the blob `digest`.
+    pub fn has_blob(&self, digest: &str) -> bool {
+        self.blob_path(digest).exists()
+    }
+
+    /// A staging directory for a pull's downloads; see [`Ingest`].
+    pub fn ingest(&self, observer: Option<Observer>) -> Result<Ingest> {
+        Ingest::new(&self.root, observer)
     }
 
     /// Reads a blob and checks that its bytes still hash to `digest`.

@@ -1,6 +1,7 @@
 //! `wasmlet`: the node agent binary.
 
 mod client;
+mod progress;
 
 use std::path::PathBuf;
 
@@ -287,7 +288,9 @@ async fn image(command: ImageCommand) -> Result<()> {
             let store = open(root)?;
             eprintln!("pulling {reference} from {}", reference.registry);
             let started = std::time::Instant::now();
-            let record = wasmlet_images::pull(&store, &registry.registry(&reference.registry), &reference).await?;
+            let progress = Some(progress::observer("downloaded"));
+            let record =
+                wasmlet_images::pull(&store, &registry.registry(&reference.registry), &reference, progress).await?;
             eprintln!(
                 "pulled {reference}: {} bytes, {:?}, in {:.1}s",
                 record.size,
@@ -305,8 +308,10 @@ async fn image(command: ImageCommand) -> Result<()> {
                 notes.insert(k.to_string(), v.to_string());
             }
             eprintln!("pushing {} ({} bytes) to {reference}", file.display(), wasm.len());
+            let progress = Some(progress::observer("uploaded"));
             let digest =
-                wasmlet_images::push_wasm(&registry.registry(&reference.registry), &reference, wasm, notes).await?;
+                wasmlet_images::push_wasm(&registry.registry(&reference.registry), &reference, wasm, notes, progress)
+                    .await?;
             eprintln!("pushed {reference}");
             println!("{digest}");
         }

@@ -733,7 +733,17 @@ impl Runtime {
     async fn pull_and_compile(&self, reference: Reference, auth: Auth) -> Result<ImageRecord> {
         let endpoints = self.inner.options.registries.endpoints(&reference.registry);
         let known: std::collections::HashSet<String> = self.inner.images.list()?.into_iter().map(|i| i.id).collect();
-        let record = wasmlet_images::pull_from(&self.inner.images, &endpoints, &auth, &reference).await?;
+        let image = reference.to_string();
+        let progress: wasmlet_images::Observer = Arc::new(move |p| {
+            if p.finished {
+                let what = p.what;
+                tracing::info!(image, what, blob = p.digest, bytes = p.done, skipped = p.skipped, "blob ready");
+            } else {
+                tracing::debug!(image, what = p.what, blob = p.digest, done = p.done, total = ?p.total, "downloading");
+            }
+        });
+        let record =
+            wasmlet_images::pull_from(&self.inner.images, &endpoints, &auth, &reference, Some(progress)).await?;
         let rt = self.clone();
         let image = record.clone();
         let compiled = tokio::task::spawn_blocking(move || rt.program_for(&image))

@@ -12,6 +12,9 @@ use cri::runtime_service_client::RuntimeServiceClient;
 pub use cri_proto::v1 as cri;
 use tonic::transport::Channel;
 
+pub mod token;
+pub use token::TokenServer;
+
 /// The preview 1 test workload (`workloads/tool.c`).
 pub fn tool_module() -> &'static Path {
     Path::new(env!("WORKLOAD_TOOL"))
@@ -313,21 +316,29 @@ pub struct RegistryServer {
     pub dir: tempfile::TempDir,
     /// `127.0.0.1:PORT`.
     pub host: String,
+    /// The token server, for a registry started with [`RegistryServer::start_with_token`].
+    pub token: Option<TokenServer>,
     child: Child,
 }
 
 impl RegistryServer {
     /// Starts a registry without authentication (the test command installs `docker-registry`).
     pub async fn start() -> Result<RegistryServer> {
-        RegistryServer::start_with(None).await
+        RegistryServer::start_with(Auth::None).await
+    }
+
+    /// Starts a registry that wants a bearer token from a [`TokenServer`], which issues them to
+    /// `user` with `password`.
+    pub async fn start_with_token(user: &str, password: &str) -> Result<RegistryServer> {
+        RegistryServer::start_with(Auth::Token(user, password)).await
     }
 
     /// Starts a registry that wants HTTP basic authentication as `user` with `password`.
     pub async fn start_with_htpasswd(user: &str, password: &str) -> Result<RegistryServer> {
-        RegistryServer::start_with(Some((user, password))).await
+        RegistryServer::start_with(Auth::Basic(user, password)).await
     }
 
-    async fn start_with(basic: Option<(&str, &str)>) -> Result<RegistryServer> {
+    async fn start_with(auth: Auth<'_>) -> Result<RegistryServer> {
         let dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let host = format!("127.0.0.1:{port}");
@@ -335,9 +346,16 @@ impl RegistryServer {
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
             dir.path().join("data").display()
         );
-        let config = match basic {
-            None => config,
-            Some((user, password)) => {
+        let mut token = None;
+        let config = match auth {
+            Auth::None => config,
+            Auth::Token(user, password) => {
+                let server = TokenServer::start(dir.path(), user, password).await?;
+                let config = format!("{config}{}", server.registry_auth_config(dir.path()));
+                token = Some(server);
+                config
+            }
+            Auth::Basic(user, password) => {
                 // The registry reads bcrypt htpasswd entries; Python's crypt makes one.
                 let script = "import crypt,sys; print(sys.argv[1] + ':' + crypt.crypt(sys.argv[2], crypt.mksalt(crypt.METHOD_BLOWFISH)))";
                 let out = Command::new("python3").args(["-W", "ignore", "-c", script, user, password]).output()?;
@@ -366,7 +384,17 @@ impl RegistryServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(RegistryServer { dir, host, child })
+        Ok(RegistryServer { dir, host, token, child })
+    }
+
+    /// What the registry has logged: its access log among the rest.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// How many times the blob `digest` was downloaded (GET requests in the access log).
+    pub fn blob_downloads(&self, digest: &str) -> usize {
+        self.log().lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} "))).count()
     }
 
     /// Where the registry keeps a blob's bytes (to corrupt it).
@@ -381,6 +409,12 @@ impl Drop for RegistryServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+enum Auth<'a> {
+    None,
+    Basic(&'a str, &'a str),
+    Token(&'a str, &'a str),
 }
 
 /// `wasmlet image push FILE REF`; returns the manifest digest.

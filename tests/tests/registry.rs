@@ -69,6 +69,10 @@ async fn pull_by_digest_records_no_tag_and_concurrent_pulls_agree() {
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "{ids:?}");
+    // One download of the wasm for all of them, and none for a pull after they are done.
+    assert_eq!(pull(&mut img.clone(), &by_digest).await.unwrap(), ids[0]);
+    let wasm_digest = wasmlet_images::sha256_digest(&std::fs::read(tool_module()).unwrap());
+    assert_eq!(registry.blob_downloads(&wasm_digest), 1, "{}", registry.log());
     let mut img = img.clone();
     let listed = img.list_images(cri::ListImagesRequest { filter: None }).await.unwrap().into_inner().images;
     assert_eq!(listed.len(), 1);
@@ -158,6 +162,57 @@ async fn registry_auth_from_the_cri_auth_config() {
     // The docker config form: base64 of user:password.
     let encoded = cri::AuthConfig { auth: "YWxpY2U6czNjcmV0".into(), ..Default::default() };
     assert_eq!(img.pull_image(with(Some(encoded))).await.unwrap().into_inner().image_ref, id);
+}
+
+#[tokio::test]
+async fn bearer_token_flow_from_the_cri_auth_config() {
+    let registry = RegistryServer::start_with_token("bob", "t0ken").await.unwrap();
+    let token = registry.token.as_ref().unwrap();
+    let reference = format!("{}/private/tool:1", registry.host);
+    let push = |password: &str| {
+        std::process::Command::new(wasmlet_bin())
+            .args(["image", "push"])
+            .arg(tool_module())
+            .arg(&reference)
+            .args(["--username", "bob", "--password", password])
+            .output()
+            .unwrap()
+    };
+    let refused = push("wrong");
+    assert!(!refused.status.success());
+    let says = String::from_utf8_lossy(&refused.stderr);
+    assert!(says.contains(&registry.host), "names the registry: {says}");
+    let out = push("t0ken");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let issued_for_push = token.issued.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(issued_for_push > 0, "the push went through the token server");
+
+    let server = Server::start().await.unwrap();
+    let mut img = server.images().await;
+    let with =
+        |auth: Option<cri::AuthConfig>| cri::PullImageRequest { image: spec(&reference), auth, ..Default::default() };
+    let user =
+        |password: &str| cri::AuthConfig { username: "bob".into(), password: password.into(), ..Default::default() };
+    let bearer = |t: String| cri::AuthConfig { registry_token: t, ..Default::default() };
+    for (what, auth) in [
+        ("no credentials", None),
+        ("a wrong password", Some(user("nope"))),
+        ("a token for another repository", Some(bearer(token.mint("other/repo", &["pull"])))),
+        ("a token that is not one", Some(bearer("not-a-jwt".into()))),
+    ] {
+        let e = img.pull_image(with(auth)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unknown, "{what}");
+        assert!(e.message().contains(&registry.host), "{what}: names the registry: {}", e.message());
+    }
+    assert!(img.list_images(cri::ListImagesRequest { filter: None }).await.unwrap().into_inner().images.is_empty());
+    assert!(token.refused.load(std::sync::atomic::Ordering::SeqCst) >= 2, "bad credentials reached the token server");
+
+    // User and password: wasmlet asks the token server, then presents the token.
+    let id = img.pull_image(with(Some(user("t0ken")))).await.unwrap().into_inner().image_ref;
+    assert!(token.issued.load(std::sync::atomic::Ordering::SeqCst) > issued_for_push);
+    // A token the client already holds (AuthConfig.registry_token) is presented as it is.
+    let held = bearer(token.mint("private/tool", &["pull"]));
+    assert_eq!(img.pull_image(with(Some(held))).await.unwrap().into_inner().image_ref, id);
 }
 
 #[tokio::test]
