@@ -77,6 +77,9 @@ struct Config {
     /// Mirrors and plain-HTTP registries, by registry host.
     #[serde(default)]
     registries: std::collections::BTreeMap<String, wasmlet_images::HostConfig>,
+    /// Pod networking.
+    #[serde(default)]
+    network: wasmlet_runtime::net::NetworkOptions,
 }
 
 const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is optional; flags win over the file.
@@ -95,6 +98,14 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # mirrors = ["http://127.0.0.1:5000"]
 # [registries."plain.lan:5000"]
 # insecure = true
+
+# Pod networking. "rootless": every pod gets a network namespace of its own, made by wasmlet
+# without privilege (when not run as root, wasmlet enters a user namespace of its own first);
+# the pod's IP is taken from pod_cidr, and the host reaches pods through their host ports.
+# "host": every pod shares the host's network.
+# [network]
+# mode = "rootless"
+# pod_cidr = "10.88.0.0/16"
 "#;
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
@@ -223,13 +234,23 @@ fn run() -> Result<()> {
     // A server logs what it does; the client commands speak only when something is wrong.
     let default_level = if matches!(cli.command, Command::Cri { .. }) { "info" } else { "warn" };
     init_tracing(cli.log_format, default_level);
+    if let Command::Cri { config, .. } = &cli.command {
+        let file = load_config(config.as_deref())?;
+        let not_root = !rustix::process::geteuid().is_root();
+        if file.network.mode == wasmlet_runtime::net::NetworkMode::Rootless && not_root {
+            // Before any thread exists: the kernel refuses a user namespace to a threaded process.
+            wasmlet_runtime::net::netns::enter_user_namespace().context(
+                "enter a user namespace for rootless pod networking (is kernel.unprivileged_userns_clone 1?)",
+            )?;
+        }
+    }
     let rt = tokio::runtime::Runtime::new().context("start tokio")?;
     match cli.command {
         Command::Cri { config, root, socket, insecure_registries } => {
             let file = load_config(config.as_deref())?;
             let registries =
                 wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(&insecure_registries);
-            let options = wasmlet_runtime::RuntimeOptions { registries };
+            let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network };
             let root = root.or(file.root).unwrap_or_else(default_root);
             rt.block_on(serve(root, socket.or(file.socket), options))
         }

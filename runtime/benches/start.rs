@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use wasmlet_runtime::engine::{GuestMeter, GuestSpec, WasmEngine};
+use wasmlet_runtime::engine::{GuestMeter, GuestNet, GuestSpec, WasmEngine};
 use wasmlet_runtime::logs::{GuestOutput, Stream};
 use wasmlet_runtime::model::{ContainerMetadata, ContainerSpec, ImageSpec, SandboxMetadata, SandboxSpec};
 use wasmlet_runtime::{EventKind, Runtime};
@@ -30,6 +30,7 @@ fn engine_run(c: &mut Criterion) {
                 cwd: None,
                 stdout: GuestOutput::discard(Stream::Stdout),
                 stderr: GuestOutput::discard(Stream::Stderr),
+                net: GuestNet::None,
             };
             rt.block_on(engine.run(&program, spec, Arc::new(GuestMeter::default())))
         })

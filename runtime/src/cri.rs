@@ -250,7 +250,7 @@ fn to_sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
         metadata: Some(sandbox_metadata(r)),
         state: sandbox_state(r.state),
         created_at: r.created_at,
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(cri::PodSandboxNetworkStatus { ip: r.ip.clone(), additional_ips: Vec::new() }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: Some(cri::NamespaceOption {
@@ -763,11 +763,12 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::StatusRequest>,
     ) -> std::result::Result<Response<cri::StatusResponse>, Status> {
-        let condition = |t: &str, message: &str| cri::RuntimeCondition {
-            r#type: t.to_string(),
-            status: true,
-            reason: String::new(),
-            message: message.to_string(),
+        let condition = |t: &str, ready: Result<String, String>| {
+            let (status, reason, message) = match ready {
+                Ok(message) => (true, String::new(), message),
+                Err(message) => (false, "NetworkPluginNotReady".to_string(), message),
+            };
+            cri::RuntimeCondition { r#type: t.to_string(), status, reason, message }
         };
         let mut info = HashMap::new();
         if req.into_inner().verbose {
@@ -776,8 +777,8 @@ impl RuntimeService for CriServer {
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus {
                 conditions: vec![
-                    condition("RuntimeReady", ""),
-                    condition("NetworkReady", "no pod network yet: guests get no sockets"),
+                    condition("RuntimeReady", Ok(String::new())),
+                    condition("NetworkReady", self.runtime.network_status()),
                 ],
             }),
             info,

@@ -4,6 +4,10 @@
 //! gRPC server. An epoch ticker makes every running guest yield to the executor each tick: a
 //! guest in a tight loop still lets others run, and dropping its future (a kill) takes effect
 //! at the next tick or host call.
+//!
+//! Guests of a pod with its own network namespace run on the pod executor, whose threads move
+//! into the pod's namespace before each poll (see [`crate::net::netns`]); guests of host-network
+//! pods run on a second executor whose threads never move.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,6 +28,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, Wasi
 use wasmlet_images::WasmKind;
 
 use crate::logs::GuestOutput;
+use crate::net::NetNs;
 use crate::{Error, Result};
 
 /// How often the epoch advances: the longest a guest runs before yielding, and the longest a
@@ -50,6 +55,17 @@ pub struct Preopen {
     pub read_only: bool,
 }
 
+/// The network a guest's sockets live in.
+#[derive(Debug, Clone)]
+pub enum GuestNet {
+    /// No sockets at all.
+    None,
+    /// The host's network (hostNetwork pods).
+    Host,
+    /// The pod's own namespace.
+    Pod(Arc<NetNs>),
+}
+
 /// Everything one guest instance is given.
 pub struct GuestSpec {
     /// argv, program name first.
@@ -64,6 +80,8 @@ pub struct GuestSpec {
     pub stdout: GuestOutput,
     /// fd 2.
     pub stderr: GuestOutput,
+    /// Where its sockets are.
+    pub net: GuestNet,
 }
 
 /// Counters a running guest updates, read by the stats RPCs; the memory limit may be changed
@@ -144,6 +162,8 @@ pub struct WasmEngine {
     programs: Mutex<HashMap<String, Program>>,
     /// Always Some until dropped; taken in Drop to shut down without blocking.
     executor: Option<tokio::runtime::Runtime>,
+    /// For guests on the host's network: its threads never enter a pod's namespace.
+    host_executor: Option<tokio::runtime::Runtime>,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -165,6 +185,12 @@ impl WasmEngine {
             .enable_all()
             .build()
             .map_err(|e| format!("guest executor: {e}"))?;
+        let host_executor = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("wasm-guest-host")
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("host-network guest executor: {e}"))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), ticker_stop.clone());
         std::thread::Builder::new()
@@ -183,6 +209,7 @@ impl WasmEngine {
             cache,
             programs: Mutex::new(HashMap::new()),
             executor: Some(executor),
+            host_executor: Some(host_executor),
             ticker_stop,
         })
     }
@@ -233,13 +260,25 @@ impl WasmEngine {
         self.cache.forget(wasm_digest);
     }
 
-    /// Spawns `fut` on the guest executor.
+    /// Spawns `fut` on the pod executor (guests in pod namespaces, or without a network).
     pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
         self.executor.as_ref().expect("executor lives until drop").spawn(fut)
+    }
+
+    /// Spawns `fut` on the executor for guests on `net`.
+    pub fn spawn_for<F>(&self, net: &GuestNet, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match net {
+            GuestNet::Host => self.host_executor.as_ref().expect("executor lives until drop").spawn(fut),
+            GuestNet::None | GuestNet::Pod(_) => self.spawn(fut),
+        }
     }
 
     /// Runs a guest to its end. Dropping the returned future kills the guest.
@@ -252,7 +291,12 @@ impl WasmEngine {
         let engine = self.engine.clone();
         let program = program.clone();
         let m = meter.clone();
+        let netns = match &spec.net {
+            GuestNet::Pod(ns) => Some(ns.clone()),
+            GuestNet::None | GuestNet::Host => None,
+        };
         Metered {
+            netns,
             inner: Box::pin(async move {
                 let mut wasi = match build_wasi(spec) {
                     Ok(w) => w,
@@ -283,7 +327,7 @@ impl Drop for WasmEngine {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
         // Dropping a runtime blocks, which panics inside async code: let it wind down alone.
-        if let Some(executor) = self.executor.take() {
+        for executor in [self.executor.take(), self.host_executor.take()].into_iter().flatten() {
             executor.shutdown_background();
         }
     }
@@ -335,6 +379,10 @@ fn build_wasi(spec: GuestSpec) -> std::result::Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     b.args(&spec.args).envs(&spec.env).stdout(spec.stdout).stderr(spec.stderr);
     b.allow_blocking_current_thread(true);
+    if !matches!(spec.net, GuestNet::None) {
+        // Sockets are created in the namespace of the polling thread: the pod's.
+        b.inherit_network().allow_ip_name_lookup(true);
+    }
     if let Some(cwd) = &spec.cwd {
         b.initial_cwd(cwd);
     }
@@ -346,16 +394,22 @@ fn build_wasi(spec: GuestSpec) -> std::result::Result<WasiCtxBuilder, String> {
     Ok(b)
 }
 
-/// Adds the time spent in each poll of the guest's future to its meter: the guest's CPU time,
-/// host calls included.
+/// Adds the time spent in each poll of the guest's future to its meter (the guest's CPU time,
+/// host calls included), and moves the polling thread into the pod's network namespace first.
 struct Metered<F> {
     inner: Pin<Box<F>>,
     meter: Arc<GuestMeter>,
+    netns: Option<Arc<NetNs>>,
 }
 
-impl<F: Future> Future for Metered<F> {
-    type Output = F::Output;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+impl<F: Future<Output = Outcome>> Future for Metered<F> {
+    type Output = Outcome;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        if let Some(ns) = &self.netns
+            && let Err(e) = ns.enter()
+        {
+            return Poll::Ready(Outcome::StartFailed(format!("enter the pod's network namespace: {e}")));
+        }
         let started = Instant::now();
         let r = self.inner.as_mut().poll(cx);
         self.meter.cpu_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -376,6 +430,7 @@ mod tests {
             cwd: None,
             stdout: out.clone(),
             stderr: GuestOutput::discard(Stream::Stderr),
+            net: GuestNet::None,
         }
     }
 

@@ -168,7 +168,13 @@ mod tests {
     use crate::model::*;
 
     fn sandbox(id: &str) -> SandboxRecord {
-        SandboxRecord { id: id.into(), spec: SandboxSpec::default(), state: SandboxState::Ready, created_at: 1 }
+        SandboxRecord {
+            id: id.into(),
+            spec: SandboxSpec::default(),
+            state: SandboxState::Ready,
+            created_at: 1,
+            ip: String::new(),
+        }
     }
 
     #[test]

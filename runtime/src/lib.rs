@@ -7,6 +7,7 @@ mod error;
 mod journal;
 pub mod logs;
 pub mod model;
+pub mod net;
 mod runtime;
 pub mod server;
 

@@ -86,6 +86,9 @@ pub struct SandboxRecord {
     pub spec: SandboxSpec,
     pub state: SandboxState,
     pub created_at: i64,
+    /// The pod's IP ("" on the host's network).
+    #[serde(default)]
+    pub ip: String,
 }
 
 impl SandboxRecord {
@@ -342,8 +345,13 @@ mod tests {
 
     #[test]
     fn sandbox_stop_is_idempotent() {
-        let mut s =
-            SandboxRecord { id: "s".into(), spec: SandboxSpec::default(), state: SandboxState::Ready, created_at: 1 };
+        let mut s = SandboxRecord {
+            id: "s".into(),
+            spec: SandboxSpec::default(),
+            state: SandboxState::Ready,
+            created_at: 1,
+            ip: String::new(),
+        };
         assert!(s.stop());
         assert!(!s.stop());
         assert_eq!(s.state, SandboxState::NotReady);

@@ -16,10 +16,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, oneshot, watch};
 use wasmlet_images::{Auth, ImageRecord, ImageStore, Reference, RegistryHosts};
 
-use crate::engine::{GuestMeter, GuestSpec, Outcome, Preopen, Program, WasmEngine};
+use crate::engine::{GuestMeter, GuestNet, GuestSpec, Outcome, Preopen, Program, WasmEngine};
 use crate::journal::{Change, Journal, Snapshot};
 use crate::logs::{GuestOutput, LogFile, Stream};
 use crate::model::*;
+use crate::net::{Cidr, Ipam, NetNs, NetworkMode, NetworkOptions, ports};
 use crate::{Error, Result};
 
 /// Runtime handler names wasmlet answers to; "" is the default.
@@ -80,6 +81,8 @@ type PullResult = std::result::Result<ImageRecord, Arc<Error>>;
 pub struct RuntimeOptions {
     /// Mirrors and plain-HTTP registries (loopback registries are always plain HTTP).
     pub registries: RegistryHosts,
+    /// How pods get their network.
+    pub network: NetworkOptions,
 }
 
 /// The runtime. Cheap to clone; all clones share one state.
@@ -99,6 +102,10 @@ struct Inner {
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     pod_cidr: Mutex<String>,
+    /// Namespaces made ahead (rootless mode, when namespaces can be made at all).
+    netns_pool: Option<crate::net::Pool>,
+    /// Why pods cannot get a network, if they cannot (NetworkReady is false then).
+    network_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -107,6 +114,10 @@ struct State {
     /// Reserved sandbox names -> sandbox id.
     sandbox_names: HashMap<String, String>,
     containers: HashMap<String, Entry>,
+    /// The network of each ready sandbox.
+    nets: HashMap<String, PodNet>,
+    /// Pod addresses (rootless mode).
+    ipam: Option<Ipam>,
 }
 
 impl State {
@@ -114,6 +125,25 @@ impl State {
     fn hostname(&self, sandbox_id: &str) -> String {
         self.sandboxes.get(sandbox_id).map(|s| s.spec.hostname.clone()).unwrap_or_default()
     }
+
+    /// Where the sockets of a sandbox's containers live.
+    fn guest_net(&self, sandbox_id: &str) -> Result<GuestNet> {
+        match self.nets.get(sandbox_id) {
+            Some(PodNet { ns: Some(ns), .. }) => Ok(GuestNet::Pod(ns.clone())),
+            Some(PodNet { ns: None, .. }) => Ok(GuestNet::Host),
+            None => Err(Error::FailedPrecondition(format!(
+                "pod sandbox {sandbox_id} has no network: it is not ready (stopped, or wasmlet restarted)"
+            ))),
+        }
+    }
+}
+
+/// A ready sandbox's network: its namespace (None on the host's network), address and host
+/// port forwarders.
+struct PodNet {
+    ns: Option<Arc<NetNs>>,
+    ip: Option<std::net::Ipv4Addr>,
+    forwards: Vec<tokio::task::JoinHandle<()>>,
 }
 
 struct Entry {
@@ -146,6 +176,26 @@ impl Runtime {
         let engine = WasmEngine::new(root.join("compiled")).map_err(Error::Internal)?;
         let (journal, snapshot) = Journal::open(&root.join("state.journal"))?;
         let (events, _) = broadcast::channel(1024);
+        let mut state = State::default();
+        let (netns_pool, network_error) = match options.network.mode {
+            NetworkMode::Host => (None, None),
+            NetworkMode::Rootless => {
+                let cidr = Cidr::parse(&options.network.pod_cidr).map_err(Error::InvalidArgument)?;
+                state.ipam = Some(Ipam::new(cidr));
+                // One namespace now tells whether this process may make them at all.
+                match NetNs::create(&[]) {
+                    Ok(_) => (Some(crate::net::Pool::new(2)), None),
+                    Err(e) => {
+                        let why = format!(
+                            "cannot create network namespaces ({e}): run wasmlet as root, or as a user \
+                             allowed to create user namespaces"
+                        );
+                        tracing::error!("{why}");
+                        (None, Some(why))
+                    }
+                }
+            }
+        };
         let runtime = Runtime {
             inner: Arc::new(Inner {
                 root,
@@ -154,9 +204,11 @@ impl Runtime {
                 journal,
                 images,
                 engine,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 events,
                 pod_cidr: Mutex::new(String::new()),
+                netns_pool,
+                network_error,
             }),
         };
         runtime.load(snapshot)?;
@@ -203,9 +255,28 @@ impl Runtime {
 
     fn load(&self, snapshot: Snapshot) -> Result<()> {
         let mut state = self.state();
-        for sandbox in snapshot.sandboxes.into_values() {
-            state.sandbox_names.insert(sandbox.spec.metadata.reserved_name(), sandbox.id.clone());
-            state.sandboxes.insert(sandbox.id.clone(), sandbox);
+        for mut sandbox in snapshot.sandboxes.into_values() {
+            let id = sandbox.id.clone();
+            state.sandbox_names.insert(sandbox.spec.metadata.reserved_name(), id.clone());
+            // A namespace lives as long as the process holding it: the pod's network is gone.
+            // Host-network sandboxes keep theirs.
+            let ready = sandbox.state == SandboxState::Ready;
+            let net = match ready {
+                false => None,
+                true if self.uses_host_network(&sandbox.spec) => {
+                    Some(PodNet { ns: None, ip: None, forwards: Vec::new() })
+                }
+                true => self.restore_network(&mut state, &sandbox),
+            };
+            let lost = ready && net.is_none() && sandbox.stop();
+            if let Some(net) = net {
+                state.nets.insert(id.clone(), net);
+            }
+            state.sandboxes.insert(id.clone(), sandbox.clone());
+            if lost {
+                tracing::warn!(sandbox = %id, "pod network was lost when wasmlet stopped; sandbox marked not ready");
+                self.journal(&state, Change::Sandbox(Box::new(sandbox)))?;
+            }
         }
         for mut record in snapshot.containers.into_values() {
             let lost = matches!(record.state, ContainerState::Running | ContainerState::Unknown);
@@ -219,6 +290,16 @@ impl Runtime {
             state.containers.insert(entry.record.id.clone(), entry);
             if lost {
                 self.journal(&state, change)?;
+            }
+        }
+        // Pins of sandboxes that are gone or no longer ready (removed while wasmlet was down, or
+        // a crash between pinning and the journal).
+        if let Ok(pins) = fs::read_dir(self.inner.root.join("netns")) {
+            for pin in pins.flatten() {
+                let id = pin.file_name().to_string_lossy().into_owned();
+                if !state.nets.contains_key(&id) {
+                    NetNs::unpin(&pin.path());
+                }
             }
         }
         tracing::info!(sandboxes = state.sandboxes.len(), containers = state.containers.len(), "loaded state");
@@ -246,33 +327,168 @@ impl Runtime {
             )));
         }
         let name = m.reserved_name();
+        let host_ports = ports::check(&name, &spec.port_mappings)?;
         let mut state = self.state();
         if let Some(existing) = state.sandbox_names.get(&name) {
             return Err(Error::AlreadyExists(format!(
                 "pod sandbox name {name:?} is reserved by sandbox {existing}; remove it first"
             )));
         }
-        let record = SandboxRecord { id: new_id(), spec, state: SandboxState::Ready, created_at: now_nanos() };
+        let id = new_id();
+        let net = self.setup_network(&mut state, &id, &name, &spec, &host_ports)?;
+        let mut record =
+            SandboxRecord { id, spec, state: SandboxState::Ready, created_at: now_nanos(), ip: String::new() };
+        record.ip = net.ip.map(|ip| ip.to_string()).unwrap_or_default();
         let id = record.id.clone();
         let change = Change::Sandbox(Box::new(record.clone()));
         state.sandbox_names.insert(name.clone(), id.clone());
         state.sandboxes.insert(id.clone(), record);
+        state.nets.insert(id.clone(), net);
         if let Err(e) = self.journal(&state, change) {
             state.sandboxes.remove(&id);
             state.sandbox_names.remove(&name);
+            if let Some(net) = state.nets.remove(&id) {
+                self.release_network(&mut state, &id, net);
+            }
             return Err(e);
         }
         tracing::info!(sandbox = %id, name = %name, "pod sandbox ready");
         Ok(id)
     }
 
-    /// Stops every container of the sandbox at once and marks it not ready. Idempotent; a
-    /// missing sandbox is not an error.
+    /// Whether pods can get a network: Ok with a word on the mode, or Err with the reason.
+    pub fn network_status(&self) -> std::result::Result<String, String> {
+        match (&self.inner.network_error, self.inner.options.network.mode) {
+            (Some(why), _) => Err(why.clone()),
+            (None, NetworkMode::Rootless) => Ok(format!(
+                "rootless: a network namespace per pod, addresses from {}",
+                self.inner.options.network.pod_cidr
+            )),
+            (None, NetworkMode::Host) => Ok("host: every pod on the host's network".to_string()),
+        }
+    }
+
+    fn uses_host_network(&self, spec: &SandboxSpec) -> bool {
+        self.inner.options.network.mode == NetworkMode::Host || spec.network == NamespaceMode::Node
+    }
+
+    /// A network for a new sandbox: on the host's, or a namespace of its own with an address
+    /// and its host ports bound (a port already taken fails here, with nothing kept).
+    fn setup_network(
+        &self,
+        state: &mut State,
+        id: &str,
+        name: &str,
+        spec: &SandboxSpec,
+        host_ports: &[PortMapping],
+    ) -> Result<PodNet> {
+        if self.uses_host_network(spec) {
+            return Ok(PodNet { ns: None, ip: None, forwards: Vec::new() });
+        }
+        if let Some(why) = &self.inner.network_error {
+            return Err(Error::FailedPrecondition(format!("pod sandbox {name}: the pod network is not ready: {why}")));
+        }
+        let pool = self.inner.netns_pool.as_ref().expect("rootless mode has a pool");
+        let ns =
+            Arc::new(pool.take().map_err(|e| Error::Internal(format!("pod sandbox {name}: network namespace: {e}")))?);
+        let ipam = state.ipam.as_mut().expect("rootless mode has addresses");
+        let ip = ipam.allocate().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "pod sandbox {name}: no pod address left in {}",
+                self.inner.options.network.pod_cidr
+            ))
+        })?;
+        let mut net = PodNet { ns: Some(ns.clone()), ip: Some(ip), forwards: Vec::new() };
+        let configured = ns.run_inside(move || crate::net::netlink::Netlink::open()?.add_address(1, ip, 32));
+        let started = configured
+            .map_err(|e| Error::Internal(format!("pod sandbox {name}: give the pod its address {ip}: {e}")))
+            .and_then(|()| self.forward_ports(&mut net, name, host_ports));
+        if let Err(e) = started {
+            self.release_network(state, id, net);
+            return Err(e);
+        }
+        self.pin_network(id, &ns);
+        Ok(net)
+    }
+
+    /// Binds the sandbox's host ports and forwards them into its namespace.
+    fn forward_ports(&self, net: &mut PodNet, name: &str, host_ports: &[PortMapping]) -> Result<()> {
+        let (Some(ns), Some(ip)) = (&net.ns, net.ip) else { return Ok(()) };
+        for (m, listener) in ports::bind(name, host_ports)? {
+            let target = std::net::SocketAddr::new(ip.into(), m.container_port as u16);
+            net.forwards.push(self.inner.engine.spawn(ports::forward(ns.clone(), listener, target)));
+        }
+        Ok(())
+    }
+
+    fn netns_pin_path(&self, sandbox_id: &str) -> PathBuf {
+        self.inner.root.join("netns").join(sandbox_id)
+    }
+
+    /// Pins the namespace so it outlives this process (root only; without privilege a
+    /// restart loses the pod's network and the sandbox is reported not ready).
+    fn pin_network(&self, sandbox_id: &str, ns: &NetNs) {
+        let path = self.netns_pin_path(sandbox_id);
+        let pinned = fs::create_dir_all(self.inner.root.join("netns")).and_then(|()| ns.pin(&path));
+        if let Err(e) = pinned {
+            tracing::debug!(sandbox = %sandbox_id, error = %e, "network namespace not pinned (not root?)");
+        }
+    }
+
+    /// The network of a ready sandbox loaded from the journal: its pinned namespace, address
+    /// and host ports again; None if the namespace did not survive.
+    fn restore_network(&self, state: &mut State, sandbox: &SandboxRecord) -> Option<PodNet> {
+        let ns = NetNs::open_pinned(&self.netns_pin_path(&sandbox.id)).ok().flatten()?;
+        let ip: std::net::Ipv4Addr = sandbox.ip.parse().ok()?;
+        state.ipam.as_mut()?.reserve(ip);
+        let mut net = PodNet { ns: Some(Arc::new(ns)), ip: Some(ip), forwards: Vec::new() };
+        let name = sandbox.spec.metadata.reserved_name();
+        let host_ports = ports::check(&name, &sandbox.spec.port_mappings).unwrap_or_default();
+        if let Err(e) = self.forward_ports(&mut net, &name, &host_ports) {
+            tracing::error!(sandbox = %sandbox.id, error = %e, "host ports of a restored pod");
+        }
+        Some(net)
+    }
+
+    /// Gives a sandbox's address back and stops its forwarders (their listeners close when
+    /// the tasks are dropped; [`Runtime::stop_sandbox`] waits for that).
+    fn release_network(&self, state: &mut State, sandbox_id: &str, net: PodNet) -> Vec<tokio::task::JoinHandle<()>> {
+        if let (Some(ip), Some(ipam)) = (net.ip, state.ipam.as_mut()) {
+            ipam.release(ip);
+        }
+        if net.ns.is_some() {
+            NetNs::unpin(&self.netns_pin_path(sandbox_id));
+        }
+        for f in &net.forwards {
+            f.abort();
+        }
+        net.forwards
+    }
+
+    /// Releases a sandbox's network, if it has one, and returns once its host ports are free.
+    async fn drop_network(&self, id: &str) {
+        let forwards = {
+            let mut state = self.state();
+            match state.nets.remove(id) {
+                Some(net) => self.release_network(&mut state, id, net),
+                None => Vec::new(),
+            }
+        };
+        // Aborted: awaiting them waits until their listeners are closed.
+        for f in forwards {
+            let _ = f.await;
+        }
+    }
+
+    /// Stops every container of the sandbox at once, releases its network (namespace,
+    /// address, host ports) and marks it not ready. Idempotent; a missing sandbox is not an
+    /// error.
     pub async fn stop_sandbox(&self, id: &str) -> Result<()> {
         let ids = self.containers_of(id);
         for c in ids {
             self.stop_container(&c, 0).await?;
         }
+        self.drop_network(id).await;
         let mut state = self.state();
         if let Some(sandbox) = state.sandboxes.get_mut(id)
             && sandbox.stop()
@@ -289,6 +505,7 @@ impl Runtime {
         for c in self.containers_of(id) {
             self.remove_container(&c).await?;
         }
+        self.drop_network(id).await;
         let mut state = self.state();
         if let Some(sandbox) = state.sandboxes.remove(id) {
             state.sandbox_names.remove(&sandbox.spec.metadata.reserved_name());
@@ -421,13 +638,13 @@ impl Runtime {
     /// Starts a created container.
     pub fn start_container(&self, id: &str) -> Result<()> {
         let mut state = self.state();
-        let hostname = {
+        let (hostname, net) = {
             let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
-            state.hostname(&entry.record.sandbox_id)
+            (state.hostname(&entry.record.sandbox_id), state.guest_net(&entry.record.sandbox_id))
         };
         let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
         entry.record.start(now_nanos())?;
-        let prepared = self.prepare_start(entry, &hostname);
+        let prepared = net.and_then(|net| self.prepare_start(entry, &hostname, net));
         let (program, spec, log) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -454,10 +671,11 @@ impl Runtime {
         let (kill_tx, kill_rx) = oneshot::channel::<ExitStatus>();
         let (done_tx, done_rx) = watch::channel(false);
         let (stdout, stderr) = (spec.stdout.clone(), spec.stderr.clone());
+        let net = spec.net.clone();
         let guest = self.inner.engine.run(&program, spec, meter);
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let cid = id.to_string();
-        self.inner.engine.spawn(async move {
+        self.inner.engine.spawn_for(&net, async move {
             let status = tokio::select! {
                 outcome = guest => ExitStatus::from_outcome(&outcome),
                 Ok(status) = kill_rx => status,
@@ -478,7 +696,12 @@ impl Runtime {
     }
 
     /// Everything a start needs; an error here is a StartError.
-    fn prepare_start(&self, entry: &mut Entry, hostname: &str) -> Result<(Program, GuestSpec, Option<Arc<LogFile>>)> {
+    fn prepare_start(
+        &self,
+        entry: &mut Entry,
+        hostname: &str,
+        net: GuestNet,
+    ) -> Result<(Program, GuestSpec, Option<Arc<LogFile>>)> {
         let rec = &entry.record;
         let program = match &entry.program {
             Some(p) => p.clone(),
@@ -501,7 +724,7 @@ impl Runtime {
             Some(l) => GuestOutput::log(stream, l.clone()),
             None => GuestOutput::discard(stream),
         };
-        let mut spec = guest_spec(rec, hostname, output(Stream::Stdout), output(Stream::Stderr))?;
+        let mut spec = guest_spec(rec, hostname, net, output(Stream::Stdout), output(Stream::Stderr))?;
         if spec.args.is_empty() {
             spec.args.push(rec.spec.metadata.name.clone());
         }
@@ -630,18 +853,19 @@ impl Runtime {
         if cmd.is_empty() {
             return Err(Error::InvalidArgument(format!("exec in container {id}: empty command")));
         }
-        let (record, program, hostname) = {
+        let (record, program, hostname, net) = {
             let state = self.state();
             let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
             if entry.record.state != ContainerState::Running {
                 return Err(Error::FailedPrecondition(format!("container {id} is not running")));
             }
             let hostname = state.hostname(&entry.record.sandbox_id);
-            (entry.record.clone(), entry.program.clone(), hostname)
+            let net = state.guest_net(&entry.record.sandbox_id)?;
+            (entry.record.clone(), entry.program.clone(), hostname, net)
         };
         let stdout = GuestOutput::capture(Stream::Stdout, EXEC_OUTPUT_LIMIT);
         let stderr = GuestOutput::capture(Stream::Stderr, EXEC_OUTPUT_LIMIT);
-        let mut spec = guest_spec(&record, &hostname, stdout.clone(), stderr.clone())?;
+        let mut spec = guest_spec(&record, &hostname, net.clone(), stdout.clone(), stderr.clone())?;
         spec.args = cmd.clone();
         let program = match wasm_in_container(&spec.preopens, &cmd[0]) {
             Some(path) => {
@@ -658,7 +882,7 @@ impl Runtime {
             record.spec.resources.as_ref().map_or(0, |r| r.memory_limit_in_bytes.max(0) as u64),
             Ordering::Relaxed,
         );
-        let task = self.inner.engine.spawn(self.inner.engine.run(&program, spec, meter));
+        let task = self.inner.engine.spawn_for(&net, self.inner.engine.run(&program, spec, meter));
         let abort = task.abort_handle();
         let outcome = if timeout_secs > 0 {
             match tokio::time::timeout(Duration::from_secs(timeout_secs as u64), task).await {
@@ -772,7 +996,13 @@ impl Runtime {
 /// command replaces a compat image's entrypoint and its args replace the image's cmd (as
 /// Kubernetes defines them); the CRI's env wins over the image's; mounts lie over the image's
 /// read-only root filesystem.
-fn guest_spec(rec: &ContainerRecord, hostname: &str, stdout: GuestOutput, stderr: GuestOutput) -> Result<GuestSpec> {
+fn guest_spec(
+    rec: &ContainerRecord,
+    hostname: &str,
+    net: GuestNet,
+    stdout: GuestOutput,
+    stderr: GuestOutput,
+) -> Result<GuestSpec> {
     let spec = &rec.spec;
     let image = rec.image_run.as_ref();
     let mut args: Vec<String> = match image {
@@ -810,7 +1040,7 @@ fn guest_spec(rec: &ContainerRecord, hostname: &str, stdout: GuestOutput, stderr
     let working_dir =
         if spec.working_dir.is_empty() { image.map_or("", |r| r.working_dir.as_str()) } else { &spec.working_dir };
     let cwd = (!working_dir.is_empty()).then(|| working_dir.to_string());
-    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr })
+    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net })
 }
 
 /// Checks a mount and gives the directory to preopen. The host path is resolved (a symlink is

@@ -162,6 +162,12 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+        // Pod namespaces the server pinned (as root) outlive it by design: let them go.
+        if let Ok(pins) = std::fs::read_dir(self.root().join("netns")) {
+            for pin in pins.flatten() {
+                let _ = rustix::mount::unmount(pin.path(), rustix::mount::UnmountFlags::DETACH);
+            }
+        }
     }
 }
 
