@@ -1,6 +1,8 @@
 //! Builds the test workloads from source: `workloads/tool.c` with clang for wasm32-wasi (a
 //! preview 1 module), and the same module made a `wasi:cli/command` component with the
-//! preview 1 adapter. The test command installs clang, lld and wasi-libc when missing.
+//! preview 1 adapter; `workloads/net.c`, a command that uses wasi:sockets through C bindings
+//! that wit-bindgen generates here for `workloads/wit/net.wit`, made a component the same way.
+//! The test command installs clang, lld and wasi-libc when missing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,8 +11,68 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     println!("cargo:rerun-if-changed=workloads");
     let module = out.join("tool.wasm");
-    compile_c(Path::new("workloads/tool.c"), &module);
-    let bytes = std::fs::read(&module).expect("read tool.wasm");
+    compile_c(&[Path::new("workloads/tool.c")], &[], &module);
+    let component_path = out.join("tool.component.wasm");
+    componentize(&module, &component_path);
+    println!("cargo:rustc-env=WORKLOAD_TOOL={}", module.display());
+    println!("cargo:rustc-env=WORKLOAD_TOOL_COMPONENT={}", component_path.display());
+
+    let bindings = out.join("net-bindings");
+    generate_c_bindings(&out, &bindings);
+    let net_module = out.join("net.wasm");
+    compile_c(
+        &[Path::new("workloads/net.c"), &bindings.join("net.c"), &bindings.join("net_component_type.o")],
+        &[&bindings],
+        &net_module,
+    );
+    let net = out.join("net.component.wasm");
+    componentize(&net_module, &net);
+    println!("cargo:rustc-env=WORKLOAD_NET={}", net.display());
+}
+
+/// The directory of the WASI WIT packages shipped in the wasmtime-wasi crate (its source in
+/// cargo's registry, or wherever `cargo metadata` says it is).
+fn wasi_wit_deps() -> PathBuf {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .current_dir(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"))
+        .output()
+        .expect("cargo metadata");
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    // The manifest path of wasmtime-wasi, without a JSON parser in the build script.
+    let key = "\"manifest_path\":\"";
+    text.match_indices(key)
+        .map(|(i, _)| &text[i + key.len()..])
+        .map(|rest| &rest[..rest.find('"').expect("closing quote")])
+        .find(|p| p.contains("/wasmtime-wasi-48.") && p.ends_with("Cargo.toml"))
+        .map(|p| Path::new(p).parent().expect("crate dir").join("src/p2/wit/deps"))
+        .expect("wasmtime-wasi 48 in cargo metadata")
+}
+
+/// C bindings for the `net` world into `dir` (net.c, net.h, net_component_type.o).
+fn generate_c_bindings(out: &Path, dir: &Path) {
+    let wit = out.join("net-wit");
+    let _ = std::fs::remove_dir_all(&wit);
+    std::fs::create_dir_all(wit.join("deps")).expect("wit dir");
+    std::fs::copy("workloads/wit/net.wit", wit.join("net.wit")).expect("copy net.wit");
+    for entry in std::fs::read_dir(wasi_wit_deps()).expect("wasi wit deps") {
+        let entry = entry.expect("wit entry");
+        std::fs::copy(entry.path(), wit.join("deps").join(entry.file_name())).expect("copy wit");
+    }
+    let mut resolve = wit_parser::Resolve::default();
+    let (pkg, _) = resolve.push_dir(&wit).expect("parse net.wit");
+    let world = resolve.select_world(&[pkg], Some("net")).expect("world net");
+    let mut files = wit_bindgen_core::Files::default();
+    wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files).expect("generate C bindings");
+    std::fs::create_dir_all(dir).expect("bindings dir");
+    for (name, bytes) in files.iter() {
+        std::fs::write(dir.join(name), bytes).expect("write binding");
+    }
+}
+
+fn componentize(module: &Path, component_path: &Path) {
+    let bytes = std::fs::read(module).expect("read module");
     let component = wit_component::ComponentEncoder::default()
         .module(&bytes)
         .and_then(|e| {
@@ -21,23 +83,21 @@ fn main() {
         })
         .map(|e| e.validate(true))
         .and_then(|mut e| e.encode())
-        .expect("componentize tool.wasm");
-    let component_path = out.join("tool.component.wasm");
-    std::fs::write(&component_path, component).expect("write component");
-    println!("cargo:rustc-env=WORKLOAD_TOOL={}", module.display());
-    println!("cargo:rustc-env=WORKLOAD_TOOL_COMPONENT={}", component_path.display());
+        .unwrap_or_else(|e| panic!("componentize {}: {e:#}", module.display()));
+    std::fs::write(component_path, component).expect("write component");
 }
 
-fn compile_c(src: &Path, out: &Path) {
+fn compile_c(srcs: &[&Path], includes: &[&Path], out: &Path) {
     let clang = std::env::var("WASM_CC").unwrap_or_else(|_| "clang".to_string());
     let status = Command::new(&clang)
-        .args(["--target=wasm32-wasi", "-O2", "-Wall", "-Werror"])
-        .arg(src)
+        .args(["--target=wasm32-wasi", "-O2", "-Wall", "-Werror", "-Wno-unused-function"])
+        .args(includes.iter().map(|i| format!("-I{}", i.display())))
+        .args(srcs)
         .arg("-o")
         .arg(out)
         .status()
         .unwrap_or_else(|e| {
             panic!("run {clang}: {e}\nthe test workloads need clang, lld and wasi-libc: apt-get install clang lld wasi-libc")
         });
-    assert!(status.success(), "{clang} failed to build {}", src.display());
+    assert!(status.success(), "{clang} failed to build {}", out.display());
 }

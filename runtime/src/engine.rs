@@ -381,7 +381,7 @@ fn build_wasi(spec: GuestSpec) -> std::result::Result<WasiCtxBuilder, String> {
     b.allow_blocking_current_thread(true);
     if !matches!(spec.net, GuestNet::None) {
         // Sockets are created in the namespace of the polling thread: the pod's.
-        b.inherit_network().allow_ip_name_lookup(true);
+        b.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
     }
     if let Some(cwd) = &spec.cwd {
         b.initial_cwd(cwd);

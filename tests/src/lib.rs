@@ -25,6 +25,37 @@ pub fn tool_component() -> &'static Path {
     Path::new(env!("WORKLOAD_TOOL_COMPONENT"))
 }
 
+/// A component that serves and connects through wasi:sockets (`workloads/net.c`).
+pub fn net_component() -> &'static Path {
+    Path::new(env!("WORKLOAD_NET"))
+}
+
+/// A TCP port free on the host's loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Waits (polling) until the container's log has a line containing `needle`.
+pub async fn wait_log(rt: &mut RuntimeClient, id: &str, needle: &str, limit: Duration) -> Result<()> {
+    let path = status(rt, id).await?.log_path;
+    let deadline = Instant::now() + limit;
+    loop {
+        if read_log(Path::new(&path)).is_ok_and(|l| l.iter().any(|r| r.text.contains(needle))) {
+            return Ok(());
+        }
+        let s = status(rt, id).await?;
+        if s.state == cri::ContainerState::ContainerExited as i32 || Instant::now() > deadline {
+            bail!(
+                "container {id} (state {}, {}) never logged {needle:?}: {:?}",
+                s.state,
+                s.message,
+                read_log(Path::new(&path))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The `wasmlet` binary built next to the test executables (or `$WASMLET_BIN`).
 pub fn wasmlet_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("WASMLET_BIN") {
@@ -127,6 +158,11 @@ impl Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("server running")
     }
 
     /// Whether the server process is still alive.

@@ -1,0 +1,187 @@
+//! Pod networking in the default (rootless) mode: a network namespace per pod, the pod IP,
+//! host ports, localhost between siblings, host-network pods, and nothing left behind.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use tonic::Code;
+use wasmlet_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn net(name: &str, args: &[&str]) -> cri::ContainerConfig {
+    let mut c = container_config(name, "net", args);
+    c.command = vec!["net".into()];
+    c
+}
+
+fn with_ports(mut cfg: cri::PodSandboxConfig, ports: &[(i32, i32)]) -> cri::PodSandboxConfig {
+    cfg.port_mappings = ports
+        .iter()
+        .map(|&(container_port, host_port)| cri::PortMapping {
+            protocol: cri::Protocol::Tcp as i32,
+            container_port,
+            host_port,
+            host_ip: String::new(),
+        })
+        .collect();
+    cfg
+}
+
+/// Sends `msg` to 127.0.0.1:`port` on the host and returns the answer.
+fn ask(port: u16, msg: &str) -> std::io::Result<String> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(WAIT))?;
+    c.write_all(msg.as_bytes())?;
+    let mut answer = String::new();
+    c.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+async fn start(rt: &mut RuntimeClient, sb: &str, cfg: &cri::PodSandboxConfig, c: cri::ContainerConfig) -> String {
+    let id = create(rt, sb, cfg, c).await.unwrap();
+    rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
+    id
+}
+
+async fn pod_ip(rt: &mut RuntimeClient, sb: &str) -> String {
+    let s = rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: sb.into(), verbose: false }).await;
+    s.unwrap().into_inner().status.unwrap().network.unwrap().ip
+}
+
+/// The stdout lines of an exited container.
+async fn output(rt: &mut RuntimeClient, id: &str) -> Vec<String> {
+    let s = wait_exited(rt, id, WAIT).await.unwrap();
+    let lines = texts(&read_log(std::path::Path::new(&s.log_path)).unwrap(), "stdout");
+    assert_eq!(s.exit_code, 0, "{id}: {lines:?} {:?}", read_log(std::path::Path::new(&s.log_path)));
+    lines
+}
+
+#[tokio::test]
+async fn pods_have_networks_of_their_own() {
+    let server = Server::start().await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let cond = rt.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner().status.unwrap().conditions;
+    let network = cond.iter().find(|c| c.r#type == "NetworkReady").unwrap();
+    assert!(network.status && network.message.contains("rootless"), "{network:?}");
+
+    // Two pods, both listening on 8080 at once; only pod a maps a host port.
+    let host_port = free_port();
+    let a_cfg = with_ports(sandbox_config(&server, "pod-a"), &[(8080, host_port as i32)]);
+    let a = run_sandbox(&mut rt, &a_cfg).await.unwrap();
+    let b_cfg = with_ports(sandbox_config(&server, "pod-b"), &[(8080, 0)]);
+    let b = run_sandbox(&mut rt, &b_cfg).await.unwrap();
+    let a_server = start(&mut rt, &a, &a_cfg, net("server", &["serve", "8080"])).await;
+    let b_server = start(&mut rt, &b, &b_cfg, net("server", &["serve", "8080"])).await;
+    wait_log(&mut rt, &a_server, "listening on 8080", WAIT).await.unwrap();
+    wait_log(&mut rt, &b_server, "listening on 8080", WAIT).await.unwrap();
+
+    // Each pod has its own address from the pod range.
+    let (a_ip, b_ip) = (pod_ip(&mut rt, &a).await, pod_ip(&mut rt, &b).await);
+    assert!(a_ip.starts_with("10.88.") && b_ip.starts_with("10.88.") && a_ip != b_ip, "{a_ip} {b_ip}");
+
+    // From the host through the host port: pod a answers.
+    let answer = tokio::task::spawn_blocking(move || ask(host_port, "from-host")).await.unwrap().unwrap();
+    assert_eq!(answer, "pod-a got from-host");
+
+    // Siblings reach each other on localhost and on the pod IP; each pod reaches its own server.
+    let c = start(&mut rt, &a, &a_cfg, net("client", &["connect", "localhost", "8080", "sibling"])).await;
+    assert_eq!(output(&mut rt, &c).await, ["pod-a got sibling"]);
+    let c = start(&mut rt, &a, &a_cfg, net("client-ip", &["connect", &a_ip, "8080", "by-ip"])).await;
+    assert_eq!(output(&mut rt, &c).await, ["pod-a got by-ip"]);
+    let c = start(&mut rt, &b, &b_cfg, net("client", &["connect", "127.0.0.1", "8080", "in-b"])).await;
+    assert_eq!(output(&mut rt, &c).await, ["pod-b got in-b"]);
+
+    // A pod does not see another pod's address (b has only its own), nor the host's listeners.
+    let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_only = host_listener.local_addr().unwrap().port().to_string();
+    let c = start(&mut rt, &b, &b_cfg, net("probe", &["connect", "127.0.0.1", &host_only, "x"])).await;
+    let s = wait_exited(&mut rt, &c, WAIT).await.unwrap();
+    assert_ne!(s.exit_code, 0, "a pod must not reach the host's loopback listeners");
+
+    // Stopping the pod frees its host port at once.
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: a.clone() }).await.unwrap();
+    std::net::TcpListener::bind(("0.0.0.0", host_port)).expect("host port released by StopPodSandbox");
+}
+
+#[tokio::test]
+async fn bad_network_requests_are_refused_and_the_runtime_keeps_serving() {
+    let server = Server::start().await.unwrap();
+    let mut rt = server.runtime().await;
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port() as i32;
+    for (cfg, code, says) in [
+        (with_ports(sandbox_config(&server, "dup"), &[(80, 0), (80, 0)]), Code::InvalidArgument, "declared twice"),
+        (with_ports(sandbox_config(&server, "two"), &[(80, 9999), (81, 9999)]), Code::InvalidArgument, "mapped twice"),
+        (with_ports(sandbox_config(&server, "taken"), &[(80, taken_port)]), Code::FailedPrecondition, "cannot listen"),
+    ] {
+        let e = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg.clone()), runtime_handler: String::new() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+        let name = cfg.metadata.as_ref().unwrap().name.clone();
+        assert!(e.message().contains(says) && e.message().contains(&name), "{}", e.message());
+    }
+    // Nothing was kept, and the names are free to use.
+    let items = rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }).await.unwrap().into_inner().items;
+    assert!(items.is_empty());
+    run_sandbox(&mut rt, &sandbox_config(&server, "taken")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_host_network_pod_listens_on_the_host() {
+    let server = Server::start().await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let mut cfg = sandbox_config(&server, "hostnet");
+    cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    assert_eq!(pod_ip(&mut rt, &sb).await, "", "a host-network pod has the node's address, not one of its own");
+    let port = free_port();
+    let id = start(&mut rt, &sb, &cfg, net("server", &["serve", &port.to_string()])).await;
+    wait_log(&mut rt, &id, "listening on", WAIT).await.unwrap();
+    let answer = tokio::task::spawn_blocking(move || ask(port, "on-host")).await.unwrap().unwrap();
+    assert_eq!(answer, "hostnet got on-host");
+}
+
+#[tokio::test]
+async fn two_hundred_pods_leave_nothing_behind() {
+    let server = Server::start().await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", server.pid())).unwrap().count();
+    let pins = || std::fs::read_dir(server.root().join("netns")).map(|d| d.count()).unwrap_or(0);
+    let host_port = free_port() as i32;
+    let mut ips = std::collections::BTreeSet::new();
+    let mut fds_after_first = 0;
+    for i in 0..200 {
+        let cfg = with_ports(sandbox_config(&server, &format!("p{i}")), &[(8080, host_port)]);
+        let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+        ips.insert(pod_ip(&mut rt, &sb).await);
+        let c = start(&mut rt, &sb, &cfg, net("lookup", &["lookup", "localhost"])).await;
+        assert_eq!(output(&mut rt, &c).await, ["127.0.0.1"]);
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sb.clone() }).await.unwrap();
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb }).await.unwrap();
+        if i == 0 {
+            fds_after_first = fds();
+        }
+    }
+    // The same host port every time: each stop released it. One address, reused.
+    assert_eq!(ips.len(), 1, "{ips:?}");
+    assert_eq!(pins(), 0, "no pinned namespace left");
+    // Descriptors: the pool of ready namespaces and the runtime's own files, nothing per pod.
+    let now = fds();
+    assert!(now <= fds_after_first + 4, "descriptors grew from {fds_after_first} to {now}");
+    std::net::TcpListener::bind(("0.0.0.0", host_port as u16)).expect("host port free after the last pod");
+}

@@ -1,0 +1,184 @@
+// The socket test workload: a wasi:cli/command that uses wasi:sockets through the C bindings
+// tests/build.rs generates. Its first argument picks what it does:
+//   serve PORT        TCP server on 0.0.0.0:PORT; answers each connection's first read with
+//                     "<HOSTNAME> got <bytes>" and closes it
+//   connect HOST PORT MSG
+//                     looks HOST up, connects, sends MSG, prints the answer
+//   lookup NAME       prints NAME's addresses, one per line
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "net.h"
+
+static wasi_sockets_network_borrow_network_t network(void) {
+    static int have;
+    static wasi_sockets_network_own_network_t own;
+    if (!have) {
+        own = wasi_sockets_instance_network_instance_network();
+        have = 1;
+    }
+    return wasi_sockets_network_borrow_network(own);
+}
+
+static void block_on(wasi_io_poll_own_pollable_t p) {
+    wasi_io_poll_method_pollable_block(wasi_io_poll_borrow_pollable(p));
+    wasi_io_poll_pollable_drop_own(p);
+}
+
+static int fail(const char *what, int code) {
+    fprintf(stderr, "%s: error code %d\n", what, code);
+    return 1;
+}
+
+static void print_ip(wasi_sockets_network_ip_address_t *a) {
+    if (a->tag == WASI_SOCKETS_NETWORK_IP_ADDRESS_IPV4) {
+        wasi_sockets_network_ipv4_address_t v = a->val.ipv4;
+        printf("%u.%u.%u.%u\n", v.f0, v.f1, v.f2, v.f3);
+    } else {
+        wasi_sockets_network_ipv6_address_t v = a->val.ipv6;
+        printf("%x:%x:%x:%x:%x:%x:%x:%x\n", v.f0, v.f1, v.f2, v.f3, v.f4, v.f5, v.f6, v.f7);
+    }
+}
+
+// Resolves NAME; fills up to MAX addresses, returns how many (or -1).
+static int lookup(const char *name, wasi_sockets_network_ip_address_t *out, int max) {
+    net_string_t s;
+    net_string_set(&s, name);
+    wasi_sockets_ip_name_lookup_own_resolve_address_stream_t stream;
+    wasi_sockets_ip_name_lookup_error_code_t err;
+    if (!wasi_sockets_ip_name_lookup_resolve_addresses(network(), &s, &stream, &err)) {
+        fprintf(stderr, "resolve %s: error code %d\n", name, err);
+        return -1;
+    }
+    wasi_sockets_ip_name_lookup_borrow_resolve_address_stream_t b =
+        wasi_sockets_ip_name_lookup_borrow_resolve_address_stream(stream);
+    int n = 0;
+    for (;;) {
+        wasi_sockets_ip_name_lookup_option_ip_address_t next;
+        if (!wasi_sockets_ip_name_lookup_method_resolve_address_stream_resolve_next_address(b, &next, &err)) {
+            if (err == WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) {
+                block_on(wasi_sockets_ip_name_lookup_method_resolve_address_stream_subscribe(b));
+                continue;
+            }
+            fprintf(stderr, "resolve %s: error code %d\n", name, err);
+            n = -1;
+            break;
+        }
+        if (!next.is_some) break;
+        if (n < max) out[n++] = next.val;
+    }
+    wasi_sockets_ip_name_lookup_resolve_address_stream_drop_own(stream);
+    return n;
+}
+
+static void write_all(wasi_io_streams_own_output_stream_t out, const char *data, size_t len) {
+    net_list_u8_t list = {(uint8_t *)data, len};
+    wasi_io_streams_stream_error_t err;
+    wasi_io_streams_method_output_stream_blocking_write_and_flush(wasi_io_streams_borrow_output_stream(out), &list,
+                                                                  &err);
+}
+
+// The first chunk the peer sends (up to 1024 bytes), NUL-terminated in BUF.
+static size_t read_some(wasi_io_streams_own_input_stream_t in, char *buf, size_t cap) {
+    net_list_u8_t got;
+    wasi_io_streams_stream_error_t err;
+    if (!wasi_io_streams_method_input_stream_blocking_read(wasi_io_streams_borrow_input_stream(in), cap - 1, &got,
+                                                           &err)) {
+        buf[0] = 0;
+        return 0;
+    }
+    size_t n = got.len < cap - 1 ? got.len : cap - 1;
+    memcpy(buf, got.ptr, n);
+    buf[n] = 0;
+    net_list_u8_free(&got);
+    return n;
+}
+
+static int serve(int port) {
+    wasi_sockets_tcp_own_tcp_socket_t sock;
+    wasi_sockets_tcp_error_code_t err;
+    if (!wasi_sockets_tcp_create_socket_create_tcp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, &sock, &err))
+        return fail("create socket", err);
+    wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
+    wasi_sockets_tcp_ip_socket_address_t addr = {0};
+    addr.tag = WASI_SOCKETS_NETWORK_IP_SOCKET_ADDRESS_IPV4;
+    addr.val.ipv4.port = (uint16_t)port;
+    if (!wasi_sockets_tcp_method_tcp_socket_start_bind(s, network(), &addr, &err)) return fail("bind", err);
+    while (!wasi_sockets_tcp_method_tcp_socket_finish_bind(s, &err)) {
+        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("bind", err);
+        block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
+    }
+    if (!wasi_sockets_tcp_method_tcp_socket_start_listen(s, &err)) return fail("listen", err);
+    while (!wasi_sockets_tcp_method_tcp_socket_finish_listen(s, &err)) {
+        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("listen", err);
+        block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
+    }
+    printf("listening on %d\n", port);
+    fflush(stdout);
+    const char *me = getenv("HOSTNAME");
+    for (;;) {
+        wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn;
+        if (!wasi_sockets_tcp_method_tcp_socket_accept(s, &conn, &err)) {
+            if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("accept", err);
+            block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
+            continue;
+        }
+        char buf[1024], reply[1200];
+        read_some(conn.f1, buf, sizeof buf);
+        int n = snprintf(reply, sizeof reply, "%s got %s", me ? me : "?", buf);
+        write_all(conn.f2, reply, (size_t)n);
+        wasi_io_streams_input_stream_drop_own(conn.f1);
+        wasi_io_streams_output_stream_drop_own(conn.f2);
+        wasi_sockets_tcp_tcp_socket_drop_own(conn.f0);
+    }
+}
+
+static int connect_to(const char *host, int port, const char *msg) {
+    wasi_sockets_network_ip_address_t addrs[8];
+    int n = lookup(host, addrs, 8);
+    if (n <= 0) {
+        fprintf(stderr, "no address for %s\n", host);
+        return 1;
+    }
+    int i = 0;
+    while (i < n && addrs[i].tag != WASI_SOCKETS_NETWORK_IP_ADDRESS_IPV4) i++;
+    if (i == n) {
+        fprintf(stderr, "no IPv4 address for %s\n", host);
+        return 1;
+    }
+    wasi_sockets_tcp_own_tcp_socket_t sock;
+    wasi_sockets_tcp_error_code_t err;
+    if (!wasi_sockets_tcp_create_socket_create_tcp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, &sock, &err))
+        return fail("create socket", err);
+    wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
+    wasi_sockets_tcp_ip_socket_address_t addr = {0};
+    addr.tag = WASI_SOCKETS_NETWORK_IP_SOCKET_ADDRESS_IPV4;
+    addr.val.ipv4.port = (uint16_t)port;
+    addr.val.ipv4.address = addrs[i].val.ipv4;
+    if (!wasi_sockets_tcp_method_tcp_socket_start_connect(s, network(), &addr, &err)) return fail("connect", err);
+    wasi_sockets_tcp_tuple2_own_input_stream_own_output_stream_t io;
+    while (!wasi_sockets_tcp_method_tcp_socket_finish_connect(s, &io, &err)) {
+        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("connect", err);
+        block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
+    }
+    write_all(io.f1, msg, strlen(msg));
+    char buf[1024];
+    read_some(io.f0, buf, sizeof buf);
+    printf("%s\n", buf);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 3 && !strcmp(argv[1], "serve")) return serve(atoi(argv[2]));
+    if (argc >= 5 && !strcmp(argv[1], "connect")) return connect_to(argv[2], atoi(argv[3]), argv[4]);
+    if (argc >= 3 && !strcmp(argv[1], "lookup")) {
+        wasi_sockets_network_ip_address_t addrs[16];
+        int n = lookup(argv[2], addrs, 16);
+        if (n < 0) return 1;
+        for (int i = 0; i < n; i++) print_ip(&addrs[i]);
+        return 0;
+    }
+    fprintf(stderr, "usage: net serve PORT | connect HOST PORT MSG | lookup NAME\n");
+    return 2;
+}
