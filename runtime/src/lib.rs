@@ -8,6 +8,7 @@ mod journal;
 pub mod logs;
 pub mod model;
 pub mod net;
+mod podfiles;
 mod runtime;
 pub mod server;
 

@@ -21,6 +21,7 @@ use crate::journal::{Change, Journal, Snapshot};
 use crate::logs::{GuestOutput, LogFile, Stream};
 use crate::model::*;
 use crate::net::{Cidr, Ipam, NetNs, NetworkMode, NetworkOptions, ports};
+use crate::podfiles;
 use crate::{Error, Result};
 
 /// Runtime handler names wasmlet answers to; "" is the default.
@@ -328,6 +329,9 @@ impl Runtime {
         }
         let name = m.reserved_name();
         let host_ports = ports::check(&name, &spec.port_mappings)?;
+        if let Some(dns) = &spec.dns {
+            podfiles::check_dns(&name, dns)?;
+        }
         let mut state = self.state();
         if let Some(existing) = state.sandbox_names.get(&name) {
             return Err(Error::AlreadyExists(format!(
@@ -339,6 +343,12 @@ impl Runtime {
         let mut record =
             SandboxRecord { id, spec, state: SandboxState::Ready, created_at: now_nanos(), ip: String::new() };
         record.ip = net.ip.map(|ip| ip.to_string()).unwrap_or_default();
+        let pod_dir = podfiles::pod_dir(&self.inner.root, &record.id);
+        if let Err(e) = podfiles::write_etc(&pod_dir, &record.spec.hostname, &record.ip, record.spec.dns.as_ref()) {
+            podfiles::remove_pod_dir(&pod_dir);
+            self.release_network(&mut state, &record.id, net);
+            return Err(e);
+        }
         let id = record.id.clone();
         let change = Change::Sandbox(Box::new(record.clone()));
         state.sandbox_names.insert(name.clone(), id.clone());
@@ -350,6 +360,7 @@ impl Runtime {
             if let Some(net) = state.nets.remove(&id) {
                 self.release_network(&mut state, &id, net);
             }
+            podfiles::remove_pod_dir(&pod_dir);
             return Err(e);
         }
         tracing::info!(sandbox = %id, name = %name, "pod sandbox ready");
@@ -508,6 +519,7 @@ impl Runtime {
         self.drop_network(id).await;
         let mut state = self.state();
         if let Some(sandbox) = state.sandboxes.remove(id) {
+            podfiles::remove_pod_dir(&podfiles::pod_dir(&self.inner.root, id));
             state.sandbox_names.remove(&sandbox.spec.metadata.reserved_name());
             self.journal(&state, Change::SandboxRemoved(id.to_string()))?;
             tracing::info!(sandbox = %id, "pod sandbox removed");
@@ -553,8 +565,14 @@ impl Runtime {
         }
         let image = self.find_image(&spec.image.image)?;
         let log_file = log_file(&sandbox.spec, &spec)?;
-        for m in &spec.mounts {
-            resolve_mount(m)?;
+        let id = new_id();
+        let pod_dir = podfiles::pod_dir(&self.inner.root, sandbox_id);
+        let files = file_mounts(&spec)?;
+        let etc =
+            image.run.as_ref().map(|r| self.inner.images.root().join(&r.rootfs).join("etc")).filter(|e| e.is_dir());
+        if !files.is_empty() || etc.is_some() {
+            let dir = pod_dir.join("files").join(&id);
+            podfiles::place_file_mounts(&dir, &pod_dir.join("etc"), etc.as_deref(), &files)?;
         }
         // Compiling (or loading from disk) blocks: off the executor, unless already in memory.
         let program = match self.inner.engine.cached_program(&image.wasm_digest) {
@@ -583,7 +601,7 @@ impl Runtime {
             )));
         }
         let record = ContainerRecord {
-            id: new_id(),
+            id,
             sandbox_id: sandbox_id.to_string(),
             image_ref: image.repo_digests.first().cloned().unwrap_or_else(|| image.id.clone()),
             image_id: image.id.clone(),
@@ -724,7 +742,8 @@ impl Runtime {
             Some(l) => GuestOutput::log(stream, l.clone()),
             None => GuestOutput::discard(stream),
         };
-        let mut spec = guest_spec(rec, hostname, net, output(Stream::Stdout), output(Stream::Stderr))?;
+        let pod_dir = podfiles::pod_dir(&self.inner.root, &rec.sandbox_id);
+        let mut spec = guest_spec(rec, &pod_dir, hostname, net, output(Stream::Stdout), output(Stream::Stderr))?;
         if spec.args.is_empty() {
             spec.args.push(rec.spec.metadata.name.clone());
         }
@@ -780,6 +799,8 @@ impl Runtime {
         }
         let mut state = self.state();
         if let Some(entry) = state.containers.remove(id) {
+            let files = podfiles::pod_dir(&self.inner.root, &entry.record.sandbox_id).join("files").join(id);
+            podfiles::remove_files(&files);
             self.journal(&state, Change::ContainerRemoved(id.to_string()))?;
             tracing::info!(container = %id, "container removed");
             self.emit(&entry.record, EventKind::Deleted);
@@ -865,7 +886,8 @@ impl Runtime {
         };
         let stdout = GuestOutput::capture(Stream::Stdout, EXEC_OUTPUT_LIMIT);
         let stderr = GuestOutput::capture(Stream::Stderr, EXEC_OUTPUT_LIMIT);
-        let mut spec = guest_spec(&record, &hostname, net.clone(), stdout.clone(), stderr.clone())?;
+        let pod_dir = podfiles::pod_dir(&self.inner.root, &record.sandbox_id);
+        let mut spec = guest_spec(&record, &pod_dir, &hostname, net.clone(), stdout.clone(), stderr.clone())?;
         spec.args = cmd.clone();
         let program = match wasm_in_container(&spec.preopens, &cmd[0]) {
             Some(path) => {
@@ -998,6 +1020,7 @@ impl Runtime {
 /// read-only root filesystem.
 fn guest_spec(
     rec: &ContainerRecord,
+    pod_dir: &Path,
     hostname: &str,
     net: GuestNet,
     stdout: GuestOutput,
@@ -1032,30 +1055,75 @@ fn guest_spec(
     if let Some(run) = image {
         preopens.push(Preopen { host: PathBuf::from(&run.rootfs), guest: "/".to_string(), read_only: true });
     }
+    let mut dirs = Vec::new();
     for m in &spec.mounts {
-        if let Some(p) = resolve_mount(m)? {
-            preopens.push(p);
+        if let Resolved::Dir(p) = resolve_mount(m)? {
+            dirs.push(p);
         }
     }
+    // The pod's /etc files and the file mounts, unless a directory is mounted at their place.
+    let files = file_mounts(spec)?;
+    let image_etc = image_etc(image).is_some();
+    let pod_files = podfiles::preopens(&pod_dir.join("files").join(&rec.id), &pod_dir.join("etc"), image_etc, &files);
+    preopens.extend(pod_files.into_iter().filter(|p| !dirs.iter().any(|d| d.guest == p.guest)));
+    preopens.extend(dirs);
     let working_dir =
         if spec.working_dir.is_empty() { image.map_or("", |r| r.working_dir.as_str()) } else { &spec.working_dir };
     let cwd = (!working_dir.is_empty()).then(|| working_dir.to_string());
     Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net })
 }
 
-/// Checks a mount and gives the directory to preopen. The host path is resolved (a symlink is
-/// followed, as the CRI asks). File mounts are not supported yet and are skipped with a warning.
-fn resolve_mount(m: &Mount) -> Result<Option<Preopen>> {
-    if !m.container_path.starts_with('/') {
-        return Err(Error::InvalidArgument(format!("mount {:?}: container path must be absolute", m.container_path)));
+/// A mount with its host path resolved.
+enum Resolved {
+    /// A directory: preopened as it is.
+    Dir(Preopen),
+    /// A file: placed in a directory of its own (see [`podfiles`]).
+    File(PathBuf),
+}
+
+/// Checks a mount and resolves its host path (a symlink is followed, as the CRI asks).
+fn resolve_mount(m: &Mount) -> Result<Resolved> {
+    if !m.container_path.starts_with('/') || m.container_path.split('/').any(|c| c == "..") {
+        return Err(Error::InvalidArgument(format!(
+            "mount {:?}: container path must be absolute, without ..",
+            m.container_path
+        )));
     }
     let host = fs::canonicalize(&m.host_path)
         .map_err(|e| Error::InvalidArgument(format!("mount {}: host path {:?}: {e}", m.container_path, m.host_path)))?;
-    if !host.is_dir() {
-        tracing::warn!(host = %host.display(), guest = %m.container_path, "file mounts are not supported yet; skipped");
-        return Ok(None);
+    if host.is_dir() {
+        let guest = m.container_path.trim_end_matches('/');
+        let guest = if guest.is_empty() { "/" } else { guest };
+        return Ok(Resolved::Dir(Preopen {
+            host,
+            guest: guest.to_string(),
+            read_only: m.readonly || m.recursive_read_only,
+        }));
     }
-    Ok(Some(Preopen { host, guest: m.container_path.clone(), read_only: m.readonly || m.recursive_read_only }))
+    if m.container_path.ends_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "mount {}: host path {:?} is a file",
+            m.container_path, m.host_path
+        )));
+    }
+    Ok(Resolved::File(host))
+}
+
+/// The image's own `/etc` directory, if it has one (compat images).
+fn image_etc(image: Option<&wasmlet_images::ImageRun>) -> Option<PathBuf> {
+    let etc = PathBuf::from(&image?.rootfs).join("etc");
+    etc.is_dir().then_some(etc)
+}
+
+/// A container's file mounts, resolved.
+fn file_mounts(spec: &ContainerSpec) -> Result<Vec<(PathBuf, &Mount)>> {
+    let mut out = Vec::new();
+    for m in &spec.mounts {
+        if let Resolved::File(host) = resolve_mount(m)? {
+            out.push((host, m));
+        }
+    }
+    Ok(out)
 }
 
 /// The container's log file: `<log_directory>/<log_path>`, refusing a path that leaves the

@@ -81,6 +81,8 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     args: Vec<String>,
+    /// Run as this uid and gid (from root, through `setpriv`), with a copy of the binary.
+    run_as: Option<(u32, PathBuf)>,
 }
 
 impl Server {
@@ -92,9 +94,29 @@ impl Server {
     /// Starts a server on a fresh root with extra `wasmlet cri` arguments.
     pub async fn start_with(args: &[&str]) -> Result<Server> {
         let dir = tempfile::tempdir()?;
-        let mut s = Server { dir, child: None, args: args.iter().map(|a| a.to_string()).collect() };
+        let mut s = Server { dir, child: None, args: args.iter().map(|a| a.to_string()).collect(), run_as: None };
         s.spawn().await?;
         Ok(s)
+    }
+
+    /// Starts a server as the unprivileged user `nobody` (65534), as a user on a laptop would
+    /// run it. The caller must be root (CI is); `None` otherwise.
+    pub async fn start_unprivileged() -> Result<Option<Server>> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(None);
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+        // The build directory may be closed to other users: a copy they can run.
+        let bin = dir.path().join("wasmlet");
+        if std::fs::hard_link(wasmlet_bin(), &bin).is_err() {
+            std::fs::copy(wasmlet_bin(), &bin)?;
+        }
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+        let mut s = Server { dir, child: None, args: Vec::new(), run_as: Some((65534, bin)) };
+        s.spawn().await?;
+        Ok(Some(s))
     }
 
     /// The state root.
@@ -115,7 +137,15 @@ impl Server {
     /// (Re)starts the server process on the same root and waits until it answers.
     pub async fn spawn(&mut self) -> Result<()> {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log"))?;
-        let child = Command::new(wasmlet_bin())
+        let mut command = match &self.run_as {
+            None => Command::new(wasmlet_bin()),
+            Some((id, bin)) => {
+                let mut c = Command::new("setpriv");
+                c.args([format!("--reuid={id}"), format!("--regid={id}"), "--clear-groups".into()]).arg(bin);
+                c
+            }
+        };
+        let child = command
             .arg("cri")
             .arg("--root")
             .arg(self.root())

@@ -185,3 +185,26 @@ async fn two_hundred_pods_leave_nothing_behind() {
     assert!(now <= fds_after_first + 4, "descriptors grew from {fds_after_first} to {now}");
     std::net::TcpListener::bind(("0.0.0.0", host_port as u16)).expect("host port free after the last pod");
 }
+
+#[tokio::test]
+async fn rootless_mode_works_without_privilege() {
+    // As `nobody`: wasmlet enters a user namespace of its own and makes the pods' namespaces.
+    let Some(server) = Server::start_unprivileged().await.unwrap() else {
+        // Not root here, so the other tests of this file already ran without privilege.
+        return;
+    };
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let cond = rt.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner().status.unwrap().conditions;
+    let network = cond.iter().find(|c| c.r#type == "NetworkReady").unwrap();
+    assert!(network.status, "{network:?}\n{}", server.server_log());
+    let host_port = free_port();
+    let cfg = with_ports(sandbox_config(&server, "nobody-pod"), &[(8080, host_port as i32)]);
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    let id = start(&mut rt, &sb, &cfg, net("server", &["serve", "8080"])).await;
+    wait_log(&mut rt, &id, "listening on 8080", WAIT).await.unwrap();
+    let answer = tokio::task::spawn_blocking(move || ask(host_port, "unprivileged")).await.unwrap().unwrap();
+    assert_eq!(answer, "nobody-pod got unprivileged");
+    let c = start(&mut rt, &sb, &cfg, net("client", &["connect", "localhost", "8080", "sibling"])).await;
+    assert_eq!(output(&mut rt, &c).await, ["nobody-pod got sibling"]);
+}
