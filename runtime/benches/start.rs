@@ -31,6 +31,7 @@ fn engine_run(c: &mut Criterion) {
                 stdout: GuestOutput::discard(Stream::Stdout),
                 stderr: GuestOutput::discard(Stream::Stderr),
                 net: GuestNet::None,
+                dns: None,
             };
             rt.block_on(engine.run(&program, spec, Arc::new(GuestMeter::default())))
         })

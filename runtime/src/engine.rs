@@ -29,6 +29,7 @@ use wasmlet_images::WasmKind;
 
 use crate::logs::GuestOutput;
 use crate::net::NetNs;
+use crate::net::dns::PodDns;
 use crate::{Error, Result};
 
 /// How often the epoch advances: the longest a guest runs before yielding, and the longest a
@@ -82,6 +83,8 @@ pub struct GuestSpec {
     pub stderr: GuestOutput,
     /// Where its sockets are.
     pub net: GuestNet,
+    /// How its name lookups are answered (components; None: none are).
+    pub dns: Option<Arc<PodDns>>,
 }
 
 /// Counters a running guest updates, read by the stats RPCs; the memory limit may be changed
@@ -121,6 +124,16 @@ pub struct P2State {
     ctx: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
+    dns: Option<Arc<PodDns>>,
+}
+
+impl crate::net::lookup::HasPodDns for P2State {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+    fn pod_dns(&self) -> Option<Arc<PodDns>> {
+        self.dns.clone()
+    }
 }
 
 impl WasiView for P2State {
@@ -179,6 +192,8 @@ impl WasmEngine {
         let mut component_linker = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(|e| format!("link wasi preview 2: {e:#}"))?;
+        crate::net::lookup::add_to_linker(&mut component_linker)
+            .map_err(|e| format!("link the pod name lookup: {e:#}"))?;
         let cache = CompiledCache::new(cache_dir, &engine).map_err(|e| e.to_string())?;
         let executor = tokio::runtime::Builder::new_multi_thread()
             .thread_name("wasm-guest")
@@ -269,6 +284,11 @@ impl WasmEngine {
         self.executor.as_ref().expect("executor lives until drop").spawn(fut)
     }
 
+    /// The host-network executor, where name lookups of rootless pods run.
+    pub fn host_handle(&self) -> tokio::runtime::Handle {
+        self.host_executor.as_ref().expect("executor lives until drop").handle().clone()
+    }
+
     /// Spawns `fut` on the executor for guests on `net`.
     pub fn spawn_for<F>(&self, net: &GuestNet, fut: F) -> tokio::task::JoinHandle<F::Output>
     where
@@ -291,6 +311,7 @@ impl WasmEngine {
         let engine = self.engine.clone();
         let program = program.clone();
         let m = meter.clone();
+        let dns = spec.dns.clone();
         let netns = match &spec.net {
             GuestNet::Pod(ns) => Some(ns.clone()),
             GuestNet::None | GuestNet::Host => None,
@@ -310,7 +331,7 @@ impl WasmEngine {
                         run_module(&mut store, &pre).await
                     }
                     Program::Component(pre) => {
-                        let state = P2State { ctx: wasi.build(), table: ResourceTable::new(), limiter };
+                        let state = P2State { ctx: wasi.build(), table: ResourceTable::new(), limiter, dns };
                         let mut store = Store::new(&engine, state);
                         prepare(&mut store, |s| &mut s.limiter);
                         run_component(&mut store, &pre).await
@@ -431,6 +452,7 @@ mod tests {
             stdout: out.clone(),
             stderr: GuestOutput::discard(Stream::Stderr),
             net: GuestNet::None,
+            dns: None,
         }
     }
 

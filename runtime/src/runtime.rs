@@ -20,6 +20,7 @@ use crate::engine::{GuestMeter, GuestNet, GuestSpec, Outcome, Preopen, Program, 
 use crate::journal::{Change, Journal, Snapshot};
 use crate::logs::{GuestOutput, LogFile, Stream};
 use crate::model::*;
+use crate::net::dns::PodDns;
 use crate::net::{Cidr, Ipam, NetNs, NetworkMode, NetworkOptions, ports};
 use crate::podfiles;
 use crate::{Error, Result};
@@ -743,7 +744,9 @@ impl Runtime {
             None => GuestOutput::discard(stream),
         };
         let pod_dir = podfiles::pod_dir(&self.inner.root, &rec.sandbox_id);
-        let mut spec = guest_spec(rec, &pod_dir, hostname, net, output(Stream::Stdout), output(Stream::Stderr))?;
+        let dns = self.inner.engine.host_handle();
+        let (stdout, stderr) = (output(Stream::Stdout), output(Stream::Stderr));
+        let mut spec = guest_spec(rec, &pod_dir, &dns, hostname, net, stdout, stderr)?;
         if spec.args.is_empty() {
             spec.args.push(rec.spec.metadata.name.clone());
         }
@@ -887,7 +890,8 @@ impl Runtime {
         let stdout = GuestOutput::capture(Stream::Stdout, EXEC_OUTPUT_LIMIT);
         let stderr = GuestOutput::capture(Stream::Stderr, EXEC_OUTPUT_LIMIT);
         let pod_dir = podfiles::pod_dir(&self.inner.root, &record.sandbox_id);
-        let mut spec = guest_spec(&record, &pod_dir, &hostname, net.clone(), stdout.clone(), stderr.clone())?;
+        let dns = self.inner.engine.host_handle();
+        let mut spec = guest_spec(&record, &pod_dir, &dns, &hostname, net.clone(), stdout.clone(), stderr.clone())?;
         spec.args = cmd.clone();
         let program = match wasm_in_container(&spec.preopens, &cmd[0]) {
             Some(path) => {
@@ -1021,6 +1025,7 @@ impl Runtime {
 fn guest_spec(
     rec: &ContainerRecord,
     pod_dir: &Path,
+    dns_spawner: &tokio::runtime::Handle,
     hostname: &str,
     net: GuestNet,
     stdout: GuestOutput,
@@ -1070,7 +1075,13 @@ fn guest_spec(
     let working_dir =
         if spec.working_dir.is_empty() { image.map_or("", |r| r.working_dir.as_str()) } else { &spec.working_dir };
     let cwd = (!working_dir.is_empty()).then(|| working_dir.to_string());
-    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net })
+    // Name lookups follow the pod's files as this container sees them (a kubelet's hosts
+    // file mount included).
+    let etc = preopens.iter().rev().find(|p| p.guest == "/etc").map(|p| p.host.clone());
+    let read = |name: &str| etc.as_ref().and_then(|e| fs::read_to_string(e.join(name)).ok()).unwrap_or_default();
+    let dns = (rec.kind == wasmlet_images::WasmKind::Component && !matches!(net, GuestNet::None))
+        .then(|| Arc::new(PodDns::parse(&read("resolv.conf"), &read("hosts"), dns_spawner.clone())));
+    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns })
 }
 
 /// A mount with its host path resolved.

@@ -170,7 +170,7 @@ async fn two_hundred_pods_leave_nothing_behind() {
         let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
         ips.insert(pod_ip(&mut rt, &sb).await);
         let c = start(&mut rt, &sb, &cfg, net("lookup", &["lookup", "localhost"])).await;
-        assert_eq!(output(&mut rt, &c).await, ["127.0.0.1"]);
+        assert_eq!(output(&mut rt, &c).await, ["127.0.0.1", "0:0:0:0:0:0:0:1"], "the pod's hosts file");
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sb.clone() }).await.unwrap();
         rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb }).await.unwrap();
         if i == 0 {
@@ -207,4 +207,83 @@ async fn rootless_mode_works_without_privilege() {
     assert_eq!(answer, "nobody-pod got unprivileged");
     let c = start(&mut rt, &sb, &cfg, net("client", &["connect", "localhost", "8080", "sibling"])).await;
     assert_eq!(output(&mut rt, &c).await, ["nobody-pod got sibling"]);
+}
+
+/// A DNS server for the test on 127.77.0.1:53: `web.ns.svc.cluster.local` is 10.99.0.7, every
+/// other name does not exist. Returns the names it was asked for.
+async fn dns_server() -> Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>> {
+    let socket = match tokio::net::UdpSocket::bind("127.77.0.1:53").await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
+        Err(e) => panic!("bind the test DNS server: {e}"),
+    };
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            let q = &buf[..n];
+            // The question name, label by label.
+            let (mut i, mut labels) = (12, Vec::new());
+            while q[i] != 0 {
+                let len = q[i] as usize;
+                labels.push(String::from_utf8_lossy(&q[i + 1..i + 1 + len]).into_owned());
+                i += 1 + len;
+            }
+            let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+            let name = labels.join(".");
+            log.lock().unwrap().push(name.clone());
+            let mut a = q[..i + 5].to_vec();
+            a[2] = 0x81;
+            a[3] = 0x80;
+            if name == "web.ns.svc.cluster.local" {
+                if qtype == 1 {
+                    a[7] = 1;
+                    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 99, 0, 7]);
+                }
+            } else {
+                a[3] = 0x83; // NXDOMAIN
+            }
+            let _ = socket.send_to(&a, peer).await;
+        }
+    });
+    Some(asked)
+}
+
+#[tokio::test]
+async fn guest_name_lookups_follow_the_pod_dns_config() {
+    let Some(asked) = dns_server().await else {
+        eprintln!("skipped: binding port 53 needs root");
+        return;
+    };
+    let server = Server::start().await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let mut cfg = sandbox_config(&server, "dns-pod");
+    cfg.dns_config = Some(cri::DnsConfig {
+        servers: vec!["127.77.0.1".into()],
+        searches: vec!["ns.svc.cluster.local".into(), "svc.cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    let ip = pod_ip(&mut rt, &sb).await;
+    // A short name: the search list is applied (ndots:5), and the pod's server answers.
+    let c = start(&mut rt, &sb, &cfg, net("web", &["lookup", "web"])).await;
+    assert_eq!(output(&mut rt, &c).await, ["10.99.0.7"]);
+    assert_eq!(asked.lock().unwrap().first().map(String::as_str), Some("web.ns.svc.cluster.local"));
+    // The pod's hosts entries come first: its own name, and localhost.
+    let c = start(&mut rt, &sb, &cfg, net("self", &["lookup", "dns-pod"])).await;
+    assert_eq!(output(&mut rt, &c).await, [ip]);
+    let c = start(&mut rt, &sb, &cfg, net("local", &["lookup", "localhost"])).await;
+    assert!(output(&mut rt, &c).await.contains(&"127.0.0.1".to_string()));
+    // A name nobody knows fails after every search suffix was tried; the host's resolver is
+    // never asked.
+    asked.lock().unwrap().clear();
+    let c = start(&mut rt, &sb, &cfg, net("nowhere", &["lookup", "nowhere"])).await;
+    let s = wait_exited(&mut rt, &c, WAIT).await.unwrap();
+    assert_eq!(s.exit_code, 1);
+    let seen = asked.lock().unwrap().clone();
+    for name in ["nowhere.ns.svc.cluster.local", "nowhere.svc.cluster.local", "nowhere"] {
+        assert!(seen.contains(&name.to_string()), "{name} not asked: {seen:?}");
+    }
 }

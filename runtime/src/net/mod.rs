@@ -8,6 +8,8 @@
 //!   the pod through its port mappings, which wasmlet forwards from the host's namespace.
 //! - `host`: no namespaces at all; every pod shares the host's network (a development aid).
 
+pub mod dns;
+pub mod lookup;
 pub mod netlink;
 pub mod netns;
 pub mod ports;
