@@ -80,6 +80,8 @@ struct Config {
     /// Pod networking.
     #[serde(default)]
     network: wasmlet_runtime::net::NetworkOptions,
+    /// Per-pod scratch files.
+    run_dir: Option<PathBuf>,
 }
 
 const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is optional; flags win over the file.
@@ -90,6 +92,10 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 
 # CRI socket. Default: <root>/cri.sock.
 # socket = "/run/wasmlet/cri.sock"
+
+# Per-pod scratch files (the pods' /etc files, their pinned network namespaces): best on a
+# tmpfs. Default: a directory of its own under /dev/shm, else <root>/run.
+# run_dir = "/run/wasmlet/pods"
 
 # Registries, by host as image references spell it. Mirrors are tried in order before the
 # registry itself ("http://" for plain HTTP); images keep their canonical names. Loopback
@@ -250,7 +256,7 @@ fn run() -> Result<()> {
             let file = load_config(config.as_deref())?;
             let registries =
                 wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(&insecure_registries);
-            let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network };
+            let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: file.run_dir };
             let root = root.or(file.root).unwrap_or_else(default_root);
             rt.block_on(serve(root, socket.or(file.socket), options))
         }

@@ -95,7 +95,8 @@ fn config_default_is_a_valid_config() {
         &file,
         uncommented
             .replace("/var/lib/wasmlet", dir.path().join("root").to_str().unwrap())
-            .replace("/run/wasmlet/cri.sock", dir.path().join("cri.sock").to_str().unwrap()),
+            .replace("/run/wasmlet/cri.sock", dir.path().join("cri.sock").to_str().unwrap())
+            .replace("/run/wasmlet/pods", dir.path().join("run").to_str().unwrap()),
     )
     .unwrap();
     let mut server =

@@ -14,5 +14,6 @@ pub mod server;
 
 pub use error::{Error, Result};
 pub use runtime::{
-    EXEC_OUTPUT_LIMIT, Event, EventKind, ExecOutput, RUNTIME_HANDLERS, Runtime, RuntimeOptions, Usage, now_nanos,
+    EXEC_OUTPUT_LIMIT, Event, EventKind, ExecOutput, RUNTIME_HANDLERS, Runtime, RuntimeOptions, Usage, default_run_dir,
+    default_run_dir_for, now_nanos,
 };

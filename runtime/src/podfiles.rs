@@ -16,9 +16,27 @@ use crate::engine::Preopen;
 use crate::model::{DnsConfig, Mount};
 use crate::{Error, Result};
 
-/// The sandbox's directory.
-pub fn pod_dir(root: &Path, sandbox_id: &str) -> PathBuf {
-    root.join("pods").join(sandbox_id)
+/// A sandbox's directories: `etc` (its /etc files, on the fast run directory) and `files` (file
+/// mount groups, beside the image store so that hard links to host files and to image files
+/// stay on one filesystem where they can).
+#[derive(Debug, Clone)]
+pub struct PodDir {
+    pub etc: PathBuf,
+    pub files: PathBuf,
+}
+
+impl PodDir {
+    fn etc_parent(&self) -> &Path {
+        self.etc.parent().expect("etc has a parent")
+    }
+}
+
+/// The sandbox's directories.
+pub fn pod_dir(root: &Path, run_dir: &Path, sandbox_id: &str) -> PodDir {
+    PodDir {
+        etc: run_dir.join("pods").join(sandbox_id).join("etc"),
+        files: root.join("pods").join(sandbox_id).join("files"),
+    }
 }
 
 /// Checks a sandbox's DNS config as the kubelet would have: server addresses, search domains
@@ -79,8 +97,8 @@ pub fn resolv_conf(dns: Option<&DnsConfig>) -> String {
 }
 
 /// Writes the sandbox's `etc/` files.
-pub fn write_etc(dir: &Path, hostname: &str, ip: &str, dns: Option<&DnsConfig>) -> Result<()> {
-    let etc = dir.join("etc");
+pub fn write_etc(dir: &PodDir, hostname: &str, ip: &str, dns: Option<&DnsConfig>) -> Result<()> {
+    let etc = dir.etc.clone();
     let io = |what: &str| {
         let what = format!("{what} {}", etc.display());
         move |e: std::io::Error| Error::Internal(format!("{what}: {e}"))
@@ -102,12 +120,13 @@ pub fn remove_files(files_dir: &Path) {
     let _ = fs::remove_dir_all(files_dir);
 }
 
-/// Removes a sandbox's directory, with its containers' file mounts.
-pub fn remove_pod_dir(dir: &Path) {
-    for c in fs::read_dir(dir.join("files")).into_iter().flatten().flatten() {
+/// Removes a sandbox's directories, with its containers' file mounts.
+pub fn remove_pod_dir(dir: &PodDir) {
+    for c in fs::read_dir(&dir.files).into_iter().flatten().flatten() {
         remove_files(&c.path());
     }
-    let _ = fs::remove_dir_all(dir);
+    let _ = fs::remove_dir_all(dir.files.parent().expect("files has a parent"));
+    let _ = fs::remove_dir_all(dir.etc_parent());
 }
 
 /// A file mount grouped by the guest directory it lands in.
@@ -254,8 +273,9 @@ mod tests {
         fs::create_dir_all(&host).unwrap();
         fs::write(host.join("kubelet-hosts"), "1.2.3.4 x\n").unwrap();
         fs::write(host.join("termination-log"), "").unwrap();
-        let etc = dir.path().join("etc");
-        write_etc(dir.path(), "pod", "10.88.0.2", None).unwrap();
+        let pod = pod_dir(dir.path(), dir.path(), "s");
+        let etc = pod.etc.clone();
+        write_etc(&pod, "pod", "10.88.0.2", None).unwrap();
         let m = |path: &str, ro: bool| Mount { container_path: path.into(), readonly: ro, ..Default::default() };
         let (hosts_m, log_m) = (m("/etc/hosts", false), m("/dev/termination-log", false));
         let mounts = vec![(host.join("kubelet-hosts"), &hosts_m), (host.join("termination-log"), &log_m)];

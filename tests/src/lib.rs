@@ -124,6 +124,12 @@ impl Server {
         self.dir.path().join("root")
     }
 
+    /// Its per-pod scratch directory (the server's default for its root).
+    pub fn run_dir(&self) -> PathBuf {
+        let uid = self.run_as.as_ref().map_or_else(|| rustix::process::geteuid().as_raw(), |(id, _)| *id);
+        wasmlet_runtime::default_run_dir_for(&self.root(), uid)
+    }
+
     /// The CRI socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("run/cri.sock")
@@ -228,12 +234,15 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
-        // Pod namespaces the server pinned (as root) outlive it by design: let them go.
-        if let Ok(pins) = std::fs::read_dir(self.root().join("netns")) {
+        // Pod namespaces the server pinned (as root) outlive it by design: let them go, with
+        // its scratch directory on /dev/shm.
+        let run_dir = self.run_dir();
+        if let Ok(pins) = std::fs::read_dir(run_dir.join("netns")) {
             for pin in pins.flatten() {
                 let _ = rustix::mount::unmount(pin.path(), rustix::mount::UnmountFlags::DETACH);
             }
         }
+        let _ = std::fs::remove_dir_all(run_dir);
     }
 }
 

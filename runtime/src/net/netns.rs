@@ -23,11 +23,19 @@ use rustix::thread::LinkNameSpaceType;
 use super::netlink;
 
 /// An open network namespace.
-#[derive(Debug)]
 pub struct NetNs {
     fd: OwnedFd,
     /// The namespace's inode number: unique among live namespaces.
     id: u64,
+    /// An rtnetlink socket opened inside it (sockets stay in the namespace they were made in),
+    /// so it can be configured later from any thread.
+    netlink: Option<netlink::Netlink>,
+}
+
+impl std::fmt::Debug for NetNs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NetNs({})", self.id)
+    }
 }
 
 thread_local! {
@@ -40,7 +48,7 @@ impl NetNs {
     pub fn current() -> io::Result<NetNs> {
         let fd = rustix::fs::open("/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
         let id = rustix::fs::fstat(&fd)?.st_ino;
-        Ok(NetNs { fd, id })
+        Ok(NetNs { fd, id, netlink: None })
     }
 
     /// A new namespace with its loopback up, and `addresses` (IPv4, prefix length) on it.
@@ -56,12 +64,13 @@ impl NetNs {
                 unsafe {
                     rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET)?
                 };
-                let ns = NetNs::current()?;
+                let mut ns = NetNs::current()?;
                 let lo = netlink::Netlink::open()?;
                 lo.link_up(1)?;
                 for (addr, prefix) in &addresses {
                     lo.add_address(1, *addr, *prefix)?;
                 }
+                ns.netlink = Some(lo);
                 Ok(ns)
             })?
             .join()
@@ -100,13 +109,22 @@ impl NetNs {
             return Ok(None);
         }
         let id = rustix::fs::fstat(&fd)?.st_ino;
-        Ok(Some(NetNs { fd, id }))
+        Ok(Some(NetNs { fd, id, netlink: None }))
     }
 
     /// Removes a pin (the namespace ends when nothing else holds it).
     pub fn unpin(path: &std::path::Path) {
         let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
         let _ = std::fs::remove_file(path);
+    }
+
+    /// Adds `addr/prefix` to the loopback: through the namespace's own rtnetlink socket when it
+    /// has one (no thread needed), else from a short-lived thread inside it.
+    pub fn add_loopback_address(self: &Arc<Self>, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
+        match &self.netlink {
+            Some(nl) => nl.add_address(1, addr, prefix),
+            None => self.run_inside(move || netlink::Netlink::open()?.add_address(1, addr, prefix)),
+        }
     }
 
     /// Runs `f` on a short-lived thread inside this namespace (to configure it).
