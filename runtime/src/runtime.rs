@@ -211,7 +211,7 @@ impl Runtime {
                     Err(e) => {
                         let why = format!(
                             "cannot create network namespaces ({e}): run wasmlet as root, or as a user \
-                             allowed to create user namespaces"
+                             allowed to create user namespaces, or set [network] mode = \"host\""
                         );
                         tracing::error!("{why}");
                         (None, Some(why))

@@ -41,7 +41,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let pods = env_usize("PODS", 1000);
     let procs = env_usize("PROCS", 200);
-    let server = Server::start().await?;
+    // NETWORK=host: pods on the host's network, to see what a pod's own namespace costs.
+    let config = std::env::temp_dir().join(format!("wasmlet-bench-{}.toml", std::process::id()));
+    let network = std::env::var("NETWORK").unwrap_or_else(|_| "rootless".into());
+    std::fs::write(&config, format!("[network]\nmode = \"{network}\"\n"))?;
+    let server = Server::start_with(&["--config", config.to_str().expect("utf-8")]).await?;
+    let _ = std::fs::remove_file(&config);
     let image = server.import(tool_module(), "hello")?;
     let mut rt = server.runtime().await;
     let mut events = rt.get_container_events(cri::GetEventsRequest {}).await?.into_inner();
@@ -120,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    println!("network mode: {network}\n");
     println!("| what | runs | min ms | median ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|");
     for l in lines {
