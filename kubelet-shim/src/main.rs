@@ -108,10 +108,14 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # Pod networking. "rootless": every pod gets a network namespace of its own, made by wasmlet
 # without privilege (when not run as root, wasmlet enters a user namespace of its own first);
 # the pod's IP is taken from pod_cidr, and the host reaches pods through their host ports.
-# "host": every pod shares the host's network.
+# "cni" (nodes, root): every pod gets a namespace configured by the CNI plugins of the first
+# network config in cni_conf_dir (a routable pod IP, routes out). "host": every pod shares the
+# host's network.
 # [network]
 # mode = "rootless"
 # pod_cidr = "10.88.0.0/16"
+# cni_conf_dir = "/etc/cni/net.d"
+# cni_bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
 "#;
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config> {

@@ -284,6 +284,11 @@ impl WasmEngine {
         self.executor.as_ref().expect("executor lives until drop").spawn(fut)
     }
 
+    /// The pod executor (its threads move between pod namespaces).
+    pub fn pod_handle(&self) -> tokio::runtime::Handle {
+        self.executor.as_ref().expect("executor lives until drop").handle().clone()
+    }
+
     /// The host-network executor, where name lookups of rootless pods run.
     pub fn host_handle(&self) -> tokio::runtime::Handle {
         self.host_executor.as_ref().expect("executor lives until drop").handle().clone()

@@ -129,6 +129,8 @@ struct Inner {
     netns_pool: Option<crate::net::Pool>,
     /// Why pods cannot get a network, if they cannot (NetworkReady is false then).
     network_error: Option<String>,
+    /// The CNI network (cni mode).
+    cni: Option<crate::net::cni::CniNetwork>,
 }
 
 #[derive(Default)]
@@ -167,6 +169,8 @@ struct PodNet {
     ns: Option<Arc<NetNs>>,
     ip: Option<std::net::Ipv4Addr>,
     forwards: Vec<tokio::task::JoinHandle<()>>,
+    /// Set up by CNI: who the pod is and the ADD result, for DEL.
+    cni: Option<(crate::net::cni::PodIdentity, Option<serde_json::Value>)>,
 }
 
 struct Entry {
@@ -200,23 +204,36 @@ impl Runtime {
         let (journal, snapshot) = Journal::open(&root.join("state.journal"))?;
         let (events, _) = broadcast::channel(1024);
         let mut state = State::default();
-        let (netns_pool, network_error) = match options.network.mode {
-            NetworkMode::Host => (None, None),
+        // One namespace now tells whether this process may make them at all.
+        let namespaces = || match NetNs::create(&[]) {
+            Ok(_) => Ok(crate::net::Pool::new(2)),
+            Err(e) => Err(format!(
+                "cannot create network namespaces ({e}): run wasmlet as root, or as a user allowed to \
+                 create user namespaces, or set [network] mode = \"host\""
+            )),
+        };
+        let mut cni = None;
+        let setup = match options.network.mode {
+            NetworkMode::Host => Ok(None),
             NetworkMode::Rootless => {
                 let cidr = Cidr::parse(&options.network.pod_cidr).map_err(Error::InvalidArgument)?;
                 state.ipam = Some(Ipam::new(cidr));
-                // One namespace now tells whether this process may make them at all.
-                match NetNs::create(&[]) {
-                    Ok(_) => (Some(crate::net::Pool::new(2)), None),
-                    Err(e) => {
-                        let why = format!(
-                            "cannot create network namespaces ({e}): run wasmlet as root, or as a user \
-                             allowed to create user namespaces, or set [network] mode = \"host\""
-                        );
-                        tracing::error!("{why}");
-                        (None, Some(why))
-                    }
-                }
+                namespaces().map(Some)
+            }
+            NetworkMode::Cni => {
+                let n = &options.network;
+                crate::net::cni::CniNetwork::load(&n.cni_conf_dir, &n.cni_bin_dirs).and_then(|net| {
+                    tracing::info!(network = %net.name, config = %net.source.display(), "CNI network");
+                    cni = Some(net);
+                    namespaces().map(Some)
+                })
+            }
+        };
+        let (netns_pool, network_error) = match setup {
+            Ok(pool) => (pool, None),
+            Err(why) => {
+                tracing::error!("pod network not ready: {why}");
+                (None, Some(why))
             }
         };
         let run_dir = options.run_dir.clone().unwrap_or_else(|| default_run_dir(&root));
@@ -235,6 +252,7 @@ impl Runtime {
                 pod_cidr: Mutex::new(String::new()),
                 netns_pool,
                 network_error,
+                cni,
             }),
         };
         runtime.load(snapshot)?;
@@ -290,7 +308,7 @@ impl Runtime {
             let net = match ready {
                 false => None,
                 true if self.uses_host_network(&sandbox.spec) => {
-                    Some(PodNet { ns: None, ip: None, forwards: Vec::new() })
+                    Some(PodNet { ns: None, ip: None, forwards: Vec::new(), cni: None })
                 }
                 true => self.restore_network(&mut state, &sandbox),
             };
@@ -392,6 +410,15 @@ impl Runtime {
         Ok(id)
     }
 
+    /// Where a pod's DNS queries go out: from its own namespace when it has routes (cni mode),
+    /// else from the host's, on wasmlet's behalf.
+    fn dns_route(&self, net: &GuestNet) -> (tokio::runtime::Handle, Option<Arc<NetNs>>) {
+        match (net, self.inner.options.network.mode) {
+            (GuestNet::Pod(ns), NetworkMode::Cni) => (self.inner.engine.pod_handle(), Some(ns.clone())),
+            _ => (self.inner.engine.host_handle(), None),
+        }
+    }
+
     /// Whether pods can get a network: Ok with a word on the mode, or Err with the reason.
     pub fn network_status(&self) -> std::result::Result<String, String> {
         match (&self.inner.network_error, self.inner.options.network.mode) {
@@ -401,6 +428,9 @@ impl Runtime {
                 self.inner.options.network.pod_cidr
             )),
             (None, NetworkMode::Host) => Ok("host: every pod on the host's network".to_string()),
+            (None, NetworkMode::Cni) => {
+                Ok(format!("cni: network {}", self.inner.cni.as_ref().map(|c| c.name.as_str()).unwrap_or_default()))
+            }
         }
     }
 
@@ -419,10 +449,13 @@ impl Runtime {
         host_ports: &[PortMapping],
     ) -> Result<PodNet> {
         if self.uses_host_network(spec) {
-            return Ok(PodNet { ns: None, ip: None, forwards: Vec::new() });
+            return Ok(PodNet { ns: None, ip: None, forwards: Vec::new(), cni: None });
         }
         if let Some(why) = &self.inner.network_error {
             return Err(Error::FailedPrecondition(format!("pod sandbox {name}: the pod network is not ready: {why}")));
+        }
+        if let Some(cni) = &self.inner.cni {
+            return self.setup_cni(cni, id, name, spec, host_ports);
         }
         let pool = self.inner.netns_pool.as_ref().expect("rootless mode has a pool");
         let ns =
@@ -434,7 +467,7 @@ impl Runtime {
                 self.inner.options.network.pod_cidr
             ))
         })?;
-        let mut net = PodNet { ns: Some(ns.clone()), ip: Some(ip), forwards: Vec::new() };
+        let mut net = PodNet { ns: Some(ns.clone()), ip: Some(ip), forwards: Vec::new(), cni: None };
         let configured = ns.add_loopback_address(ip, 32);
         let started = configured
             .map_err(|e| Error::Internal(format!("pod sandbox {name}: give the pod its address {ip}: {e}")))
@@ -444,6 +477,49 @@ impl Runtime {
             return Err(e);
         }
         self.pin_network(id, &ns);
+        Ok(net)
+    }
+
+    /// A pod network from the CNI plugins: a namespace pinned where they can find it, then ADD.
+    fn setup_cni(
+        &self,
+        cni: &crate::net::cni::CniNetwork,
+        id: &str,
+        name: &str,
+        spec: &SandboxSpec,
+        host_ports: &[PortMapping],
+    ) -> Result<PodNet> {
+        let not_ready = |what: String| Error::FailedPrecondition(format!("pod sandbox {name}: {what}"));
+        let pool = self.inner.netns_pool.as_ref().expect("cni mode has a pool");
+        let ns = Arc::new(pool.take().map_err(|e| not_ready(format!("network namespace: {e}")))?);
+        let path = self.netns_pin_path(id);
+        fs::create_dir_all(self.inner.run_dir.join("netns"))
+            .and_then(|()| ns.pin(&path))
+            .map_err(|e| not_ready(format!("pin the network namespace at {}: {e}", path.display())))?;
+        let m = &spec.metadata;
+        let pod =
+            crate::net::cni::PodIdentity { namespace: m.namespace.clone(), name: m.name.clone(), uid: m.uid.clone() };
+        let attached = match cni.add(id, &path, &pod) {
+            Ok(a) => a,
+            Err(e) => {
+                // Whatever the chain did before it failed is undone.
+                let _ = cni.del(id, &path, &pod, None);
+                NetNs::unpin(&path);
+                return Err(not_ready(e));
+            }
+        };
+        tracing::info!(sandbox = %id, ip = %attached.ip, gateway = ?attached.gateway, "CNI ADD");
+        let mut net = PodNet {
+            ns: Some(ns),
+            ip: Some(attached.ip),
+            forwards: Vec::new(),
+            cni: Some((pod.clone(), Some(attached.result))),
+        };
+        if let Err(e) = self.forward_ports(&mut net, name, host_ports) {
+            let _ = cni.del(id, &path, &pod, net.cni.as_ref().and_then(|c| c.1.as_ref()));
+            NetNs::unpin(&path);
+            return Err(e);
+        }
         Ok(net)
     }
 
@@ -476,8 +552,19 @@ impl Runtime {
     fn restore_network(&self, state: &mut State, sandbox: &SandboxRecord) -> Option<PodNet> {
         let ns = NetNs::open_pinned(&self.netns_pin_path(&sandbox.id)).ok().flatten()?;
         let ip: std::net::Ipv4Addr = sandbox.ip.parse().ok()?;
-        state.ipam.as_mut()?.reserve(ip);
-        let mut net = PodNet { ns: Some(Arc::new(ns)), ip: Some(ip), forwards: Vec::new() };
+        if let Some(ipam) = state.ipam.as_mut() {
+            ipam.reserve(ip);
+        }
+        let m = &sandbox.spec.metadata;
+        let cni = self.inner.cni.as_ref().map(|_| {
+            let pod = crate::net::cni::PodIdentity {
+                namespace: m.namespace.clone(),
+                name: m.name.clone(),
+                uid: m.uid.clone(),
+            };
+            (pod, None)
+        });
+        let mut net = PodNet { ns: Some(Arc::new(ns)), ip: Some(ip), forwards: Vec::new(), cni };
         let name = sandbox.spec.metadata.reserved_name();
         let host_ports = ports::check(&name, &sandbox.spec.port_mappings).unwrap_or_default();
         if let Err(e) = self.forward_ports(&mut net, &name, &host_ports) {
@@ -491,6 +578,13 @@ impl Runtime {
     fn release_network(&self, state: &mut State, sandbox_id: &str, net: PodNet) -> Vec<tokio::task::JoinHandle<()>> {
         if let (Some(ip), Some(ipam)) = (net.ip, state.ipam.as_mut()) {
             ipam.release(ip);
+        }
+        if let (Some((pod, result)), Some(cni)) = (&net.cni, &self.inner.cni) {
+            let path = self.netns_pin_path(sandbox_id);
+            match cni.del(sandbox_id, &path, pod, result.as_ref()) {
+                Ok(()) => tracing::info!(sandbox = %sandbox_id, "CNI DEL"),
+                Err(e) => tracing::error!(sandbox = %sandbox_id, error = %e, "CNI DEL"),
+            }
         }
         if net.ns.is_some() {
             NetNs::unpin(&self.netns_pin_path(sandbox_id));
@@ -767,7 +861,7 @@ impl Runtime {
             None => GuestOutput::discard(stream),
         };
         let pod_dir = podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, &rec.sandbox_id);
-        let dns = self.inner.engine.host_handle();
+        let dns = self.dns_route(&net);
         let (stdout, stderr) = (output(Stream::Stdout), output(Stream::Stderr));
         let mut spec = guest_spec(rec, &pod_dir, &dns, hostname, net, stdout, stderr)?;
         if spec.args.is_empty() {
@@ -914,7 +1008,7 @@ impl Runtime {
         let stdout = GuestOutput::capture(Stream::Stdout, EXEC_OUTPUT_LIMIT);
         let stderr = GuestOutput::capture(Stream::Stderr, EXEC_OUTPUT_LIMIT);
         let pod_dir = podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, &record.sandbox_id);
-        let dns = self.inner.engine.host_handle();
+        let dns = self.dns_route(&net);
         let mut spec = guest_spec(&record, &pod_dir, &dns, &hostname, net.clone(), stdout.clone(), stderr.clone())?;
         spec.args = cmd.clone();
         let program = match wasm_in_container(&spec.preopens, &cmd[0]) {
@@ -1049,7 +1143,7 @@ impl Runtime {
 fn guest_spec(
     rec: &ContainerRecord,
     pod_dir: &podfiles::PodDir,
-    dns_spawner: &tokio::runtime::Handle,
+    dns_route: &(tokio::runtime::Handle, Option<Arc<NetNs>>),
     hostname: &str,
     net: GuestNet,
     stdout: GuestOutput,
@@ -1103,8 +1197,11 @@ fn guest_spec(
     // file mount included).
     let etc = preopens.iter().rev().find(|p| p.guest == "/etc").map(|p| p.host.clone());
     let read = |name: &str| etc.as_ref().and_then(|e| fs::read_to_string(e.join(name)).ok()).unwrap_or_default();
-    let dns = (rec.kind == wasmlet_images::WasmKind::Component && !matches!(net, GuestNet::None))
-        .then(|| Arc::new(PodDns::parse(&read("resolv.conf"), &read("hosts"), dns_spawner.clone())));
+    let dns = (rec.kind == wasmlet_images::WasmKind::Component && !matches!(net, GuestNet::None)).then(|| {
+        let mut dns = PodDns::parse(&read("resolv.conf"), &read("hosts"), dns_route.0.clone());
+        dns.netns = dns_route.1.clone();
+        Arc::new(dns)
+    });
     Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns })
 }
 

@@ -276,6 +276,20 @@ pub fn container_config(name: &str, image: &str, args: &[&str]) -> cri::Containe
     }
 }
 
+/// Puts a sandbox on the host's network (NamespaceOption network NODE: hostNetwork pods).
+pub fn host_network(cfg: &mut cri::PodSandboxConfig) {
+    cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+}
+
 /// Runs a sandbox and returns its id.
 pub async fn run_sandbox(rt: &mut RuntimeClient, config: &cri::PodSandboxConfig) -> Result<String> {
     Ok(rt

@@ -136,16 +136,7 @@ async fn a_host_network_pod_listens_on_the_host() {
     server.import(net_component(), "net").unwrap();
     let mut rt = server.runtime().await;
     let mut cfg = sandbox_config(&server, "hostnet");
-    cfg.linux = Some(cri::LinuxPodSandboxConfig {
-        security_context: Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                network: cri::NamespaceMode::Node as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    host_network(&mut cfg);
     let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
     assert_eq!(pod_ip(&mut rt, &sb).await, "", "a host-network pod has the node's address, not one of its own");
     let port = free_port();

@@ -33,12 +33,15 @@ pub struct PodDns {
     pub ndots: usize,
     /// Where the queries run (their sockets are created there).
     pub spawner: tokio::runtime::Handle,
+    /// The namespace to send them from (a pod with routes out); None: the spawner's threads'.
+    pub netns: Option<Arc<super::NetNs>>,
 }
 
 impl PodDns {
     /// Reads `resolv.conf` and `hosts` contents.
     pub fn parse(resolv_conf: &str, hosts: &str, spawner: tokio::runtime::Handle) -> PodDns {
-        let mut dns = PodDns { hosts: Vec::new(), servers: Vec::new(), search: Vec::new(), ndots: 1, spawner };
+        let mut dns =
+            PodDns { hosts: Vec::new(), servers: Vec::new(), search: Vec::new(), ndots: 1, spawner, netns: None };
         for line in resolv_conf.lines().map(|l| l.split(['#', ';']).next().unwrap_or("")) {
             let mut words = line.split_whitespace();
             match words.next() {
@@ -95,20 +98,26 @@ impl PodDns {
             return Ok(from_hosts);
         }
         let dns = self.clone();
-        self.spawner
-            .spawn(async move {
-                let mut last = LookupError::NotFound;
-                for candidate in dns.candidates(&name) {
-                    match dns.query_all(&candidate).await {
-                        Ok(addrs) if !addrs.is_empty() => return Ok(addrs),
-                        Ok(_) => last = LookupError::NotFound,
-                        Err(e) => last = e,
-                    }
+        let lookup = async move {
+            let mut last = LookupError::NotFound;
+            for candidate in dns.candidates(&name) {
+                match dns.query_all(&candidate).await {
+                    Ok(addrs) if !addrs.is_empty() => return Ok(addrs),
+                    Ok(_) => last = LookupError::NotFound,
+                    Err(e) => last = e,
                 }
-                Err(last)
-            })
-            .await
-            .unwrap_or(Err(LookupError::NoAnswer))
+            }
+            Err(last)
+        };
+        let done = match &self.netns {
+            Some(ns) => self
+                .spawner
+                .spawn(super::InNetns::new(ns.clone(), lookup))
+                .await
+                .map(|r| r.unwrap_or(Err(LookupError::NoAnswer))),
+            None => self.spawner.spawn(lookup).await,
+        };
+        done.unwrap_or(Err(LookupError::NoAnswer))
     }
 
     /// A and AAAA records of `name` from the first nameserver that answers.

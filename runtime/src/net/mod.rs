@@ -6,8 +6,11 @@
 //!   at start-up (before any thread exists) and is root only there; pod namespaces belong to it.
 //!   A pod's namespace has its loopback and the pod IP (from `pod_cidr`) on it; the host reaches
 //!   the pod through its port mappings, which wasmlet forwards from the host's namespace.
+//! - `cni` (nodes, root): a namespace per pod configured by CNI plugins (see [`cni`]): a
+//!   routable pod IP, routes out, teardown at StopPodSandbox.
 //! - `host`: no namespaces at all; every pod shares the host's network (a development aid).
 
+pub mod cni;
 pub mod dns;
 pub mod lookup;
 pub mod netlink;
@@ -32,6 +35,8 @@ pub enum NetworkMode {
     /// A namespace per pod, set up by wasmlet itself; no privilege needed.
     #[default]
     Rootless,
+    /// A namespace per pod, set up by CNI plugins (root).
+    Cni,
     /// Every pod on the host's network.
     Host,
 }
@@ -44,11 +49,20 @@ pub struct NetworkOptions {
     pub mode: NetworkMode,
     /// Pod addresses are taken from this IPv4 range (rootless mode).
     pub pod_cidr: String,
+    /// Where CNI network configurations are (cni mode).
+    pub cni_conf_dir: std::path::PathBuf,
+    /// Where CNI plugins are (cni mode).
+    pub cni_bin_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Default for NetworkOptions {
     fn default() -> NetworkOptions {
-        NetworkOptions { mode: NetworkMode::Rootless, pod_cidr: "10.88.0.0/16".into() }
+        NetworkOptions {
+            mode: NetworkMode::Rootless,
+            pod_cidr: "10.88.0.0/16".into(),
+            cni_conf_dir: "/etc/cni/net.d".into(),
+            cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+        }
     }
 }
 

@@ -1,0 +1,186 @@
+//! The `cni` network mode, as a node runs it (root): Debian's CNI plugins (bridge + host-local)
+//! give each pod a routable IP on a bridge; the host reaches pods at their IPs, pods reach each
+//! other and the host, and StopPodSandbox gives everything back.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use wasmlet_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn net(name: &str, args: &[&str]) -> cri::ContainerConfig {
+    let mut c = container_config(name, "net", args);
+    c.command = vec!["net".into()];
+    c
+}
+
+/// A CNI config directory with one bridge network on `bridge` over 10.`a`.`b`.0/24, and a
+/// wasmlet config using it.
+fn cni_config(dir: &Path, bridge: &str, subnet: &str, plugin: &str) -> std::path::PathBuf {
+    let conf = dir.join("net.d");
+    std::fs::create_dir_all(&conf).unwrap();
+    let list = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "wasmlet-test",
+        "plugins": [{
+            "type": plugin,
+            "bridge": bridge,
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": dir.join("ipam")},
+        }],
+    });
+    std::fs::write(conf.join("10-test.conflist"), serde_json::to_vec(&list).unwrap()).unwrap();
+    let file = dir.join("wasmlet.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[network]\nmode = \"cni\"\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\", \"/opt/cni/bin\"]\n",
+            conf.display()
+        ),
+    )
+    .unwrap();
+    file
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+async fn start(rt: &mut RuntimeClient, sb: &str, cfg: &cri::PodSandboxConfig, c: cri::ContainerConfig) -> String {
+    let id = create(rt, sb, cfg, c).await.unwrap();
+    rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
+    id
+}
+
+async fn output(rt: &mut RuntimeClient, id: &str) -> Vec<String> {
+    let s = wait_exited(rt, id, WAIT).await.unwrap();
+    let log = read_log(Path::new(&s.log_path)).unwrap();
+    assert_eq!(s.exit_code, 0, "{log:?}");
+    texts(&log, "stdout")
+}
+
+fn ask(addr: &str, msg: &str) -> String {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(msg.as_bytes()).unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn pods_on_a_cni_bridge() {
+    if !is_root() {
+        eprintln!("skipped: the cni mode needs root");
+        return;
+    }
+    let tag = format!("{:04x}", std::process::id() & 0xffff);
+    let bridge = format!("wlt{tag}");
+    let third = std::process::id() % 200 + 20;
+    let subnet = format!("10.231.{third}.0/24");
+    let gateway = format!("10.231.{third}.1");
+    let dir = tempfile::tempdir().unwrap();
+    let config = cni_config(dir.path(), &bridge, &subnet, "bridge");
+    let server = Server::start_with(&["--config", config.to_str().unwrap()]).await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let cond = rt.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner().status.unwrap().conditions;
+    let network = cond.iter().find(|c| c.r#type == "NetworkReady").unwrap();
+    assert!(network.status && network.message.contains("cni: network wasmlet-test"), "{network:?}");
+
+    let host_port = free_port();
+    let mut a_cfg = sandbox_config(&server, "cni-a");
+    a_cfg.port_mappings = vec![cri::PortMapping {
+        protocol: 0,
+        container_port: 8080,
+        host_port: host_port as i32,
+        host_ip: String::new(),
+    }];
+    let a = run_sandbox(&mut rt, &a_cfg).await.unwrap();
+    let b_cfg = sandbox_config(&server, "cni-b");
+    let b = run_sandbox(&mut rt, &b_cfg).await.unwrap();
+    let ip = |id: String| {
+        let mut rt = rt.clone();
+        async move {
+            let s = rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id, verbose: false }).await;
+            s.unwrap().into_inner().status.unwrap().network.unwrap().ip
+        }
+    };
+    let (a_ip, b_ip) = (ip(a.clone()).await, ip(b.clone()).await);
+    let prefix = format!("10.231.{third}.");
+    assert!(a_ip.starts_with(&prefix) && b_ip.starts_with(&prefix) && a_ip != b_ip, "{a_ip} {b_ip}");
+
+    let server_a = start(&mut rt, &a, &a_cfg, net("server", &["serve", "8080"])).await;
+    wait_log(&mut rt, &server_a, "listening on 8080", WAIT).await.unwrap();
+    // The pod IP is routable from the host; the host port works too.
+    let direct = format!("{a_ip}:8080");
+    assert_eq!(tokio::task::spawn_blocking(move || ask(&direct, "direct")).await.unwrap(), "cni-a got direct");
+    let mapped = format!("127.0.0.1:{host_port}");
+    assert_eq!(tokio::task::spawn_blocking(move || ask(&mapped, "mapped")).await.unwrap(), "cni-a got mapped");
+    // Pod to pod by IP.
+    let c = start(&mut rt, &b, &b_cfg, net("client", &["connect", &a_ip, "8080", "from-b"])).await;
+    assert_eq!(output(&mut rt, &c).await, ["cni-a got from-b"]);
+    // Out of the pod to a server on the host, at the bridge's gateway address.
+    let listener = std::net::TcpListener::bind(format!("{gateway}:0")).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let host_side = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(format!("host got {}", String::from_utf8_lossy(&buf[..n])).as_bytes()).unwrap();
+        peer.ip().to_string()
+    });
+    let c = start(&mut rt, &b, &b_cfg, net("outbound", &["connect", &gateway, &port, "hello-host"])).await;
+    assert_eq!(output(&mut rt, &c).await, ["host got hello-host"]);
+    assert_eq!(host_side.join().unwrap(), b_ip, "the connection came from pod b's address");
+
+    // Stop and remove: the veths leave the bridge, the addresses go back, nothing is pinned.
+    for id in [&a, &b] {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
+    }
+    let links = Command::new("ip").args(["-o", "link", "show", "master", &bridge]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&links.stdout).trim().is_empty(),
+        "veths left: {}",
+        String::from_utf8_lossy(&links.stdout)
+    );
+    let leases: Vec<String> = std::fs::read_dir(dir.path().join("ipam/wasmlet-test"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("10."))
+        .collect();
+    assert!(leases.is_empty(), "addresses still held: {leases:?}");
+    assert_eq!(std::fs::read_dir(server.run_dir().join("netns")).map(|d| d.count()).unwrap_or(0), 0);
+    std::net::TcpListener::bind(("0.0.0.0", host_port)).expect("host port released");
+    let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+}
+
+#[tokio::test]
+async fn a_missing_cni_plugin_is_reported() {
+    if !is_root() {
+        eprintln!("skipped: the cni mode needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = cni_config(dir.path(), "wltmissing", "10.232.0.0/24", "no-such-plugin");
+    let server = Server::start_with(&["--config", config.to_str().unwrap()]).await.unwrap();
+    let mut rt = server.runtime().await;
+    let cond = rt.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner().status.unwrap().conditions;
+    let network = cond.iter().find(|c| c.r#type == "NetworkReady").unwrap();
+    assert!(!network.status, "{network:?}");
+    assert!(network.message.contains("\"no-such-plugin\"") && network.message.contains("not found"), "{network:?}");
+    let e = run_sandbox(&mut rt, &sandbox_config(&server, "no-net")).await.unwrap_err();
+    let status = e.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("no-such-plugin"), "{}", status.message());
+    // Host-network pods still run.
+    let mut host = sandbox_config(&server, "host-net");
+    host_network(&mut host);
+    run_sandbox(&mut rt, &host).await.unwrap();
+}
