@@ -18,7 +18,7 @@ fn main() {
     println!("cargo:rustc-env=WORKLOAD_TOOL_COMPONENT={}", component_path.display());
 
     let bindings = out.join("net-bindings");
-    generate_c_bindings(&out, &bindings);
+    generate_c_bindings(&out, "net", "wasmtime-wasi-48.", "src/p2/wit/deps", &bindings);
     let net_module = out.join("net.wasm");
     compile_c(
         &[Path::new("workloads/net.c"), &bindings.join("net.c"), &bindings.join("net_component_type.o")],
@@ -28,11 +28,28 @@ fn main() {
     let net = out.join("net.component.wasm");
     componentize(&net_module, &net);
     println!("cargo:rustc-env=WORKLOAD_NET={}", net.display());
+
+    let bindings = out.join("http-bindings");
+    generate_c_bindings(&out, "http", "wasmtime-wasi-http-48.", "wit/deps", &bindings);
+    let http_module = out.join("http.wasm");
+    compile_c_with(
+        &[Path::new("workloads/http.c"), &bindings.join("http.c"), &bindings.join("http_component_type.o")],
+        &[&bindings],
+        &["-mexec-model=reactor"],
+        &http_module,
+    );
+    let http = out.join("http.component.wasm");
+    componentize_with(
+        &http_module,
+        &http,
+        wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_PROXY_ADAPTER,
+    );
+    println!("cargo:rustc-env=WORKLOAD_HTTP={}", http.display());
 }
 
-/// The directory of the WASI WIT packages shipped in the wasmtime-wasi crate (its source in
-/// cargo's registry, or wherever `cargo metadata` says it is).
-fn wasi_wit_deps() -> PathBuf {
+/// The directory `deps` of the WIT packages shipped in the crate whose directory name starts
+/// with `krate` (its source in cargo's registry, or wherever `cargo metadata` says it is).
+fn wit_deps(krate: &str, deps: &str) -> PathBuf {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["metadata", "--format-version", "1", "--locked", "--offline"])
         .current_dir(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"))
@@ -45,24 +62,25 @@ fn wasi_wit_deps() -> PathBuf {
     text.match_indices(key)
         .map(|(i, _)| &text[i + key.len()..])
         .map(|rest| &rest[..rest.find('"').expect("closing quote")])
-        .find(|p| p.contains("/wasmtime-wasi-48.") && p.ends_with("Cargo.toml"))
-        .map(|p| Path::new(p).parent().expect("crate dir").join("src/p2/wit/deps"))
-        .expect("wasmtime-wasi 48 in cargo metadata")
+        .find(|p| p.contains(&format!("/{krate}")) && p.ends_with("Cargo.toml"))
+        .map(|p| Path::new(p).parent().expect("crate dir").join(deps))
+        .unwrap_or_else(|| panic!("{krate} in cargo metadata"))
 }
 
-/// C bindings for the `net` world into `dir` (net.c, net.h, net_component_type.o).
-fn generate_c_bindings(out: &Path, dir: &Path) {
-    let wit = out.join("net-wit");
+/// C bindings for the world `world` (workloads/wit/<world>.wit, its dependencies from the crate
+/// `krate`) into `dir` (<world>.c, <world>.h, <world>_component_type.o).
+fn generate_c_bindings(out: &Path, world: &str, krate: &str, deps: &str, dir: &Path) {
+    let wit = out.join(format!("{world}-wit"));
     let _ = std::fs::remove_dir_all(&wit);
     std::fs::create_dir_all(wit.join("deps")).expect("wit dir");
-    std::fs::copy("workloads/wit/net.wit", wit.join("net.wit")).expect("copy net.wit");
-    for entry in std::fs::read_dir(wasi_wit_deps()).expect("wasi wit deps") {
+    std::fs::copy(format!("workloads/wit/{world}.wit"), wit.join(format!("{world}.wit"))).expect("copy world");
+    for entry in std::fs::read_dir(wit_deps(krate, deps)).expect("wit deps") {
         let entry = entry.expect("wit entry");
         std::fs::copy(entry.path(), wit.join("deps").join(entry.file_name())).expect("copy wit");
     }
     let mut resolve = wit_parser::Resolve::default();
-    let (pkg, _) = resolve.push_dir(&wit).expect("parse net.wit");
-    let world = resolve.select_world(&[pkg], Some("net")).expect("world net");
+    let (pkg, _) = resolve.push_dir(&wit).expect("parse the world");
+    let world = resolve.select_world(&[pkg], Some(world)).expect("select the world");
     let mut files = wit_bindgen_core::Files::default();
     wit_bindgen_c::Opts::default().build().generate(&mut resolve, world, &mut files).expect("generate C bindings");
     std::fs::create_dir_all(dir).expect("bindings dir");
@@ -72,15 +90,18 @@ fn generate_c_bindings(out: &Path, dir: &Path) {
 }
 
 fn componentize(module: &Path, component_path: &Path) {
+    componentize_with(
+        module,
+        component_path,
+        wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
+    );
+}
+
+fn componentize_with(module: &Path, component_path: &Path, adapter: &[u8]) {
     let bytes = std::fs::read(module).expect("read module");
     let component = wit_component::ComponentEncoder::default()
         .module(&bytes)
-        .and_then(|e| {
-            e.adapter(
-                wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
-                wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
-            )
-        })
+        .and_then(|e| e.adapter(wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, adapter))
         .map(|e| e.validate(true))
         .and_then(|mut e| e.encode())
         .unwrap_or_else(|e| panic!("componentize {}: {e:#}", module.display()));
@@ -88,9 +109,14 @@ fn componentize(module: &Path, component_path: &Path) {
 }
 
 fn compile_c(srcs: &[&Path], includes: &[&Path], out: &Path) {
+    compile_c_with(srcs, includes, &[], out)
+}
+
+fn compile_c_with(srcs: &[&Path], includes: &[&Path], flags: &[&str], out: &Path) {
     let clang = std::env::var("WASM_CC").unwrap_or_else(|_| "clang".to_string());
     let status = Command::new(&clang)
         .args(["--target=wasm32-wasi", "-O2", "-Wall", "-Werror", "-Wno-unused-function"])
+        .args(flags)
         .args(includes.iter().map(|i| format!("-I{}", i.display())))
         .args(srcs)
         .arg("-o")

@@ -43,6 +43,8 @@ pub enum Program {
     Module(InstancePre<P1State>),
     /// A `wasi:cli/command` component with WASI preview 2.
     Component(CommandPre<P2State>),
+    /// A `wasi:http/incoming-handler` component: served over HTTP, an instance per request.
+    Http(wasmtime_wasi_http::p2::bindings::ProxyPre<P2State>),
 }
 
 /// A directory the guest sees.
@@ -125,6 +127,31 @@ pub struct P2State {
     table: ResourceTable,
     limiter: Limiter,
     dns: Option<Arc<PodDns>>,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    http_hooks: crate::http::Hooks,
+}
+
+impl P2State {
+    pub(crate) fn new(ctx: WasiCtx, limiter: Limiter, dns: Option<Arc<PodDns>>, _net: GuestNet) -> P2State {
+        P2State {
+            ctx,
+            table: ResourceTable::new(),
+            limiter,
+            dns,
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks: crate::http::Hooks,
+        }
+    }
+
+    pub(crate) fn limiter(&mut self) -> &mut Limiter {
+        &mut self.limiter
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for P2State {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.http_hooks }
+    }
 }
 
 impl crate::net::lookup::HasPodDns for P2State {
@@ -143,8 +170,14 @@ impl WasiView for P2State {
 }
 
 /// Enforces the memory limit and keeps the meter's memory figure current.
-struct Limiter {
+pub(crate) struct Limiter {
     meter: Arc<GuestMeter>,
+}
+
+impl Limiter {
+    pub(crate) fn new(meter: Arc<GuestMeter>) -> Limiter {
+        Limiter { meter }
+    }
 }
 
 impl ResourceLimiter for Limiter {
@@ -192,6 +225,8 @@ impl WasmEngine {
         let mut component_linker = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(|e| format!("link wasi preview 2: {e:#}"))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component_linker)
+            .map_err(|e| format!("link wasi:http: {e:#}"))?;
         crate::net::lookup::add_to_linker(&mut component_linker)
             .map_err(|e| format!("link the pod name lookup: {e:#}"))?;
         let cache = CompiledCache::new(cache_dir, &engine).map_err(|e| e.to_string())?;
@@ -253,11 +288,18 @@ impl WasmEngine {
             CompiledProgram::Module(m) => Program::Module(self.module_linker.instantiate_pre(&m).map_err(unlinkable)?),
             CompiledProgram::Component(c) => {
                 let pre = self.component_linker.instantiate_pre(&c).map_err(unlinkable)?;
-                Program::Component(
-                    CommandPre::new(pre).map_err(|e| {
-                        Error::InvalidArgument(format!("{what}: not a wasi:cli/command component: {e:#}"))
-                    })?,
-                )
+                match CommandPre::new(pre.clone()) {
+                    Ok(command) => Program::Component(command),
+                    Err(not_command) => match wasmtime_wasi_http::p2::bindings::ProxyPre::new(pre) {
+                        Ok(proxy) => Program::Http(proxy),
+                        Err(_) => {
+                            return Err(Error::InvalidArgument(format!(
+                                "{what}: neither a wasi:cli/command nor a wasi:http/incoming-handler component: \
+                                 {not_command:#}"
+                            )));
+                        }
+                    },
+                }
             }
         };
         self.programs.lock().unwrap_or_else(|e| e.into_inner()).insert(wasm_digest.to_string(), program.clone());
@@ -324,19 +366,26 @@ impl WasmEngine {
         Metered {
             netns,
             inner: Box::pin(async move {
-                let mut wasi = match build_wasi(spec) {
+                let mut wasi = match build_wasi(&spec) {
                     Ok(w) => w,
                     Err(e) => return Outcome::StartFailed(e),
                 };
                 let limiter = Limiter { meter: m.clone() };
                 let result = match program {
+                    Program::Http(pre) => {
+                        let port = crate::http::port(&spec, 8080);
+                        return match crate::http::serve(engine, pre, spec, m.clone(), port).await {
+                            Ok(()) => Outcome::Exited(0),
+                            Err(e) => Outcome::StartFailed(e),
+                        };
+                    }
                     Program::Module(pre) => {
                         let mut store = Store::new(&engine, P1State { wasi: wasi.build_p1(), limiter });
                         prepare(&mut store, |s| &mut s.limiter);
                         run_module(&mut store, &pre).await
                     }
                     Program::Component(pre) => {
-                        let state = P2State { ctx: wasi.build(), table: ResourceTable::new(), limiter, dns };
+                        let state = P2State::new(wasi.build(), limiter, dns, GuestNet::None);
                         let mut store = Store::new(&engine, state);
                         prepare(&mut store, |s| &mut s.limiter);
                         run_component(&mut store, &pre).await
@@ -361,7 +410,7 @@ impl Drop for WasmEngine {
 
 type RunResult = std::result::Result<i32, (wasmtime::Error, bool)>;
 
-fn prepare<T: 'static>(store: &mut Store<T>, limiter: fn(&mut T) -> &mut Limiter) {
+pub(crate) fn prepare<T: 'static>(store: &mut Store<T>, limiter: fn(&mut T) -> &mut Limiter) {
     store.limiter(move |s| limiter(s) as &mut dyn ResourceLimiter);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
@@ -401,9 +450,9 @@ fn classify(result: RunResult, meter: &GuestMeter) -> Outcome {
     }
 }
 
-fn build_wasi(spec: GuestSpec) -> std::result::Result<WasiCtxBuilder, String> {
+pub(crate) fn build_wasi(spec: &GuestSpec) -> std::result::Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
-    b.args(&spec.args).envs(&spec.env).stdout(spec.stdout).stderr(spec.stderr);
+    b.args(&spec.args).envs(&spec.env).stdout(spec.stdout.clone()).stderr(spec.stderr.clone());
     b.allow_blocking_current_thread(true);
     if !matches!(spec.net, GuestNet::None) {
         // Sockets are created in the namespace of the polling thread: the pod's.

@@ -4,6 +4,7 @@
 pub mod cri;
 pub mod engine;
 mod error;
+mod http;
 mod journal;
 pub mod logs;
 pub mod model;

@@ -1021,6 +1021,12 @@ impl Runtime {
             }
             None => program.ok_or_else(|| Error::Internal(format!("container {id} runs without a program")))?,
         };
+        if matches!(program, Program::Http(_)) {
+            return Err(Error::InvalidArgument(format!(
+                "exec in container {id}: a wasi:http handler is not a command; name a .wasm file the \
+                 container can see"
+            )));
+        }
         let meter = Arc::new(GuestMeter::default());
         meter.memory_limit.store(
             record.spec.resources.as_ref().map_or(0, |r| r.memory_limit_in_bytes.max(0) as u64),

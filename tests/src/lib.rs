@@ -30,6 +30,11 @@ pub fn net_component() -> &'static Path {
     Path::new(env!("WORKLOAD_NET"))
 }
 
+/// A `wasi:http/proxy` component answering every request with its path (`workloads/http.c`).
+pub fn http_component() -> &'static Path {
+    Path::new(env!("WORKLOAD_HTTP"))
+}
+
 /// A TCP port free on the host's loopback right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")

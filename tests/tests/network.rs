@@ -278,3 +278,62 @@ async fn guest_name_lookups_follow_the_pod_dns_config() {
         assert!(seen.contains(&name.to_string()), "{name} not asked: {seen:?}");
     }
 }
+
+/// GET `path` from `addr` (HTTP/1.0, so the answer ends with the connection).
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(WAIT))?;
+    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())?;
+    let mut answer = String::new();
+    c.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+#[tokio::test]
+async fn a_wasi_http_component_serves_the_pod_port() {
+    let server = Server::start().await.unwrap();
+    server.import(http_component(), "http").unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let host_port = free_port();
+    let cfg = with_ports(sandbox_config(&server, "web"), &[(8080, host_port as i32)]);
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    let mut web = container_config("web", "http", &[]);
+    web.command.clear();
+    let web = start(&mut rt, &sb, &cfg, web).await;
+    // From the host through the host port, once the server listens.
+    let addr = format!("127.0.0.1:{host_port}");
+    let deadline = std::time::Instant::now() + WAIT;
+    let answer = loop {
+        let a = addr.clone();
+        match tokio::task::spawn_blocking(move || http_get(&a, "/hello?x=1")).await.unwrap() {
+            Ok(answer) if answer.starts_with("HTTP/1.") => break answer,
+            other => {
+                assert!(std::time::Instant::now() < deadline, "no answer: {other:?}\n{}", server.server_log());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(answer.starts_with("HTTP/1.0 200 OK"), "{answer}");
+    assert!(answer.ends_with("hello from wasi:http: /hello?x=1"), "{answer}");
+    // From a sibling over localhost, with wasi:sockets.
+    let get = "GET /from-sibling HTTP/1.0\r\nHost: web\r\n\r\n";
+    let c = start(&mut rt, &sb, &cfg, net("client", &["connect", "localhost", "8080", get])).await;
+    let lines = output(&mut rt, &c).await;
+    assert!(lines.first().is_some_and(|l| l.starts_with("HTTP/1.0 200 OK")), "{lines:?}");
+    // Many requests, each its own instance.
+    for i in 0..20 {
+        let a = addr.clone();
+        let answer = tokio::task::spawn_blocking(move || http_get(&a, &format!("/n/{i}"))).await.unwrap().unwrap();
+        assert!(answer.ends_with(&format!("/n/{i}")), "{answer}");
+    }
+    // Exec into a handler needs a .wasm to run: it is not a command.
+    let e = rt
+        .exec_sync(cri::ExecSyncRequest { container_id: web.clone(), cmd: vec!["x".into()], timeout: 5 })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("not a command"), "{}", e.message());
+    rt.stop_container(cri::StopContainerRequest { container_id: web.clone(), timeout: 0 }).await.unwrap();
+    let s = status(&mut rt, &web).await.unwrap();
+    assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+}

@@ -1,0 +1,146 @@
+//! Serving `wasi:http/incoming-handler` components: HTTP/1.1 on the container's port inside the
+//! pod's namespace, one fresh instance per request from the pre-instantiated component, and
+//! the response streamed back as the guest writes it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::server::conn::http1;
+use wasmtime::Store;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use crate::engine::{GuestMeter, GuestSpec, Limiter, P2State, build_wasi, prepare};
+
+/// Where a handler component listens: the container's `PORT` variable, else `default`.
+pub fn port(spec: &GuestSpec, default: u16) -> u16 {
+    spec.env.iter().rev().find(|(k, _)| k == "PORT").and_then(|(_, v)| v.parse().ok()).unwrap_or(default)
+}
+
+/// What every request's instance is made from.
+struct Server {
+    engine: wasmtime::Engine,
+    pre: ProxyPre<P2State>,
+    spec: GuestSpec,
+    meter: Arc<GuestMeter>,
+}
+
+/// Serves until dropped (a kill) or the listener fails; returns the failure.
+pub async fn serve(
+    engine: wasmtime::Engine,
+    pre: ProxyPre<P2State>,
+    spec: GuestSpec,
+    meter: Arc<GuestMeter>,
+    port: u16,
+) -> Result<(), String> {
+    // Polled inside the pod's namespace: the listener is the pod's.
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("wasi:http: listen on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving wasi:http");
+    let server = Arc::new(Server { engine, pre, spec, meter });
+    // Connections end with the server: the set aborts them when dropped.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => accepted.map_err(|e| format!("wasi:http: accept: {e}"))?,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let server = server.clone();
+        let netns = match &server.spec.net {
+            crate::engine::GuestNet::Pod(ns) => Some(ns.clone()),
+            _ => None,
+        };
+        let connection = async move {
+            let service = hyper::service::service_fn(move |req| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req).await) }
+            });
+            if let Err(e) = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service).await
+            {
+                tracing::debug!(%peer, error = %e, "wasi:http connection");
+            }
+        };
+        // The guest's own sockets, if it opens any while handling, must be the pod's too.
+        match netns {
+            Some(ns) => connections.spawn(async move {
+                let _ = crate::net::InNetns::new(ns, connection).await;
+            }),
+            None => connections.spawn(connection),
+        };
+    }
+}
+
+impl Server {
+    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<HyperOutgoingBody> {
+        match self.run(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "wasi:http request failed");
+                let body = http_body_util::Full::new(bytes::Bytes::from("500 Internal Server Error\n"));
+                use http_body_util::BodyExt;
+                let body = body.map_err(|never: Infallible| match never {}).boxed_unsync();
+                let mut r = hyper::Response::new(body);
+                *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                r
+            }
+        }
+    }
+
+    async fn run(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, String> {
+        let mut wasi = build_wasi(&self.spec)?;
+        let limiter = Limiter::new(self.meter.clone());
+        let state = P2State::new(wasi.build(), limiter, self.spec.dns.clone(), self.spec.net.clone());
+        let mut store = Store::new(&self.engine, state);
+        prepare(&mut store, |s| s.limiter());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = store.data_mut().http().new_incoming_request(Scheme::Http, req).map_err(|e| e.to_string())?;
+        let out = store.data_mut().http().new_response_outparam(tx).map_err(|e| e.to_string())?;
+        let proxy = self.pre.instantiate_async(&mut store).await.map_err(|e| format!("instantiate: {e:#}"))?;
+        // The guest keeps running (streaming the body) after it has set the response.
+        let task =
+            tokio::spawn(async move { proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await });
+        match rx.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(code)) => Err(format!("the handler answered with an error: {code:?}")),
+            Err(_) => {
+                let why = match task.await {
+                    Ok(Ok(())) => "the handler returned without a response".to_string(),
+                    Ok(Err(e)) => format!("the handler trapped: {e:#}"),
+                    Err(e) => format!("the handler task: {e}"),
+                };
+                Err(why)
+            }
+        }
+    }
+}
+
+/// Outgoing requests from handlers are not supported yet: they are refused, not sent from
+/// whichever namespace the executor thread happens to be in.
+pub struct Hooks;
+
+impl wasmtime_wasi_http::WasiHttpHooks for Hooks {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    http::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                )>,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
