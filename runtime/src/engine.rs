@@ -216,9 +216,7 @@ pub struct WasmEngine {
 impl WasmEngine {
     /// An engine whose compiled code is cached under `cache_dir`.
     pub fn new(cache_dir: PathBuf) -> std::result::Result<WasmEngine, String> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        let engine = Engine::new(&config).map_err(|e| format!("wasmtime engine: {e:#}"))?;
+        let engine = new_engine()?;
         let mut module_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| format!("link wasi preview 1: {e:#}"))?;
@@ -394,6 +392,38 @@ impl WasmEngine {
                 classify(result, &m)
             }),
             meter,
+        }
+    }
+}
+
+/// Instances the pooling allocator keeps slots for (core instances, memories, tables): about
+/// 16 TB of address space reserved, nothing resident until used.
+const POOL_SLOTS: u32 = 4000;
+
+/// The engine: epoch interruption, and the pooling allocator (instances from pre-reserved
+/// slots, memories reset with `madvise` instead of mapped and unmapped each time) where the
+/// host lets a process reserve that much address space; the default allocator otherwise.
+fn new_engine() -> std::result::Result<Engine, String> {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    let mut pool = wasmtime::PoolingAllocationConfig::default();
+    pool.total_core_instances(POOL_SLOTS)
+        .total_memories(POOL_SLOTS)
+        .total_tables(POOL_SLOTS)
+        .total_component_instances(POOL_SLOTS / 2)
+        .max_core_instances_per_component(50)
+        .max_memories_per_component(50)
+        .max_tables_per_component(50);
+    let mut pooled = config.clone();
+    pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    match Engine::new(&pooled) {
+        Ok(engine) => {
+            tracing::debug!(slots = POOL_SLOTS, "pooling instance allocator");
+            Ok(engine)
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "pooling allocator unavailable; instances allocated on demand");
+            Engine::new(&config).map_err(|e| format!("wasmtime engine: {e:#}"))
         }
     }
 }

@@ -1,7 +1,8 @@
 // The socket test workload: a wasi:cli/command that uses wasi:sockets through the C bindings
 // tests/build.rs generates. Its first argument picks what it does:
 //   serve PORT        TCP server on 0.0.0.0:PORT; answers each connection's first read with
-//                     "<HOSTNAME> got <bytes>" and closes it
+//                     "<HOSTNAME> got <bytes>" (or, to an HTTP GET, a minimal HTTP/1.0
+//                     response) and closes it
 //   connect HOST PORT MSG
 //                     looks HOST up, connects, sends MSG, prints the answer
 //   lookup NAME       prints NAME's addresses, one per line
@@ -124,9 +125,18 @@ static int serve(int port) {
             block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
             continue;
         }
-        char buf[1024], reply[1200];
+        char buf[1024], reply[1400];
         read_some(conn.f1, buf, sizeof buf);
-        int n = snprintf(reply, sizeof reply, "%s got %s", me ? me : "?", buf);
+        int n;
+        if (!strncmp(buf, "GET ", 4)) {
+            // An HTTP client (a load generator): a minimal HTTP/1.0 answer, then close.
+            char body[256];
+            int len = snprintf(body, sizeof body, "%s got a request\n", me ? me : "?");
+            n = snprintf(reply, sizeof reply,
+                         "HTTP/1.0 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len, body);
+        } else {
+            n = snprintf(reply, sizeof reply, "%s got %s", me ? me : "?", buf);
+        }
         write_all(conn.f2, reply, (size_t)n);
         wasi_io_streams_input_stream_drop_own(conn.f1);
         wasi_io_streams_output_stream_drop_own(conn.f2);

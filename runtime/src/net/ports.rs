@@ -96,11 +96,14 @@ pub async fn forward(ns: Arc<NetNs>, listener: std::net::TcpListener, target: So
     };
     loop {
         let Ok((mut outside, peer)) = listener.accept().await else { continue };
+        // Request/response traffic: no waiting for more bytes to fill a segment.
+        let _ = outside.set_nodelay(true);
         let ns = ns.clone();
         tokio::spawn(async move {
             let joined = InNetns::new(ns, async move {
                 // Created on this thread, inside the pod's namespace.
                 let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.set_nodelay(true)?;
                 let mut inside = socket.connect(target).await?;
                 tokio::io::copy_bidirectional(&mut outside, &mut inside).await.map(|_| ())
             })
