@@ -32,6 +32,7 @@ fn engine_run(c: &mut Criterion) {
                 stderr: GuestOutput::discard(Stream::Stderr),
                 net: GuestNet::None,
                 dns: None,
+                stop: None,
             };
             rt.block_on(engine.run(&program, spec, Arc::new(GuestMeter::default())))
         })

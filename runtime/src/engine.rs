@@ -87,6 +87,8 @@ pub struct GuestSpec {
     pub net: GuestNet,
     /// How its name lookups are answered (components; None: none are).
     pub dns: Option<Arc<PodDns>>,
+    /// Becomes true when a stop is requested (wasi:http servers drain and end).
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Counters a running guest updates, read by the stats RPCs; the memory limit may be changed
@@ -537,6 +539,7 @@ mod tests {
             stderr: GuestOutput::discard(Stream::Stderr),
             net: GuestNet::None,
             dns: None,
+            stop: None,
         }
     }
 

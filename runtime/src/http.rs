@@ -29,7 +29,8 @@ struct Server {
     meter: Arc<GuestMeter>,
 }
 
-/// Serves until dropped (a kill) or the listener fails; returns the failure.
+/// Serves until a stop is requested (then stops accepting, lets the requests in flight finish
+/// and returns Ok), dropped (a kill), or the listener fails (Err).
 pub async fn serve(
     engine: wasmtime::Engine,
     pre: ProxyPre<P2State>,
@@ -42,6 +43,7 @@ pub async fn serve(
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("wasi:http: listen on {addr}: {e}"))?;
     tracing::info!(%addr, "serving wasi:http");
+    let mut stop = spec.stop.clone().unwrap_or_else(|| tokio::sync::watch::channel(false).1);
     let server = Arc::new(Server { engine, pre, spec, meter });
     // Connections end with the server: the set aborts them when dropped.
     let mut connections = tokio::task::JoinSet::new();
@@ -49,6 +51,7 @@ pub async fn serve(
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => accepted.map_err(|e| format!("wasi:http: accept: {e}"))?,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            _ = stop.wait_for(|s| *s) => break,
         };
         let _ = stream.set_nodelay(true);
         let server = server.clone();
@@ -74,6 +77,11 @@ pub async fn serve(
             None => connections.spawn(connection),
         };
     }
+    // Stopping: the listener closes now; the requests in flight finish.
+    drop(listener);
+    tracing::info!(%addr, in_flight = connections.len(), "wasi:http stopping");
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 impl Server {

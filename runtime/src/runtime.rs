@@ -184,6 +184,8 @@ struct Entry {
 /// A running guest: how to end it and how to learn it has ended.
 struct Live {
     kill: Option<oneshot::Sender<ExitStatus>>,
+    /// Set when a stop is requested: guests that can wind down (wasi:http servers) do.
+    stop: watch::Sender<bool>,
     done: watch::Receiver<bool>,
     log: Option<Arc<LogFile>>,
 }
@@ -806,6 +808,9 @@ impl Runtime {
         }
         let (kill_tx, kill_rx) = oneshot::channel::<ExitStatus>();
         let (done_tx, done_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut spec = spec;
+        spec.stop = Some(stop_rx);
         let (stdout, stderr) = (spec.stdout.clone(), spec.stderr.clone());
         let net = spec.net.clone();
         let guest = self.inner.engine.run(&program, spec, meter);
@@ -824,7 +829,7 @@ impl Runtime {
             let _ = done_tx.send(true);
         });
         if let Some(entry) = state.containers.get_mut(id) {
-            entry.live = Some(Live { kill: Some(kill_tx), done: done_rx, log });
+            entry.live = Some(Live { kill: Some(kill_tx), stop: stop_tx, done: done_rx, log });
         }
         tracing::info!(container = %id, "container started");
         self.emit(&record, EventKind::Started);
@@ -893,7 +898,11 @@ impl Runtime {
             let state = self.state();
             let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
             match &entry.live {
-                Some(live) if entry.record.state == ContainerState::Running => live.done.clone(),
+                Some(live) if entry.record.state == ContainerState::Running => {
+                    // Wasm has no signals; a guest that can wind down is told here.
+                    live.stop.send_replace(true);
+                    live.done.clone()
+                }
                 _ => return Ok(()),
             }
         };
@@ -1208,7 +1217,7 @@ fn guest_spec(
         dns.netns = dns_route.1.clone();
         Arc::new(dns)
     });
-    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns })
+    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns, stop: None })
 }
 
 /// A mount with its host path resolved.

@@ -333,7 +333,16 @@ async fn a_wasi_http_component_serves_the_pod_port() {
         .await
         .unwrap_err();
     assert!(e.message().contains("not a command"), "{}", e.message());
-    rt.stop_container(cri::StopContainerRequest { container_id: web.clone(), timeout: 0 }).await.unwrap();
+    // A stop drains: the handler stops accepting and ends by itself (0, not killed at the
+    // end of the grace period with 137).
+    rt.stop_container(cri::StopContainerRequest { container_id: web.clone(), timeout: 30 }).await.unwrap();
     let s = status(&mut rt, &web).await.unwrap();
-    assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(
+        (s.state, s.exit_code, s.reason.as_str()),
+        (cri::ContainerState::ContainerExited as i32, 0, "Completed")
+    );
+    let a = addr.clone();
+    // The host port is the sandbox's and still accepts; nothing answers behind it.
+    let after = tokio::task::spawn_blocking(move || http_get(&a, "/")).await.unwrap();
+    assert!(after.as_ref().map_or(true, |a| a.is_empty()), "no longer served: {after:?}");
 }
