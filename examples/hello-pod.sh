@@ -15,10 +15,10 @@ trap cleanup EXIT
 "$bin" image import examples/hello.wat --tag hello --root "$dir/root" >/dev/null
 # Pods get network namespaces of their own (rootless mode). Where this machine lets no
 # unprivileged user make namespaces (some distributions restrict it), use the host's network.
-: >"$dir/wasmlet.toml"
+printf 'run_dir = "%s"\n' "$dir/run" >"$dir/wasmlet.toml"
 if [ "$(id -u)" -ne 0 ] && ! unshare --user --map-root-user --net true 2>/dev/null; then
     echo "note: user namespaces are not available here; pods use the host's network" >&2
-    printf '[network]\nmode = "host"\n' >"$dir/wasmlet.toml"
+    printf '[network]\nmode = "host"\n' >>"$dir/wasmlet.toml"
 fi
 "$bin" cri --config "$dir/wasmlet.toml" --root "$dir/root" --socket "$dir/cri.sock" 2>"$dir/server.log" &
 server=$!

@@ -56,8 +56,11 @@ fn readme_example_pod_runs_through_the_cri_socket() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    // Scratch files inside the temporary root, not under /dev/shm: the server is killed below.
+    let config = root.path().join("wasmlet.toml");
+    std::fs::write(&config, format!("run_dir = {:?}\n", root.path().join("run"))).unwrap();
     let mut server = wasmlet()
-        .args(["cri", "--root", root_arg, "--socket", socket.to_str().unwrap()])
+        .args(["cri", "--root", root_arg, "--socket", socket.to_str().unwrap(), "--config", config.to_str().unwrap()])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -133,6 +133,16 @@ struct Inner {
     cni: Option<crate::net::cni::CniNetwork>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The scratch directory lives on tmpfs, outside the root: leave none behind when no pod
+        // needs it (remove_dir only removes empty directories).
+        for dir in [self.run_dir.join("pods"), self.run_dir.join("netns"), self.run_dir.clone()] {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     sandboxes: HashMap<String, SandboxRecord>,
