@@ -387,33 +387,50 @@ impl Runtime {
         if let Some(dns) = &spec.dns {
             podfiles::check_dns(&name, dns)?;
         }
-        let mut state = self.state();
-        if let Some(existing) = state.sandbox_names.get(&name) {
-            return Err(Error::AlreadyExists(format!(
-                "pod sandbox name {name:?} is reserved by sandbox {existing}; remove it first"
-            )));
-        }
         let id = new_id();
-        let net = self.setup_network(&mut state, &id, &name, &spec, &host_ports)?;
+        {
+            // The name is reserved while the network is set up without the state lock (CNI
+            // plugins take tens of milliseconds; other calls go on meanwhile).
+            let mut state = self.state();
+            if let Some(existing) = state.sandbox_names.get(&name) {
+                return Err(Error::AlreadyExists(format!(
+                    "pod sandbox name {name:?} is reserved by sandbox {existing}; remove it first"
+                )));
+            }
+            state.sandbox_names.insert(name.clone(), id.clone());
+        }
+        let unreserve = || {
+            self.state().sandbox_names.remove(&name);
+        };
+        let net = match self.setup_network(&id, &name, &spec, &host_ports) {
+            Ok(net) => net,
+            Err(e) => {
+                unreserve();
+                return Err(e);
+            }
+        };
         let mut record =
             SandboxRecord { id, spec, state: SandboxState::Ready, created_at: now_nanos(), ip: String::new() };
         record.ip = net.ip.map(|ip| ip.to_string()).unwrap_or_default();
         let pod_dir = podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, &record.id);
         if let Err(e) = podfiles::write_etc(&pod_dir, &record.spec.hostname, &record.ip, record.spec.dns.as_ref()) {
             podfiles::remove_pod_dir(&pod_dir);
-            self.release_network(&mut state, &record.id, net);
+            self.release_network(&record.id, net);
+            unreserve();
             return Err(e);
         }
         let id = record.id.clone();
         let change = Change::Sandbox(Box::new(record.clone()));
-        state.sandbox_names.insert(name.clone(), id.clone());
+        let mut state = self.state();
         state.sandboxes.insert(id.clone(), record);
         state.nets.insert(id.clone(), net);
         if let Err(e) = self.journal(&state, change) {
             state.sandboxes.remove(&id);
             state.sandbox_names.remove(&name);
-            if let Some(net) = state.nets.remove(&id) {
-                self.release_network(&mut state, &id, net);
+            let net = state.nets.remove(&id);
+            drop(state);
+            if let Some(net) = net {
+                self.release_network(&id, net);
             }
             podfiles::remove_pod_dir(&pod_dir);
             return Err(e);
@@ -452,14 +469,7 @@ impl Runtime {
 
     /// A network for a new sandbox: on the host's, or a namespace of its own with an address
     /// and its host ports bound (a port already taken fails here, with nothing kept).
-    fn setup_network(
-        &self,
-        state: &mut State,
-        id: &str,
-        name: &str,
-        spec: &SandboxSpec,
-        host_ports: &[PortMapping],
-    ) -> Result<PodNet> {
+    fn setup_network(&self, id: &str, name: &str, spec: &SandboxSpec, host_ports: &[PortMapping]) -> Result<PodNet> {
         if self.uses_host_network(spec) {
             return Ok(PodNet { ns: None, ip: None, forwards: Vec::new(), cni: None });
         }
@@ -472,8 +482,7 @@ impl Runtime {
         let pool = self.inner.netns_pool.as_ref().expect("rootless mode has a pool");
         let ns =
             Arc::new(pool.take().map_err(|e| Error::Internal(format!("pod sandbox {name}: network namespace: {e}")))?);
-        let ipam = state.ipam.as_mut().expect("rootless mode has addresses");
-        let ip = ipam.allocate().ok_or_else(|| {
+        let ip = self.state().ipam.as_mut().expect("rootless mode has addresses").allocate().ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "pod sandbox {name}: no pod address left in {}",
                 self.inner.options.network.pod_cidr
@@ -485,7 +494,7 @@ impl Runtime {
             .map_err(|e| Error::Internal(format!("pod sandbox {name}: give the pod its address {ip}: {e}")))
             .and_then(|()| self.forward_ports(&mut net, name, host_ports));
         if let Err(e) = started {
-            self.release_network(state, id, net);
+            self.release_network(id, net);
             return Err(e);
         }
         self.pin_network(id, &ns);
@@ -587,8 +596,9 @@ impl Runtime {
 
     /// Gives a sandbox's address back and stops its forwarders (their listeners close when
     /// the tasks are dropped; [`Runtime::stop_sandbox`] waits for that).
-    fn release_network(&self, state: &mut State, sandbox_id: &str, net: PodNet) -> Vec<tokio::task::JoinHandle<()>> {
-        if let (Some(ip), Some(ipam)) = (net.ip, state.ipam.as_mut()) {
+    /// Call without the state lock: CNI DEL takes a while.
+    fn release_network(&self, sandbox_id: &str, net: PodNet) -> Vec<tokio::task::JoinHandle<()>> {
+        if let (Some(ip), Some(ipam)) = (net.ip, self.state().ipam.as_mut()) {
             ipam.release(ip);
         }
         if let (Some((pod, result)), Some(cni)) = (&net.cni, &self.inner.cni) {
@@ -609,12 +619,10 @@ impl Runtime {
 
     /// Releases a sandbox's network, if it has one, and returns once its host ports are free.
     async fn drop_network(&self, id: &str) {
-        let forwards = {
-            let mut state = self.state();
-            match state.nets.remove(id) {
-                Some(net) => self.release_network(&mut state, id, net),
-                None => Vec::new(),
-            }
+        let net = self.state().nets.remove(id);
+        let forwards = match net {
+            Some(net) => self.release_network(id, net),
+            None => Vec::new(),
         };
         // Aborted: awaiting them waits until their listeners are closed.
         for f in forwards {
