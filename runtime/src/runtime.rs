@@ -547,9 +547,13 @@ impl Runtime {
     /// Binds the sandbox's host ports and forwards them into its namespace.
     fn forward_ports(&self, net: &mut PodNet, name: &str, host_ports: &[PortMapping]) -> Result<()> {
         let (Some(ns), Some(ip)) = (&net.ns, net.ip) else { return Ok(()) };
-        for (m, listener) in ports::bind(name, host_ports)? {
+        for (m, socket) in ports::bind(name, host_ports)? {
             let target = std::net::SocketAddr::new(ip.into(), m.container_port as u16);
-            net.forwards.push(self.inner.engine.spawn(ports::forward(ns.clone(), listener, target)));
+            let task = match socket {
+                ports::Bound::Tcp(l) => self.inner.engine.spawn(ports::forward(ns.clone(), l, target)),
+                ports::Bound::Udp(u) => self.inner.engine.spawn(ports::forward_udp(ns.clone(), u, target)),
+            };
+            net.forwards.push(task);
         }
         Ok(())
     }

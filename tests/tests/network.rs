@@ -346,3 +346,45 @@ async fn a_wasi_http_component_serves_the_pod_port() {
     let after = tokio::task::spawn_blocking(move || http_get(&a, "/")).await.unwrap();
     assert!(after.as_ref().map_or(true, |a| a.is_empty()), "no longer served: {after:?}");
 }
+
+#[tokio::test]
+async fn a_udp_host_port_reaches_the_pod() {
+    let server = Server::start().await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let host_port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cfg = sandbox_config(&server, "udp-pod");
+    cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Udp as i32,
+        container_port: 5353,
+        host_port: host_port as i32,
+        host_ip: "127.0.0.1".into(),
+    }];
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    let echo = start(&mut rt, &sb, &cfg, net("echo", &["udp-echo", "5353"])).await;
+    wait_log(&mut rt, &echo, "udp listening on 5353", WAIT).await.unwrap();
+    let answers = tokio::task::spawn_blocking(move || {
+        // Two clients: each gets its own answers back.
+        let mut out = Vec::new();
+        for who in ["one", "two"] {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.send_to(who.as_bytes(), ("127.0.0.1", host_port)).unwrap();
+            let mut buf = [0u8; 256];
+            let n = c.recv(&mut buf).unwrap();
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers, ["udp-pod echoes one", "udp-pod echoes two"]);
+    // SCTP host ports are refused, saying so.
+    let mut sctp = sandbox_config(&server, "sctp-pod");
+    sctp.port_mappings =
+        vec![cri::PortMapping { protocol: 2, container_port: 9, host_port: 9999, host_ip: String::new() }];
+    let e = run_sandbox(&mut rt, &sctp).await.unwrap_err();
+    let status = e.downcast_ref::<tonic::Status>().unwrap();
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().contains("SCTP"), "{}", status.message());
+}

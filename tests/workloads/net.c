@@ -6,6 +6,8 @@
 //   connect HOST PORT MSG
 //                     looks HOST up, connects, sends MSG, prints the answer
 //   lookup NAME       prints NAME's addresses, one per line
+//   udp-echo PORT     UDP server on 0.0.0.0:PORT; answers each datagram with
+//                     "<HOSTNAME> echoes <bytes>"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -179,8 +181,57 @@ static int connect_to(const char *host, int port, const char *msg) {
     return 0;
 }
 
+static int udp_echo(int port) {
+    wasi_sockets_udp_own_udp_socket_t sock;
+    wasi_sockets_udp_error_code_t err;
+    if (!wasi_sockets_udp_create_socket_create_udp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, &sock, &err))
+        return fail("create udp socket", err);
+    wasi_sockets_udp_borrow_udp_socket_t s = wasi_sockets_udp_borrow_udp_socket(sock);
+    wasi_sockets_udp_ip_socket_address_t addr = {0};
+    addr.tag = WASI_SOCKETS_NETWORK_IP_SOCKET_ADDRESS_IPV4;
+    addr.val.ipv4.port = (uint16_t)port;
+    if (!wasi_sockets_udp_method_udp_socket_start_bind(s, network(), &addr, &err)) return fail("udp bind", err);
+    while (!wasi_sockets_udp_method_udp_socket_finish_bind(s, &err)) {
+        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("udp bind", err);
+        block_on(wasi_sockets_udp_method_udp_socket_subscribe(s));
+    }
+    wasi_sockets_udp_tuple2_own_incoming_datagram_stream_own_outgoing_datagram_stream_t streams;
+    if (!wasi_sockets_udp_method_udp_socket_stream(s, NULL, &streams, &err)) return fail("udp stream", err);
+    wasi_sockets_udp_borrow_incoming_datagram_stream_t in = wasi_sockets_udp_borrow_incoming_datagram_stream(streams.f0);
+    wasi_sockets_udp_borrow_outgoing_datagram_stream_t out = wasi_sockets_udp_borrow_outgoing_datagram_stream(streams.f1);
+    printf("udp listening on %d\n", port);
+    fflush(stdout);
+    const char *me = getenv("HOSTNAME");
+    for (;;) {
+        wasi_sockets_udp_list_incoming_datagram_t got;
+        if (!wasi_sockets_udp_method_incoming_datagram_stream_receive(in, 8, &got, &err)) return fail("udp receive", err);
+        if (got.len == 0) {
+            block_on(wasi_sockets_udp_method_incoming_datagram_stream_subscribe(in));
+            continue;
+        }
+        for (size_t i = 0; i < got.len; i++) {
+            char reply[1200];
+            int n = snprintf(reply, sizeof reply, "%s echoes %.*s", me ? me : "?", (int)got.ptr[i].data.len,
+                             (const char *)got.ptr[i].data.ptr);
+            uint64_t room = 0;
+            while (wasi_sockets_udp_method_outgoing_datagram_stream_check_send(out, &room, &err) && room == 0)
+                block_on(wasi_sockets_udp_method_outgoing_datagram_stream_subscribe(out));
+            wasi_sockets_udp_outgoing_datagram_t d;
+            d.data.ptr = (uint8_t *)reply;
+            d.data.len = (size_t)n;
+            d.remote_address.is_some = true;
+            d.remote_address.val = got.ptr[i].remote_address;
+            wasi_sockets_udp_list_outgoing_datagram_t list = {&d, 1};
+            uint64_t sent;
+            wasi_sockets_udp_method_outgoing_datagram_stream_send(out, &list, &sent, &err);
+        }
+        wasi_sockets_udp_list_incoming_datagram_free(&got);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "serve")) return serve(atoi(argv[2]));
+    if (argc >= 3 && !strcmp(argv[1], "udp-echo")) return udp_echo(atoi(argv[2]));
     if (argc >= 5 && !strcmp(argv[1], "connect")) return connect_to(argv[2], atoi(argv[3]), argv[4]);
     if (argc >= 3 && !strcmp(argv[1], "lookup")) {
         wasi_sockets_network_ip_address_t addrs[16];
@@ -189,6 +240,6 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) print_ip(&addrs[i]);
         return 0;
     }
-    fprintf(stderr, "usage: net serve PORT | connect HOST PORT MSG | lookup NAME\n");
+    fprintf(stderr, "usage: net serve PORT | udp-echo PORT | connect HOST PORT MSG | lookup NAME\n");
     return 2;
 }

@@ -1,6 +1,8 @@
-//! Host ports forwarded into pods. The listener is bound in the host's namespace when the
-//! sandbox is created (so a port already taken fails RunPodSandbox); each connection it accepts
-//! is joined to a new connection made from inside the pod's namespace to the pod IP.
+//! Host ports forwarded into pods. The host socket is bound in the host's namespace when the
+//! sandbox is created (so a port already taken fails RunPodSandbox). TCP: each connection it
+//! accepts is joined to a new connection made from inside the pod's namespace to the pod IP.
+//! UDP: each client address gets a socket of its own inside the pod's namespace, so replies
+//! find their way back; a flow idle for a minute is dropped.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -11,6 +13,16 @@ use crate::{Error, Result};
 
 /// The CRI's protocol numbers.
 pub const TCP: i32 = 0;
+pub const UDP: i32 = 1;
+
+/// How long a UDP flow lives without traffic.
+const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A bound host port.
+pub enum Bound {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
 
 /// Checks the sandbox's port mappings: one protocol per container port, one owner per host
 /// port. Returns those that need a host listener.
@@ -61,27 +73,87 @@ pub fn check(pod: &str, mappings: &[PortMapping]) -> Result<Vec<PortMapping>> {
     Ok(mappings.iter().filter(|m| m.host_port != 0).cloned().collect())
 }
 
-/// Binds the host listeners of `mappings` (TCP; the other protocols are refused). Call from a
-/// thread in the host's namespace.
-pub fn bind(pod: &str, mappings: &[PortMapping]) -> Result<Vec<(PortMapping, std::net::TcpListener)>> {
+/// Binds the host sockets of `mappings` (TCP and UDP; SCTP is refused). Call from a thread in
+/// the host's namespace.
+pub fn bind(pod: &str, mappings: &[PortMapping]) -> Result<Vec<(PortMapping, Bound)>> {
     let mut bound = Vec::new();
     for m in mappings {
-        if m.protocol != TCP {
-            return Err(Error::Unimplemented(format!(
-                "pod sandbox {pod}: host port {} is not TCP; only TCP host ports are forwarded so far",
-                m.host_port
-            )));
-        }
         let ip: IpAddr =
             if m.host_ip.is_empty() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { m.host_ip.parse().expect("checked") };
         let addr = SocketAddr::new(ip, m.host_port as u16);
-        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        let taken = |e: std::io::Error| {
             Error::FailedPrecondition(format!("pod sandbox {pod}: cannot listen on host port {addr}: {e}"))
-        })?;
-        listener.set_nonblocking(true).map_err(|e| Error::Internal(format!("host port {addr}: {e}")))?;
-        bound.push((m.clone(), listener));
+        };
+        let nonblocking = |e: std::io::Error| Error::Internal(format!("host port {addr}: {e}"));
+        let socket = match m.protocol {
+            TCP => {
+                let l = std::net::TcpListener::bind(addr).map_err(taken)?;
+                l.set_nonblocking(true).map_err(nonblocking)?;
+                Bound::Tcp(l)
+            }
+            UDP => {
+                let u = std::net::UdpSocket::bind(addr).map_err(taken)?;
+                u.set_nonblocking(true).map_err(nonblocking)?;
+                Bound::Udp(u)
+            }
+            _ => {
+                return Err(Error::Unimplemented(format!(
+                    "pod sandbox {pod}: host port {}/SCTP: SCTP host ports are not forwarded",
+                    m.host_port
+                )));
+            }
+        };
+        bound.push((m.clone(), socket));
     }
     Ok(bound)
+}
+
+/// Forwards datagrams to `host` to `target` from inside `ns`, and the answers back, until the
+/// returned task is aborted. Spawn it on the pod executor.
+pub async fn forward_udp(ns: Arc<NetNs>, host: std::net::UdpSocket, target: SocketAddr) {
+    let host = match tokio::net::UdpSocket::from_std(host) {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            tracing::error!(error = %e, "host port socket");
+            return;
+        }
+    };
+    type Flow = (Arc<tokio::net::UdpSocket>, tokio::task::AbortHandle);
+    let mut flows: std::collections::HashMap<SocketAddr, Flow> = std::collections::HashMap::new();
+    // Flows end with the forwarder: the set aborts them when dropped.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, client) = tokio::select! {
+            r = host.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let live = flows.get(&client).filter(|(_, task)| !task.is_finished()).map(|(s, _)| s.clone());
+        let inside = match live {
+            Some(s) => s,
+            None => {
+                // Made on this thread, inside the pod's namespace.
+                let made = ns.enter().and_then(|()| {
+                    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                    s.connect(target)?;
+                    s.set_nonblocking(true)?;
+                    tokio::net::UdpSocket::from_std(s)
+                });
+                let Ok(inside) = made.map(Arc::new) else { continue };
+                let (back, host) = (inside.clone(), host.clone());
+                let task = tasks.spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(Ok(n)) = tokio::time::timeout(UDP_IDLE, back.recv(&mut buf)).await {
+                        let _ = host.send_to(&buf[..n], client).await;
+                    }
+                });
+                flows.retain(|_, (_, t)| !t.is_finished());
+                flows.insert(client, (inside.clone(), task));
+                inside
+            }
+        };
+        let _ = inside.send(&buf[..n]).await;
+    }
 }
 
 /// Forwards connections to `listener` to `target` from inside `ns`, until the returned task is
