@@ -244,6 +244,8 @@ fn run() -> Result<()> {
     // A server logs what it does; the client commands speak only when something is wrong.
     let default_level = if matches!(cli.command, Command::Cri { .. }) { "info" } else { "warn" };
     init_tracing(cli.log_format, default_level);
+    // The real user, before a user namespace maps it to 0: it names the scratch directory.
+    let uid = rustix::process::geteuid().as_raw();
     if let Command::Cri { config, .. } = &cli.command {
         let file = load_config(config.as_deref())?;
         let not_root = !rustix::process::geteuid().is_root();
@@ -260,8 +262,9 @@ fn run() -> Result<()> {
             let file = load_config(config.as_deref())?;
             let registries =
                 wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(&insecure_registries);
-            let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: file.run_dir };
             let root = root.or(file.root).unwrap_or_else(default_root);
+            let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
+            let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir) };
             rt.block_on(serve(root, socket.or(file.socket), options))
         }
         Command::Config { command: ConfigCommand::Default } => {
