@@ -69,6 +69,16 @@ pub enum GuestNet {
     Pod(Arc<NetNs>),
 }
 
+impl GuestNet {
+    /// The namespace to enter before polling the guest, if it has one of its own.
+    pub fn netns(&self) -> Option<Arc<NetNs>> {
+        match self {
+            GuestNet::Pod(ns) => Some(ns.clone()),
+            GuestNet::None | GuestNet::Host => None,
+        }
+    }
+}
+
 /// Everything one guest instance is given.
 pub struct GuestSpec {
     /// argv, program name first.
@@ -134,7 +144,7 @@ pub struct P2State {
 }
 
 impl P2State {
-    pub(crate) fn new(ctx: WasiCtx, limiter: Limiter, dns: Option<Arc<PodDns>>, _net: GuestNet) -> P2State {
+    pub(crate) fn new(ctx: WasiCtx, limiter: Limiter, dns: Option<Arc<PodDns>>) -> P2State {
         P2State {
             ctx,
             table: ResourceTable::new(),
@@ -359,12 +369,8 @@ impl WasmEngine {
         let program = program.clone();
         let m = meter.clone();
         let dns = spec.dns.clone();
-        let netns = match &spec.net {
-            GuestNet::Pod(ns) => Some(ns.clone()),
-            GuestNet::None | GuestNet::Host => None,
-        };
-        Metered {
-            netns,
+        let netns = spec.net.netns();
+        let metered = Metered {
             inner: Box::pin(async move {
                 let mut wasi = match build_wasi(&spec) {
                     Ok(w) => w,
@@ -385,7 +391,7 @@ impl WasmEngine {
                         run_module(&mut store, &pre).await
                     }
                     Program::Component(pre) => {
-                        let state = P2State::new(wasi.build(), limiter, dns, GuestNet::None);
+                        let state = P2State::new(wasi.build(), limiter, dns);
                         let mut store = Store::new(&engine, state);
                         prepare(&mut store, |s| &mut s.limiter);
                         run_component(&mut store, &pre).await
@@ -394,6 +400,14 @@ impl WasmEngine {
                 classify(result, &m)
             }),
             meter,
+        };
+        async move {
+            match netns {
+                Some(ns) => crate::net::InNetns::new(ns, metered)
+                    .await
+                    .unwrap_or_else(|e| Outcome::StartFailed(format!("enter the pod's network namespace: {e}"))),
+                None => metered.await,
+            }
         }
     }
 }
@@ -501,22 +515,16 @@ pub(crate) fn build_wasi(spec: &GuestSpec) -> std::result::Result<WasiCtxBuilder
     Ok(b)
 }
 
-/// Adds the time spent in each poll of the guest's future to its meter (the guest's CPU time,
-/// host calls included), and moves the polling thread into the pod's network namespace first.
+/// Adds the time spent in each poll of the guest's future to its meter: the guest's CPU time,
+/// host calls included.
 struct Metered<F> {
     inner: Pin<Box<F>>,
     meter: Arc<GuestMeter>,
-    netns: Option<Arc<NetNs>>,
 }
 
-impl<F: Future<Output = Outcome>> Future for Metered<F> {
-    type Output = Outcome;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        if let Some(ns) = &self.netns
-            && let Err(e) = ns.enter()
-        {
-            return Poll::Ready(Outcome::StartFailed(format!("enter the pod's network namespace: {e}")));
-        }
+impl<F: Future> Future for Metered<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let started = Instant::now();
         let r = self.inner.as_mut().poll(cx);
         self.meter.cpu_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);

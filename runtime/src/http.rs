@@ -55,17 +55,25 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let server = server.clone();
-        let netns = match &server.spec.net {
-            crate::engine::GuestNet::Pod(ns) => Some(ns.clone()),
-            _ => None,
-        };
+        let netns = server.spec.net.netns();
+        let mut stopping = stop.clone();
         let connection = async move {
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req).await) }
             });
-            if let Err(e) = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service).await
-            {
+            let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                // (The borrow wait_for returns is dropped inside: it must not live across an await.)
+                () = async { let _ = stopping.wait_for(|s| *s).await; } => {
+                    // Finish the request in flight, take no more on this connection.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "wasi:http connection");
             }
         };
@@ -106,7 +114,7 @@ impl Server {
     ) -> Result<hyper::Response<HyperOutgoingBody>, String> {
         let mut wasi = build_wasi(&self.spec)?;
         let limiter = Limiter::new(self.meter.clone());
-        let state = P2State::new(wasi.build(), limiter, self.spec.dns.clone(), self.spec.net.clone());
+        let state = P2State::new(wasi.build(), limiter, self.spec.dns.clone());
         let mut store = Store::new(&self.engine, state);
         prepare(&mut store, |s| s.limiter());
         let (tx, rx) = tokio::sync::oneshot::channel();

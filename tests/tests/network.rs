@@ -333,8 +333,15 @@ async fn a_wasi_http_component_serves_the_pod_port() {
         .await
         .unwrap_err();
     assert!(e.message().contains("not a command"), "{}", e.message());
-    // A stop drains: the handler stops accepting and ends by itself (0, not killed at the
-    // end of the grace period with 137).
+    // A client that keeps its connection open after a request (HTTP/1.1 keep-alive).
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.set_read_timeout(Some(WAIT)).unwrap();
+    idle.write_all(b"GET /keep HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+    let mut first = [0u8; 64];
+    let n = idle.read(&mut first).unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&first[..n]));
+    // A stop drains: the handler stops accepting, closes idle connections and ends by itself
+    // (0, not killed at the end of the grace period with 137).
     rt.stop_container(cri::StopContainerRequest { container_id: web.clone(), timeout: 30 }).await.unwrap();
     let s = status(&mut rt, &web).await.unwrap();
     assert_eq!(
