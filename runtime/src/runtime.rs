@@ -497,7 +497,11 @@ impl Runtime {
             self.release_network(id, net);
             return Err(e);
         }
-        self.pin_network(id, &ns);
+        // Root only: without privilege a restart loses the pod's network and the sandbox is
+        // reported not ready.
+        if let Err(e) = self.pin_network(id, &ns) {
+            tracing::debug!(sandbox = %id, error = %e, "network namespace not pinned (not root?)");
+        }
         Ok(net)
     }
 
@@ -513,13 +517,10 @@ impl Runtime {
         let not_ready = |what: String| Error::FailedPrecondition(format!("pod sandbox {name}: {what}"));
         let pool = self.inner.netns_pool.as_ref().expect("cni mode has a pool");
         let ns = Arc::new(pool.take().map_err(|e| not_ready(format!("network namespace: {e}")))?);
-        let path = self.netns_pin_path(id);
-        fs::create_dir_all(self.inner.run_dir.join("netns"))
-            .and_then(|()| ns.pin(&path))
-            .map_err(|e| not_ready(format!("pin the network namespace at {}: {e}", path.display())))?;
-        let m = &spec.metadata;
-        let pod =
-            crate::net::cni::PodIdentity { namespace: m.namespace.clone(), name: m.name.clone(), uid: m.uid.clone() };
+        let path = self.pin_network(id, &ns).map_err(|e| {
+            not_ready(format!("pin the network namespace at {}: {e}", self.netns_pin_path(id).display()))
+        })?;
+        let pod = pod_identity(spec);
         let attached = match cni.add(id, &path, &pod) {
             Ok(a) => a,
             Err(e) => {
@@ -534,11 +535,10 @@ impl Runtime {
             ns: Some(ns),
             ip: Some(attached.ip),
             forwards: Vec::new(),
-            cni: Some((pod.clone(), Some(attached.result))),
+            cni: Some((pod, Some(attached.result))),
         };
         if let Err(e) = self.forward_ports(&mut net, name, host_ports) {
-            let _ = cni.del(id, &path, &pod, net.cni.as_ref().and_then(|c| c.1.as_ref()));
-            NetNs::unpin(&path);
+            self.release_network(id, net);
             return Err(e);
         }
         Ok(net)
@@ -562,14 +562,12 @@ impl Runtime {
         self.inner.run_dir.join("netns").join(sandbox_id)
     }
 
-    /// Pins the namespace so it outlives this process (root only; without privilege a
-    /// restart loses the pod's network and the sandbox is reported not ready).
-    fn pin_network(&self, sandbox_id: &str, ns: &NetNs) {
+    /// Pins the namespace so it outlives this process (a bind mount: root only); returns where.
+    fn pin_network(&self, sandbox_id: &str, ns: &NetNs) -> std::io::Result<PathBuf> {
         let path = self.netns_pin_path(sandbox_id);
-        let pinned = fs::create_dir_all(self.inner.run_dir.join("netns")).and_then(|()| ns.pin(&path));
-        if let Err(e) = pinned {
-            tracing::debug!(sandbox = %sandbox_id, error = %e, "network namespace not pinned (not root?)");
-        }
+        fs::create_dir_all(self.inner.run_dir.join("netns"))?;
+        ns.pin(&path)?;
+        Ok(path)
     }
 
     /// The network of a ready sandbox loaded from the journal: its pinned namespace, address
@@ -580,15 +578,7 @@ impl Runtime {
         if let Some(ipam) = state.ipam.as_mut() {
             ipam.reserve(ip);
         }
-        let m = &sandbox.spec.metadata;
-        let cni = self.inner.cni.as_ref().map(|_| {
-            let pod = crate::net::cni::PodIdentity {
-                namespace: m.namespace.clone(),
-                name: m.name.clone(),
-                uid: m.uid.clone(),
-            };
-            (pod, None)
-        });
+        let cni = self.inner.cni.as_ref().map(|_| (pod_identity(&sandbox.spec), None));
         let mut net = PodNet { ns: Some(Arc::new(ns)), ip: Some(ip), forwards: Vec::new(), cni };
         let name = sandbox.spec.metadata.reserved_name();
         let host_ports = ports::check(&name, &sandbox.spec.port_mappings).unwrap_or_default();
@@ -1276,6 +1266,12 @@ fn resolve_mount(m: &Mount) -> Result<Resolved> {
         )));
     }
     Ok(Resolved::File(host))
+}
+
+/// Who a pod is, for CNI plugins.
+fn pod_identity(spec: &SandboxSpec) -> crate::net::cni::PodIdentity {
+    let m = &spec.metadata;
+    crate::net::cni::PodIdentity { namespace: m.namespace.clone(), name: m.name.clone(), uid: m.uid.clone() }
 }
 
 /// The image's own `/etc` directory, if it has one (compat images).

@@ -242,10 +242,8 @@ impl Drop for Server {
         // Pod namespaces the server pinned (as root) outlive it by design: let them go, with
         // its scratch directory on /dev/shm.
         let run_dir = self.run_dir();
-        if let Ok(pins) = std::fs::read_dir(run_dir.join("netns")) {
-            for pin in pins.flatten() {
-                let _ = rustix::mount::unmount(pin.path(), rustix::mount::UnmountFlags::DETACH);
-            }
+        for pin in std::fs::read_dir(run_dir.join("netns")).into_iter().flatten().flatten() {
+            wasmlet_runtime::net::NetNs::unpin(&pin.path());
         }
         let _ = std::fs::remove_dir_all(run_dir);
     }
@@ -302,6 +300,34 @@ pub async fn run_sandbox(rt: &mut RuntimeClient, config: &cri::PodSandboxConfig)
         .await?
         .into_inner()
         .pod_sandbox_id)
+}
+
+/// A container running the socket workload (`net`, imported under that name) with `args`.
+pub fn net_config(name: &str, args: &[&str]) -> cri::ContainerConfig {
+    let mut c = container_config(name, "net", args);
+    c.command = vec!["net".into()];
+    c
+}
+
+/// Creates and starts a container; its id. Panics on failure (for tests).
+pub async fn start(rt: &mut RuntimeClient, sb: &str, cfg: &cri::PodSandboxConfig, c: cri::ContainerConfig) -> String {
+    let id = create(rt, sb, cfg, c).await.unwrap();
+    rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
+    id
+}
+
+/// The stdout lines of a container once it has exited, which it must with 0 (for tests).
+pub async fn stdout_of(rt: &mut RuntimeClient, id: &str) -> Vec<String> {
+    let s = wait_exited(rt, id, Duration::from_secs(30)).await.unwrap();
+    let log = read_log(Path::new(&s.log_path)).unwrap();
+    assert_eq!(s.exit_code, 0, "{id}: {log:?}");
+    texts(&log, "stdout")
+}
+
+/// The pod IP PodSandboxStatus reports.
+pub async fn pod_ip(rt: &mut RuntimeClient, sb: &str) -> String {
+    let s = rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: sb.into(), verbose: false }).await;
+    s.unwrap().into_inner().status.unwrap().network.unwrap().ip
 }
 
 /// Creates a container in a sandbox and returns its id.

@@ -11,12 +11,6 @@ use wasmlet_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn net(name: &str, args: &[&str]) -> cri::ContainerConfig {
-    let mut c = container_config(name, "net", args);
-    c.command = vec!["net".into()];
-    c
-}
-
 /// A CNI config directory with one bridge network on `bridge` over 10.`a`.`b`.0/24, and a
 /// wasmlet config using it.
 fn cni_config(dir: &Path, bridge: &str, subnet: &str, plugin: &str) -> std::path::PathBuf {
@@ -48,19 +42,6 @@ fn cni_config(dir: &Path, bridge: &str, subnet: &str, plugin: &str) -> std::path
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
-}
-
-async fn start(rt: &mut RuntimeClient, sb: &str, cfg: &cri::PodSandboxConfig, c: cri::ContainerConfig) -> String {
-    let id = create(rt, sb, cfg, c).await.unwrap();
-    rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
-    id
-}
-
-async fn output(rt: &mut RuntimeClient, id: &str) -> Vec<String> {
-    let s = wait_exited(rt, id, WAIT).await.unwrap();
-    let log = read_log(Path::new(&s.log_path)).unwrap();
-    assert_eq!(s.exit_code, 0, "{log:?}");
-    texts(&log, "stdout")
 }
 
 fn ask(addr: &str, msg: &str) -> String {
@@ -103,18 +84,11 @@ async fn pods_on_a_cni_bridge() {
     let a = run_sandbox(&mut rt, &a_cfg).await.unwrap();
     let b_cfg = sandbox_config(&server, "cni-b");
     let b = run_sandbox(&mut rt, &b_cfg).await.unwrap();
-    let ip = |id: String| {
-        let mut rt = rt.clone();
-        async move {
-            let s = rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id, verbose: false }).await;
-            s.unwrap().into_inner().status.unwrap().network.unwrap().ip
-        }
-    };
-    let (a_ip, b_ip) = (ip(a.clone()).await, ip(b.clone()).await);
+    let (a_ip, b_ip) = (pod_ip(&mut rt, &a).await, pod_ip(&mut rt, &b).await);
     let prefix = format!("10.231.{third}.");
     assert!(a_ip.starts_with(&prefix) && b_ip.starts_with(&prefix) && a_ip != b_ip, "{a_ip} {b_ip}");
 
-    let server_a = start(&mut rt, &a, &a_cfg, net("server", &["serve", "8080"])).await;
+    let server_a = start(&mut rt, &a, &a_cfg, net_config("server", &["serve", "8080"])).await;
     wait_log(&mut rt, &server_a, "listening on 8080", WAIT).await.unwrap();
     // The pod IP is routable from the host; the host port works too.
     let direct = format!("{a_ip}:8080");
@@ -122,8 +96,8 @@ async fn pods_on_a_cni_bridge() {
     let mapped = format!("127.0.0.1:{host_port}");
     assert_eq!(tokio::task::spawn_blocking(move || ask(&mapped, "mapped")).await.unwrap(), "cni-a got mapped");
     // Pod to pod by IP.
-    let c = start(&mut rt, &b, &b_cfg, net("client", &["connect", &a_ip, "8080", "from-b"])).await;
-    assert_eq!(output(&mut rt, &c).await, ["cni-a got from-b"]);
+    let c = start(&mut rt, &b, &b_cfg, net_config("client", &["connect", &a_ip, "8080", "from-b"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["cni-a got from-b"]);
     // Out of the pod to a server on the host, at the bridge's gateway address.
     let listener = std::net::TcpListener::bind(format!("{gateway}:0")).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
@@ -134,8 +108,8 @@ async fn pods_on_a_cni_bridge() {
         conn.write_all(format!("host got {}", String::from_utf8_lossy(&buf[..n])).as_bytes()).unwrap();
         peer.ip().to_string()
     });
-    let c = start(&mut rt, &b, &b_cfg, net("outbound", &["connect", &gateway, &port, "hello-host"])).await;
-    assert_eq!(output(&mut rt, &c).await, ["host got hello-host"]);
+    let c = start(&mut rt, &b, &b_cfg, net_config("outbound", &["connect", &gateway, &port, "hello-host"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["host got hello-host"]);
     assert_eq!(host_side.join().unwrap(), b_ip, "the connection came from pod b's address");
 
     // Stop and remove: the veths leave the bridge, the addresses go back, nothing is pinned.

@@ -9,12 +9,6 @@ use wasmlet_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn net(name: &str, args: &[&str]) -> cri::ContainerConfig {
-    let mut c = container_config(name, "net", args);
-    c.command = vec!["net".into()];
-    c
-}
-
 fn with_ports(mut cfg: cri::PodSandboxConfig, ports: &[(i32, i32)]) -> cri::PodSandboxConfig {
     cfg.port_mappings = ports
         .iter()
@@ -38,25 +32,6 @@ fn ask(port: u16, msg: &str) -> std::io::Result<String> {
     Ok(answer)
 }
 
-async fn start(rt: &mut RuntimeClient, sb: &str, cfg: &cri::PodSandboxConfig, c: cri::ContainerConfig) -> String {
-    let id = create(rt, sb, cfg, c).await.unwrap();
-    rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await.unwrap();
-    id
-}
-
-async fn pod_ip(rt: &mut RuntimeClient, sb: &str) -> String {
-    let s = rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: sb.into(), verbose: false }).await;
-    s.unwrap().into_inner().status.unwrap().network.unwrap().ip
-}
-
-/// The stdout lines of an exited container.
-async fn output(rt: &mut RuntimeClient, id: &str) -> Vec<String> {
-    let s = wait_exited(rt, id, WAIT).await.unwrap();
-    let lines = texts(&read_log(std::path::Path::new(&s.log_path)).unwrap(), "stdout");
-    assert_eq!(s.exit_code, 0, "{id}: {lines:?} {:?}", read_log(std::path::Path::new(&s.log_path)));
-    lines
-}
-
 #[tokio::test]
 async fn pods_have_networks_of_their_own() {
     let server = Server::start().await.unwrap();
@@ -72,8 +47,8 @@ async fn pods_have_networks_of_their_own() {
     let a = run_sandbox(&mut rt, &a_cfg).await.unwrap();
     let b_cfg = with_ports(sandbox_config(&server, "pod-b"), &[(8080, 0)]);
     let b = run_sandbox(&mut rt, &b_cfg).await.unwrap();
-    let a_server = start(&mut rt, &a, &a_cfg, net("server", &["serve", "8080"])).await;
-    let b_server = start(&mut rt, &b, &b_cfg, net("server", &["serve", "8080"])).await;
+    let a_server = start(&mut rt, &a, &a_cfg, net_config("server", &["serve", "8080"])).await;
+    let b_server = start(&mut rt, &b, &b_cfg, net_config("server", &["serve", "8080"])).await;
     wait_log(&mut rt, &a_server, "listening on 8080", WAIT).await.unwrap();
     wait_log(&mut rt, &b_server, "listening on 8080", WAIT).await.unwrap();
 
@@ -86,17 +61,17 @@ async fn pods_have_networks_of_their_own() {
     assert_eq!(answer, "pod-a got from-host");
 
     // Siblings reach each other on localhost and on the pod IP; each pod reaches its own server.
-    let c = start(&mut rt, &a, &a_cfg, net("client", &["connect", "localhost", "8080", "sibling"])).await;
-    assert_eq!(output(&mut rt, &c).await, ["pod-a got sibling"]);
-    let c = start(&mut rt, &a, &a_cfg, net("client-ip", &["connect", &a_ip, "8080", "by-ip"])).await;
-    assert_eq!(output(&mut rt, &c).await, ["pod-a got by-ip"]);
-    let c = start(&mut rt, &b, &b_cfg, net("client", &["connect", "127.0.0.1", "8080", "in-b"])).await;
-    assert_eq!(output(&mut rt, &c).await, ["pod-b got in-b"]);
+    let c = start(&mut rt, &a, &a_cfg, net_config("client", &["connect", "localhost", "8080", "sibling"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["pod-a got sibling"]);
+    let c = start(&mut rt, &a, &a_cfg, net_config("client-ip", &["connect", &a_ip, "8080", "by-ip"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["pod-a got by-ip"]);
+    let c = start(&mut rt, &b, &b_cfg, net_config("client", &["connect", "127.0.0.1", "8080", "in-b"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["pod-b got in-b"]);
 
     // A pod does not see another pod's address (b has only its own), nor the host's listeners.
     let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let host_only = host_listener.local_addr().unwrap().port().to_string();
-    let c = start(&mut rt, &b, &b_cfg, net("probe", &["connect", "127.0.0.1", &host_only, "x"])).await;
+    let c = start(&mut rt, &b, &b_cfg, net_config("probe", &["connect", "127.0.0.1", &host_only, "x"])).await;
     let s = wait_exited(&mut rt, &c, WAIT).await.unwrap();
     assert_ne!(s.exit_code, 0, "a pod must not reach the host's loopback listeners");
 
@@ -140,7 +115,7 @@ async fn a_host_network_pod_listens_on_the_host() {
     let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
     assert_eq!(pod_ip(&mut rt, &sb).await, "", "a host-network pod has the node's address, not one of its own");
     let port = free_port();
-    let id = start(&mut rt, &sb, &cfg, net("server", &["serve", &port.to_string()])).await;
+    let id = start(&mut rt, &sb, &cfg, net_config("server", &["serve", &port.to_string()])).await;
     wait_log(&mut rt, &id, "listening on", WAIT).await.unwrap();
     let answer = tokio::task::spawn_blocking(move || ask(port, "on-host")).await.unwrap().unwrap();
     assert_eq!(answer, "hostnet got on-host");
@@ -160,8 +135,8 @@ async fn two_hundred_pods_leave_nothing_behind() {
         let cfg = with_ports(sandbox_config(&server, &format!("p{i}")), &[(8080, host_port)]);
         let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
         ips.insert(pod_ip(&mut rt, &sb).await);
-        let c = start(&mut rt, &sb, &cfg, net("lookup", &["lookup", "localhost"])).await;
-        assert_eq!(output(&mut rt, &c).await, ["127.0.0.1", "0:0:0:0:0:0:0:1"], "the pod's hosts file");
+        let c = start(&mut rt, &sb, &cfg, net_config("lookup", &["lookup", "localhost"])).await;
+        assert_eq!(stdout_of(&mut rt, &c).await, ["127.0.0.1", "0:0:0:0:0:0:0:1"], "the pod's hosts file");
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: sb.clone() }).await.unwrap();
         rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: sb }).await.unwrap();
         if i == 0 {
@@ -192,12 +167,12 @@ async fn rootless_mode_works_without_privilege() {
     let host_port = free_port();
     let cfg = with_ports(sandbox_config(&server, "nobody-pod"), &[(8080, host_port as i32)]);
     let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
-    let id = start(&mut rt, &sb, &cfg, net("server", &["serve", "8080"])).await;
+    let id = start(&mut rt, &sb, &cfg, net_config("server", &["serve", "8080"])).await;
     wait_log(&mut rt, &id, "listening on 8080", WAIT).await.unwrap();
     let answer = tokio::task::spawn_blocking(move || ask(host_port, "unprivileged")).await.unwrap().unwrap();
     assert_eq!(answer, "nobody-pod got unprivileged");
-    let c = start(&mut rt, &sb, &cfg, net("client", &["connect", "localhost", "8080", "sibling"])).await;
-    assert_eq!(output(&mut rt, &c).await, ["nobody-pod got sibling"]);
+    let c = start(&mut rt, &sb, &cfg, net_config("client", &["connect", "localhost", "8080", "sibling"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["nobody-pod got sibling"]);
 }
 
 /// A DNS server for the test on 127.77.0.1:53: `web.ns.svc.cluster.local` is 10.99.0.7, every
@@ -259,18 +234,18 @@ async fn guest_name_lookups_follow_the_pod_dns_config() {
     let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
     let ip = pod_ip(&mut rt, &sb).await;
     // A short name: the search list is applied (ndots:5), and the pod's server answers.
-    let c = start(&mut rt, &sb, &cfg, net("web", &["lookup", "web"])).await;
-    assert_eq!(output(&mut rt, &c).await, ["10.99.0.7"]);
+    let c = start(&mut rt, &sb, &cfg, net_config("web", &["lookup", "web"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["10.99.0.7"]);
     assert_eq!(asked.lock().unwrap().first().map(String::as_str), Some("web.ns.svc.cluster.local"));
     // The pod's hosts entries come first: its own name, and localhost.
-    let c = start(&mut rt, &sb, &cfg, net("self", &["lookup", "dns-pod"])).await;
-    assert_eq!(output(&mut rt, &c).await, [ip]);
-    let c = start(&mut rt, &sb, &cfg, net("local", &["lookup", "localhost"])).await;
-    assert!(output(&mut rt, &c).await.contains(&"127.0.0.1".to_string()));
+    let c = start(&mut rt, &sb, &cfg, net_config("self", &["lookup", "dns-pod"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, [ip]);
+    let c = start(&mut rt, &sb, &cfg, net_config("local", &["lookup", "localhost"])).await;
+    assert!(stdout_of(&mut rt, &c).await.contains(&"127.0.0.1".to_string()));
     // A name nobody knows fails after every search suffix was tried; the host's resolver is
     // never asked.
     asked.lock().unwrap().clear();
-    let c = start(&mut rt, &sb, &cfg, net("nowhere", &["lookup", "nowhere"])).await;
+    let c = start(&mut rt, &sb, &cfg, net_config("nowhere", &["lookup", "nowhere"])).await;
     let s = wait_exited(&mut rt, &c, WAIT).await.unwrap();
     assert_eq!(s.exit_code, 1);
     let seen = asked.lock().unwrap().clone();
@@ -318,8 +293,8 @@ async fn a_wasi_http_component_serves_the_pod_port() {
     assert!(answer.ends_with("hello from wasi:http: /hello?x=1"), "{answer}");
     // From a sibling over localhost, with wasi:sockets.
     let get = "GET /from-sibling HTTP/1.0\r\nHost: web\r\n\r\n";
-    let c = start(&mut rt, &sb, &cfg, net("client", &["connect", "localhost", "8080", get])).await;
-    let lines = output(&mut rt, &c).await;
+    let c = start(&mut rt, &sb, &cfg, net_config("client", &["connect", "localhost", "8080", get])).await;
+    let lines = stdout_of(&mut rt, &c).await;
     assert!(lines.first().is_some_and(|l| l.starts_with("HTTP/1.0 200 OK")), "{lines:?}");
     // Many requests, each its own instance.
     for i in 0..20 {
@@ -368,7 +343,7 @@ async fn a_udp_host_port_reaches_the_pod() {
         host_ip: "127.0.0.1".into(),
     }];
     let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
-    let echo = start(&mut rt, &sb, &cfg, net("echo", &["udp-echo", "5353"])).await;
+    let echo = start(&mut rt, &sb, &cfg, net_config("echo", &["udp-echo", "5353"])).await;
     wait_log(&mut rt, &echo, "udp listening on 5353", WAIT).await.unwrap();
     let answers = tokio::task::spawn_blocking(move || {
         // Two clients: each gets its own answers back.
