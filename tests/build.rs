@@ -1,7 +1,9 @@
 //! Builds the test workloads from source: `workloads/tool.c` with clang for wasm32-wasi (a
 //! preview 1 module), and the same module made a `wasi:cli/command` component with the
 //! preview 1 adapter; `workloads/net.c`, a command that uses wasi:sockets through C bindings
-//! that wit-bindgen generates here for `workloads/wit/net.wit`, made a component the same way.
+//! that wit-bindgen generates here for `workloads/wit/net.wit`, made a component the same way;
+//! `workloads/http.c`, a wasi:http handler built the same way against `workloads/wit/http.wit`
+//! and made a component with the proxy adapter.
 //! The test command installs clang, lld and wasi-libc when missing.
 
 use std::path::{Path, PathBuf};
@@ -11,53 +13,72 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     println!("cargo:rerun-if-changed=workloads");
     let module = out.join("tool.wasm");
-    compile_c(&[Path::new("workloads/tool.c")], &[], &module);
+    compile_c(&[Path::new("workloads/tool.c")], &[], &[], &module);
     let component_path = out.join("tool.component.wasm");
     componentize(&module, &component_path);
     println!("cargo:rustc-env=WORKLOAD_TOOL={}", module.display());
     println!("cargo:rustc-env=WORKLOAD_TOOL_COMPONENT={}", component_path.display());
 
-    let bindings = out.join("net-bindings");
-    generate_c_bindings(&out, "net", "wasmtime-wasi-48.", "src/p2/wit/deps", &bindings);
-    let net_module = out.join("net.wasm");
-    compile_c(
-        &[Path::new("workloads/net.c"), &bindings.join("net.c"), &bindings.join("net_component_type.o")],
-        &[&bindings],
-        &net_module,
-    );
-    let net = out.join("net.component.wasm");
-    componentize(&net_module, &net);
+    // One `cargo metadata` for both: it tells where the crates shipping the WIT are.
+    let metadata = cargo_metadata();
+    let net = bindings_workload(&out, &metadata, "net", "wasmtime-wasi-48.", "src/p2/wit/deps", &[], COMMAND);
     println!("cargo:rustc-env=WORKLOAD_NET={}", net.display());
-
-    let bindings = out.join("http-bindings");
-    generate_c_bindings(&out, "http", "wasmtime-wasi-http-48.", "wit/deps", &bindings);
-    let http_module = out.join("http.wasm");
-    compile_c_with(
-        &[Path::new("workloads/http.c"), &bindings.join("http.c"), &bindings.join("http_component_type.o")],
-        &[&bindings],
+    let http = bindings_workload(
+        &out,
+        &metadata,
+        "http",
+        "wasmtime-wasi-http-48.",
+        "wit/deps",
         &["-mexec-model=reactor"],
-        &http_module,
-    );
-    let http = out.join("http.component.wasm");
-    componentize_with(
-        &http_module,
-        &http,
         wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_PROXY_ADAPTER,
     );
     println!("cargo:rustc-env=WORKLOAD_HTTP={}", http.display());
 }
 
-/// The directory `deps` of the WIT packages shipped in the crate whose directory name starts
-/// with `krate` (its source in cargo's registry, or wherever `cargo metadata` says it is).
-fn wit_deps(krate: &str, deps: &str) -> PathBuf {
+const COMMAND: &[u8] = wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER;
+
+/// `workloads/<world>.c` built against C bindings for `workloads/wit/<world>.wit` (whose WIT
+/// dependencies come from the crate `krate`, directory `deps`), with `flags`, made a component
+/// with `adapter`. Returns the component's path.
+fn bindings_workload(
+    out: &Path,
+    metadata: &str,
+    world: &str,
+    krate: &str,
+    deps: &str,
+    flags: &[&str],
+    adapter: &[u8],
+) -> PathBuf {
+    let bindings = out.join(format!("{world}-bindings"));
+    generate_c_bindings(out, world, &wit_deps(metadata, krate, deps), &bindings);
+    let module = out.join(format!("{world}.wasm"));
+    let source = PathBuf::from(format!("workloads/{world}.c"));
+    compile_c(
+        &[&source, &bindings.join(format!("{world}.c")), &bindings.join(format!("{world}_component_type.o"))],
+        &[&bindings],
+        flags,
+        &module,
+    );
+    let component = out.join(format!("{world}.component.wasm"));
+    componentize_with(&module, &component, adapter);
+    component
+}
+
+/// `cargo metadata` of the workspace, as text.
+fn cargo_metadata() -> String {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["metadata", "--format-version", "1", "--locked", "--offline"])
         .current_dir(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"))
         .output()
         .expect("cargo metadata");
     assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    // The manifest path of wasmtime-wasi, without a JSON parser in the build script.
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The directory `deps` of the WIT packages shipped in the crate whose directory name starts
+/// with `krate` (its source in cargo's registry, or wherever `cargo metadata` says it is).
+fn wit_deps(text: &str, krate: &str, deps: &str) -> PathBuf {
+    // The crate's manifest path, without a JSON parser in the build script.
     let key = "\"manifest_path\":\"";
     text.match_indices(key)
         .map(|(i, _)| &text[i + key.len()..])
@@ -67,14 +88,14 @@ fn wit_deps(krate: &str, deps: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{krate} in cargo metadata"))
 }
 
-/// C bindings for the world `world` (workloads/wit/<world>.wit, its dependencies from the crate
-/// `krate`) into `dir` (<world>.c, <world>.h, <world>_component_type.o).
-fn generate_c_bindings(out: &Path, world: &str, krate: &str, deps: &str, dir: &Path) {
+/// C bindings for the world `world` (workloads/wit/<world>.wit, its dependencies from
+/// `deps_dir`) into `dir` (<world>.c, <world>.h, <world>_component_type.o).
+fn generate_c_bindings(out: &Path, world: &str, deps_dir: &Path, dir: &Path) {
     let wit = out.join(format!("{world}-wit"));
     let _ = std::fs::remove_dir_all(&wit);
     std::fs::create_dir_all(wit.join("deps")).expect("wit dir");
     std::fs::copy(format!("workloads/wit/{world}.wit"), wit.join(format!("{world}.wit"))).expect("copy world");
-    for entry in std::fs::read_dir(wit_deps(krate, deps)).expect("wit deps") {
+    for entry in std::fs::read_dir(deps_dir).expect("wit deps") {
         let entry = entry.expect("wit entry");
         std::fs::copy(entry.path(), wit.join("deps").join(entry.file_name())).expect("copy wit");
     }
@@ -90,11 +111,7 @@ fn generate_c_bindings(out: &Path, world: &str, krate: &str, deps: &str, dir: &P
 }
 
 fn componentize(module: &Path, component_path: &Path) {
-    componentize_with(
-        module,
-        component_path,
-        wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
-    );
+    componentize_with(module, component_path, COMMAND);
 }
 
 fn componentize_with(module: &Path, component_path: &Path, adapter: &[u8]) {
@@ -108,11 +125,7 @@ fn componentize_with(module: &Path, component_path: &Path, adapter: &[u8]) {
     std::fs::write(component_path, component).expect("write component");
 }
 
-fn compile_c(srcs: &[&Path], includes: &[&Path], out: &Path) {
-    compile_c_with(srcs, includes, &[], out)
-}
-
-fn compile_c_with(srcs: &[&Path], includes: &[&Path], flags: &[&str], out: &Path) {
+fn compile_c(srcs: &[&Path], includes: &[&Path], flags: &[&str], out: &Path) {
     let clang = std::env::var("WASM_CC").unwrap_or_else(|_| "clang".to_string());
     let status = Command::new(&clang)
         .args(["--target=wasm32-wasi", "-O2", "-Wall", "-Werror", "-Wno-unused-function"])

@@ -98,15 +98,24 @@ static size_t read_some(wasi_io_streams_own_input_stream_t in, char *buf, size_t
     return n;
 }
 
+// IPv4 ADDRESS:PORT as a socket address (all zeros: any address).
+static wasi_sockets_network_ip_socket_address_t ipv4(wasi_sockets_network_ipv4_address_t address, int port) {
+    wasi_sockets_network_ip_socket_address_t a = {0};
+    a.tag = WASI_SOCKETS_NETWORK_IP_SOCKET_ADDRESS_IPV4;
+    a.val.ipv4.port = (uint16_t)port;
+    a.val.ipv4.address = address;
+    return a;
+}
+
+static const wasi_sockets_network_ipv4_address_t ANY = {0};
+
 static int serve(int port) {
     wasi_sockets_tcp_own_tcp_socket_t sock;
     wasi_sockets_tcp_error_code_t err;
     if (!wasi_sockets_tcp_create_socket_create_tcp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, &sock, &err))
         return fail("create socket", err);
     wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
-    wasi_sockets_tcp_ip_socket_address_t addr = {0};
-    addr.tag = WASI_SOCKETS_NETWORK_IP_SOCKET_ADDRESS_IPV4;
-    addr.val.ipv4.port = (uint16_t)port;
+    wasi_sockets_tcp_ip_socket_address_t addr = ipv4(ANY, port);
     if (!wasi_sockets_tcp_method_tcp_socket_start_bind(s, network(), &addr, &err)) return fail("bind", err);
     while (!wasi_sockets_tcp_method_tcp_socket_finish_bind(s, &err)) {
         if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("bind", err);
@@ -164,10 +173,7 @@ static int connect_to(const char *host, int port, const char *msg) {
     if (!wasi_sockets_tcp_create_socket_create_tcp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, &sock, &err))
         return fail("create socket", err);
     wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
-    wasi_sockets_tcp_ip_socket_address_t addr = {0};
-    addr.tag = WASI_SOCKETS_NETWORK_IP_SOCKET_ADDRESS_IPV4;
-    addr.val.ipv4.port = (uint16_t)port;
-    addr.val.ipv4.address = addrs[i].val.ipv4;
+    wasi_sockets_tcp_ip_socket_address_t addr = ipv4(addrs[i].val.ipv4, port);
     if (!wasi_sockets_tcp_method_tcp_socket_start_connect(s, network(), &addr, &err)) return fail("connect", err);
     wasi_sockets_tcp_tuple2_own_input_stream_own_output_stream_t io;
     while (!wasi_sockets_tcp_method_tcp_socket_finish_connect(s, &io, &err)) {
@@ -187,9 +193,7 @@ static int udp_echo(int port) {
     if (!wasi_sockets_udp_create_socket_create_udp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, &sock, &err))
         return fail("create udp socket", err);
     wasi_sockets_udp_borrow_udp_socket_t s = wasi_sockets_udp_borrow_udp_socket(sock);
-    wasi_sockets_udp_ip_socket_address_t addr = {0};
-    addr.tag = WASI_SOCKETS_NETWORK_IP_SOCKET_ADDRESS_IPV4;
-    addr.val.ipv4.port = (uint16_t)port;
+    wasi_sockets_udp_ip_socket_address_t addr = ipv4(ANY, port);
     if (!wasi_sockets_udp_method_udp_socket_start_bind(s, network(), &addr, &err)) return fail("udp bind", err);
     while (!wasi_sockets_udp_method_udp_socket_finish_bind(s, &err)) {
         if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("udp bind", err);
