@@ -1,0 +1,10 @@
+//! The kubelet's job, for pods whose containers are wasm: pure logic (back-off, probes,
+//! status, environment, DNS) and the pod workers that carry it out through the CRI.
+
+pub mod backoff;
+pub mod env;
+pub mod images;
+pub mod model;
+pub mod probe;
+pub mod quantity;
+pub mod status;

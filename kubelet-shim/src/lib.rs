@@ -1,0 +1,4 @@
+//! wasmlet's kubelet: pod workers that take Kubernetes Pods to their desired state through
+//! the CRI, and the pure logic they follow.
+
+pub mod kubelet;
