@@ -1,6 +1,7 @@
 //! The kubelet's job, for pods whose containers are wasm: pure logic (back-off, probes,
 //! status, environment, DNS) and the pod workers that carry it out through the CRI.
 
+pub mod actions;
 pub mod backoff;
 pub mod env;
 pub mod images;
@@ -8,3 +9,6 @@ pub mod model;
 pub mod probe;
 pub mod quantity;
 pub mod status;
+
+#[cfg(test)]
+mod testutil;

@@ -452,3 +452,260 @@ pub fn generate(x: &Input<'_>) -> PodStatus {
 pub fn get_condition<'s>(s: &'s PodStatus, kind: &str) -> Option<&'s PodCondition> {
     s.conditions.as_ref()?.iter().find(|c| c.type_ == kind)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubelet::probe::{ProbeKind, Published};
+    use crate::kubelet::testutil::*;
+
+    fn status_of(pod: &Pod, obs: &Observed, probes: &ProbeResults, errors: &HashMap<String, SyncError>) -> PodStatus {
+        generate(&Input {
+            pod,
+            observed: obs,
+            probes,
+            sync_errors: errors,
+            old: None,
+            host_ip: "192.0.2.1",
+            start_time: Some(t(0)),
+            terminal: false,
+            deadline_exceeded: false,
+            now: t(100),
+        })
+    }
+
+    fn cond<'s>(s: &'s PodStatus, kind: &str) -> (&'s str, Option<&'s str>, Option<&'s str>) {
+        let c = get_condition(s, kind).unwrap();
+        (c.status.as_str(), c.reason.as_deref(), c.message.as_deref())
+    }
+
+    #[test]
+    fn a_pending_pod_with_init_containers() {
+        let p = pod("Always", vec![container("i1"), container("i2")], vec![container("app")]);
+        let i1 = container("i1");
+        let obs = observed(vec![inst(&i1, 0, State::Running, 0, 0)]);
+        let s = status_of(&p, &obs, &ProbeResults::default(), &HashMap::new());
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        let order: Vec<&str> = s.conditions.as_ref().unwrap().iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(order, ["PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled"]);
+        assert_eq!(
+            cond(&s, "Initialized"),
+            ("False", Some("ContainersNotInitialized"), Some("containers with incomplete status: [i1 i2]"))
+        );
+        assert_eq!(
+            cond(&s, "ContainersReady"),
+            ("False", Some("ContainersNotReady"), Some("containers with unready status: [app]"))
+        );
+        assert_eq!(cond(&s, "Ready").1, Some("ContainersNotReady"));
+        assert_eq!(cond(&s, "PodReadyToStartContainers").0, "True");
+        let app = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!(app.state.as_ref().unwrap().waiting.as_ref().unwrap().reason.as_deref(), Some("PodInitializing"));
+        assert_eq!(s.pod_ip.as_deref(), Some("10.88.0.2"));
+        assert_eq!(s.host_ip.as_deref(), Some("192.0.2.1"));
+        assert_eq!(s.qos_class.as_deref(), Some("BestEffort"));
+    }
+
+    #[test]
+    fn running_ready_and_readiness_probe() {
+        let app = with_probe(container("app"), "readiness");
+        let p = pod("Always", vec![], vec![app.clone()]);
+        let obs = observed(vec![inst(&app, 0, State::Running, 0, 0)]);
+        let mut pr = ProbeResults::default();
+        pr.declare("app", ProbeKind::Readiness);
+        let s = status_of(&p, &obs, &pr, &HashMap::new());
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(cond(&s, "Ready").0, "False");
+        assert_eq!(cond(&s, "Initialized"), ("True", None, None));
+        let cs = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!((cs.started, cs.ready), (Some(true), false));
+        assert_eq!(cs.container_id.as_deref(), Some("wasmlet://app-0"));
+        pr.set("app", ProbeKind::Readiness, Some("app-0"), Published::Success);
+        let s = status_of(&p, &obs, &pr, &HashMap::new());
+        assert_eq!(cond(&s, "Ready"), ("True", None, None));
+        assert_eq!(cond(&s, "ContainersReady").0, "True");
+        // No readiness probe: ready once started; a startup probe holds "started" until it passes.
+        let slow = with_probe(container("app"), "startup");
+        let p = pod("Always", vec![], vec![slow.clone()]);
+        let mut pr = ProbeResults::default();
+        pr.declare("app", ProbeKind::Startup);
+        let s = status_of(&p, &observed(vec![inst(&slow, 0, State::Running, 0, 0)]), &pr, &HashMap::new());
+        let cs = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!((cs.started, cs.ready), (Some(false), false));
+    }
+
+    #[test]
+    fn crash_loop_shows_waiting_with_last_state_and_restart_count() {
+        let app = container("app");
+        let p = pod("Always", vec![], vec![app.clone()]);
+        let obs = observed(vec![inst(&app, 0, State::Exited, 1, 0), inst(&app, 1, State::Exited, 2, 10)]);
+        let mut errors = HashMap::new();
+        errors.insert(
+            "app".to_string(),
+            SyncError {
+                reason: "CrashLoopBackOff".into(),
+                message: "back-off 10s restarting failed container=app pod=web_default(uid-1)".into(),
+            },
+        );
+        let s = status_of(&p, &obs, &ProbeResults::default(), &errors);
+        let cs = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!(cs.restart_count, 1);
+        let w = cs.state.as_ref().unwrap().waiting.as_ref().unwrap();
+        assert_eq!(w.reason.as_deref(), Some("CrashLoopBackOff"));
+        let last = cs.last_state.as_ref().unwrap().terminated.as_ref().unwrap();
+        assert_eq!((last.exit_code, last.reason.as_deref()), (2, Some("Error")));
+        assert_eq!(s.phase.as_deref(), Some("Running"), "Always: stopped containers are restarting");
+        // Under Never nothing restarts: the terminated state shows, not the error.
+        let p = pod("Never", vec![], vec![app.clone()]);
+        let s = status_of(&p, &obs, &ProbeResults::default(), &errors);
+        assert!(s.container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.is_some());
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+    }
+
+    #[test]
+    fn phases_by_policy_and_exit() {
+        let (a, b) = (container("a"), container("b"));
+        for (policy, codes, want) in [
+            ("Never", [0, 0], "Succeeded"),
+            ("Never", [0, 1], "Failed"),
+            ("OnFailure", [0, 0], "Succeeded"),
+            ("OnFailure", [0, 1], "Running"),
+            ("Always", [0, 0], "Running"),
+        ] {
+            let p = pod(policy, vec![], vec![a.clone(), b.clone()]);
+            let obs = observed(vec![inst(&a, 0, State::Exited, codes[0], 0), inst(&b, 0, State::Exited, codes[1], 0)]);
+            let s = status_of(&p, &obs, &ProbeResults::default(), &HashMap::new());
+            assert_eq!(s.phase.as_deref(), Some(want), "{policy} {codes:?}");
+        }
+        // Torn down for good: Succeeded only if every container succeeded.
+        let p = pod("Always", vec![], vec![a.clone()]);
+        let obs = observed(vec![inst(&a, 0, State::Exited, 137, 0)]);
+        let pr = ProbeResults::default();
+        let errors = HashMap::new();
+        let mut x = Input {
+            pod: &p,
+            observed: &obs,
+            probes: &pr,
+            sync_errors: &errors,
+            old: None,
+            host_ip: "",
+            start_time: None,
+            terminal: true,
+            deadline_exceeded: false,
+            now: t(0),
+        };
+        assert_eq!(generate(&x).phase.as_deref(), Some("Failed"));
+        x.terminal = false;
+        x.deadline_exceeded = true;
+        let s = generate(&x);
+        assert_eq!((s.phase.as_deref(), s.reason.as_deref()), (Some("Failed"), Some("DeadlineExceeded")));
+        assert_eq!(s.message.as_deref(), Some("Pod was active on the node longer than the specified deadline"));
+        // A terminal phase is sticky.
+        let old = PodStatus { phase: Some("Succeeded".into()), ..Default::default() };
+        let running = observed(vec![inst(&a, 1, State::Running, 0, 5)]);
+        let x = Input { observed: &running, old: Some(&old), deadline_exceeded: false, ..x };
+        assert_eq!(generate(&x).phase.as_deref(), Some("Succeeded"));
+    }
+
+    #[test]
+    fn init_failure_under_never_fails_the_pod_and_succeeded_pods_say_pod_completed() {
+        let i1 = container("i1");
+        let app = container("app");
+        let p = pod("Never", vec![i1.clone()], vec![app.clone()]);
+        let s = status_of(
+            &p,
+            &observed(vec![inst(&i1, 0, State::Exited, 2, 0)]),
+            &ProbeResults::default(),
+            &HashMap::new(),
+        );
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        assert_eq!(cond(&s, "ContainersReady").1, Some("PodFailed"));
+        let obs = observed(vec![inst(&i1, 0, State::Exited, 0, 0), inst(&app, 0, State::Exited, 0, 2)]);
+        let s = status_of(&p, &obs, &ProbeResults::default(), &HashMap::new());
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+        assert_eq!(cond(&s, "Initialized"), ("True", Some("PodCompleted"), None));
+        assert_eq!(cond(&s, "ContainersReady"), ("False", Some("PodCompleted"), None));
+        let ics = &s.init_container_statuses.as_ref().unwrap()[0];
+        assert!(ics.ready, "a regular init container that exited 0 is ready");
+        let cs = &s.container_statuses.as_ref().unwrap()[0];
+        assert_eq!(cs.state.as_ref().unwrap().terminated.as_ref().unwrap().reason.as_deref(), Some("Completed"));
+    }
+
+    #[test]
+    fn sidecars_count_toward_ready_and_initialized_waits_for_their_start() {
+        let side = with_probe(sidecar("side"), "startup");
+        let app = container("app");
+        let p = pod("Always", vec![side.clone()], vec![app.clone()]);
+        let mut pr = ProbeResults::default();
+        pr.declare("side", ProbeKind::Startup);
+        let obs = observed(vec![inst(&side, 0, State::Running, 0, 0)]);
+        let s = status_of(&p, &obs, &pr, &HashMap::new());
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        assert_eq!(cond(&s, "Initialized").2, Some("containers with incomplete status: [side]"));
+        pr.set("side", ProbeKind::Startup, Some("side-0"), Published::Success);
+        let obs = observed(vec![inst(&side, 0, State::Running, 0, 0), inst(&app, 0, State::Running, 0, 1)]);
+        let s = status_of(&p, &obs, &pr, &HashMap::new());
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        assert_eq!(cond(&s, "Ready").0, "True");
+        let unready = observed(vec![inst(&side, 1, State::Running, 0, 5), inst(&app, 0, State::Running, 0, 1)]);
+        let s = status_of(&p, &unready, &pr, &HashMap::new());
+        assert_eq!(cond(&s, "ContainersReady").2, Some("containers with unready status: [side]"));
+        assert_eq!(cond(&s, "Initialized").0, "True", "an app container has started");
+    }
+
+    #[test]
+    fn readiness_gates_and_foreign_conditions() {
+        let app = container("app");
+        let mut p = pod("Always", vec![], vec![app.clone()]);
+        p.spec.as_mut().unwrap().readiness_gates =
+            Some(vec![k8s_openapi::api::core::v1::PodReadinessGate { condition_type: "example.com/lb".into() }]);
+        let obs = observed(vec![inst(&app, 0, State::Running, 0, 0)]);
+        let s = status_of(&p, &obs, &ProbeResults::default(), &HashMap::new());
+        assert_eq!(
+            cond(&s, "Ready"),
+            (
+                "False",
+                Some("ReadinessGatesNotReady"),
+                Some("corresponding condition of pod readiness gate \"example.com/lb\" does not exist.")
+            )
+        );
+        let old = PodStatus {
+            conditions: Some(vec![PodCondition {
+                type_: "example.com/lb".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let pr = ProbeResults::default();
+        let errors = HashMap::new();
+        let s = generate(&Input {
+            pod: &p,
+            observed: &obs,
+            probes: &pr,
+            sync_errors: &errors,
+            old: Some(&old),
+            host_ip: "",
+            start_time: None,
+            terminal: false,
+            deadline_exceeded: false,
+            now: t(1),
+        });
+        assert_eq!(cond(&s, "Ready").0, "True");
+        assert_eq!(cond(&s, "example.com/lb").0, "True", "foreign conditions are kept");
+    }
+
+    #[test]
+    fn qos_classes() {
+        use k8s_openapi::api::core::v1::ResourceRequirements;
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity as Q;
+        let res = |l: &[(&str, &str)], r: &[(&str, &str)]| {
+            let m = |x: &[(&str, &str)]| Some(x.iter().map(|(k, v)| (k.to_string(), Q(v.to_string()))).collect());
+            Some(ResourceRequirements { limits: m(l), requests: m(r), ..Default::default() })
+        };
+        let spec = |r| PodSpec { containers: vec![Container { resources: r, ..container("a") }], ..Default::default() };
+        assert_eq!(qos_class(&spec(None)), "BestEffort");
+        assert_eq!(qos_class(&spec(res(&[("cpu", "1"), ("memory", "1Gi")], &[]))), "Guaranteed");
+        assert_eq!(qos_class(&spec(res(&[("memory", "1Gi")], &[]))), "Burstable");
+        assert_eq!(qos_class(&spec(res(&[("cpu", "1"), ("memory", "1Gi")], &[("cpu", "500m")]))), "Burstable");
+    }
+}
