@@ -556,6 +556,10 @@ impl RuntimeService for CriServer {
         if r.verbose {
             let spec = serde_json::to_string(&s.spec).unwrap_or_default();
             info.insert("info".to_string(), spec);
+            // Where the pod's network lives, as containerd reports its netns path.
+            if let Some(path) = self.runtime.netns_path(&s.id) {
+                info.insert("network_namespace".to_string(), path);
+            }
         }
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(to_sandbox_status(&s)),

@@ -666,6 +666,15 @@ impl Runtime {
     }
 
     /// One sandbox.
+    /// A path to the sandbox's network namespace that `setns` accepts, for clients (probes,
+    /// port-forward) that must reach the pod from inside; None on the host's network.
+    pub fn netns_path(&self, id: &str) -> Option<String> {
+        let state = self.state();
+        let ns = state.nets.get(id)?.ns.as_ref()?;
+        let pinned = self.netns_pin_path(id);
+        Some(if pinned.exists() { pinned.display().to_string() } else { ns.proc_path() })
+    }
+
     pub fn sandbox(&self, id: &str) -> Result<SandboxRecord> {
         self.state().sandboxes.get(id).cloned().ok_or_else(|| Error::sandbox_not_found(id))
     }

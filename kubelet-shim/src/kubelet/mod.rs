@@ -10,5 +10,8 @@ pub mod probe;
 pub mod quantity;
 pub mod status;
 
+pub mod cri;
+pub mod events;
 #[cfg(test)]
 mod testutil;
+pub mod volumes;
