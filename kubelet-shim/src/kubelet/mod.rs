@@ -11,7 +11,9 @@ pub mod quantity;
 pub mod status;
 
 pub mod cri;
+pub mod dns;
 pub mod events;
+pub mod prober;
 #[cfg(test)]
 mod testutil;
 pub mod volumes;

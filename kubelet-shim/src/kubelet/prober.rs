@@ -1,0 +1,409 @@
+//! Running probes and hook handlers against a pod: exec through the CRI's ExecSync, httpGet,
+//! tcpSocket and grpc over sockets made inside the pod's network namespace when it has one of
+//! its own (rootless pods are reachable only from there), else to the pod IP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use k8s_openapi::api::core::v1::{Container, ExecAction, GRPCAction, HTTPGetAction, TCPSocketAction};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::cri::{Cri, SandboxNetwork};
+use super::env::expand_probe_command;
+use super::probe::Outcome;
+
+/// The most of a probe's output (or HTTP body) kept.
+pub const MAX_OUTPUT: usize = 10 * 1024;
+
+/// Where the pod is.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub net: SandboxNetwork,
+    /// The container's ID (exec).
+    pub container_id: String,
+}
+
+/// A socket connected to `addr` from inside the namespace at `netns` (or from here).
+pub async fn connect(
+    netns: Option<&str>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = match netns {
+        None => {
+            if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            }
+        }
+        Some(path) => {
+            let path = path.to_string();
+            let v4 = addr.is_ipv4();
+            let std =
+                tokio::task::spawn_blocking(move || socket_in(&path, v4)).await.map_err(std::io::Error::other)??;
+            tokio::net::TcpSocket::from_std_stream(std)
+        }
+    };
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("dial tcp {addr}: i/o timeout"))),
+    }
+}
+
+/// A TCP socket created inside a network namespace; the thread goes back to its own after.
+fn socket_in(netns: &str, v4: bool) -> std::io::Result<std::net::TcpStream> {
+    use rustix::fs::{Mode, OFlags, open};
+    use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+    use std::os::fd::AsFd;
+    let home = open("/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let pod = open(netns, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    move_into_link_name_space(pod.as_fd(), Some(LinkNameSpaceType::Network))?;
+    let family = if v4 { rustix::net::AddressFamily::INET } else { rustix::net::AddressFamily::INET6 };
+    let made = rustix::net::socket_with(
+        family,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        None,
+    );
+    // Back home before anything else: this is a shared blocking-pool thread.
+    move_into_link_name_space(home.as_fd(), Some(LinkNameSpaceType::Network))
+        .map_err(|e| std::io::Error::other(format!("return to the host network namespace: {e}")))?;
+    Ok(std::net::TcpStream::from(made?))
+}
+
+/// A probe or handler port: a number, or a name among the container's ports.
+pub fn resolve_port(port: &IntOrString, c: &Container) -> Result<u16, String> {
+    let n = match port {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(name) => match c.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name)) {
+            Some(p) => p.container_port,
+            None => name.parse().map_err(|_| format!("couldn't find port: {name} in {}", c.name))?,
+        },
+    };
+    if !(1..=65535).contains(&n) {
+        return Err(format!("invalid port number: {n}"));
+    }
+    Ok(n as u16)
+}
+
+fn host_ip(host: Option<&str>, target: &Target) -> Result<IpAddr, String> {
+    let host = host.filter(|h| !h.is_empty()).unwrap_or(&target.net.ip);
+    host.parse().map_err(|_| format!("cannot resolve host {host:?}: only IP addresses are supported"))
+}
+
+/// The namespace to dial from: the pod's, when the target is the pod's own address.
+fn dial_ns<'t>(ip: IpAddr, target: &'t Target) -> Option<&'t str> {
+    (ip.to_string() == target.net.ip).then_some(target.net.netns.as_deref()).flatten()
+}
+
+/// A probe's result and the message that goes with it.
+pub type Result2 = (Outcome, String);
+
+/// exec: ExecSync with the probe's timeout; exit 0 is success.
+pub async fn exec(cri: &Cri, target: &Target, action: &ExecAction, c: &Container, timeout: Duration) -> Result2 {
+    let cmd = expand_probe_command(action.command.as_deref().unwrap_or_default(), c);
+    match cri.exec_sync(&target.container_id, cmd.clone(), timeout).await {
+        Ok(r) => {
+            let mut out = r.stdout;
+            out.extend_from_slice(&r.stderr);
+            out.truncate(MAX_OUTPUT);
+            let out = String::from_utf8_lossy(&out).into_owned();
+            if r.exit_code == 0 {
+                (Outcome::Success, out)
+            } else if out.is_empty() {
+                (Outcome::Failure, format!("command {cmd:?} exited with {}", r.exit_code))
+            } else {
+                (Outcome::Failure, out)
+            }
+        }
+        Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+            (Outcome::Failure, format!("command {cmd:?} timed out after {}s", timeout.as_secs()))
+        }
+        Err(s) => (Outcome::Unknown, s.message().to_string()),
+    }
+}
+
+/// tcpSocket: connecting within the timeout is success.
+pub async fn tcp(target: &Target, action: &TCPSocketAction, c: &Container, timeout: Duration) -> Result2 {
+    let port = match resolve_port(&action.port, c) {
+        Ok(p) => p,
+        Err(e) => return (Outcome::Unknown, e),
+    };
+    let ip = match host_ip(action.host.as_deref(), target) {
+        Ok(ip) => ip,
+        Err(e) => return (Outcome::Unknown, e),
+    };
+    let addr = SocketAddr::new(ip, port);
+    match connect(dial_ns(ip, target), addr, timeout).await {
+        Ok(_) => (Outcome::Success, String::new()),
+        Err(e) => (Outcome::Failure, format!("dial tcp {addr}: {e}")),
+    }
+}
+
+/// The User-Agent of probes (`kube-probe/1.36`) and hooks (`kube-lifecycle/1.36`).
+pub const PROBE_AGENT: &str = "kube-probe/1.36";
+pub const LIFECYCLE_AGENT: &str = "kube-lifecycle/1.36";
+
+/// One HTTP/1.1 GET without keep-alive; returns the status, the location header and at most
+/// 10 KiB of the body.
+async fn get_once(
+    target: &Target,
+    ip: IpAddr,
+    port: u16,
+    host_header: &str,
+    path: &str,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> std::io::Result<(u16, Option<String>, String)> {
+    let addr = SocketAddr::new(ip, port);
+    let work = async {
+        let stream = connect(dial_ns(ip, target), addr, timeout).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        let conn = tokio::spawn(conn);
+        let mut req = http::Request::get(path).header(http::header::HOST, host_header);
+        for (k, v) in headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        req = req.header(http::header::CONNECTION, "close");
+        let req = req.body(Empty::<Bytes>::new()).map_err(std::io::Error::other)?;
+        let resp = sender.send_request(req).await.map_err(std::io::Error::other)?;
+        let status = resp.status().as_u16();
+        let location = resp.headers().get(http::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        while buf.len() < MAX_OUTPUT {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        buf.extend_from_slice(&d);
+                    }
+                }
+                _ => break,
+            }
+        }
+        buf.truncate(MAX_OUTPUT);
+        conn.abort();
+        Ok((status, location, String::from_utf8_lossy(&buf).into_owned()))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "Get \"http://{addr}{path}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
+            ),
+        )),
+    }
+}
+
+/// The request headers of an httpGet probe or hook: the given ones (an empty value removes
+/// one), plus User-Agent and Accept unless given.
+fn request_headers(action: &HTTPGetAction, agent: &str) -> (Vec<(String, String)>, Option<String>) {
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut host = None;
+    for h in action.http_headers.iter().flatten() {
+        if h.name.eq_ignore_ascii_case("host") {
+            host = Some(h.value.clone());
+            continue;
+        }
+        headers.push((h.name.clone(), h.value.clone()));
+    }
+    for (name, default) in [("User-Agent", agent), ("Accept", "*/*")] {
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            headers.push((name.to_string(), default.to_string()));
+        }
+    }
+    headers.retain(|(_, v)| !v.is_empty());
+    (headers, host)
+}
+
+/// httpGet for probes: 200-399 is success; redirects are followed to the same host only (at
+/// most 10), a redirect elsewhere is a warning.
+pub async fn http_probe(target: &Target, action: &HTTPGetAction, c: &Container, timeout: Duration) -> Result2 {
+    if action.scheme.as_deref() == Some("HTTPS") {
+        return (Outcome::Unknown, "HTTPS probes are not supported by wasmlet yet".into());
+    }
+    let port = match resolve_port(&action.port, c) {
+        Ok(p) => p,
+        Err(e) => return (Outcome::Unknown, e),
+    };
+    let ip = match host_ip(action.host.as_deref(), target) {
+        Ok(ip) => ip,
+        Err(e) => return (Outcome::Unknown, e),
+    };
+    let (headers, host) = request_headers(action, PROBE_AGENT);
+    let host_header = host.unwrap_or_else(|| SocketAddr::new(ip, port).to_string());
+    let mut path = action.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') {
+        path.insert(0, '/');
+    }
+    for _ in 0..=10 {
+        let (status, location, body) = match get_once(target, ip, port, &host_header, &path, &headers, timeout).await {
+            Ok(r) => r,
+            Err(e) => return (Outcome::Failure, e.to_string()),
+        };
+        if (300..400).contains(&status)
+            && let Some(loc) = location
+        {
+            // Same host: a path, or an absolute URL naming the same host.
+            let same = if loc.starts_with('/') {
+                Some(loc.clone())
+            } else {
+                loc.parse::<http::Uri>().ok().and_then(|u| {
+                    let h = u.host()?.trim_matches(['[', ']']);
+                    (h == host_header
+                        .rsplit_once(':')
+                        .map_or(host_header.as_str(), |(h, _)| h)
+                        .trim_matches(['[', ']'])
+                        || h == ip.to_string())
+                    .then(|| u.path_and_query().map_or("/".into(), |p| p.to_string()))
+                })
+            };
+            match same {
+                Some(p) => {
+                    path = p;
+                    continue;
+                }
+                None => return (Outcome::Warning, format!("Probe terminated redirects, Response body: {body}")),
+            }
+        }
+        return if (200..400).contains(&status) {
+            (Outcome::Success, body)
+        } else {
+            (Outcome::Failure, format!("HTTP probe failed with statuscode: {status}"))
+        };
+    }
+    (Outcome::Failure, "stopped after 10 redirects".into())
+}
+
+/// httpGet for hooks: any HTTP response is success; only transport errors fail.
+pub async fn http_hook(
+    target: &Target,
+    action: &HTTPGetAction,
+    c: &Container,
+    timeout: Duration,
+) -> Result<(), String> {
+    let port = resolve_port(&action.port, c)?;
+    let ip = host_ip(action.host.as_deref(), target)?;
+    let (headers, host) = request_headers(action, LIFECYCLE_AGENT);
+    let host_header = host.unwrap_or_else(|| SocketAddr::new(ip, port).to_string());
+    let path = action.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
+    get_once(target, ip, port, &host_header, &path, &headers, timeout).await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// grpc: `grpc.health.v1.Health/Check` in plaintext to the pod IP; only SERVING (1) passes.
+pub async fn grpc(target: &Target, action: &GRPCAction, timeout: Duration) -> Result2 {
+    let ip = match host_ip(None, target) {
+        Ok(ip) => ip,
+        Err(e) => return (Outcome::Unknown, e),
+    };
+    if !(1..=65535).contains(&action.port) {
+        return (Outcome::Unknown, format!("invalid port number: {}", action.port));
+    }
+    let addr = SocketAddr::new(ip, action.port as u16);
+    let service = action.service.clone().unwrap_or_default();
+    let work = async {
+        let stream = connect(dial_ns(ip, target), addr, timeout).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let msg = prost::Message::encode_to_vec(&HealthCheckRequest { service });
+        let mut body = Vec::with_capacity(5 + msg.len());
+        body.push(0);
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+        let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("user-agent", PROBE_AGENT)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let header_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let collected = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+        let trailer_status =
+            collected.trailers().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let data = collected.to_bytes();
+        conn.abort();
+        let code = trailer_status.or(header_status).unwrap_or_default();
+        if code != "0" {
+            return Err(format!("rpc error: code = {code}"));
+        }
+        let payload = data.get(5..).ok_or("empty gRPC response")?;
+        let r = <HealthCheckResponse as prost::Message>::decode(payload).map_err(|e| e.to_string())?;
+        Ok(r.status)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(1)) => (Outcome::Success, String::new()),
+        Ok(Ok(status)) => (Outcome::Failure, format!("service unhealthy (responded with {status})")),
+        Ok(Err(e)) => {
+            (Outcome::Failure, format!("failed to connect service {addr:?} within {}s: {e}", timeout.as_secs()))
+        }
+        Err(_) => (Outcome::Failure, format!("timeout: health rpc did not complete within {}s", timeout.as_secs())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ContainerPort, HTTPHeader};
+
+    #[test]
+    fn ports_by_number_or_name() {
+        let c = Container {
+            name: "web".into(),
+            ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: 8080, ..Default::default() }]),
+            ..Default::default()
+        };
+        assert_eq!(resolve_port(&IntOrString::Int(80), &c), Ok(80));
+        assert_eq!(resolve_port(&IntOrString::String("http".into()), &c), Ok(8080));
+        assert_eq!(resolve_port(&IntOrString::String("9000".into()), &c), Ok(9000));
+        assert!(resolve_port(&IntOrString::String("grpc".into()), &c).is_err());
+        assert!(resolve_port(&IntOrString::Int(0), &c).is_err());
+        assert!(resolve_port(&IntOrString::Int(70000), &c).is_err());
+    }
+
+    #[test]
+    fn headers_add_agent_and_accept_unless_given_and_empty_removes() {
+        let action = HTTPGetAction {
+            http_headers: Some(vec![
+                HTTPHeader { name: "X-A".into(), value: "1".into() },
+                HTTPHeader { name: "X-A".into(), value: "2".into() },
+                HTTPHeader { name: "Accept".into(), value: "".into() },
+                HTTPHeader { name: "Host".into(), value: "example.com".into() },
+            ]),
+            ..Default::default()
+        };
+        let (h, host) = request_headers(&action, PROBE_AGENT);
+        assert_eq!(host.as_deref(), Some("example.com"));
+        assert_eq!(
+            h,
+            [
+                ("X-A".to_string(), "1".to_string()),
+                ("X-A".to_string(), "2".to_string()),
+                ("User-Agent".to_string(), PROBE_AGENT.to_string())
+            ]
+        );
+    }
+}
