@@ -95,7 +95,7 @@ fn host_ip(host: Option<&str>, target: &Target) -> Result<IpAddr, String> {
 }
 
 /// The namespace to dial from: the pod's, when the target is the pod's own address.
-fn dial_ns<'t>(ip: IpAddr, target: &'t Target) -> Option<&'t str> {
+fn dial_ns(ip: IpAddr, target: &Target) -> Option<&str> {
     (ip.to_string() == target.net.ip).then_some(target.net.netns.as_deref()).flatten()
 }
 
