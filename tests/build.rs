@@ -68,6 +68,8 @@ fn bindings_workload(
 fn cargo_metadata() -> String {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        // Only the host's packages: others (target-specific ones) may not be downloaded.
+        .args(["--filter-platform", &std::env::var("HOST").expect("HOST")])
         .current_dir(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"))
         .output()
         .expect("cargo metadata");

@@ -2,3 +2,4 @@
 //! the CRI, and the pure logic they follow.
 
 pub mod kubelet;
+pub mod run;

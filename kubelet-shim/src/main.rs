@@ -43,6 +43,32 @@ enum Command {
         #[arg(long = "insecure-registry")]
         insecure_registries: Vec<String>,
     },
+    /// Run the pods of Kubernetes manifests (Pods, ConfigMaps, Secrets) with no cluster: probes,
+    /// hooks, restarts and status as the kubelet does them. Ctrl-C deletes them gracefully.
+    Run {
+        /// Manifest files (YAML, several documents each).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, env = "WASMLET_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
+    /// Print the logs of a pod's container run by `wasmlet run`.
+    Logs {
+        pod: String,
+        /// Container name (needed when the pod has several).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Keep printing as the log grows (and across restarts).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The previous instance's log.
+        #[arg(short = 'p', long)]
+        previous: bool,
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
     /// Print the default configuration file.
     Config {
         #[command(subcommand)]
@@ -246,7 +272,7 @@ fn run() -> Result<()> {
     init_tracing(cli.log_format, default_level);
     // The real user, before a user namespace maps it to 0: it names the scratch directory.
     let uid = rustix::process::geteuid().as_raw();
-    if let Command::Cri { config, .. } = &cli.command {
+    if let Command::Cri { config, .. } | Command::Run { config, .. } = &cli.command {
         let file = load_config(config.as_deref())?;
         let not_root = !rustix::process::geteuid().is_root();
         if file.network.mode == wasmlet_runtime::net::NetworkMode::Rootless && not_root {
@@ -266,6 +292,25 @@ fn run() -> Result<()> {
             let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
             let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir) };
             rt.block_on(serve(root, socket.or(file.socket), options))
+        }
+        Command::Run { files, config, root } => {
+            let file = load_config(config.as_deref())?;
+            let registries = wasmlet_images::RegistryHosts { registries: file.registries };
+            let root = root.or(file.root).unwrap_or_else(default_root);
+            let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
+            let runtime =
+                wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir.clone()) };
+            let code = rt.block_on(wasmlet_kubelet::run::run(wasmlet_kubelet::run::RunOptions {
+                files,
+                root,
+                run_dir,
+                runtime,
+            }))?;
+            std::process::exit(code)
+        }
+        Command::Logs { pod, container, follow, previous, root } => {
+            let root = root.unwrap_or_else(default_root);
+            rt.block_on(wasmlet_kubelet::run::logs(&root, &pod, container.as_deref(), follow, previous))
         }
         Command::Config { command: ConfigCommand::Default } => {
             print!("{DEFAULT_CONFIG}");

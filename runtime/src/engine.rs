@@ -499,7 +499,10 @@ fn classify(result: RunResult, meter: &GuestMeter) -> Outcome {
 pub(crate) fn build_wasi(spec: &GuestSpec) -> std::result::Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     b.args(&spec.args).envs(&spec.env).stdout(spec.stdout.clone()).stderr(spec.stderr.clone());
-    b.allow_blocking_current_thread(true);
+    // Not allowed: with it, wasmtime-wasi's preview 1 poll_oneoff sleeps a lone relative timer
+    // with std::thread::sleep, which holds the executor thread (every guest on it, and the
+    // kill of this one) for the whole sleep.
+    b.allow_blocking_current_thread(false);
     if !matches!(spec.net, GuestNet::None) {
         // Sockets are created in the namespace of the polling thread: the pod's.
         b.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);

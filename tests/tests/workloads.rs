@@ -203,12 +203,17 @@ async fn stop_kills_after_the_timeout_and_lets_quick_exits_finish() {
     let log = read_log(Path::new(&s.log_path)).unwrap();
     assert_eq!(texts(&log, "stdout"), ["sleeping 1 s", "slept"]);
 
-    // A sleeping guest (blocked in a host call) is killed too.
-    let sleeper = pod.create(tool("long-sleeper", "toolc", &["sleep", "3600"])).await.unwrap();
-    pod.start(&sleeper).await;
-    pod.rt.stop_container(cri::StopContainerRequest { container_id: sleeper.clone(), timeout: 0 }).await.unwrap();
-    let s = status(&mut pod.rt, &sleeper).await.unwrap();
-    assert_eq!(s.exit_code, 137);
+    // A sleeping guest (blocked in a host call) is killed too: a component, and a preview 1
+    // module, whose single-timer poll_oneoff must not hold its thread (it would hold every
+    // guest sharing that thread, and the kill, until the sleep ends).
+    for (name, image) in [("long-sleeper", "toolc"), ("p1-sleeper", "tool")] {
+        let sleeper = pod.create(tool(name, image, &["sleep", "3600"])).await.unwrap();
+        pod.start(&sleeper).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pod.rt.stop_container(cri::StopContainerRequest { container_id: sleeper.clone(), timeout: 1 }).await.unwrap();
+        let s = status(&mut pod.rt, &sleeper).await.unwrap();
+        assert_eq!(s.exit_code, 137, "{name}");
+    }
 }
 
 #[tokio::test]

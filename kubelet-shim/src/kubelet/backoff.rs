@@ -57,6 +57,11 @@ impl Backoff {
         elapsed(now, event) < entry.backoff
     }
 
+    /// Whether `now` is within the back-off that follows the last step (image pulls).
+    pub fn in_backoff_since_update(&self, key: &str, now: SystemTime) -> bool {
+        self.entries.get(key).is_some_and(|e| elapsed(now, e.last_update) < e.backoff)
+    }
+
     /// Records one more restart (or pull attempt) at `now`: the first sets the initial back-off,
     /// each later one doubles it up to the cap; an expired entry starts over.
     pub fn next(&mut self, key: &str, event: SystemTime, now: SystemTime) {

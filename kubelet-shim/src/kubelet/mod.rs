@@ -16,4 +16,6 @@ pub mod events;
 pub mod prober;
 #[cfg(test)]
 mod testutil;
+pub mod validate;
 pub mod volumes;
+pub mod worker;

@@ -1,0 +1,479 @@
+//! `wasmlet run FILE.yaml...`: pods from manifests with no cluster. The runtime serves CRI on
+//! a socket of its own in this process; pod workers drive it through that socket exactly as
+//! they would a remote runtime. Status lines follow `kubectl get pods -w`, events follow
+//! `kubectl get events`, and Ctrl-C deletes the pods gracefully (preStop included).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use serde_json::Value;
+
+use crate::kubelet::cri::Cri;
+use crate::kubelet::dns::{NodeDns, parse_resolv_conf};
+use crate::kubelet::events::{Event, Kind, Recorder};
+use crate::kubelet::quantity::Quantity;
+use crate::kubelet::validate;
+use crate::kubelet::worker::{self, Node, StaticObjects, Update};
+
+/// What the manifests hold.
+#[derive(Default)]
+pub struct Manifests {
+    pub pods: Vec<Pod>,
+    pub config_maps: Vec<ConfigMap>,
+    pub secrets: Vec<Secret>,
+}
+
+/// Reads and checks every document of the files; nothing runs unless all are valid.
+pub fn load(files: &[PathBuf]) -> Result<Manifests> {
+    let mut m = Manifests::default();
+    let mut problems = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+        for (n, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let where_ = format!("{} (document {})", file.display(), n + 1);
+            let value: Value = match serde::Deserialize::deserialize(doc) {
+                Ok(v) => v,
+                Err(e) => {
+                    problems.push(format!("{where_}: invalid YAML: {e}"));
+                    continue;
+                }
+            };
+            if value.is_null() {
+                continue;
+            }
+            let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+            let api = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
+            if api != "v1" {
+                problems.push(format!("{where_}: apiVersion {api:?}: only v1 Pods, ConfigMaps and Secrets can be run"));
+                continue;
+            }
+            match kind.as_str() {
+                "Pod" => match decode::<Pod>(&value, "Pod") {
+                    Ok(p) => {
+                        let errors = validate::pod(&p);
+                        if errors.is_empty() {
+                            m.pods.push(p);
+                        } else {
+                            let name = p.metadata.name.clone().unwrap_or_default();
+                            problems.push(format!("{where_}: {}", validate::message("Pod", &name, &errors)));
+                        }
+                    }
+                    Err(e) => problems.push(format!("{where_}: {e}")),
+                },
+                "ConfigMap" => match decode::<ConfigMap>(&value, "ConfigMap") {
+                    Ok(c) => m.config_maps.push(c),
+                    Err(e) => problems.push(format!("{where_}: {e}")),
+                },
+                "Secret" => match decode::<Secret>(&value, "Secret") {
+                    Ok(s) => m.secrets.push(s),
+                    Err(e) => problems.push(format!("{where_}: {e}")),
+                },
+                other => problems.push(format!(
+                    "{where_}: kind {other:?} cannot be run by wasmlet run (Pod, ConfigMap and Secret can)"
+                )),
+            }
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for p in &m.pods {
+        let key = (p.metadata.namespace.clone().unwrap_or_else(|| "default".into()), p.metadata.name.clone());
+        if !names.insert(key.clone()) {
+            problems.push(format!("pods \"{}\" already exists in namespace {}", key.1.unwrap_or_default(), key.0));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}\nnothing was run", problems.join("\n"));
+    }
+    if m.pods.is_empty() {
+        bail!("no Pod in {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    Ok(m)
+}
+
+/// Decodes strictly, as the API server does: unknown fields are an error.
+fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value, kind: &str) -> Result<T> {
+    let name = value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    let obj: T = serde_json::from_value(value.clone())
+        .map_err(|e| anyhow::anyhow!("{kind} \"{name}\" in version \"v1\" cannot be handled as a {kind}: {e}"))?;
+    let mut unknown = Vec::new();
+    validate::unknown_fields(value, &serde_json::to_value(&obj)?, "", &mut unknown);
+    unknown.retain(|f| f != "kind" && f != "apiVersion");
+    if !unknown.is_empty() {
+        let list: Vec<String> = unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+        bail!(
+            "{kind} \"{name}\" in version \"v1\" cannot be handled as a {kind}: strict decoding error: {}",
+            list.join(", ")
+        );
+    }
+    Ok(obj)
+}
+
+/// A random UID in the API server's format.
+fn new_uid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Prints events as they happen.
+struct Printer;
+
+impl Recorder for Printer {
+    fn record(&self, e: Event) {
+        let object = if e.field_path.is_empty() {
+            format!("pod/{}", e.pod)
+        } else {
+            let c = e.field_path.split('{').nth(1).unwrap_or_default().trim_end_matches('}');
+            format!("pod/{}/{c}", e.pod)
+        };
+        let kind = match e.kind {
+            Kind::Normal => "Normal",
+            Kind::Warning => "Warning",
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "  {kind:<8}{:<22}{object:<24}{}", e.reason, e.message);
+    }
+}
+
+/// kubectl's READY, STATUS and RESTARTS columns (`printPod`).
+pub fn columns(pod: &Pod) -> (String, String, i32) {
+    let spec = crate::kubelet::model::spec(pod);
+    let sidecars: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| crate::kubelet::model::is_sidecar(c))
+        .map(|c| c.name.as_str())
+        .collect();
+    let total = spec.containers.len() + sidecars.len();
+    let Some(s) = &pod.status else { return (format!("0/{total}"), "Pending".into(), 0) };
+    let mut reason = s.reason.clone().or_else(|| s.phase.clone()).unwrap_or_default();
+    let mut ready = 0;
+    let mut restarts = 0;
+    let mut initializing = false;
+    let inits = s.init_container_statuses.as_deref().unwrap_or_default();
+    for (i, c) in inits.iter().enumerate() {
+        restarts += c.restart_count;
+        let st = c.state.clone().unwrap_or_default();
+        if sidecars.contains(&c.name.as_str()) {
+            if c.ready {
+                ready += 1;
+            }
+            if c.started == Some(true) {
+                continue;
+            }
+        }
+        if let Some(t) = &st.terminated
+            && t.exit_code == 0
+        {
+            continue;
+        }
+        initializing = true;
+        reason = if let Some(t) = &st.terminated {
+            match &t.reason {
+                Some(r) if !r.is_empty() => format!("Init:{r}"),
+                _ => format!("Init:ExitCode:{}", t.exit_code),
+            }
+        } else if let Some(r) = st.waiting.as_ref().and_then(|w| w.reason.clone()).filter(|r| r != "PodInitializing") {
+            format!("Init:{r}")
+        } else {
+            format!("Init:{}/{}", i, spec.init_containers.as_ref().map_or(0, Vec::len))
+        };
+        break;
+    }
+    if !initializing {
+        let mut has_running = false;
+        for c in s.container_statuses.iter().flatten().rev() {
+            restarts += c.restart_count;
+            let st = c.state.clone().unwrap_or_default();
+            if let Some(r) = st.waiting.as_ref().and_then(|w| w.reason.clone()).filter(|r| !r.is_empty()) {
+                reason = r;
+            } else if let Some(t) = &st.terminated {
+                reason =
+                    t.reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| format!("ExitCode:{}", t.exit_code));
+            } else if st.running.is_some() {
+                has_running = true;
+                if c.ready {
+                    ready += 1;
+                }
+            }
+        }
+        if reason == "Completed" && has_running {
+            let pod_ready = s.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+            reason = if pod_ready { "Running".into() } else { "NotReady".into() };
+        }
+    }
+    if pod.metadata.deletion_timestamp.is_some()
+        && s.phase.as_deref() != Some("Succeeded")
+        && s.phase.as_deref() != Some("Failed")
+    {
+        reason = "Terminating".into();
+    }
+    (format!("{ready}/{total}"), reason, restarts)
+}
+
+fn age(since: SystemTime) -> String {
+    let s = since.elapsed().unwrap_or_default().as_secs();
+    match s {
+        0..120 => format!("{s}s"),
+        120..3600 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// Options of `wasmlet run`.
+pub struct RunOptions {
+    pub files: Vec<PathBuf>,
+    pub root: PathBuf,
+    pub run_dir: PathBuf,
+    pub runtime: wasmlet_runtime::RuntimeOptions,
+}
+
+/// Runs the pods until they all finish or Ctrl-C; returns the exit code (0 when every pod
+/// succeeded or was stopped by the user, 1 when one failed).
+pub async fn run(o: RunOptions) -> Result<i32> {
+    let manifests = load(&o.files)?;
+    let runtime = {
+        let root = o.root.clone();
+        let options = o.runtime;
+        tokio::task::spawn_blocking(move || wasmlet_runtime::Runtime::open_with(root, options)).await??
+    };
+    std::fs::create_dir_all(&o.run_dir).with_context(|| format!("create {}", o.run_dir.display()))?;
+    let socket = o.run_dir.join(format!("run-{}.sock", std::process::id()));
+    let listener =
+        wasmlet_runtime::server::bind(&socket).await.with_context(|| format!("bind {}", socket.display()))?;
+    let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wasmlet_runtime::server::serve(runtime, listener, async {
+        let _ = stopped.await;
+    }));
+    let channel = cri_proto::connect_unix(&socket).await.context("connect to the in-process CRI server")?;
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let node = Arc::new(Node {
+        cri: Cri::new(channel),
+        root: o.root.join("kubelet"),
+        node_name: node_name.clone(),
+        host_ip: "127.0.0.1".into(),
+        events: Arc::new(Printer),
+        objects: Arc::new(StaticObjects { config_maps: manifests.config_maps, secrets: manifests.secrets }),
+        dns: NodeDns {
+            cluster_dns: Vec::new(),
+            cluster_domain: "cluster.local".into(),
+            host: parse_resolv_conf(&host_resolv),
+        },
+        allocatable_cpu: Quantity::from_units(std::thread::available_parallelism().map_or(1, |n| n.get()) as i128),
+        allocatable_memory: Quantity::from_units(memory_total() as i128),
+        runtime_events: tokio::sync::broadcast::channel(1024).0,
+    });
+    let events = node.watch_runtime_events();
+    println!("{:<24}{:<8}{:<26}{:<10}AGE", "NAME", "READY", "STATUS", "RESTARTS");
+    let started = SystemTime::now();
+    let mut pods = BTreeMap::new();
+    for mut p in manifests.pods {
+        p.metadata.namespace.get_or_insert_with(|| "default".into());
+        p.metadata.uid = Some(new_uid());
+        p.spec.as_mut().map(|s| s.node_name.get_or_insert_with(|| node_name.clone()));
+        let name = p.metadata.name.clone().unwrap_or_default();
+        pods.insert(name, worker::spawn(node.clone(), p));
+    }
+    let mut last: BTreeMap<String, (String, String, i32)> = BTreeMap::new();
+    let mut interrupted = false;
+    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        // Print a line for each pod whose columns changed.
+        let mut all_done = true;
+        for (name, h) in &pods {
+            let pod = h.status.borrow().clone();
+            let cols = columns(&pod);
+            if last.get(name) != Some(&cols) {
+                println!("{name:<24}{:<8}{:<26}{:<10}{}", cols.0, cols.1, cols.2, age(started));
+                last.insert(name.clone(), cols);
+            }
+            let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+            all_done &= phase == "Succeeded" || phase == "Failed";
+        }
+        let _ = std::io::stdout().flush();
+        if all_done {
+            break;
+        }
+        let changed = futures_util::future::select_all(pods.values_mut().map(|h| Box::pin(h.status.changed())));
+        tokio::select! {
+            _ = changed => {}
+            _ = &mut ctrl_c => { interrupted = true; break; }
+            _ = term.recv() => { interrupted = true; break; }
+        }
+    }
+    if interrupted {
+        println!("deleting {} pod(s) gracefully (Ctrl-C)", pods.len());
+    }
+    let failed = pods
+        .values()
+        .any(|h| h.status.borrow().status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Failed"));
+    for h in pods.values() {
+        let _ = h.updates.send(Update::Delete { grace: None });
+    }
+    for (name, mut h) in pods {
+        // Keep printing status changes while pods terminate.
+        loop {
+            tokio::select! {
+                _ = &mut h.task => break,
+                r = h.status.changed() => {
+                    if r.is_err() { break; }
+                    let cols = columns(&h.status.borrow());
+                    if last.get(&name) != Some(&cols) {
+                        println!("{name:<24}{:<8}{:<26}{:<10}{}", cols.0, cols.1, cols.2, age(started));
+                        last.insert(name.clone(), cols);
+                    }
+                }
+            }
+        }
+    }
+    events.abort();
+    let _ = stop_server.send(());
+    let _ = server.await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(if failed && !interrupted { 1 } else { 0 })
+}
+
+fn memory_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kb| kb * 1024)
+}
+
+/// `wasmlet logs POD [-c C] [-f]`: the newest log of a pod's container, from the kubelet's log
+/// directories under the root.
+pub async fn logs(root: &Path, pod: &str, container: Option<&str>, follow: bool, previous: bool) -> Result<()> {
+    let base = root.join("kubelet").join("logs");
+    let mut dirs: Vec<(SystemTime, PathBuf)> = std::fs::read_dir(&base)
+        .with_context(|| format!("no pods have run under {}", root.display()))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().split('_').nth(1) == Some(pod))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    dirs.sort();
+    let Some((_, dir)) = dirs.pop() else { bail!("pods \"{pod}\" not found") };
+    let names: Vec<String> = std::fs::read_dir(&dir)?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let container = match (container, names.as_slice()) {
+        (Some(c), _) => c.to_string(),
+        (None, [one]) => one.clone(),
+        (None, _) => {
+            let mut sorted = names.clone();
+            sorted.sort();
+            bail!("a container name must be specified for pod {pod}, choose one of: [{}]", sorted.join(" "))
+        }
+    };
+    let cdir = dir.join(&container);
+    let newest = |skip: usize| -> Option<PathBuf> {
+        let mut logs: Vec<(u32, PathBuf)> = std::fs::read_dir(&cdir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| Some((e.file_name().to_string_lossy().strip_suffix(".log")?.parse().ok()?, e.path())))
+            .collect();
+        logs.sort();
+        logs.into_iter().rev().nth(skip).map(|(_, p)| p)
+    };
+    let Some(mut file) = newest(usize::from(previous)) else {
+        bail!("container \"{container}\" in pod \"{pod}\" has no {}log", if previous { "previous " } else { "" })
+    };
+    let mut offset = 0usize;
+    let mut partial = String::new();
+    loop {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        if bytes.len() > offset {
+            let text = String::from_utf8_lossy(&bytes[offset..]).into_owned();
+            offset = bytes.len();
+            let mut out = std::io::stdout().lock();
+            for line in text.lines() {
+                // <time> <stream> <P|F> <content>
+                let mut f = line.splitn(4, ' ');
+                let (_, _, tag, content) = (f.next(), f.next(), f.next(), f.next().unwrap_or(""));
+                partial.push_str(content);
+                if tag != Some("P") {
+                    let _ = writeln!(out, "{partial}");
+                    partial.clear();
+                }
+            }
+            let _ = out.flush();
+        }
+        if !follow {
+            if !partial.is_empty() {
+                println!("{partial}");
+            }
+            return Ok(());
+        }
+        // A restart writes the next N.log: follow it.
+        if let Some(next) = newest(0)
+            && next != file
+        {
+            file = next;
+            offset = 0;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let f = dir.join("m.yaml");
+        std::fs::write(&f, text).unwrap();
+        f
+    }
+
+    #[test]
+    fn manifests_load_every_kind_and_refuse_bad_documents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = write(
+            tmp.path(),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: conf}\ndata: {a: b}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {p: q}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers: [{name: app, image: app:1}]\n",
+        );
+        let m = load(&[f]).unwrap();
+        assert_eq!((m.pods.len(), m.config_maps.len(), m.secrets.len()), (1, 1, 1));
+        let f = write(
+            tmp.path(),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers: [{name: app}]\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: ok}\nspec:\n  containers: [{name: app, image: a, imagePullPolicy: Never, command: [x], comand: [y]}]\n",
+        );
+        let err = format!("{:#}", load(&[f]).err().unwrap());
+        assert!(
+            err.contains("(document 1): The Pod \"web\" is invalid: spec.containers[0].image: Required value"),
+            "{err}"
+        );
+        assert!(err.contains("(document 2): apiVersion \"apps/v1\""), "{err}");
+        assert!(err.contains("strict decoding error: unknown field \"spec.containers[0].comand\""), "{err}");
+        assert!(err.ends_with("nothing was run"), "{err}");
+    }
+
+    #[test]
+    fn kubectl_columns() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {"initContainers": [{"name": "init", "image": "i"}], "containers": [{"name": "app", "image": "a"}]},
+            "status": {"phase": "Pending",
+                "initContainerStatuses": [{"name": "init", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}}}],
+                "containerStatuses": [{"name": "app", "image": "a", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"waiting": {"reason": "PodInitializing"}}}]}
+        }))
+        .unwrap();
+        assert_eq!(columns(&p), ("0/1".into(), "Init:CrashLoopBackOff".into(), 2));
+    }
+}

@@ -1,0 +1,283 @@
+//! `wasmlet run` end to end: real manifests, the real binary, the in-process CRI server and
+//! real wasm workloads. Each test reads the live `kubectl get pods -w`-style output.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use wasmlet_tests::{tool_module, wasmlet_bin};
+
+/// A `wasmlet run` process with its own root, and its output lines as they come.
+struct Run {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+fn setup(manifest: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let out = Command::new(wasmlet_bin())
+        .args(["image", "import"])
+        .arg(tool_module())
+        .args(["--tag", "tool:1", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    let config = dir.path().join("wasmlet.toml");
+    let run_dir = PathBuf::from(format!("/dev/shm/wasmlet-run-test-{}", rand_suffix()));
+    std::fs::write(&config, format!("run_dir = {:?}\n", run_dir.display().to_string())).unwrap();
+    (dir, root, file, config)
+}
+
+fn rand_suffix() -> String {
+    format!("{}-{:?}", std::process::id(), Instant::now()).replace(|c: char| !c.is_ascii_alphanumeric(), "")
+}
+
+impl Run {
+    fn start(manifest: &str) -> Run {
+        let (dir, root, file, config) = setup(manifest);
+        let mut child = Command::new(wasmlet_bin())
+            .arg("run")
+            .arg(&file)
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(&root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("stderr: {l}"));
+            }
+        });
+        Run { child, lines: rx, seen: Vec::new(), _dir: dir, root }
+    }
+
+    /// Waits for a line matching `pred`; panics with everything seen after `limit`.
+    fn wait_for(&mut self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no line with {what} within {limit:?}; output:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// A pod status line (`NAME READY STATUS RESTARTS AGE`) whose columns satisfy `pred`.
+    fn wait_status(&mut self, pod: &str, limit: Duration, pred: impl Fn(&str, &str, u32) -> bool) -> String {
+        self.wait_for(&format!("a matching status line of {pod}"), limit, |l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 5 && f[0] == pod && f[3].parse::<u32>().is_ok_and(|r| pred(f[1], f[2], r))
+        })
+    }
+
+    fn interrupt(&mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    }
+
+    /// Waits for the process to end; its exit code and the rest of its output.
+    fn finish(&mut self, limit: Duration) -> i32 {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(l);
+                }
+                return s.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < end, "wasmlet run still running; output:\n{}", self.seen.join("\n"));
+            while let Ok(l) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn output(&self) -> String {
+        self.seen.join("\n")
+    }
+
+    fn logs(&self, pod: &str, container: &str, previous: bool) -> String {
+        let mut cmd = Command::new(wasmlet_bin());
+        cmd.args(["logs", pod, "-c", container, "--root"]).arg(&self.root);
+        if previous {
+            cmd.arg("--previous");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn init_containers_share_an_empty_dir_and_a_failing_container_backs_off() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  restartPolicy: OnFailure
+  initContainers:
+  - {name: init, image: "tool:1", args: [write, /data/msg, from-init], volumeMounts: [{name: data, mountPath: /data}]}
+  containers:
+  - name: crasher
+    image: "tool:1"
+    args: [exit, "3"]
+  - name: reader
+    image: "tool:1"
+    args: [cat, /data/msg]
+    volumeMounts: [{name: data, mountPath: /data}]
+  volumes:
+  - name: data
+    emptyDir: {}
+"#,
+    );
+    let limit = Duration::from_secs(30);
+    // The first exit restarts at once; the second one backs off for 10 s. (kubectl's STATUS
+    // shows the first container's reason.)
+    run.wait_status("web", limit, |_, s, r| s == "CrashLoopBackOff" && r >= 1);
+    let out = run.output();
+    for needle in [
+        "Created container: init",
+        "Started container init",
+        "Container image \"tool:1\" already present on machine",
+        "Back-off restarting failed container crasher in pod web_default(",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    // The reader saw what the init container wrote through the shared emptyDir, and the
+    // crasher's previous instance is kept for `logs --previous`.
+    assert_eq!(run.logs("web", "reader", false).trim(), "from-init");
+    run.interrupt();
+    let code = run.finish(limit);
+    assert_eq!(code, 0, "Ctrl-C ends a run with 0:\n{}", run.output());
+    assert!(run.output().contains("deleting 1 pod(s) gracefully"));
+}
+
+#[test]
+fn never_pods_finish_with_their_phase_and_the_exit_code_says_so() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: job}
+spec:
+  restartPolicy: Never
+  containers:
+  - {name: bad, image: "tool:1", args: [exit, "2"]}
+  - {name: ok, image: "tool:1", args: [echo, done]}
+"#,
+    );
+    let limit = Duration::from_secs(30);
+    run.wait_status("job", limit, |ready, s, r| ready == "0/2" && s == "Error" && r == 0);
+    let code = run.finish(limit);
+    assert_eq!(code, 1, "a Failed pod makes the run fail:\n{}", run.output());
+    assert!(run.logs("job", "ok", false).contains("argv[2]=done"));
+}
+
+#[test]
+fn liveness_failure_restarts_the_container_and_readiness_follows_a_file() {
+    let health = tempfile::tempdir().unwrap();
+    let dir = health.path().display().to_string();
+    let mut run = Run::start(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: probed}}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: "tool:1"
+    args: [sleep, "600"]
+    volumeMounts: [{{name: state, mountPath: /state}}]
+    readinessProbe:
+      exec: {{command: [tool, cat, /state/ready]}}
+      periodSeconds: 1
+    livenessProbe:
+      exec: {{command: [tool, cat, /state/alive]}}
+      periodSeconds: 1
+      failureThreshold: 2
+  volumes:
+  - name: state
+    hostPath: {{path: {dir:?}, type: Directory}}
+"#
+    ));
+    let limit = Duration::from_secs(40);
+    std::fs::write(health.path().join("alive"), "ok").unwrap();
+    run.wait_status("probed", limit, |ready, s, _| ready == "0/1" && s == "Running");
+    // Readiness follows the file both ways.
+    std::fs::write(health.path().join("ready"), "ok").unwrap();
+    run.wait_status("probed", limit, |ready, s, _| ready == "1/1" && s == "Running");
+    std::fs::remove_file(health.path().join("ready")).unwrap();
+    run.wait_status("probed", limit, |ready, _, _| ready == "0/1");
+    assert!(run.output().contains("Readiness probe failed:"), "{}", run.output());
+    // Liveness fails twice in a row: the container is killed and restarted (restartCount 1).
+    std::fs::remove_file(health.path().join("alive")).unwrap();
+    run.wait_status("probed", limit, |_, _, r| r == 1);
+    let out = run.output();
+    assert!(out.contains("Container app failed liveness probe, will be restarted"), "{out}");
+    assert!(out.contains("Liveness probe failed:"), "{out}");
+    run.interrupt();
+    assert_eq!(run.finish(limit), 0, "{}", run.output());
+}
+
+#[test]
+fn an_invalid_manifest_names_the_field_and_nothing_runs() {
+    let (dir, root, file, config) = setup(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec:\n  containers:\n  - name: app\n    image: \"tool:1\"\n    ports: [{containerPort: 80, hostPort: 8080}]\n  - name: side\n    image: \"\"\n    ports: [{containerPort: 81, hostPort: 8080}]\n",
+    );
+    let out = Command::new(wasmlet_bin())
+        .arg("run")
+        .arg(&file)
+        .arg("--config")
+        .arg(&config)
+        .arg("--root")
+        .arg(&root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("The Pod \"web\" is invalid: ["), "{err}");
+    assert!(err.contains("spec.containers[1].image: Required value"), "{err}");
+    assert!(err.contains("spec.containers[1].ports[0].hostPort: Duplicate value: \"8080/TCP\""), "{err}");
+    assert!(err.contains("nothing was run"), "{err}");
+    assert!(!root.join("kubelet").exists(), "no pod directory was made");
+    assert!(out.stdout.is_empty(), "no status line was printed");
+    drop(dir);
+}
