@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use wasmlet_tests::{tool_module, wasmlet_bin};
+use wasmlet_tests::{http_component, net_component, tool_module, wasmlet_bin};
 
 /// A `wasmlet run` process with its own root, and its output lines as they come.
 struct Run {
@@ -21,14 +21,16 @@ struct Run {
 fn setup(manifest: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
-    let out = Command::new(wasmlet_bin())
-        .args(["image", "import"])
-        .arg(tool_module())
-        .args(["--tag", "tool:1", "--root"])
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (file, tag) in [(tool_module(), "tool:1"), (http_component(), "http:1"), (net_component(), "net:1")] {
+        let out = Command::new(wasmlet_bin())
+            .args(["image", "import"])
+            .arg(file)
+            .args(["--tag", tag, "--root"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     let file = dir.path().join("pod.yaml");
     std::fs::write(&file, manifest).unwrap();
     let config = dir.path().join("wasmlet.toml");
@@ -280,4 +282,86 @@ fn an_invalid_manifest_names_the_field_and_nothing_runs() {
     assert!(!root.join("kubelet").exists(), "no pod directory was made");
     assert!(out.stdout.is_empty(), "no status line was printed");
     drop(dir);
+}
+
+#[test]
+fn network_probes_reach_the_pod_and_hooks_run_around_the_container() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().display().to_string();
+    let mut run = Run::start(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: net}}
+spec:
+  terminationGracePeriodSeconds: 5
+  containers:
+  - name: web
+    image: "http:1"
+    ports: [{{name: http, containerPort: 8080}}]
+    startupProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}
+    readinessProbe: {{httpGet: {{path: /ready, port: http}}, periodSeconds: 1}}
+  - name: sock
+    image: "net:1"
+    args: [serve, "9090"]
+    livenessProbe: {{tcpSocket: {{port: 9090}}, periodSeconds: 1}}
+    readinessProbe: {{tcpSocket: {{port: 9090}}, periodSeconds: 1}}
+  - name: hooks
+    image: "tool:1"
+    args: [sleep, "600"]
+    volumeMounts: [{{name: state, mountPath: /state}}]
+    lifecycle:
+      postStart: {{exec: {{command: [tool, write, /state/post-start, "done"]}}}}
+      preStop: {{exec: {{command: [tool, write, /state/pre-stop, "done"]}}}}
+  - name: closed
+    image: "tool:1"
+    args: [sleep, "600"]
+    readinessProbe: {{httpGet: {{port: 8081}}, periodSeconds: 1}}
+  volumes:
+  - name: state
+    hostPath: {{path: {dir:?}}}
+"#
+    ));
+    let limit = Duration::from_secs(40);
+    // web (httpGet through its startup gate), sock (tcpSocket) and hooks (no probe) become
+    // ready; "closed" probes a port nobody listens on.
+    run.wait_status("net", limit, |ready, s, _| ready == "3/4" && s == "Running");
+    assert_eq!(std::fs::read_to_string(state.path().join("post-start")).unwrap().trim(), "done");
+    run.wait_for("a refused readiness probe", limit, |l| {
+        l.contains("pod/net/closed") && l.contains("Readiness probe failed:") && l.contains(":8081")
+    });
+    assert!(!state.path().join("pre-stop").exists(), "preStop runs only at the stop");
+    run.interrupt();
+    assert_eq!(run.finish(limit), 0, "{}", run.output());
+    assert_eq!(std::fs::read_to_string(state.path().join("pre-stop")).unwrap().trim(), "done");
+    let out = run.output();
+    assert!(out.contains("Stopping container hooks"), "{out}");
+    assert!(!out.contains("FailedPreStopHook") && !out.contains("FailedPostStartHook"), "{out}");
+}
+
+#[test]
+fn a_failing_post_start_hook_kills_the_container_and_it_restarts() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: hooked}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: "tool:1"
+    args: [sleep, "600"]
+    lifecycle:
+      postStart: {exec: {command: [tool, exit, "1"]}}
+"#,
+    );
+    let limit = Duration::from_secs(40);
+    run.wait_status("hooked", limit, |_, s, r| s == "PostStartHookError" || (s == "CrashLoopBackOff" && r >= 1));
+    let out = run.output();
+    for needle in ["FailedPostStartHook", "PostStartHook failed"] {
+        assert!(out.contains(needle), "missing {needle:?}:\n{out}");
+    }
+    run.interrupt();
+    assert_eq!(run.finish(limit), 0, "{}", run.output());
 }

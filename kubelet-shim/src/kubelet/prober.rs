@@ -25,6 +25,22 @@ pub struct Target {
     pub container_id: String,
 }
 
+/// A dial error as Go's net package words it (`dial tcp 10.88.0.2:80: connect: connection
+/// refused`), since probe messages end up in events users compare with other nodes'.
+fn dial_error(addr: SocketAddr, e: &std::io::Error) -> String {
+    let what = match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connect: connection refused".to_string(),
+        std::io::ErrorKind::TimedOut => "i/o timeout".to_string(),
+        std::io::ErrorKind::HostUnreachable => "connect: no route to host".to_string(),
+        std::io::ErrorKind::NetworkUnreachable => "connect: network is unreachable".to_string(),
+        _ => {
+            let text = e.to_string();
+            text.split(" (os error").next().unwrap_or(&text).to_lowercase()
+        }
+    };
+    format!("dial tcp {addr}: {what}")
+}
+
 /// A socket connected to `addr` from inside the namespace at `netns` (or from here).
 pub async fn connect(
     netns: Option<&str>,
@@ -47,10 +63,11 @@ pub async fn connect(
             tokio::net::TcpSocket::from_std_stream(std)
         }
     };
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+    let made = match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("dial tcp {addr}: i/o timeout"))),
-    }
+        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+    };
+    made.map_err(|e| std::io::Error::new(e.kind(), dial_error(addr, &e)))
 }
 
 /// A TCP socket created inside a network namespace; the thread goes back to its own after.
@@ -139,7 +156,7 @@ pub async fn tcp(target: &Target, action: &TCPSocketAction, c: &Container, timeo
     let addr = SocketAddr::new(ip, port);
     match connect(dial_ns(ip, target), addr, timeout).await {
         Ok(_) => (Outcome::Success, String::new()),
-        Err(e) => (Outcome::Failure, format!("dial tcp {addr}: {e}")),
+        Err(e) => (Outcome::Failure, e.to_string()),
     }
 }
 
@@ -159,8 +176,11 @@ async fn get_once(
     timeout: Duration,
 ) -> std::io::Result<(u16, Option<String>, String)> {
     let addr = SocketAddr::new(ip, port);
+    let url = format!("http://{addr}{path}");
     let work = async {
-        let stream = connect(dial_ns(ip, target), addr, timeout).await?;
+        let stream = connect(dial_ns(ip, target), addr, timeout)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("Get \"{url}\": {e}")))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
@@ -368,6 +388,149 @@ pub async fn grpc(target: &Target, action: &GRPCAction, timeout: Duration) -> Re
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{ContainerPort, HTTPHeader};
+
+    #[test]
+    fn dial_errors_read_like_go() {
+        let a: SocketAddr = "10.88.0.2:80".parse().unwrap();
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(dial_error(a, &refused), "dial tcp 10.88.0.2:80: connect: connection refused");
+        let t = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert_eq!(dial_error(a, &t), "dial tcp 10.88.0.2:80: i/o timeout");
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_probes_against_real_listeners() {
+        // A listener on the host's loopback, reached without a namespace.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else { return };
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 4096];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let reply = match path.as_str() {
+                        "/ok" => "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_string(),
+                        "/agent" => {
+                            let agent = req
+                                .lines()
+                                .find(|l| l.to_lowercase().starts_with("user-agent:"))
+                                .unwrap_or("")
+                                .to_string();
+                            let code = if agent.ends_with(PROBE_AGENT) { 200 } else { 500 };
+                            format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n")
+                        }
+                        "/hop" => "HTTP/1.1 302 Found\r\nlocation: /ok\r\ncontent-length: 0\r\n\r\n".to_string(),
+                        "/away" => {
+                            "HTTP/1.1 301 Moved\r\nlocation: http://elsewhere.example/\r\ncontent-length: 4\r\n\r\nbody"
+                                .to_string()
+                        }
+                        _ => "HTTP/1.1 503 Unavailable\r\ncontent-length: 0\r\n\r\n".to_string(),
+                    };
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        let target =
+            Target { net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None }, container_id: String::new() };
+        let c = Container::default();
+        let get = |path: &str| HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(port)),
+            ..Default::default()
+        };
+        let t = Duration::from_secs(2);
+        assert_eq!(http_probe(&target, &get("/ok"), &c, t).await.0, Outcome::Success);
+        assert_eq!(http_probe(&target, &get("/agent"), &c, t).await.0, Outcome::Success);
+        assert_eq!(http_probe(&target, &get("/hop"), &c, t).await.0, Outcome::Success, "same-host redirect followed");
+        let (o, msg) = http_probe(&target, &get("/away"), &c, t).await;
+        assert_eq!((o, msg.as_str()), (Outcome::Warning, "Probe terminated redirects, Response body: body"));
+        let (o, msg) = http_probe(&target, &get("/down"), &c, t).await;
+        assert_eq!((o, msg.as_str()), (Outcome::Failure, "HTTP probe failed with statuscode: 503"));
+        let tcp_ok = TCPSocketAction { port: IntOrString::Int(i32::from(port)), ..Default::default() };
+        assert_eq!(tcp(&target, &tcp_ok, &c, t).await.0, Outcome::Success);
+        // A port nobody listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let tcp_closed = TCPSocketAction { port: IntOrString::Int(i32::from(closed)), ..Default::default() };
+        let (o, msg) = tcp(&target, &tcp_closed, &c, t).await;
+        assert_eq!((o, msg), (Outcome::Failure, format!("dial tcp 127.0.0.1:{closed}: connect: connection refused")));
+        let (o, msg) = http_probe(
+            &target,
+            &HTTPGetAction { port: IntOrString::Int(i32::from(closed)), ..Default::default() },
+            &c,
+            t,
+        )
+        .await;
+        assert_eq!(o, Outcome::Failure);
+        assert_eq!(
+            msg,
+            format!("Get \"http://127.0.0.1:{closed}/\": dial tcp 127.0.0.1:{closed}: connect: connection refused")
+        );
+        // Any response is a hook's success.
+        assert!(http_hook(&target, &get("/down"), &c, t).await.is_ok());
+    }
+
+    /// A gRPC health server over h2c: SERVING for the service "", NOT_SERVING for "down",
+    /// an UNIMPLEMENTED status for anything else.
+    async fn health_server() -> u16 {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let asked = <HealthCheckRequest as prost::Message>::decode(&body[5..]).unwrap().service;
+                    let (status, grpc) = match asked.as_str() {
+                        "" => (1, "0"),
+                        "down" => (2, "0"),
+                        _ => (0, "12"),
+                    };
+                    let msg = prost::Message::encode_to_vec(&HealthCheckResponse { status });
+                    let mut data = vec![0];
+                    data.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                    data.extend_from_slice(&msg);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", grpc.parse().unwrap());
+                    let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+                        vec![Ok(Frame::data(Bytes::from(data))), Ok(Frame::trailers(trailers))];
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(StreamBody::new(futures_util::stream::iter(frames)))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+                );
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_pass_only_serving() {
+        let port = health_server().await;
+        let target =
+            Target { net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None }, container_id: String::new() };
+        let t = Duration::from_secs(2);
+        let action = |service: Option<&str>| GRPCAction { port: i32::from(port), service: service.map(str::to_string) };
+        assert_eq!(grpc(&target, &action(None), t).await.0, Outcome::Success);
+        let (o, msg) = grpc(&target, &action(Some("down")), t).await;
+        assert_eq!((o, msg.as_str()), (Outcome::Failure, "service unhealthy (responded with 2)"));
+        let (o, msg) = grpc(&target, &action(Some("nope")), t).await;
+        assert_eq!(o, Outcome::Failure);
+        assert!(msg.contains("code = 12"), "{msg}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        assert_eq!(grpc(&target, &GRPCAction { port: i32::from(closed), service: None }, t).await.0, Outcome::Failure);
+    }
 
     #[test]
     fn ports_by_number_or_name() {
