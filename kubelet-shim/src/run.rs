@@ -271,7 +271,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         runtime_events: tokio::sync::broadcast::channel(1024).0,
     });
     let events = node.watch_runtime_events();
-    println!("{:<24}{:<8}{:<26}{:<10}AGE", "NAME", "READY", "STATUS", "RESTARTS");
+    println!("{:<23} {:<7} {:<26} {:<9} AGE", "NAME", "READY", "STATUS", "RESTARTS");
     let started = SystemTime::now();
     let mut pods = BTreeMap::new();
     for mut p in manifests.pods {
@@ -292,7 +292,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
             let pod = h.status.borrow().clone();
             let cols = columns(&pod);
             if last.get(name) != Some(&cols) {
-                println!("{name:<24}{:<8}{:<26}{:<10}{}", cols.0, cols.1, cols.2, age(started));
+                println!("{name:<23} {:<7} {:<26} {:<9} {}", cols.0, cols.1, cols.2, age(started));
                 last.insert(name.clone(), cols);
             }
             let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
@@ -327,7 +327,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                     if r.is_err() { break; }
                     let cols = columns(&h.status.borrow());
                     if last.get(&name) != Some(&cols) {
-                        println!("{name:<24}{:<8}{:<26}{:<10}{}", cols.0, cols.1, cols.2, age(started));
+                        println!("{name:<23} {:<7} {:<26} {:<9} {}", cols.0, cols.1, cols.2, age(started));
                         last.insert(name.clone(), cols);
                     }
                 }

@@ -365,3 +365,200 @@ spec:
     run.interrupt();
     assert_eq!(run.finish(limit), 0, "{}", run.output());
 }
+
+#[test]
+fn sidecars_start_before_the_next_init_container_and_stop_after_the_app() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: job}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  initContainers:
+  - name: side
+    image: "tool:1"
+    restartPolicy: Always
+    args: [sleep, "600"]
+    startupProbe: {exec: {command: [tool, hello]}, periodSeconds: 1}
+  - {name: setup, image: "tool:1", args: [hello]}
+  containers:
+  - {name: app, image: "tool:1", args: [sleep, "2"]}
+"#,
+    );
+    let limit = Duration::from_secs(40);
+    // The pod completes by itself: the sidecar does not keep it alive.
+    assert_eq!(run.finish(limit), 0, "{}", run.output());
+    let out = run.output();
+    let at = |needle: &str| out.find(needle).unwrap_or_else(|| panic!("missing {needle:?}:\n{out}"));
+    assert!(at("Started container side") < at("Created container: setup"), "{out}");
+    assert!(at("Created container: setup") < at("Created container: app"), "{out}");
+    // Stopped last, after the app ended on its own.
+    assert!(at("Stopping container side") > at("Started container app"), "{out}");
+    assert!(!out.contains("Stopping container app"), "{out}");
+}
+
+#[test]
+fn a_failed_init_container_fails_a_never_pod_and_is_retried_otherwise() {
+    for (policy, never) in [("Never", true), ("OnFailure", false), ("Always", false)] {
+        let mut run = Run::start(&format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: init}}
+spec:
+  restartPolicy: {policy}
+  initContainers:
+  - {{name: broken, image: "tool:1", args: [exit, "4"]}}
+  containers:
+  - {{name: app, image: "tool:1", args: [hello]}}
+"#
+        ));
+        let limit = Duration::from_secs(40);
+        if never {
+            assert_eq!(run.finish(limit), 1, "{}", run.output());
+            assert!(run.output().contains("Init:Error"), "{}", run.output());
+        } else {
+            run.wait_status("init", limit, |_, s, r| s == "Init:CrashLoopBackOff" && r >= 1);
+            run.interrupt();
+            assert_eq!(run.finish(limit), 0, "{}", run.output());
+        }
+        assert!(!run.output().contains("Created container: app"), "{policy}: the app never starts:\n{}", run.output());
+    }
+}
+
+#[test]
+fn config_maps_and_secrets_reach_env_and_volumes() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: conf}
+data: {GREETING: hello, app.conf: "mode=fast"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData: {password: s3cret}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cfg}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: env
+    image: "tool:1"
+    args: [env]
+    envFrom: [{prefix: CFG_, configMapRef: {name: conf}}]
+    env:
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: conf, key: GREETING}}}
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    - {name: MAYBE, valueFrom: {configMapKeyRef: {name: absent, key: x, optional: true}}}
+    - {name: POD, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    - {name: MSG, value: "$(GREETING) from $(POD)"}
+  - name: files
+    image: "tool:1"
+    args: [cat, /conf/app.conf]
+    volumeMounts: [{name: conf, mountPath: /conf}, {name: creds, mountPath: /creds}]
+  volumes:
+  - {name: conf, configMap: {name: conf}}
+  - {name: creds, secret: {secretName: creds}}
+"#,
+    );
+    assert_eq!(run.finish(Duration::from_secs(30)), 0, "{}", run.output());
+    let env = run.logs("cfg", "env", false);
+    for line in ["GREETING=hello", "PASSWORD=s3cret", "CFG_app.conf=mode=fast", "POD=cfg", "MSG=hello from cfg"] {
+        assert!(env.lines().any(|l| l == line), "missing {line:?} in:\n{env}");
+    }
+    assert!(!env.contains("MAYBE="), "{env}");
+    assert_eq!(run.logs("cfg", "files", false).trim(), "mode=fast");
+}
+
+#[test]
+fn a_missing_config_map_is_a_create_container_config_error() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: cfg}
+spec:
+  containers:
+  - name: app
+    image: "tool:1"
+    args: [hello]
+    env: [{name: X, valueFrom: {configMapKeyRef: {name: nope, key: x}}}]
+"#,
+    );
+    run.wait_status("cfg", Duration::from_secs(30), |_, s, _| s == "CreateContainerConfigError");
+    assert!(run.output().contains("Error: configmap \"nope\" not found"), "{}", run.output());
+    run.interrupt();
+    assert_eq!(run.finish(Duration::from_secs(30)), 0);
+}
+
+#[test]
+fn a_startup_probe_holds_off_liveness_and_exec_probes_time_out() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().display().to_string();
+    let mut run = Run::start(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: slow}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: "tool:1"
+    args: [sleep, "600"]
+    volumeMounts: [{{name: state, mountPath: /state}}]
+    startupProbe: {{exec: {{command: [tool, cat, /state/started]}}, periodSeconds: 1, failureThreshold: 60}}
+    livenessProbe: {{exec: {{command: [tool, cat, /state/alive]}}, periodSeconds: 1, failureThreshold: 1}}
+  - name: timer
+    image: "tool:1"
+    args: [sleep, "600"]
+    readinessProbe: {{exec: {{command: [tool, sleep, "5"]}}, timeoutSeconds: 1, periodSeconds: 2}}
+  volumes:
+  - name: state
+    hostPath: {{path: {dir:?}}}
+"#
+    ));
+    let limit = Duration::from_secs(40);
+    run.wait_for("an exec probe timing out", limit, |l| {
+        l.contains("pod/slow/timer") && l.contains("Readiness probe failed: command \"tool sleep 5\" timed out")
+    });
+    // Several startup failures, and liveness (which would fail at once) has not run.
+    run.wait_for("startup probe failures", limit, |l| l.contains("Startup probe failed:"));
+    run.wait_for("more startup probe failures", limit, |l| l.contains("Startup probe failed:"));
+    assert!(!run.output().contains("Liveness probe failed"), "{}", run.output());
+    std::fs::write(state.path().join("started"), "yes").unwrap();
+    run.wait_status("slow", limit, |_, _, r| r == 1);
+    let out = run.output();
+    assert!(out.contains("Container app failed liveness probe, will be restarted"), "{out}");
+    run.interrupt();
+    assert_eq!(run.finish(limit), 0, "{}", run.output());
+}
+
+#[test]
+fn active_deadline_fails_the_pod() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: late}
+spec:
+  activeDeadlineSeconds: 2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: app, image: "tool:1", args: [sleep, "600"]}
+"#,
+    );
+    assert_eq!(run.finish(Duration::from_secs(30)), 1, "{}", run.output());
+    let out = run.output();
+    assert!(
+        out.contains("DeadlineExceeded")
+            && out.contains("Pod was active on the node longer than the specified deadline"),
+        "{out}"
+    );
+}

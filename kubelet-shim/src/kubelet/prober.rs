@@ -137,7 +137,7 @@ pub async fn exec(cri: &Cri, target: &Target, action: &ExecAction, c: &Container
             }
         }
         Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
-            (Outcome::Failure, format!("command {cmd:?} timed out after {}s", timeout.as_secs()))
+            (Outcome::Failure, format!("command \"{}\" timed out", cmd.join(" ")))
         }
         Err(s) => (Outcome::Unknown, s.message().to_string()),
     }
