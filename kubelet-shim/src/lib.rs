@@ -3,3 +3,4 @@
 
 pub mod kubelet;
 pub mod run;
+pub mod static_pods;

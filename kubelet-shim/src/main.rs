@@ -54,6 +54,17 @@ enum Command {
         #[arg(long, env = "WASMLET_ROOT")]
         root: Option<PathBuf>,
     },
+    /// Run as a node. For now: the static pods of a manifest directory, followed as it changes
+    /// (joining a cluster comes next).
+    Node {
+        /// Directory of static pod manifests.
+        #[arg(long)]
+        pod_manifest_path: PathBuf,
+        #[arg(long, env = "WASMLET_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
     /// Print the logs of a pod's container run by `wasmlet run`.
     Logs {
         pod: String,
@@ -248,7 +259,9 @@ fn default_root() -> PathBuf {
 fn init_tracing(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASMLET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -268,11 +281,11 @@ fn run() -> Result<()> {
     // One TLS crypto provider for the whole process (registry clients).
     let _ = rustls::crypto::ring::default_provider().install_default();
     // A server logs what it does; the client commands speak only when something is wrong.
-    let default_level = if matches!(cli.command, Command::Cri { .. }) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Cri { .. } | Command::Node { .. }) { "info" } else { "warn" };
     init_tracing(cli.log_format, default_level);
     // The real user, before a user namespace maps it to 0: it names the scratch directory.
     let uid = rustix::process::geteuid().as_raw();
-    if let Command::Cri { config, .. } | Command::Run { config, .. } = &cli.command {
+    if let Command::Cri { config, .. } | Command::Run { config, .. } | Command::Node { config, .. } = &cli.command {
         let file = load_config(config.as_deref())?;
         let not_root = !rustix::process::geteuid().is_root();
         if file.network.mode == wasmlet_runtime::net::NetworkMode::Rootless && not_root {
@@ -308,6 +321,25 @@ fn run() -> Result<()> {
             }))?;
             std::process::exit(code)
         }
+        Command::Node { pod_manifest_path, config, root } => {
+            let file = load_config(config.as_deref())?;
+            let registries = wasmlet_images::RegistryHosts { registries: file.registries };
+            let root = root.or(file.root).unwrap_or_else(default_root);
+            let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
+            let runtime =
+                wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir.clone()) };
+            rt.block_on(async move {
+                let local = wasmlet_kubelet::run::LocalNode::start(
+                    &root,
+                    &run_dir,
+                    runtime,
+                    std::sync::Arc::new(wasmlet_kubelet::static_pods::TracingRecorder),
+                    std::sync::Arc::new(wasmlet_kubelet::kubelet::worker::StaticObjects::default()),
+                )
+                .await?;
+                wasmlet_kubelet::static_pods::run(local, pod_manifest_path, shutdown_signal()).await
+            })
+        }
         Command::Logs { pod, container, follow, previous, root } => {
             let root = root.unwrap_or_else(default_root);
             rt.block_on(wasmlet_kubelet::run::logs(&root, &pod, container.as_deref(), follow, previous))
@@ -333,17 +365,19 @@ async fn serve(root: PathBuf, socket: Option<PathBuf>, options: wasmlet_runtime:
     let listener =
         wasmlet_runtime::server::bind(&socket).await.with_context(|| format!("bind {}", socket.display()))?;
     tracing::info!(root = %root.display(), socket = %socket.display(), "serving CRI v1");
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        tracing::info!("shutting down");
-    };
-    wasmlet_runtime::server::serve(runtime, listener, shutdown).await?;
+    wasmlet_runtime::server::serve(runtime, listener, shutdown_signal()).await?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+    tracing::info!("shutting down");
 }
 
 /// A .wasm file's bytes, or a .wat file's compiled.

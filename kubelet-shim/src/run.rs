@@ -96,7 +96,7 @@ pub fn load(files: &[PathBuf]) -> Result<Manifests> {
 }
 
 /// Decodes strictly, as the API server does: unknown fields are an error.
-fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value, kind: &str) -> Result<T> {
+pub fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value, kind: &str) -> Result<T> {
     let name = value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
     let obj: T = serde_json::from_value(value.clone())
         .map_err(|e| anyhow::anyhow!("{kind} \"{name}\" in version \"v1\" cannot be handled as a {kind}: {e}"))?;
@@ -114,7 +114,7 @@ fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(value: &Value, kind
 }
 
 /// A random UID in the API server's format.
-fn new_uid() -> String {
+pub fn new_uid() -> String {
     let b: [u8; 16] = rand::random();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
@@ -238,38 +238,16 @@ pub struct RunOptions {
 /// succeeded or was stopped by the user, 1 when one failed).
 pub async fn run(o: RunOptions) -> Result<i32> {
     let manifests = load(&o.files)?;
-    let runtime = {
-        let root = o.root.clone();
-        let options = o.runtime;
-        tokio::task::spawn_blocking(move || wasmlet_runtime::Runtime::open_with(root, options)).await??
-    };
-    std::fs::create_dir_all(&o.run_dir).with_context(|| format!("create {}", o.run_dir.display()))?;
-    let socket = o.run_dir.join(format!("run-{}.sock", std::process::id()));
-    let listener =
-        wasmlet_runtime::server::bind(&socket).await.with_context(|| format!("bind {}", socket.display()))?;
-    let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(wasmlet_runtime::server::serve(runtime, listener, async {
-        let _ = stopped.await;
-    }));
-    let channel = cri_proto::connect_unix(&socket).await.context("connect to the in-process CRI server")?;
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
-    let node = Arc::new(Node {
-        cri: Cri::new(channel),
-        root: o.root.join("kubelet"),
-        node_name: node_name.clone(),
-        host_ip: "127.0.0.1".into(),
-        events: Arc::new(Printer),
-        objects: Arc::new(StaticObjects { config_maps: manifests.config_maps, secrets: manifests.secrets }),
-        dns: NodeDns {
-            cluster_dns: Vec::new(),
-            cluster_domain: "cluster.local".into(),
-            host: parse_resolv_conf(&host_resolv),
-        },
-        allocatable_cpu: Quantity::from_units(std::thread::available_parallelism().map_or(1, |n| n.get()) as i128),
-        allocatable_memory: Quantity::from_units(memory_total() as i128),
-        runtime_events: tokio::sync::broadcast::channel(1024).0,
-    });
+    let local = LocalNode::start(
+        &o.root,
+        &o.run_dir,
+        o.runtime,
+        Arc::new(Printer),
+        Arc::new(StaticObjects { config_maps: manifests.config_maps, secrets: manifests.secrets }),
+    )
+    .await?;
+    let node = local.node.clone();
+    let node_name = node.node_name.clone();
     let events = node.watch_runtime_events();
     println!("{:<23} {:<7} {:<26} {:<9} AGE", "NAME", "READY", "STATUS", "RESTARTS");
     let started = SystemTime::now();
@@ -335,10 +313,67 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         }
     }
     events.abort();
-    let _ = stop_server.send(());
-    let _ = server.await;
-    let _ = std::fs::remove_file(&socket);
+    local.stop().await;
     Ok(if failed && !interrupted { 1 } else { 0 })
+}
+
+/// A runtime serving CRI on a socket of its own inside this process, and the node context
+/// of the pod workers that drive it through that socket.
+pub struct LocalNode {
+    pub node: Arc<Node>,
+    socket: PathBuf,
+    stop_server: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl LocalNode {
+    pub async fn start(
+        root: &Path,
+        run_dir: &Path,
+        options: wasmlet_runtime::RuntimeOptions,
+        events: Arc<dyn Recorder>,
+        objects: Arc<dyn worker::Objects>,
+    ) -> Result<LocalNode> {
+        let runtime = {
+            let root = root.to_path_buf();
+            tokio::task::spawn_blocking(move || wasmlet_runtime::Runtime::open_with(root, options)).await??
+        };
+        std::fs::create_dir_all(run_dir).with_context(|| format!("create {}", run_dir.display()))?;
+        let socket = run_dir.join(format!("kubelet-{}.sock", std::process::id()));
+        let listener =
+            wasmlet_runtime::server::bind(&socket).await.with_context(|| format!("bind {}", socket.display()))?;
+        let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(wasmlet_runtime::server::serve(runtime, listener, async {
+            let _ = stopped.await;
+        }));
+        let channel = cri_proto::connect_unix(&socket).await.context("connect to the in-process CRI server")?;
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+        let node = Arc::new(Node {
+            cri: Cri::new(channel),
+            root: root.join("kubelet"),
+            node_name,
+            host_ip: "127.0.0.1".into(),
+            events,
+            objects,
+            dns: NodeDns {
+                cluster_dns: Vec::new(),
+                cluster_domain: "cluster.local".into(),
+                host: parse_resolv_conf(&host_resolv),
+            },
+            allocatable_cpu: Quantity::from_units(std::thread::available_parallelism().map_or(1, |n| n.get()) as i128),
+            allocatable_memory: Quantity::from_units(memory_total() as i128),
+            runtime_events: tokio::sync::broadcast::channel(1024).0,
+        });
+        Ok(LocalNode { node, socket, stop_server, server })
+    }
+
+    /// Stops the CRI server and removes its socket.
+    pub async fn stop(self) {
+        let _ = self.stop_server.send(());
+        let _ = self.server.await;
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
 
 fn memory_total() -> u64 {

@@ -46,9 +46,18 @@ fn rand_suffix() -> String {
 impl Run {
     fn start(manifest: &str) -> Run {
         let (dir, root, file, config) = setup(manifest);
+        Run::spawn(dir, root, config, &["run".into(), file.display().to_string()])
+    }
+
+    /// `wasmlet node --pod-manifest-path MANIFESTS`.
+    fn node(manifests: &std::path::Path) -> Run {
+        let (dir, root, _, config) = setup("");
+        Run::spawn(dir, root, config, &["node".into(), "--pod-manifest-path".into(), manifests.display().to_string()])
+    }
+
+    fn spawn(dir: tempfile::TempDir, root: PathBuf, config: PathBuf, args: &[String]) -> Run {
         let mut child = Command::new(wasmlet_bin())
-            .arg("run")
-            .arg(&file)
+            .args(args)
             .arg("--config")
             .arg(&config)
             .arg("--root")
@@ -561,4 +570,63 @@ spec:
             && out.contains("Pod was active on the node longer than the specified deadline"),
         "{out}"
     );
+}
+
+#[test]
+fn static_pods_follow_their_directory() {
+    let manifests = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let file = manifests.path().join("web.yaml");
+    let manifest = |version: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: web}}
+spec:
+  terminationGracePeriodSeconds: 3
+  containers:
+  - name: app
+    image: "tool:1"
+    args: [sleep, "600"]
+    env: [{{name: VERSION, value: "{version}"}}]
+    volumeMounts: [{{name: state, mountPath: /state}}]
+    lifecycle:
+      preStop: {{exec: {{command: [tool, write, "/state/stopped-{version}", "yes"]}}}}
+  volumes:
+  - name: state
+    hostPath: {{path: {:?}}}
+"#,
+            state.path().display().to_string()
+        )
+    };
+    std::fs::write(&file, manifest("1")).unwrap();
+    let mut node = Run::node(manifests.path());
+    let limit = Duration::from_secs(40);
+    let running = |l: &str| l.contains("pod status") && l.contains("status=Running");
+    node.wait_for("the pod added", limit, |l| l.contains("static pod added") && l.contains("pod=web-"));
+    node.wait_for("the pod running", limit, running);
+    // A change is a new pod: the old one stops gracefully (its preStop runs) and the new one
+    // starts.
+    std::fs::write(&file, manifest("2")).unwrap();
+    node.wait_for("the change", limit, |l| l.contains("static pod removed or changed"));
+    node.wait_for("the new pod added", limit, |l| l.contains("static pod added"));
+    node.wait_for("the old pod gone", limit, |l| l.contains("static pod terminated"));
+    assert!(state.path().join("stopped-1").exists(), "the old pod's preStop ran:\n{}", node.output());
+    // A broken manifest is refused, naming the field; the rest keeps running.
+    std::fs::write(
+        manifests.path().join("bad.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec:\n  containers: [{name: x}]\n",
+    )
+    .unwrap();
+    node.wait_for("the refusal", limit, |l| {
+        l.contains("static pod manifest refused") && l.contains("spec.containers[0].image: Required value")
+    });
+    // Removing the file terminates the pod.
+    std::fs::remove_file(&file).unwrap();
+    node.wait_for("the removal", limit, |l| l.contains("static pod terminated"));
+    assert!(state.path().join("stopped-2").exists(), "{}", node.output());
+    let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert_eq!(node.finish(limit), 0, "{}", node.output());
 }
