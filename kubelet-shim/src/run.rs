@@ -365,7 +365,22 @@ impl LocalNode {
             allocatable_memory: Quantity::from_units(memory_total() as i128),
             runtime_events: tokio::sync::broadcast::channel(1024).0,
         });
-        Ok(LocalNode { node, socket, stop_server, server })
+        let local = LocalNode { node, socket, stop_server, server };
+        local.collect_leftovers().await;
+        Ok(local)
+    }
+
+    /// Removes the pods a previous run left behind (killed before it could clean up): the
+    /// runtime is this process's alone, so every pod sandbox in it is a leftover.
+    async fn collect_leftovers(&self) {
+        let mut rt = self.node.cri.rt.clone();
+        let Ok(list) = rt.list_pod_sandbox(cri_proto::v1::ListPodSandboxRequest { filter: None }).await else { return };
+        for s in list.into_inner().items {
+            let name = s.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+            tracing::info!(sandbox = %s.id, pod = %name, "removing a pod left by an earlier run");
+            let _ = self.node.cri.stop_sandbox(&s.id).await;
+            let _ = self.node.cri.remove_sandbox(&s.id).await;
+        }
     }
 
     /// Stops the CRI server and removes its socket.
