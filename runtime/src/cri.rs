@@ -367,11 +367,12 @@ fn matches_labels(selector: &HashMap<String, String>, labels: &Labels) -> bool {
 fn filter_sandboxes(rt: &Runtime, f: Option<cri::PodSandboxFilter>) -> Vec<cri::PodSandbox> {
     let f = f.unwrap_or_default();
     let mut out: Vec<_> = rt
-        .sandboxes()
+        .sandboxes_where(|s| {
+            (f.id.is_empty() || s.id.starts_with(&f.id))
+                && f.state.as_ref().is_none_or(|st| st.state == sandbox_state(s.state))
+                && matches_labels(&f.label_selector, &s.spec.labels)
+        })
         .iter()
-        .filter(|s| f.id.is_empty() || s.id.starts_with(&f.id))
-        .filter(|s| f.state.as_ref().is_none_or(|st| st.state == sandbox_state(s.state)))
-        .filter(|s| matches_labels(&f.label_selector, &s.spec.labels))
         .map(to_pod_sandbox)
         .collect();
     out.sort_by_key(|s| s.created_at);
@@ -381,12 +382,13 @@ fn filter_sandboxes(rt: &Runtime, f: Option<cri::PodSandboxFilter>) -> Vec<cri::
 fn filter_containers(rt: &Runtime, f: Option<cri::ContainerFilter>) -> Vec<cri::Container> {
     let f = f.unwrap_or_default();
     let mut out: Vec<_> = rt
-        .containers()
+        .containers_where(|c| {
+            (f.id.is_empty() || c.id.starts_with(&f.id))
+                && (f.pod_sandbox_id.is_empty() || c.sandbox_id.starts_with(&f.pod_sandbox_id))
+                && f.state.as_ref().is_none_or(|st| st.state == container_state(c.state))
+                && matches_labels(&f.label_selector, &c.spec.labels)
+        })
         .iter()
-        .filter(|c| f.id.is_empty() || c.id.starts_with(&f.id))
-        .filter(|c| f.pod_sandbox_id.is_empty() || c.sandbox_id.starts_with(&f.pod_sandbox_id))
-        .filter(|c| f.state.as_ref().is_none_or(|st| st.state == container_state(c.state)))
-        .filter(|c| matches_labels(&f.label_selector, &c.spec.labels))
         .map(to_container)
         .collect();
     out.sort_by_key(|c| c.created_at);
@@ -435,7 +437,7 @@ fn container_stats(rt: &Runtime, r: &ContainerRecord) -> Result<cri::ContainerSt
 
 fn sandbox_stats(rt: &Runtime, s: &SandboxRecord) -> Result<cri::PodSandboxStats> {
     let mut containers = Vec::new();
-    for c in rt.containers().iter().filter(|c| c.sandbox_id == s.id) {
+    for c in rt.containers_where(|c| c.sandbox_id == s.id).iter() {
         containers.push(container_stats(rt, c)?);
     }
     let ts = now_nanos();
@@ -835,7 +837,7 @@ impl RuntimeService for CriServer {
                     EventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
                 };
                 let statuses =
-                    rt.containers().iter().filter(|c| c.sandbox_id == ev.sandbox_id).map(to_container_status).collect();
+                    rt.containers_where(|c| c.sandbox_id == ev.sandbox_id).iter().map(to_container_status).collect();
                 let msg = cri::ContainerEventResponse {
                     container_id: ev.container_id,
                     container_event_type: kind as i32,

@@ -681,7 +681,13 @@ impl Runtime {
 
     /// Every sandbox.
     pub fn sandboxes(&self) -> Vec<SandboxRecord> {
-        self.state().sandboxes.values().cloned().collect()
+        self.sandboxes_where(|_| true)
+    }
+
+    /// The sandboxes `keep` accepts, filtered before they are copied: a kubelet lists one
+    /// pod's sandboxes among thousands, many times a second.
+    pub fn sandboxes_where(&self, keep: impl Fn(&SandboxRecord) -> bool) -> Vec<SandboxRecord> {
+        self.state().sandboxes.values().filter(|s| keep(s)).cloned().collect()
     }
 
     /// The pod CIDR the kubelet last gave (UpdateRuntimeConfig).
@@ -966,7 +972,12 @@ impl Runtime {
 
     /// Every container.
     pub fn containers(&self) -> Vec<ContainerRecord> {
-        self.state().containers.values().map(|e| e.record.clone()).collect()
+        self.containers_where(|_| true)
+    }
+
+    /// The containers `keep` accepts, filtered before they are copied.
+    pub fn containers_where(&self, keep: impl Fn(&ContainerRecord) -> bool) -> Vec<ContainerRecord> {
+        self.state().containers.values().filter(|e| keep(&e.record)).map(|e| e.record.clone()).collect()
     }
 
     /// Resource use of a container now.

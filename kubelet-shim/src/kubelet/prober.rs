@@ -55,13 +55,7 @@ pub async fn connect(
                 tokio::net::TcpSocket::new_v6()?
             }
         }
-        Some(path) => {
-            let path = path.to_string();
-            let v4 = addr.is_ipv4();
-            let std =
-                tokio::task::spawn_blocking(move || socket_in(&path, v4)).await.map_err(std::io::Error::other)??;
-            tokio::net::TcpSocket::from_std_stream(std)
-        }
+        Some(path) => tokio::net::TcpSocket::from_std_stream(dial_thread(path.to_string(), addr.is_ipv4()).await?),
     };
     let made = match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(r) => r,
@@ -70,25 +64,51 @@ pub async fn connect(
     made.map_err(|e| std::io::Error::new(e.kind(), dial_error(addr, &e)))
 }
 
-/// A TCP socket created inside a network namespace; the thread goes back to its own after.
-fn socket_in(netns: &str, v4: bool) -> std::io::Result<std::net::TcpStream> {
+type DialRequest = (String, bool, tokio::sync::oneshot::Sender<std::io::Result<std::net::TcpStream>>);
+
+/// Sockets inside pods' namespaces come from one thread of its own, which moves from pod to
+/// pod (it never runs anything else, so it need not go back): one `setns` per socket, no
+/// hand-off to the blocking pool, for thousands of probes a second.
+async fn dial_thread(netns: String, v4: bool) -> std::io::Result<std::net::TcpStream> {
+    static DIALER: std::sync::OnceLock<std::sync::mpsc::Sender<DialRequest>> = std::sync::OnceLock::new();
+    let tx = DIALER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<DialRequest>();
+        let spawned = std::thread::Builder::new().name("netns-dialer".into()).spawn(move || {
+            let mut current = 0u64;
+            for (path, v4, reply) in rx {
+                let _ = reply.send(socket_in(&path, v4, &mut current));
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "start the netns dialer thread");
+        }
+        tx
+    });
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send((netns, v4, reply)).map_err(|_| std::io::Error::other("the netns dialer thread is gone"))?;
+    answer.await.map_err(|_| std::io::Error::other("the netns dialer thread is gone"))?
+}
+
+/// A TCP socket created inside the namespace at `netns`, from the dialer thread, which is in
+/// the namespace with inode `current` (0: its own) and stays where it moves.
+fn socket_in(netns: &str, v4: bool, current: &mut u64) -> std::io::Result<std::net::TcpStream> {
     use rustix::fs::{Mode, OFlags, open};
     use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
     use std::os::fd::AsFd;
-    let home = open("/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
     let pod = open(netns, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    move_into_link_name_space(pod.as_fd(), Some(LinkNameSpaceType::Network))?;
+    let ino = rustix::fs::fstat(&pod)?.st_ino;
+    if ino != *current {
+        move_into_link_name_space(pod.as_fd(), Some(LinkNameSpaceType::Network))?;
+        *current = ino;
+    }
     let family = if v4 { rustix::net::AddressFamily::INET } else { rustix::net::AddressFamily::INET6 };
     let made = rustix::net::socket_with(
         family,
         rustix::net::SocketType::STREAM,
         rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
         None,
-    );
-    // Back home before anything else: this is a shared blocking-pool thread.
-    move_into_link_name_space(home.as_fd(), Some(LinkNameSpaceType::Network))
-        .map_err(|e| std::io::Error::other(format!("return to the host network namespace: {e}")))?;
-    Ok(std::net::TcpStream::from(made?))
+    )?;
+    Ok(std::net::TcpStream::from(made))
 }
 
 /// A probe or handler port: a number, or a name among the container's ports.

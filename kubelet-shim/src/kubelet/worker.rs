@@ -250,6 +250,7 @@ impl Worker {
                 return;
             }
             let mut plan = Plan::default();
+            let mut acted = false;
             if !self.terminal {
                 if self.deadline_passed() {
                     self.deadline = true;
@@ -260,10 +261,12 @@ impl Worker {
                         "Pod was active on the node longer than the specified deadline".into(),
                     );
                     self.terminate(&observed, self.grace(), false).await;
+                    acted = true;
                 } else {
                     let now = SystemTime::now();
                     let probes = lock(&self.probes).clone();
                     plan = actions::compute(&self.pod, &observed, &probes, &mut self.backoff, now);
+                    acted = plan != Plan::default();
                     if plan.init_failed || (plan.kill_pod && !plan.create_sandbox) {
                         self.terminate(&observed, self.grace(), false).await;
                     } else {
@@ -271,7 +274,8 @@ impl Worker {
                     }
                 }
             }
-            let observed = self.node.cri.observe(&self.uid).await.unwrap_or(observed);
+            // Look again only if something was done: a steady pod costs one look per sync.
+            let observed = if acted { self.node.cri.observe(&self.uid).await.unwrap_or(observed) } else { observed };
             self.update_views(&observed);
             self.publish(&observed);
             // Sleep until something happens: an update, a probe result, a runtime event for
