@@ -92,7 +92,13 @@ impl Cri {
                 Err(e) => return Err(e),
             };
             let Some(s) = status else { continue };
-            instances.push(instance(&s));
+            let mut i = instance(&s);
+            if i.exited()
+                && let Some(m) = termination_message(&s)
+            {
+                i.message = if i.message.is_empty() { m } else { format!("{}: {m}", i.message) };
+            }
+            instances.push(i);
         }
         Ok(Observed { sandbox, instances })
     }
@@ -162,6 +168,11 @@ impl Cri {
         Ok(())
     }
 
+    pub async fn remove_container(&self, id: &str) -> Result<(), tonic::Status> {
+        self.rt.clone().remove_container(cri::RemoveContainerRequest { container_id: id.to_string() }).await?;
+        Ok(())
+    }
+
     pub async fn stop_sandbox(&self, id: &str) -> Result<(), tonic::Status> {
         self.rt.clone().stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await?;
         Ok(())
@@ -171,6 +182,52 @@ impl Cri {
         self.rt.clone().remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await?;
         Ok(())
     }
+}
+
+/// The most of a termination message file read, and of the log fallback.
+const MAX_MESSAGE: usize = 4096;
+const MAX_LOG_MESSAGE: usize = 2048;
+const MAX_LOG_LINES: usize = 80;
+
+/// An exited container's termination message, as the kubelet finds it: the file mounted at
+/// its terminationMessagePath (at most 4096 bytes); with FallbackToLogsOnError and a non-zero
+/// exit, an empty or missing file gives the end of its log instead (80 lines, 2048 bytes).
+pub fn termination_message(s: &cri::ContainerStatus) -> Option<String> {
+    let path = s.annotations.get(TERMINATION_MESSAGE_PATH)?;
+    let fallback = s.exit_code != 0
+        && s.annotations.get("io.kubernetes.container.terminationMessagePolicy").map(String::as_str)
+            == Some("FallbackToLogsOnError");
+    let file = s.mounts.iter().find(|m| &m.container_path == path).map(|m| m.host_path.clone());
+    let written = file.and_then(|f| std::fs::read(f).ok()).unwrap_or_default();
+    if !written.is_empty() {
+        let end = written.len().min(MAX_MESSAGE);
+        return Some(String::from_utf8_lossy(&written[..end]).into_owned());
+    }
+    if !fallback {
+        return None;
+    }
+    let log = std::fs::read_to_string(&s.log_path).ok()?;
+    // CRI records: "<time> <stream> <P|F> <text>"; partial records continue the line.
+    let mut lines: Vec<String> = Vec::new();
+    let mut partial = String::new();
+    for record in log.lines() {
+        let mut f = record.splitn(4, ' ');
+        let (tag, text) = (f.nth(2), f.next().unwrap_or(""));
+        partial.push_str(text);
+        if tag != Some("P") {
+            lines.push(std::mem::take(&mut partial));
+        }
+    }
+    let start = lines.len().saturating_sub(MAX_LOG_LINES);
+    let mut text = lines[start..].join("\n");
+    if text.len() > MAX_LOG_MESSAGE {
+        let mut cut = text.len() - MAX_LOG_MESSAGE;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text = text[cut..].to_string();
+    }
+    (!text.is_empty()).then_some(text)
 }
 
 /// A CRI container status as an [`Instance`].
@@ -195,5 +252,53 @@ pub fn instance(s: &cri::ContainerStatus) -> Instance {
         image: s.image.as_ref().map(|i| i.image.clone()).unwrap_or_default(),
         image_ref: s.image_ref.clone(),
         hash: s.annotations.get(CONTAINER_HASH).cloned().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(dir: &std::path::Path, code: i32, policy: &str, file: &str, log: &str) -> cri::ContainerStatus {
+        let msg = dir.join("msg");
+        std::fs::write(&msg, file).unwrap();
+        let log_path = dir.join("0.log");
+        std::fs::write(&log_path, log).unwrap();
+        cri::ContainerStatus {
+            exit_code: code,
+            log_path: log_path.display().to_string(),
+            mounts: vec![cri::Mount {
+                container_path: "/dev/termination-log".into(),
+                host_path: msg.display().to_string(),
+                ..Default::default()
+            }],
+            annotations: [
+                (TERMINATION_MESSAGE_PATH.to_string(), "/dev/termination-log".to_string()),
+                ("io.kubernetes.container.terminationMessagePolicy".to_string(), policy.to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn termination_messages_from_the_file_or_the_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = "2026-11-27T00:00:00Z stdout P par\n2026-11-27T00:00:00Z stdout F tial\n2026-11-27T00:00:01Z stderr F boom\n";
+        let s = status(tmp.path(), 1, "File", "bye", log);
+        assert_eq!(termination_message(&s).as_deref(), Some("bye"));
+        let s = status(tmp.path(), 1, "File", "", log);
+        assert_eq!(termination_message(&s), None, "File policy: no fallback");
+        let s = status(tmp.path(), 1, "FallbackToLogsOnError", "", log);
+        assert_eq!(termination_message(&s).as_deref(), Some("partial\nboom"));
+        let s = status(tmp.path(), 0, "FallbackToLogsOnError", "", log);
+        assert_eq!(termination_message(&s), None, "no fallback on success");
+        let big = "x".repeat(5000);
+        let s = status(tmp.path(), 0, "File", &big, log);
+        assert_eq!(termination_message(&s).unwrap().len(), 4096);
+        let many: String = (0..100).map(|i| format!("2026-11-27T00:00:00Z stdout F line {i}\n")).collect();
+        let s = status(tmp.path(), 2, "FallbackToLogsOnError", "", &many);
+        let m = termination_message(&s).unwrap();
+        assert!(m.starts_with("line 20\n") && m.ends_with("line 99"), "the last 80 lines: {m}");
     }
 }

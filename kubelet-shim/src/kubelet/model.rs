@@ -78,6 +78,21 @@ impl Observed {
     }
 }
 
+/// Exited instances older than the newest `keep` of their container (what container GC
+/// removes).
+pub fn dead_beyond(observed: &Observed, keep: usize) -> Vec<&Instance> {
+    let mut by_name: HashMap<&str, Vec<&Instance>> = HashMap::new();
+    for i in &observed.instances {
+        by_name.entry(i.name.as_str()).or_default().push(i);
+    }
+    let mut out = Vec::new();
+    for (_, mut list) in by_name {
+        list.sort_by_key(|i| std::cmp::Reverse((i.created_at, i.restart_count)));
+        out.extend(list.into_iter().skip(keep).filter(|i| i.exited()));
+    }
+    out
+}
+
 /// A start failure remembered for the status (the kubelet's reason cache).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncError {
@@ -175,4 +190,28 @@ pub fn container_hash(c: &Container) -> String {
     let json = serde_json::to_vec(c).unwrap_or_default();
     let h = json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
     format!("{:08x}", h as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubelet::testutil::*;
+
+    #[test]
+    fn container_gc_keeps_the_newest_two_of_each_container() {
+        let (a, b) = (container("a"), container("b"));
+        let obs = observed(vec![
+            inst(&a, 0, State::Exited, 1, 0),
+            inst(&a, 1, State::Exited, 1, 10),
+            inst(&a, 2, State::Exited, 1, 20),
+            inst(&a, 3, State::Running, 0, 30),
+            inst(&b, 0, State::Exited, 0, 0),
+            inst(&b, 1, State::Running, 0, 5),
+        ]);
+        let mut gone: Vec<&str> = dead_beyond(&obs, 2).iter().map(|i| i.id.as_str()).collect();
+        gone.sort();
+        assert_eq!(gone, ["a-0", "a-1"]);
+        assert_eq!(obs.latest("a").unwrap().id, "a-3");
+        assert_eq!(obs.previous("a").unwrap().id, "a-2");
+    }
 }

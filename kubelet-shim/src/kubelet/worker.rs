@@ -397,6 +397,9 @@ impl Worker {
                 );
             }
         }
+        if !plan.starts.is_empty() {
+            self.collect_dead(observed).await;
+        }
         for s in &plan.starts {
             match self.start(s).await {
                 Ok(()) => {
@@ -405,6 +408,16 @@ impl Worker {
                 Err(e) => {
                     self.sync_errors.insert(s.name.clone(), e);
                 }
+            }
+        }
+    }
+
+    /// Removes dead instances beyond the newest two of each container (the kubelet's container
+    /// GC): a crash-looping container would otherwise pile up records and logs.
+    async fn collect_dead(&self, observed: &Observed) {
+        for old in model::dead_beyond(observed, 2) {
+            if let Err(e) = self.node.cri.remove_container(&old.id).await {
+                tracing::debug!(pod = %self.name(), container = %old.name, error = %e, "remove a dead instance");
             }
         }
     }
