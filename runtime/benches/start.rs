@@ -33,6 +33,7 @@ fn engine_run(c: &mut Criterion) {
                 net: GuestNet::None,
                 dns: None,
                 stop: None,
+                http_listener: None,
             };
             rt.block_on(engine.run(&program, spec, Arc::new(GuestMeter::default())))
         })

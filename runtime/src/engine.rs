@@ -99,6 +99,9 @@ pub struct GuestSpec {
     pub dns: Option<Arc<PodDns>>,
     /// Becomes true when a stop is requested (wasi:http servers drain and end).
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// A wasi:http server's listener, bound in the pod's namespace before StartContainer
+    /// answers (so a started server accepts at once, and a taken port fails the start).
+    pub http_listener: Option<Arc<std::net::TcpListener>>,
 }
 
 /// Counters a running guest updates, read by the stats RPCs; the memory limit may be changed
@@ -557,6 +560,7 @@ mod tests {
             net: GuestNet::None,
             dns: None,
             stop: None,
+            http_listener: None,
         }
     }
 

@@ -29,6 +29,20 @@ struct Server {
     meter: Arc<GuestMeter>,
 }
 
+/// Binds a handler's listener (0.0.0.0 on its port) where the guest's sockets live: in the
+/// pod's namespace, or the host's. None when the guest has no network (it binds when served).
+pub fn bind(spec: &GuestSpec) -> crate::Result<Option<Arc<std::net::TcpListener>>> {
+    let port = port(spec, 8080);
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    let fail = |e: std::io::Error| crate::Error::FailedPrecondition(format!("wasi:http: listen on {addr}: {e}"));
+    let listener = match &spec.net {
+        crate::engine::GuestNet::Pod(ns) => ns.run_inside(move || std::net::TcpListener::bind(addr)).map_err(fail)?,
+        crate::engine::GuestNet::Host => std::net::TcpListener::bind(addr).map_err(fail)?,
+        crate::engine::GuestNet::None => return Ok(None),
+    };
+    Ok(Some(Arc::new(listener)))
+}
+
 /// Serves until a stop is requested (then stops accepting, lets the requests in flight finish
 /// and returns Ok), dropped (a kill), or the listener fails (Err).
 pub async fn serve(
@@ -38,10 +52,16 @@ pub async fn serve(
     meter: Arc<GuestMeter>,
     port: u16,
 ) -> Result<(), String> {
-    // Polled inside the pod's namespace: the listener is the pod's.
+    // Bound at StartContainer in the pod's namespace; else bound here, polled inside it.
     let addr = SocketAddr::from(([0, 0, 0, 0], port));
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("wasi:http: listen on {addr}: {e}"))?;
+    let listener = match &spec.http_listener {
+        Some(l) => {
+            let l = l.try_clone().map_err(|e| format!("wasi:http: listener on {addr}: {e}"))?;
+            l.set_nonblocking(true).map_err(|e| format!("wasi:http: listener on {addr}: {e}"))?;
+            tokio::net::TcpListener::from_std(l).map_err(|e| format!("wasi:http: listener on {addr}: {e}"))?
+        }
+        None => tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("wasi:http: listen on {addr}: {e}"))?,
+    };
     tracing::info!(%addr, "serving wasi:http");
     let mut stop = spec.stop.clone().unwrap_or_else(|| tokio::sync::watch::channel(false).1);
     let server = Arc::new(Server { engine, pre, spec, meter });

@@ -809,7 +809,13 @@ impl Runtime {
         };
         let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
         entry.record.start(now_nanos())?;
-        let prepared = net.and_then(|net| self.prepare_start(entry, &hostname, net));
+        let prepared =
+            net.and_then(|net| self.prepare_start(entry, &hostname, net)).and_then(|(program, mut spec, log)| {
+                if matches!(program, Program::Http(_)) {
+                    spec.http_listener = crate::http::bind(&spec)?;
+                }
+                Ok((program, spec, log))
+            });
         let (program, spec, log) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -1249,7 +1255,7 @@ fn guest_spec(
         dns.netns = dns_route.1.clone();
         Arc::new(dns)
     });
-    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns, stop: None })
+    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns, stop: None, http_listener: None })
 }
 
 /// A mount with its host path resolved.

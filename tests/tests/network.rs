@@ -296,6 +296,16 @@ async fn a_wasi_http_component_serves_the_pod_port() {
     let c = start(&mut rt, &sb, &cfg, net_config("client", &["connect", "localhost", "8080", get])).await;
     let lines = stdout_of(&mut rt, &c).await;
     assert!(lines.first().is_some_and(|l| l.starts_with("HTTP/1.0 200 OK")), "{lines:?}");
+    // A second handler on the same port of the same pod: StartContainer fails and says why
+    // (the listener is bound before StartContainer answers).
+    let mut twin = container_config("twin", "http", &[]);
+    twin.command.clear();
+    let twin = create(&mut rt, &sb, &cfg, twin).await.unwrap();
+    let e = rt.start_container(cri::StartContainerRequest { container_id: twin.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("listen on 0.0.0.0:8080"), "{}", e.message());
+    let s = status(&mut rt, &twin).await.unwrap();
+    assert_eq!((s.exit_code, s.reason.as_str()), (128, "StartError"));
     // Many requests, each its own instance.
     for i in 0..20 {
         let a = addr.clone();
