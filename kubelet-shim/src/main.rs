@@ -299,20 +299,12 @@ fn run() -> Result<()> {
     match cli.command {
         Command::Cri { config, root, socket, insecure_registries } => {
             let file = load_config(config.as_deref())?;
-            let registries =
-                wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(&insecure_registries);
-            let root = root.or(file.root).unwrap_or_else(default_root);
-            let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
-            let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir) };
-            rt.block_on(serve(root, socket.or(file.socket), options))
+            let socket = socket.or(file.socket.clone());
+            let (root, _, options) = runtime_setup(file, root, uid, &insecure_registries);
+            rt.block_on(serve(root, socket, options))
         }
         Command::Run { files, config, root } => {
-            let file = load_config(config.as_deref())?;
-            let registries = wasmlet_images::RegistryHosts { registries: file.registries };
-            let root = root.or(file.root).unwrap_or_else(default_root);
-            let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
-            let runtime =
-                wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir.clone()) };
+            let (root, run_dir, runtime) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
             let code = rt.block_on(wasmlet_kubelet::run::run(wasmlet_kubelet::run::RunOptions {
                 files,
                 root,
@@ -322,12 +314,7 @@ fn run() -> Result<()> {
             std::process::exit(code)
         }
         Command::Node { pod_manifest_path, config, root } => {
-            let file = load_config(config.as_deref())?;
-            let registries = wasmlet_images::RegistryHosts { registries: file.registries };
-            let root = root.or(file.root).unwrap_or_else(default_root);
-            let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
-            let runtime =
-                wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir.clone()) };
+            let (root, run_dir, runtime) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
             rt.block_on(async move {
                 let local = wasmlet_kubelet::run::LocalNode::start(
                     &root,
@@ -368,6 +355,21 @@ async fn serve(root: PathBuf, socket: Option<PathBuf>, options: wasmlet_runtime:
     wasmlet_runtime::server::serve(runtime, listener, shutdown_signal()).await?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// The root, run directory and runtime options from the config file and the flags (flags win);
+/// `uid` is the real user, which names the default run directory.
+fn runtime_setup(
+    file: Config,
+    root: Option<PathBuf>,
+    uid: u32,
+    insecure_registries: &[String],
+) -> (PathBuf, PathBuf, wasmlet_runtime::RuntimeOptions) {
+    let registries = wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(insecure_registries);
+    let root = root.or(file.root).unwrap_or_else(default_root);
+    let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
+    let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir.clone()) };
+    (root, run_dir, options)
 }
 
 /// Ctrl-C or SIGTERM.

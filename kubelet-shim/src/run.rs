@@ -34,18 +34,15 @@ pub fn load(files: &[PathBuf]) -> Result<Manifests> {
     let mut problems = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
-        for (n, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let where_ = format!("{} (document {})", file.display(), n + 1);
-            let value: Value = match serde::Deserialize::deserialize(doc) {
+        for (n, value) in documents(&text) {
+            let where_ = format!("{} (document {n})", file.display());
+            let value = match value {
                 Ok(v) => v,
                 Err(e) => {
-                    problems.push(format!("{where_}: invalid YAML: {e}"));
+                    problems.push(format!("{where_}: {e}"));
                     continue;
                 }
             };
-            if value.is_null() {
-                continue;
-            }
             let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
             let api = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
             if api != "v1" {
@@ -53,16 +50,8 @@ pub fn load(files: &[PathBuf]) -> Result<Manifests> {
                 continue;
             }
             match kind.as_str() {
-                "Pod" => match decode::<Pod>(&value, "Pod") {
-                    Ok(p) => {
-                        let errors = validate::pod(&p);
-                        if errors.is_empty() {
-                            m.pods.push(p);
-                        } else {
-                            let name = p.metadata.name.clone().unwrap_or_default();
-                            problems.push(format!("{where_}: {}", validate::message("Pod", &name, &errors)));
-                        }
-                    }
+                "Pod" => match pod_from(&value) {
+                    Ok(p) => m.pods.push(p),
                     Err(e) => problems.push(format!("{where_}: {e}")),
                 },
                 "ConfigMap" => match decode::<ConfigMap>(&value, "ConfigMap") {
@@ -93,6 +82,27 @@ pub fn load(files: &[PathBuf]) -> Result<Manifests> {
         bail!("no Pod in {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
     }
     Ok(m)
+}
+
+/// The documents of a YAML text, empty ones skipped: their numbers (from 1) and their values,
+/// or why one is not YAML.
+pub fn documents(text: &str) -> Vec<(usize, std::result::Result<Value, String>)> {
+    serde_yaml::Deserializer::from_str(text)
+        .enumerate()
+        .map(|(n, doc)| (n + 1, serde::Deserialize::deserialize(doc).map_err(|e| format!("invalid YAML: {e}"))))
+        .filter(|(_, v)| !matches!(v, Ok(Value::Null)))
+        .collect()
+}
+
+/// A Pod document decoded strictly and validated; the error is worded as the API server's.
+pub fn pod_from(value: &Value) -> std::result::Result<Pod, String> {
+    let pod: Pod = decode(value, "Pod").map_err(|e| format!("{e:#}"))?;
+    let errors = validate::pod(&pod);
+    if errors.is_empty() {
+        Ok(pod)
+    } else {
+        Err(validate::message("Pod", pod.metadata.name.as_deref().unwrap_or_default(), &errors))
+    }
 }
 
 /// Decodes strictly, as the API server does: unknown fields are an error.
@@ -217,6 +227,11 @@ pub fn columns(pod: &Pod) -> (String, String, i32) {
     (format!("{ready}/{total}"), reason, restarts)
 }
 
+/// One `kubectl get pods -w` line.
+fn status_line(name: &str, (ready, status, restarts): &(String, String, i32), started: SystemTime) {
+    println!("{name:<23} {ready:<7} {status:<26} {restarts:<9} {}", age(started));
+}
+
 fn age(since: SystemTime) -> String {
     let s = since.elapsed().unwrap_or_default().as_secs();
     match s {
@@ -270,7 +285,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
             let pod = h.status.borrow().clone();
             let cols = columns(&pod);
             if last.get(name) != Some(&cols) {
-                println!("{name:<23} {:<7} {:<26} {:<9} {}", cols.0, cols.1, cols.2, age(started));
+                status_line(name, &cols, started);
                 last.insert(name.clone(), cols);
             }
             let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
@@ -305,7 +320,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                     if r.is_err() { break; }
                     let cols = columns(&h.status.borrow());
                     if last.get(&name) != Some(&cols) {
-                        println!("{name:<23} {:<7} {:<26} {:<9} {}", cols.0, cols.1, cols.2, age(started));
+                        status_line(&name, &cols, started);
                         last.insert(name.clone(), cols);
                     }
                 }

@@ -11,7 +11,6 @@ use anyhow::Result;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::kubelet::events::{Event, Kind, Recorder};
-use crate::kubelet::validate;
 use crate::kubelet::worker::{self, PodHandle, Update};
 use crate::run::LocalNode;
 
@@ -62,34 +61,25 @@ pub fn read_dir(dir: &Path, node_name: &str) -> (BTreeMap<String, Pod>, Vec<(Pat
     files.sort();
     for file in files {
         let Ok(text) = std::fs::read_to_string(&file) else { continue };
-        for (n, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value: serde_json::Value = match serde::Deserialize::deserialize(doc) {
-                Ok(v) => v,
+        for (n, value) in crate::run::documents(&text) {
+            let value = match value {
+                Ok(v) if v.get("kind").and_then(|k| k.as_str()) == Some("Pod") => v,
+                Ok(_) => {
+                    problems.push((file.clone(), format!("document {n}: static pod files hold Pods only")));
+                    continue;
+                }
                 Err(e) => {
-                    problems.push((file.clone(), format!("document {}: invalid YAML: {e}", n + 1)));
+                    problems.push((file.clone(), format!("document {n}: {e}")));
                     continue;
                 }
             };
-            if value.is_null() {
-                continue;
-            }
-            if value.get("kind").and_then(|k| k.as_str()) != Some("Pod") {
-                problems.push((file.clone(), format!("document {}: static pod files hold Pods only", n + 1)));
-                continue;
-            }
-            let mut pod: Pod = match crate::run::decode(&value, "Pod") {
+            let mut pod = match crate::run::pod_from(&value) {
                 Ok(p) => p,
                 Err(e) => {
-                    problems.push((file.clone(), format!("document {}: {e:#}", n + 1)));
+                    problems.push((file.clone(), format!("document {n}: {e}")));
                     continue;
                 }
             };
-            let errors = validate::pod(&pod);
-            if !errors.is_empty() {
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                problems.push((file.clone(), validate::message("Pod", &name, &errors)));
-                continue;
-            }
             let h = hash(&[node_name.as_bytes(), file.to_string_lossy().as_bytes(), value.to_string().as_bytes()]);
             let uid = format!("{:016x}{:016x}", h, hash(&[&h.to_le_bytes()]));
             let uid = format!("{}-{}-{}-{}-{}", &uid[..8], &uid[8..12], &uid[12..16], &uid[16..20], &uid[20..]);

@@ -82,12 +82,18 @@ fn namespace(pod: &Pod) -> &str {
     pod.metadata.namespace.as_deref().unwrap_or("default")
 }
 
-fn config_map_data(cm: &ConfigMap) -> BTreeMap<String, String> {
-    let mut data = cm.data.clone().unwrap_or_default();
+/// A ConfigMap's keys: `data` and `binaryData` (the API server keeps their keys apart).
+pub fn config_map_data(cm: &ConfigMap) -> BTreeMap<String, Vec<u8>> {
+    let mut data: BTreeMap<String, Vec<u8>> =
+        cm.data.iter().flatten().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
     for (k, v) in cm.binary_data.iter().flatten() {
-        data.entry(k.clone()).or_insert_with(|| String::from_utf8_lossy(&v.0).into_owned());
+        data.entry(k.clone()).or_insert_with(|| v.0.clone());
     }
     data
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A Secret's keys: `data`, with `stringData` merged over it as the API server does on write.
@@ -177,7 +183,7 @@ pub fn build(c: &Container, s: &EnvSources<'_>) -> Result<Vec<(String, String)>,
             match (s.config_maps)(name) {
                 Some(cm) => {
                     for (k, v) in config_map_data(&cm) {
-                        set(&mut env, format!("{prefix}{k}"), v);
+                        set(&mut env, format!("{prefix}{k}"), text(v));
                     }
                 }
                 None if r.optional == Some(true) => {}
@@ -189,7 +195,7 @@ pub fn build(c: &Container, s: &EnvSources<'_>) -> Result<Vec<(String, String)>,
             match (s.secrets)(name) {
                 Some(secret) => {
                     for (k, v) in secret_data(&secret) {
-                        set(&mut env, format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
+                        set(&mut env, format!("{prefix}{k}"), text(v));
                     }
                 }
                 None if r.optional == Some(true) => {}
@@ -239,7 +245,7 @@ fn value_of(
             return if optional { Ok(None) } else { Err(ConfigError(format!("configmap \"{}\" not found", r.name))) };
         };
         return match config_map_data(&cm).remove(&r.key) {
-            Some(v) => Ok(Some(v)),
+            Some(v) => Ok(Some(text(v))),
             None if optional => Ok(None),
             None => Err(ConfigError(format!("couldn't find key {} in ConfigMap {ns}/{}", r.key, r.name))),
         };
@@ -250,7 +256,7 @@ fn value_of(
             return if optional { Ok(None) } else { Err(ConfigError(format!("secret \"{}\" not found", r.name))) };
         };
         return match secret_data(&secret).remove(&r.key) {
-            Some(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
+            Some(v) => Ok(Some(text(v))),
             None if optional => Ok(None),
             None => Err(ConfigError(format!("couldn't find key {} in Secret {ns}/{}", r.key, r.name))),
         };

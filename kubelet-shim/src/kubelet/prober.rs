@@ -131,6 +131,12 @@ fn host_ip(host: Option<&str>, target: &Target) -> Result<IpAddr, String> {
     host.parse().map_err(|_| format!("cannot resolve host {host:?}: only IP addresses are supported"))
 }
 
+/// The address a probe or handler dials: its host (default the pod IP) and its port.
+fn endpoint(port: &IntOrString, host: Option<&str>, c: &Container, target: &Target) -> Result<(IpAddr, u16), String> {
+    let port = resolve_port(port, c)?;
+    Ok((host_ip(host, target)?, port))
+}
+
 /// The namespace to dial from: the pod's, when the target is the pod's own address.
 fn dial_ns(ip: IpAddr, target: &Target) -> Option<&str> {
     (ip.to_string() == target.net.ip).then_some(target.net.netns.as_deref()).flatten()
@@ -165,12 +171,8 @@ pub async fn exec(cri: &Cri, target: &Target, action: &ExecAction, c: &Container
 
 /// tcpSocket: connecting within the timeout is success.
 pub async fn tcp(target: &Target, action: &TCPSocketAction, c: &Container, timeout: Duration) -> Result2 {
-    let port = match resolve_port(&action.port, c) {
-        Ok(p) => p,
-        Err(e) => return (Outcome::Unknown, e),
-    };
-    let ip = match host_ip(action.host.as_deref(), target) {
-        Ok(ip) => ip,
+    let (ip, port) = match endpoint(&action.port, action.host.as_deref(), c, target) {
+        Ok(e) => e,
         Err(e) => return (Outcome::Unknown, e),
     };
     let addr = SocketAddr::new(ip, port);
@@ -268,12 +270,8 @@ pub async fn http_probe(target: &Target, action: &HTTPGetAction, c: &Container, 
     if action.scheme.as_deref() == Some("HTTPS") {
         return (Outcome::Unknown, "HTTPS probes are not supported by wasmlet yet".into());
     }
-    let port = match resolve_port(&action.port, c) {
-        Ok(p) => p,
-        Err(e) => return (Outcome::Unknown, e),
-    };
-    let ip = match host_ip(action.host.as_deref(), target) {
-        Ok(ip) => ip,
+    let (ip, port) = match endpoint(&action.port, action.host.as_deref(), c, target) {
+        Ok(e) => e,
         Err(e) => return (Outcome::Unknown, e),
     };
     let (headers, host) = request_headers(action, PROBE_AGENT);
@@ -328,8 +326,7 @@ pub async fn http_hook(
     c: &Container,
     timeout: Duration,
 ) -> Result<(), String> {
-    let port = resolve_port(&action.port, c)?;
-    let ip = host_ip(action.host.as_deref(), target)?;
+    let (ip, port) = endpoint(&action.port, action.host.as_deref(), c, target)?;
     let (headers, host) = request_headers(action, LIFECYCLE_AGENT);
     let host_header = host.unwrap_or_else(|| SocketAddr::new(ip, port).to_string());
     let path = action.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());

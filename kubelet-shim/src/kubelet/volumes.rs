@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{ConfigMap, DownwardAPIVolumeFile, KeyToPath, Pod, Secret, Volume};
 
-use super::env::{field_value, resource_value, secret_data};
+use super::env::{config_map_data, field_value, resource_value, secret_data};
 use super::quantity::Quantity;
 
 /// Why a volume cannot be set up (a `FailedMount` event; the pod stays ContainerCreating).
@@ -48,6 +48,26 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> MountError {
     MountError(format!("{what} {}: {e}", path.display()))
 }
 
+/// Where a volume lives on the node, and whether it is mounted read-only: the one mapping
+/// from a volume's source to its directory, for setting it up and for mounting it.
+pub fn location(pod_dir: &Path, v: &Volume) -> Ready {
+    if let Some(h) = &v.host_path {
+        return Ready { host_path: PathBuf::from(&h.path), read_only: false };
+    }
+    let plugin = if v.config_map.is_some() {
+        "configmap"
+    } else if v.secret.is_some() {
+        "secret"
+    } else if v.downward_api.is_some() {
+        "downward-api"
+    } else if v.projected.is_some() {
+        "projected"
+    } else {
+        "empty-dir"
+    };
+    Ready { host_path: volume_dir(pod_dir, plugin, &v.name), read_only: plugin != "empty-dir" }
+}
+
 /// Sets up (or refreshes) one volume of the pod.
 pub fn setup(pod: &Pod, pod_dir: &Path, v: &Volume, s: &Sources<'_>) -> Result<Ready, MountError> {
     let name = v.name.as_str();
@@ -57,15 +77,14 @@ pub fn setup(pod: &Pod, pod_dir: &Path, v: &Volume, s: &Sources<'_>) -> Result<R
             .map_err(fail)
             .map(|p| Ready { host_path: p, read_only: false });
     }
-    let projected = |plugin: &str, payload: Result<Payload, String>| {
-        let dir = volume_dir(pod_dir, plugin, name);
-        let payload = payload.map_err(fail)?;
-        write_atomic(&dir, &payload).map_err(|e| fail(e.0))?;
-        Ok(Ready { host_path: dir, read_only: true })
+    let projected = |payload: Result<Payload, String>| {
+        let here = location(pod_dir, v);
+        write_atomic(&here.host_path, &payload.map_err(fail)?).map_err(|e| fail(e.0))?;
+        Ok(here)
     };
     if let Some(c) = &v.config_map {
         let payload = config_map_payload(&c.name, c.items.as_deref(), c.default_mode, c.optional, s);
-        return projected("configmap", payload);
+        return projected(payload);
     }
     if let Some(c) = &v.secret {
         let payload = secret_payload(
@@ -75,17 +94,14 @@ pub fn setup(pod: &Pod, pod_dir: &Path, v: &Volume, s: &Sources<'_>) -> Result<R
             c.optional,
             s,
         );
-        return projected("secret", payload);
+        return projected(payload);
     }
     if let Some(d) = &v.downward_api {
-        return projected(
-            "downward-api",
-            downward_payload(pod, d.items.as_deref().unwrap_or_default(), d.default_mode, s),
-        );
+        return projected(downward_payload(pod, d.items.as_deref().unwrap_or_default(), d.default_mode, s));
     }
     if let Some(p) = &v.projected {
-        let mut all = Payload::new();
         let result = (|| {
+            let mut all = Payload::new();
             for src in p.sources.iter().flatten() {
                 if let Some(c) = &src.config_map {
                     all.extend(config_map_payload(&c.name, c.items.as_deref(), p.default_mode, c.optional, s)?);
@@ -100,9 +116,9 @@ pub fn setup(pod: &Pod, pod_dir: &Path, v: &Volume, s: &Sources<'_>) -> Result<R
                     return Err("serviceAccountToken and clusterTrustBundle sources need a cluster".to_string());
                 }
             }
-            Ok(std::mem::take(&mut all))
+            Ok(all)
         })();
-        return projected("projected", result);
+        return projected(result);
     }
     // emptyDir, or no source at all; any other source (PVCs, CSI, NFS...) needs a cluster.
     let json = serde_json::to_value(v).unwrap_or_default();
@@ -207,12 +223,7 @@ fn config_map_payload(
             Err(format!("configmap \"{name}\" not found"))
         };
     };
-    let mut data: BTreeMap<String, Vec<u8>> =
-        cm.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-    for (k, v) in cm.binary_data.unwrap_or_default() {
-        data.insert(k, v.0);
-    }
-    keyed("configmap", name, data, items, default_mode)
+    keyed("configmap", name, config_map_data(&cm), items, default_mode)
 }
 
 fn secret_payload(

@@ -365,13 +365,19 @@ impl Worker {
             self.kill_all(observed, self.grace()).await;
             let _ = self.node.cri.stop_sandbox(&s.id).await;
         }
+        let mut sandbox_id = observed.sandbox.as_ref().filter(|s| s.ready).map(|s| s.id.clone());
         if plan.create_sandbox {
             let attempt = observed.sandbox.as_ref().map_or(0, |s| s.attempt + 1);
-            if let Err(e) = self.create_sandbox(attempt).await {
-                self.event(None, Kind::Warning, "FailedCreatePodSandBox", format!("Failed to create pod sandbox: {e}"));
-                return;
+            match self.create_sandbox(attempt).await {
+                Ok(id) => sandbox_id = Some(id),
+                Err(e) => {
+                    let message = format!("Failed to create pod sandbox: {e}");
+                    self.event(None, Kind::Warning, "FailedCreatePodSandBox", message);
+                    return;
+                }
             }
         }
+        let Some(sandbox_id) = sandbox_id else { return };
         if !self.setup_volumes() {
             return;
         }
@@ -401,7 +407,7 @@ impl Worker {
             self.collect_dead(observed).await;
         }
         for s in &plan.starts {
-            match self.start(s).await {
+            match self.start(s, &sandbox_id).await {
                 Ok(()) => {
                     self.sync_errors.remove(&s.name);
                 }
@@ -503,7 +509,8 @@ impl Worker {
         (config, warnings)
     }
 
-    async fn create_sandbox(&mut self, attempt: u32) -> Result<(), String> {
+    /// Runs a new sandbox and writes the pod's managed /etc/hosts; returns the sandbox ID.
+    async fn create_sandbox(&mut self, attempt: u32) -> Result<String, String> {
         let (config, warnings) = self.sandbox_config(attempt);
         for w in warnings {
             self.event(None, Kind::Warning, w.reason, w.message);
@@ -526,13 +533,12 @@ impl Worker {
             let node_hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
             dns::host_network_hosts_file(&self.pod, &node_hosts)
         } else {
-            let ips: Vec<String> = [self.net.ip.clone()].into_iter().filter(|ip| !ip.is_empty()).collect();
-            dns::hosts_file(&self.pod, &ips, &self.node.dns.cluster_domain)
+            dns::hosts_file(&self.pod, &self.ips().0, &self.node.dns.cluster_domain)
         };
         let dir = self.node.pod_dir(&self.uid);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         std::fs::write(dir.join("etc-hosts"), hosts).map_err(|e| e.to_string())?;
-        Ok(())
+        Ok(id)
     }
 
     fn sources<'a>(
@@ -687,7 +693,8 @@ impl Worker {
                 .flatten()
                 .find(|v| v.name == m.name)
                 .ok_or_else(|| format!("cannot find volume {:?} to mount into container {:?}", m.name, c.name))?;
-            let ready = self.volume_path(v, &pod_dir)?;
+            // Set up earlier in this sync: only where it lives is needed here.
+            let ready = volumes::location(&pod_dir, v);
             let mut host = ready.host_path.clone();
             let sub = match (&m.sub_path, &m.sub_path_expr) {
                 (Some(s), _) if !s.is_empty() => Some(s.clone()),
@@ -790,38 +797,9 @@ impl Worker {
         })
     }
 
-    fn volume_path(
-        &self,
-        v: &k8s_openapi::api::core::v1::Volume,
-        pod_dir: &std::path::Path,
-    ) -> Result<volumes::Ready, String> {
-        // Already set up in this sync; recompute the path without writing again.
-        if let Some(h) = &v.host_path {
-            return Ok(volumes::Ready { host_path: PathBuf::from(&h.path), read_only: false });
-        }
-        let plugin = if v.config_map.is_some() {
-            "configmap"
-        } else if v.secret.is_some() {
-            "secret"
-        } else if v.downward_api.is_some() {
-            "downward-api"
-        } else if v.projected.is_some() {
-            "projected"
-        } else {
-            "empty-dir"
-        };
-        Ok(volumes::Ready {
-            host_path: volumes::volume_dir(pod_dir, plugin, &v.name),
-            read_only: plugin != "empty-dir",
-        })
-    }
-
     /// Creates and starts one container, then runs its postStart hook.
-    async fn start(&mut self, s: &Start) -> Result<(), SyncError> {
+    async fn start(&mut self, s: &Start, sandbox_id: &str) -> Result<(), SyncError> {
         let Some(c) = self.container(&s.name) else { return Ok(()) };
-        let Some(sandbox_id) = self.sandbox_id().await else {
-            return Err(SyncError { reason: "CreateContainerError".into(), message: "no pod sandbox".into() });
-        };
         let image_ref = self.ensure_image(&c).await?;
         let config = match self.container_config(&c, s.restart_count, &image_ref) {
             Ok(c) => c,
@@ -837,7 +815,7 @@ impl Worker {
             .rt
             .clone()
             .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: sandbox_id,
+                pod_sandbox_id: sandbox_id.to_string(),
                 config: Some(config),
                 sandbox_config: Some(sandbox_config),
             })
@@ -871,11 +849,6 @@ impl Worker {
             }
         }
         Ok(())
-    }
-
-    async fn sandbox_id(&self) -> Option<String> {
-        let o = self.node.cri.observe(&self.uid).await.ok()?;
-        o.sandbox.filter(|s| s.ready).map(|s| s.id)
     }
 
     /// Runs a lifecycle handler: exec (no timeout of its own), httpGet (any response is
