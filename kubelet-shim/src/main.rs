@@ -49,6 +49,12 @@ enum Command {
         /// Manifest files (YAML, several documents each).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Also print what the containers log, each line after "[POD/CONTAINER]".
+        #[arg(long)]
+        logs: bool,
+        /// Delete the pods gracefully after this long, as Ctrl-C does (e.g. 45s, 2m).
+        #[arg(long, value_parser = wasmlet_kubelet::run::parse_duration)]
+        stop_after: Option<std::time::Duration>,
         #[arg(long, env = "WASMLET_CONFIG")]
         config: Option<PathBuf>,
         #[arg(long, env = "WASMLET_ROOT")]
@@ -303,13 +309,15 @@ fn run() -> Result<()> {
             let (root, _, options) = runtime_setup(file, root, uid, &insecure_registries);
             rt.block_on(serve(root, socket, options))
         }
-        Command::Run { files, config, root } => {
+        Command::Run { files, logs, stop_after, config, root } => {
             let (root, run_dir, runtime) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
             let code = rt.block_on(wasmlet_kubelet::run::run(wasmlet_kubelet::run::RunOptions {
                 files,
                 root,
                 run_dir,
                 runtime,
+                logs,
+                stop_after,
             }))?;
             std::process::exit(code)
         }

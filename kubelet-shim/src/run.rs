@@ -247,10 +247,14 @@ pub struct RunOptions {
     pub root: PathBuf,
     pub run_dir: PathBuf,
     pub runtime: wasmlet_runtime::RuntimeOptions,
+    /// Print what the containers log, each line after its pod and container.
+    pub logs: bool,
+    /// Delete the pods gracefully after this long, as Ctrl-C does.
+    pub stop_after: Option<Duration>,
 }
 
-/// Runs the pods until they all finish or Ctrl-C; returns the exit code (0 when every pod
-/// succeeded or was stopped by the user, 1 when one failed).
+/// Runs the pods until they all finish, Ctrl-C or `stop_after`; returns the exit code (0 when
+/// every pod succeeded or was stopped, 1 when one failed).
 pub async fn run(o: RunOptions) -> Result<i32> {
     let manifests = load(&o.files)?;
     let local = LocalNode::start(
@@ -267,18 +271,31 @@ pub async fn run(o: RunOptions) -> Result<i32> {
     println!("{:<23} {:<7} {:<26} {:<9} AGE", "NAME", "READY", "STATUS", "RESTARTS");
     let started = SystemTime::now();
     let mut pods = BTreeMap::new();
+    let mut uids = Vec::new();
     for mut p in manifests.pods {
         p.metadata.namespace.get_or_insert_with(|| "default".into());
         p.metadata.uid = Some(new_uid());
+        uids.extend(p.metadata.uid.clone());
         p.spec.as_mut().map(|s| s.node_name.get_or_insert_with(|| node_name.clone()));
         let name = p.metadata.name.clone().unwrap_or_default();
         pods.insert(name, worker::spawn(node.clone(), p));
     }
     let mut last: BTreeMap<String, (String, String, i32)> = BTreeMap::new();
-    let mut interrupted = false;
+    let mut interrupted = None;
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut deadline = Box::pin(async {
+        match o.stop_after {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    });
+    let mut follower = o.logs.then(|| LogFollower::new(&o.root, uids));
+    let mut log_tick = tokio::time::interval(Duration::from_millis(200));
     loop {
+        if let Some(f) = follower.as_mut() {
+            f.print_new();
+        }
         // Print a line for each pod whose columns changed.
         let mut all_done = true;
         for (name, h) in &pods {
@@ -298,12 +315,14 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         let changed = futures_util::future::select_all(pods.values_mut().map(|h| Box::pin(h.status.changed())));
         tokio::select! {
             _ = changed => {}
-            _ = &mut ctrl_c => { interrupted = true; break; }
-            _ = term.recv() => { interrupted = true; break; }
+            _ = log_tick.tick(), if follower.is_some() => {}
+            _ = &mut ctrl_c => { interrupted = Some("Ctrl-C"); break; }
+            _ = term.recv() => { interrupted = Some("SIGTERM"); break; }
+            _ = &mut deadline => { interrupted = Some("--stop-after"); break; }
         }
     }
-    if interrupted {
-        println!("deleting {} pod(s) gracefully (Ctrl-C)", pods.len());
+    if let Some(why) = interrupted {
+        println!("deleting {} pod(s) gracefully ({why})", pods.len());
     }
     let failed = pods
         .values()
@@ -312,10 +331,15 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         let _ = h.updates.send(Update::Delete { grace: None });
     }
     for (name, mut h) in pods {
-        // Keep printing status changes while pods terminate.
+        // Keep printing status changes (and logs) while pods terminate, as `kubectl delete`
+        // does until the pod is gone.
         loop {
+            if let Some(f) = follower.as_mut() {
+                f.print_new();
+            }
             tokio::select! {
                 _ = &mut h.task => break,
+                _ = log_tick.tick(), if follower.is_some() => {}
                 r = h.status.changed() => {
                     if r.is_err() { break; }
                     let cols = columns(&h.status.borrow());
@@ -326,10 +350,14 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                 }
             }
         }
+        if let Some(f) = follower.as_mut() {
+            f.print_new();
+        }
+        println!("pod \"{name}\" deleted");
     }
     events.abort();
     local.stop().await;
-    Ok(if failed && !interrupted { 1 } else { 0 })
+    Ok(if failed && interrupted.is_none() { 1 } else { 0 })
 }
 
 /// A runtime serving CRI on a socket of its own inside this process, and the node context
@@ -457,41 +485,127 @@ pub async fn logs(root: &Path, pod: &str, container: Option<&str>, follow: bool,
     let Some(mut file) = newest(usize::from(previous)) else {
         bail!("container \"{container}\" in pod \"{pod}\" has no {}log", if previous { "previous " } else { "" })
     };
-    let mut offset = 0usize;
-    let mut partial = String::new();
+    let mut tail = LogTail::default();
     loop {
-        let bytes = std::fs::read(&file).unwrap_or_default();
-        if bytes.len() > offset {
-            let text = String::from_utf8_lossy(&bytes[offset..]).into_owned();
-            offset = bytes.len();
-            let mut out = std::io::stdout().lock();
-            for line in text.lines() {
-                // <time> <stream> <P|F> <content>
-                let mut f = line.splitn(4, ' ');
-                let (_, _, tag, content) = (f.next(), f.next(), f.next(), f.next().unwrap_or(""));
-                partial.push_str(content);
-                if tag != Some("P") {
-                    let _ = writeln!(out, "{partial}");
-                    partial.clear();
-                }
-            }
-            let _ = out.flush();
+        let lines = tail.read(&file);
+        let mut out = std::io::stdout().lock();
+        for line in &lines {
+            let _ = writeln!(out, "{line}");
         }
         if !follow {
-            if !partial.is_empty() {
-                println!("{partial}");
+            if !tail.partial.is_empty() {
+                let _ = writeln!(out, "{}", tail.partial);
             }
             return Ok(());
         }
+        let _ = out.flush();
+        drop(out);
         // A restart writes the next N.log: follow it.
         if let Some(next) = newest(0)
             && next != file
         {
             file = next;
-            offset = 0;
+            tail = LogTail::default();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Reads a CRI log file as it grows: how far it has been read, and a line begun with partial
+/// ("P") entries and not yet ended.
+#[derive(Default)]
+struct LogTail {
+    offset: usize,
+    partial: String,
+}
+
+impl LogTail {
+    /// The lines completed since the last read (a missing file reads as empty).
+    fn read(&mut self, file: &Path) -> Vec<String> {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        let mut lines = Vec::new();
+        if bytes.len() <= self.offset {
+            return lines;
+        }
+        // Only whole entries: a writer may be half-way through the last one.
+        let Some(end) = bytes[self.offset..].iter().rposition(|b| *b == b'\n') else { return lines };
+        let end = self.offset + end + 1;
+        let text = String::from_utf8_lossy(&bytes[self.offset..end]).into_owned();
+        self.offset = end;
+        for entry in text.lines() {
+            // <time> <stream> <P|F> <content>
+            let mut f = entry.splitn(4, ' ');
+            let (_, _, tag, content) = (f.next(), f.next(), f.next(), f.next().unwrap_or(""));
+            self.partial.push_str(content);
+            if tag != Some("P") {
+                lines.push(std::mem::take(&mut self.partial));
+            }
+        }
+        lines
+    }
+}
+
+/// Prints, for `wasmlet run --logs`, every line the containers of the given pods log, as
+/// "[POD/CONTAINER] line", by following their CRI log files under the kubelet's log directory.
+struct LogFollower {
+    base: PathBuf,
+    /// The pods' log directory names end with "_<uid>".
+    uids: Vec<String>,
+    tails: BTreeMap<PathBuf, LogTail>,
+}
+
+impl LogFollower {
+    fn new(root: &Path, uids: Vec<String>) -> LogFollower {
+        LogFollower { base: root.join("kubelet").join("logs"), uids, tails: BTreeMap::new() }
+    }
+
+    /// Prints what was logged since the last call.
+    fn print_new(&mut self) {
+        let mut out = std::io::stdout().lock();
+        for pod_dir in std::fs::read_dir(&self.base).into_iter().flatten().flatten() {
+            let dir_name = pod_dir.file_name().to_string_lossy().into_owned();
+            if !self.uids.iter().any(|u| dir_name.ends_with(&format!("_{u}"))) {
+                continue;
+            }
+            // <namespace>_<name>_<uid>
+            let pod = dir_name.split('_').nth(1).unwrap_or_default().to_string();
+            for container in std::fs::read_dir(pod_dir.path()).into_iter().flatten().flatten() {
+                let name = container.file_name().to_string_lossy().into_owned();
+                let mut files: Vec<(u32, PathBuf)> = std::fs::read_dir(container.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| {
+                        Some((e.file_name().to_string_lossy().strip_suffix(".log")?.parse().ok()?, e.path()))
+                    })
+                    .collect();
+                files.sort();
+                for (_, file) in files {
+                    for line in self.tails.entry(file.clone()).or_default().read(&file) {
+                        let _ = writeln!(out, "  [{pod}/{name}] {line}");
+                    }
+                }
+            }
+        }
+        let _ = out.flush();
+    }
+}
+
+/// A duration as `wasmlet run --stop-after` takes it: a number of seconds, or a number with
+/// the unit s, m or h ("90", "45s", "2m").
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 45s, 2m)"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(n * scale))
 }
 
 #[cfg(test)]
@@ -525,6 +639,31 @@ mod tests {
         assert!(err.contains("(document 2): apiVersion \"apps/v1\""), "{err}");
         assert!(err.contains("strict decoding error: unknown field \"spec.containers[0].comand\""), "{err}");
         assert!(err.ends_with("nothing was run"), "{err}");
+    }
+
+    #[test]
+    fn stop_after_durations() {
+        assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5d").unwrap_err().contains("the unit must be s, m or h"));
+        assert!(parse_duration("s").unwrap_err().contains("is not a duration"));
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn log_tail_joins_partial_entries_and_waits_for_whole_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("0.log");
+        let mut tail = LogTail::default();
+        assert!(tail.read(&file).is_empty(), "a missing file reads as empty");
+        std::fs::write(&file, "t1 stdout P hel\nt2 stdout F lo\nt3 stderr F wor").unwrap();
+        assert_eq!(tail.read(&file), vec!["hello".to_string()]);
+        // The unfinished entry is read once the writer ends it.
+        std::fs::write(&file, "t1 stdout P hel\nt2 stdout F lo\nt3 stderr F world\n").unwrap();
+        assert_eq!(tail.read(&file), vec!["world".to_string()]);
+        assert!(tail.read(&file).is_empty());
     }
 
     #[test]

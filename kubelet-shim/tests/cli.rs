@@ -47,7 +47,7 @@ fn image_import_ls_rm() {
 }
 
 #[test]
-fn readme_example_pod_runs_through_the_cri_socket() {
+fn readme_cri_tour_pod_runs_through_the_cri_socket() {
     let root = tempfile::tempdir().unwrap();
     let root_arg = root.path().to_str().unwrap();
     let socket = root.path().join("cri.sock");
@@ -116,4 +116,57 @@ fn config_default_is_a_valid_config() {
     }
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// The README's first command (examples/demo.sh) in short: every feature the example is there
+/// to show appears in the output of `wasmlet run --logs`.
+#[test]
+fn readme_demo_shows_every_feature() {
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().to_str().unwrap();
+    for (file, tag) in [("tools.wat", "tools:1"), ("web.wat", "web:1")] {
+        let out =
+            wasmlet().args(["image", "import", &example(file), "--tag", tag, "--root", root_arg]).output().unwrap();
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let config = root.path().join("wasmlet.toml");
+    std::fs::write(&config, format!("run_dir = {:?}\n", root.path().join("run"))).unwrap();
+    // Long enough for the crasher's second restart, which waits out a 10 s back-off.
+    let out = wasmlet()
+        .args(["run", "--logs", "--stop-after", "14s", "--root", root_arg, "--config", config.to_str().unwrap()])
+        .arg(example("demo.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let expect = |what: &str, text: &str| assert!(stdout.contains(text), "{what}: no {text:?} in\n{stdout}\n{stderr}");
+    let position = |text: &str| stdout.find(text).unwrap_or_else(|| panic!("no {text:?} in\n{stdout}\n{stderr}"));
+    // The init container runs first, alone, and writes to the shared emptyDir.
+    expect("init container", "Started container setup");
+    expect("init status", "Init:1/2");
+    assert!(position("Started container setup") < position("Started container web"), "{stdout}");
+    // The sidecar starts before the app containers and is stopped after them.
+    expect("sidecar", "[demo/ticker] sidecar: still here");
+    assert!(position("Started container ticker") < position("Started container web"), "{stdout}");
+    assert!(position("Stopping container web") < position("Stopping container ticker"), "{stdout}");
+    // The HTTP server: postStart, readiness (READY counts it with the sidecar) and liveness.
+    expect("postStart hook", "[demo/web] served /post-start");
+    expect("readiness probe", "[demo/web] served /ready");
+    expect("liveness probe", "[demo/web] served /healthz");
+    expect("ready", "2/3     ");
+    // The crasher reads the init container's file, exits 1 and is restarted with back-off.
+    expect("shared emptyDir", "[demo/crasher] hello from the init container, through the shared emptyDir");
+    expect("back-off", "Back-off restarting failed container crasher in pod demo_default(");
+    expect("crash loop", "CrashLoopBackOff");
+    let restarts = stdout
+        .lines()
+        .filter(|l| l.starts_with("demo "))
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse::<u32>().ok())
+        .max();
+    assert!(restarts >= Some(2), "restarts {restarts:?}\n{stdout}");
+    // --stop-after deletes the pod gracefully: preStop reaches the server before its stop.
+    expect("deletion", "deleting 1 pod(s) gracefully (--stop-after)");
+    expect("preStop hook", "[demo/web] served /pre-stop");
+    assert!(stdout.trim_end().ends_with("pod \"demo\" deleted"), "{stdout}");
 }
