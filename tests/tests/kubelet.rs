@@ -349,6 +349,51 @@ spec:
 }
 
 #[test]
+fn grpc_probes_follow_the_health_service() {
+    // "health" answers NOT_SERVING twice, then SERVING; nothing listens on "closed"'s port.
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: grpc}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: health
+    image: "net:1"
+    args: [grpc-health, "9090", "2"]
+    readinessProbe: {grpc: {port: 9090}, periodSeconds: 1}
+  - name: closed
+    image: "tool:1"
+    args: [sleep, "600"]
+    livenessProbe: {grpc: {port: 9091}, periodSeconds: 1, failureThreshold: 2}
+"#,
+    );
+    let limit = Duration::from_secs(40);
+    run.wait_for("a NOT_SERVING readiness failure", limit, |l| {
+        l.contains("pod/grpc/health")
+            && l.contains(r#"Readiness probe failed: service unhealthy (responded with "NOT_SERVING")"#)
+    });
+    run.wait_status("grpc", limit, |ready, s, _| ready == "2/2" && s == "Running");
+    let line = run.wait_for("a refused liveness probe", limit, |l| {
+        l.contains("pod/grpc/closed") && l.contains("Liveness probe failed:")
+    });
+    assert!(
+        line.contains("timeout: failed to connect service \"")
+            && line.contains(":9091\" within 1s: context deadline exceeded"),
+        "{line}"
+    );
+    run.wait_for("the liveness restart", limit, |l| {
+        l.contains("pod/grpc/closed") && l.contains("Container closed failed liveness probe, will be restarted")
+    });
+    run.wait_status("grpc", limit, |_, _, restarts| restarts >= 1);
+    let log = run.logs("grpc", "health", false);
+    assert!(log.contains("answered NOT_SERVING\nanswered NOT_SERVING\nanswered SERVING"), "{log}");
+    run.interrupt();
+    assert_eq!(run.finish(limit), 0, "{}", run.output());
+}
+
+#[test]
 fn a_failing_post_start_hook_kills_the_container_and_it_restarts() {
     let mut run = Run::start(
         r#"

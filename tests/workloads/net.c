@@ -8,6 +8,9 @@
 //   lookup NAME       prints NAME's addresses, one per line
 //   udp-echo PORT     UDP server on 0.0.0.0:PORT; answers each datagram with
 //                     "<HOSTNAME> echoes <bytes>"
+//   grpc-health PORT N
+//                     gRPC health server over h2c on 0.0.0.0:PORT: answers every call
+//                     (grpc.health.v1.Health/Check) NOT_SERVING N times, then SERVING
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,12 +112,12 @@ static wasi_sockets_network_ip_socket_address_t ipv4(wasi_sockets_network_ipv4_a
 
 static const wasi_sockets_network_ipv4_address_t ANY = {0};
 
-static int serve(int port) {
-    wasi_sockets_tcp_own_tcp_socket_t sock;
+// A TCP socket listening on 0.0.0.0:PORT, in *SOCK; 0, or 1 after printing why not.
+static int listen_on(int port, wasi_sockets_tcp_own_tcp_socket_t *sock) {
     wasi_sockets_tcp_error_code_t err;
-    if (!wasi_sockets_tcp_create_socket_create_tcp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, &sock, &err))
+    if (!wasi_sockets_tcp_create_socket_create_tcp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, sock, &err))
         return fail("create socket", err);
-    wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
+    wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(*sock);
     wasi_sockets_tcp_ip_socket_address_t addr = ipv4(ANY, port);
     if (!wasi_sockets_tcp_method_tcp_socket_start_bind(s, network(), &addr, &err)) return fail("bind", err);
     while (!wasi_sockets_tcp_method_tcp_socket_finish_bind(s, &err)) {
@@ -128,14 +131,34 @@ static int serve(int port) {
     }
     printf("listening on %d\n", port);
     fflush(stdout);
+    return 0;
+}
+
+// The next connection on the listening socket S.
+static wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t accept_on(
+    wasi_sockets_tcp_borrow_tcp_socket_t s) {
+    wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn;
+    wasi_sockets_tcp_error_code_t err;
+    while (!wasi_sockets_tcp_method_tcp_socket_accept(s, &conn, &err)) {
+        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) exit(fail("accept", err));
+        block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
+    }
+    return conn;
+}
+
+static void close_conn(wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn) {
+    wasi_io_streams_input_stream_drop_own(conn.f1);
+    wasi_io_streams_output_stream_drop_own(conn.f2);
+    wasi_sockets_tcp_tcp_socket_drop_own(conn.f0);
+}
+
+static int serve(int port) {
+    wasi_sockets_tcp_own_tcp_socket_t sock;
+    if (listen_on(port, &sock)) return 1;
+    wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
     const char *me = getenv("HOSTNAME");
     for (;;) {
-        wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn;
-        if (!wasi_sockets_tcp_method_tcp_socket_accept(s, &conn, &err)) {
-            if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("accept", err);
-            block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
-            continue;
-        }
+        wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn = accept_on(s);
         char buf[1024], reply[1400];
         read_some(conn.f1, buf, sizeof buf);
         int n;
@@ -149,9 +172,80 @@ static int serve(int port) {
             n = snprintf(reply, sizeof reply, "%s got %s", me ? me : "?", buf);
         }
         write_all(conn.f2, reply, (size_t)n);
-        wasi_io_streams_input_stream_drop_own(conn.f1);
-        wasi_io_streams_output_stream_drop_own(conn.f2);
-        wasi_sockets_tcp_tcp_socket_drop_own(conn.f0);
+        close_conn(conn);
+    }
+}
+
+// Exactly N bytes from IN into BUF: 1, or 0 at the end of the stream.
+static int read_exact(wasi_io_streams_own_input_stream_t in, uint8_t *buf, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        net_list_u8_t chunk;
+        wasi_io_streams_stream_error_t err;
+        if (!wasi_io_streams_method_input_stream_blocking_read(wasi_io_streams_borrow_input_stream(in), n - got,
+                                                               &chunk, &err))
+            return 0;
+        memcpy(buf + got, chunk.ptr, chunk.len);
+        got += chunk.len;
+        net_list_u8_free(&chunk);
+    }
+    return 1;
+}
+
+// One HTTP/2 frame: TYPE with FLAGS on STREAM, carrying LEN bytes of PAYLOAD.
+static void h2_frame(wasi_io_streams_own_output_stream_t out, uint8_t type, uint8_t flags, uint32_t stream,
+                     const uint8_t *payload, size_t len) {
+    uint8_t f[9 + 64];
+    if (len > 64) return;
+    f[0] = (uint8_t)(len >> 16), f[1] = (uint8_t)(len >> 8), f[2] = (uint8_t)len;
+    f[3] = type, f[4] = flags;
+    f[5] = (uint8_t)(stream >> 24), f[6] = (uint8_t)(stream >> 16), f[7] = (uint8_t)(stream >> 8), f[8] = (uint8_t)stream;
+    memcpy(f + 9, payload, len);
+    write_all(out, (const char *)f, 9 + len);
+}
+
+// Just enough HTTP/2 for unary gRPC calls: settings and pings are acknowledged, and each
+// stream the client ends is answered with a HealthCheckResponse (status 2 while *LEFT > 0,
+// then 1) and grpc-status 0. The request itself is not decoded: every call is a Check.
+static void grpc_health_conn(wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn,
+                             int *left) {
+    static uint8_t payload[16384];
+    uint8_t head[9];
+    if (!read_exact(conn.f1, payload, 24) || memcmp(payload, "PRI * HTTP/2.0", 14)) return;
+    h2_frame(conn.f2, 4, 0, 0, NULL, 0);
+    while (read_exact(conn.f1, head, 9)) {
+        size_t len = (size_t)head[0] << 16 | (size_t)head[1] << 8 | head[2];
+        uint8_t type = head[3], flags = head[4];
+        uint32_t stream = ((uint32_t)head[5] << 24 | (uint32_t)head[6] << 16 | (uint32_t)head[7] << 8 | head[8]) &
+                          0x7fffffff;
+        if (len > sizeof payload || !read_exact(conn.f1, payload, len)) return;
+        if (type == 4 && !(flags & 1)) h2_frame(conn.f2, 4, 1, 0, NULL, 0);
+        if (type == 6 && !(flags & 1) && len == 8) h2_frame(conn.f2, 6, 1, 0, payload, 8);
+        if (type == 7) return;
+        if ((type == 0 || type == 1) && (flags & 1)) {
+            int status = *left > 0 ? 2 : 1;
+            if (*left > 0) (*left)--;
+            // HPACK: ":status: 200" from the static table, the rest literal, never Huffman.
+            static const uint8_t headers[] = "\x88\x00\x0c" "content-type" "\x10" "application/grpc";
+            static const uint8_t trailers[] = "\x00\x0b" "grpc-status" "\x01" "0";
+            uint8_t message[] = {0, 0, 0, 0, 2, 0x08, (uint8_t)status};
+            h2_frame(conn.f2, 1, 4, stream, headers, sizeof headers - 1);
+            h2_frame(conn.f2, 0, 0, stream, message, sizeof message);
+            h2_frame(conn.f2, 1, 5, stream, trailers, sizeof trailers - 1);
+            printf("answered %s\n", status == 1 ? "SERVING" : "NOT_SERVING");
+            fflush(stdout);
+        }
+    }
+}
+
+static int grpc_health(int port, int not_serving) {
+    wasi_sockets_tcp_own_tcp_socket_t sock;
+    if (listen_on(port, &sock)) return 1;
+    wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
+    for (;;) {
+        wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn = accept_on(s);
+        grpc_health_conn(conn, &not_serving);
+        close_conn(conn);
     }
 }
 
@@ -236,6 +330,7 @@ static int udp_echo(int port) {
 int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "serve")) return serve(atoi(argv[2]));
     if (argc >= 3 && !strcmp(argv[1], "udp-echo")) return udp_echo(atoi(argv[2]));
+    if (argc >= 4 && !strcmp(argv[1], "grpc-health")) return grpc_health(atoi(argv[2]), atoi(argv[3]));
     if (argc >= 5 && !strcmp(argv[1], "connect")) return connect_to(argv[2], atoi(argv[3]), argv[4]);
     if (argc >= 3 && !strcmp(argv[1], "lookup")) {
         wasi_sockets_network_ip_address_t addrs[16];
@@ -244,6 +339,6 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) print_ip(&addrs[i]);
         return 0;
     }
-    fprintf(stderr, "usage: net serve PORT | udp-echo PORT | connect HOST PORT MSG | lookup NAME\n");
+    fprintf(stderr, "usage: net serve PORT | udp-echo PORT | grpc-health PORT N | connect HOST PORT MSG | lookup NAME\n");
     return 2;
 }

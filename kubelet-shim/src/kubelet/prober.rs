@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use k8s_openapi::api::core::v1::{Container, ExecAction, GRPCAction, HTTPGetAction, TCPSocketAction};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::actions::go_duration;
 use super::cri::{Cri, SandboxNetwork};
 use super::env::expand_probe_command;
 use super::probe::Outcome;
@@ -346,6 +347,8 @@ struct HealthCheckResponse {
 }
 
 /// grpc: `grpc.health.v1.Health/Check` in plaintext to the pod IP; only SERVING (1) passes.
+/// The messages are the kubelet's. Like its blocking dial, a failed connection is retried
+/// (grpc-go's back-off: 1 s, growing 1.6 times) until the timeout.
 pub async fn grpc(target: &Target, action: &GRPCAction, timeout: Duration) -> Result2 {
     let ip = match host_ip(None, target) {
         Ok(ip) => ip,
@@ -355,16 +358,32 @@ pub async fn grpc(target: &Target, action: &GRPCAction, timeout: Duration) -> Re
         return (Outcome::Unknown, format!("invalid port number: {}", action.port));
     }
     let addr = SocketAddr::new(ip, action.port as u16);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let within = go_duration(timeout);
+    let dial = async {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            if let Ok(stream) = connect(dial_ns(ip, target), addr, timeout).await
+                && let Ok((sender, conn)) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(stream),
+                )
+                .await
+            {
+                return (sender, tokio::spawn(conn));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = backoff.mul_f64(1.6);
+        }
+    };
+    let Ok((mut sender, conn)) = tokio::time::timeout_at(deadline, dial).await else {
+        return (
+            Outcome::Failure,
+            format!("timeout: failed to connect service \"{addr}\" within {within}: context deadline exceeded"),
+        );
+    };
     let service = action.service.clone().unwrap_or_default();
-    let work = async {
-        let stream = connect(dial_ns(ip, target), addr, timeout).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let conn = tokio::spawn(conn);
+    let call = async {
         let msg = prost::Message::encode_to_vec(&HealthCheckRequest { service });
         let mut body = Vec::with_capacity(5 + msg.len());
         body.push(0);
@@ -375,30 +394,95 @@ pub async fn grpc(target: &Target, action: &GRPCAction, timeout: Duration) -> Re
             .header("te", "trailers")
             .header("user-agent", PROBE_AGENT)
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let header_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let collected = resp.into_body().collect().await.map_err(|e| e.to_string())?;
-        let trailer_status =
-            collected.trailers().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let data = collected.to_bytes();
-        conn.abort();
-        let code = trailer_status.or(header_status).unwrap_or_default();
-        if code != "0" {
-            return Err(format!("rpc error: code = {code}"));
+            .map_err(|e| RpcError::unavailable(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| RpcError::unavailable(e.to_string()))?;
+        let head = resp.headers().clone();
+        let collected = resp.into_body().collect().await.map_err(|e| RpcError::unavailable(e.to_string()))?;
+        // A gRPC status comes in the trailers, or in the headers of a trailers-only answer.
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let field = |name: &str| {
+            trailers.get(name).or_else(|| head.get(name)).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        let code = field("grpc-status").and_then(|c| c.parse().ok()).unwrap_or(2);
+        if code != 0 {
+            return Err(RpcError { code, message: field("grpc-message").unwrap_or_default() });
         }
-        let payload = data.get(5..).ok_or("empty gRPC response")?;
-        let r = <HealthCheckResponse as prost::Message>::decode(payload).map_err(|e| e.to_string())?;
+        let data = collected.to_bytes();
+        let payload = data.get(5..).ok_or_else(|| RpcError { code: 13, message: "empty response".into() })?;
+        let r = <HealthCheckResponse as prost::Message>::decode(payload).map_err(|e| RpcError {
+            code: 13,
+            message: format!("grpc: failed to unmarshal the received message: {e}"),
+        })?;
         Ok(r.status)
     };
-    match tokio::time::timeout(timeout, work).await {
+    let result = tokio::time::timeout_at(deadline, call).await;
+    conn.abort();
+    match result {
         Ok(Ok(1)) => (Outcome::Success, String::new()),
-        Ok(Ok(status)) => (Outcome::Failure, format!("service unhealthy (responded with {status})")),
-        Ok(Err(e)) => {
-            (Outcome::Failure, format!("failed to connect service {addr:?} within {}s: {e}", timeout.as_secs()))
+        Ok(Ok(status)) => {
+            (Outcome::Failure, format!("service unhealthy (responded with \"{}\")", health_status(status)))
         }
-        Err(_) => (Outcome::Failure, format!("timeout: health rpc did not complete within {}s", timeout.as_secs())),
+        Ok(Err(RpcError { code: 12, message })) => (
+            Outcome::Failure,
+            format!(
+                "error: this server does not implement the grpc health protocol (grpc.health.v1.Health): {message}"
+            ),
+        ),
+        Ok(Err(RpcError { code: 4, .. })) | Err(_) => {
+            (Outcome::Failure, format!("timeout: health rpc did not complete within {within}"))
+        }
+        Ok(Err(e)) => (
+            Outcome::Failure,
+            format!("error: health rpc probe failed: rpc error: code = {} desc = {}", grpc_code(e.code), e.message),
+        ),
     }
+}
+
+/// A gRPC call's failure: its status code and message.
+struct RpcError {
+    code: i32,
+    message: String,
+}
+
+impl RpcError {
+    fn unavailable(message: String) -> RpcError {
+        RpcError { code: 14, message }
+    }
+}
+
+/// grpc.health.v1's ServingStatus as Go's String() names it.
+fn health_status(status: i32) -> String {
+    match status {
+        0 => "UNKNOWN".into(),
+        1 => "SERVING".into(),
+        2 => "NOT_SERVING".into(),
+        3 => "SERVICE_UNKNOWN".into(),
+        n => n.to_string(),
+    }
+}
+
+/// A gRPC status code as grpc-go's codes.Code String() names it.
+fn grpc_code(code: i32) -> String {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    usize::try_from(code).ok().and_then(|i| NAMES.get(i)).map_or_else(|| format!("Code({code})"), |n| n.to_string())
 }
 
 #[cfg(test)]
@@ -507,6 +591,7 @@ mod tests {
                     let (status, grpc) = match asked.as_str() {
                         "" => (1, "0"),
                         "down" => (2, "0"),
+                        "broken" => (0, "13"),
                         _ => (0, "12"),
                     };
                     let msg = prost::Message::encode_to_vec(&HealthCheckResponse { status });
@@ -515,6 +600,7 @@ mod tests {
                     data.extend_from_slice(&msg);
                     let mut trailers = http::HeaderMap::new();
                     trailers.insert("grpc-status", grpc.parse().unwrap());
+                    trailers.insert("grpc-message", "no such service".parse().unwrap());
                     let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
                         vec![Ok(Frame::data(Bytes::from(data))), Ok(Frame::trailers(trailers))];
                     let resp = http::Response::builder()
@@ -541,12 +627,32 @@ mod tests {
         let action = |service: Option<&str>| GRPCAction { port: i32::from(port), service: service.map(str::to_string) };
         assert_eq!(grpc(&target, &action(None), t).await.0, Outcome::Success);
         let (o, msg) = grpc(&target, &action(Some("down")), t).await;
-        assert_eq!((o, msg.as_str()), (Outcome::Failure, "service unhealthy (responded with 2)"));
+        assert_eq!((o, msg.as_str()), (Outcome::Failure, "service unhealthy (responded with \"NOT_SERVING\")"));
         let (o, msg) = grpc(&target, &action(Some("nope")), t).await;
-        assert_eq!(o, Outcome::Failure);
-        assert!(msg.contains("code = 12"), "{msg}");
+        assert_eq!(
+            (o, msg.as_str()),
+            (
+                Outcome::Failure,
+                "error: this server does not implement the grpc health protocol (grpc.health.v1.Health): no such service"
+            )
+        );
+        let (o, msg) = grpc(&target, &action(Some("broken")), t).await;
+        assert_eq!(
+            (o, msg.as_str()),
+            (Outcome::Failure, "error: health rpc probe failed: rpc error: code = Internal desc = no such service")
+        );
+        // A closed port is redialled until the timeout, as the kubelet's blocking dial does.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        assert_eq!(grpc(&target, &GRPCAction { port: i32::from(closed), service: None }, t).await.0, Outcome::Failure);
+        let (o, msg) = grpc(&target, &GRPCAction { port: i32::from(closed), service: None }, t).await;
+        assert_eq!(
+            (o, msg),
+            (
+                Outcome::Failure,
+                format!(
+                    "timeout: failed to connect service \"127.0.0.1:{closed}\" within 2s: context deadline exceeded"
+                )
+            )
+        );
     }
 
     #[test]
