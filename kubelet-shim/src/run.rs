@@ -361,12 +361,16 @@ pub async fn run(o: RunOptions) -> Result<i32> {
 }
 
 /// A runtime serving CRI on a socket of its own inside this process, and the node context
-/// of the pod workers that drive it through that socket.
+/// of the pod workers that drive it through that socket. The runtime (its CRI server and the
+/// guests) runs on threads of its own ("wasmlet-runtime"), apart from the pod workers and
+/// probes, as a kubelet and its runtime are apart: neither starves the other, and the CPU
+/// each side spends can be told apart.
 pub struct LocalNode {
     pub node: Arc<Node>,
     socket: PathBuf,
     stop_server: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    threads: tokio::runtime::Runtime,
 }
 
 impl LocalNode {
@@ -377,16 +381,25 @@ impl LocalNode {
         events: Arc<dyn Recorder>,
         objects: Arc<dyn worker::Objects>,
     ) -> Result<LocalNode> {
+        let threads = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("wasmlet-runtime")
+            .enable_all()
+            .build()
+            .context("start the runtime's threads")?;
         let runtime = {
             let root = root.to_path_buf();
-            tokio::task::spawn_blocking(move || wasmlet_runtime::Runtime::open_with(root, options)).await??
+            threads.spawn_blocking(move || wasmlet_runtime::Runtime::open_with(root, options)).await??
         };
         std::fs::create_dir_all(run_dir).with_context(|| format!("create {}", run_dir.display()))?;
         let socket = run_dir.join(format!("kubelet-{}.sock", std::process::id()));
-        let listener =
-            wasmlet_runtime::server::bind(&socket).await.with_context(|| format!("bind {}", socket.display()))?;
         let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(wasmlet_runtime::server::serve(runtime, listener, async {
+        // Bound on the runtime's threads: the listener belongs to their I/O driver.
+        let listener = {
+            let socket = socket.clone();
+            threads.spawn(async move { wasmlet_runtime::server::bind(&socket).await }).await?
+        }
+        .with_context(|| format!("bind {}", socket.display()))?;
+        let server = threads.spawn(wasmlet_runtime::server::serve(runtime, listener, async {
             let _ = stopped.await;
         }));
         let channel = cri_proto::connect_unix(&socket).await.context("connect to the in-process CRI server")?;
@@ -408,7 +421,7 @@ impl LocalNode {
             allocatable_memory: Quantity::from_units(memory_total() as i128),
             runtime_events: tokio::sync::broadcast::channel(1024).0,
         });
-        let local = LocalNode { node, socket, stop_server, server };
+        let local = LocalNode { node, socket, stop_server, server, threads };
         local.collect_leftovers().await;
         Ok(local)
     }
@@ -431,6 +444,8 @@ impl LocalNode {
         let _ = self.stop_server.send(());
         let _ = self.server.await;
         let _ = std::fs::remove_file(&self.socket);
+        // (A runtime may not be dropped from async code, where this is called.)
+        self.threads.shutdown_background();
     }
 }
 

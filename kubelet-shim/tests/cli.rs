@@ -144,7 +144,6 @@ fn readme_demo_shows_every_feature() {
     let position = |text: &str| stdout.find(text).unwrap_or_else(|| panic!("no {text:?} in\n{stdout}\n{stderr}"));
     // The init container runs first, alone, and writes to the shared emptyDir.
     expect("init container", "Started container setup");
-    expect("init status", "Init:1/2");
     assert!(position("Started container setup") < position("Started container web"), "{stdout}");
     // The sidecar starts before the app containers and is stopped after them.
     expect("sidecar", "[demo/ticker] sidecar: still here");

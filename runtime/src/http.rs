@@ -25,8 +25,16 @@ pub fn port(spec: &GuestSpec, default: u16) -> u16 {
 struct Server {
     engine: wasmtime::Engine,
     pre: ProxyPre<P2State>,
+    /// The container's spec; its preopens are left out when the component imports no
+    /// filesystem (the wasi:http/proxy world has none), which saves opening each directory
+    /// for every request.
     spec: GuestSpec,
     meter: Arc<GuestMeter>,
+}
+
+/// Whether a component imports a wasi:filesystem interface.
+fn imports_filesystem(engine: &wasmtime::Engine, component: &wasmtime::component::Component) -> bool {
+    component.component_type().imports(engine).any(|(name, _)| name.starts_with("wasi:filesystem/"))
 }
 
 /// Binds a handler's listener (0.0.0.0 on its port) where the guest's sockets live: in the
@@ -64,6 +72,11 @@ pub async fn serve(
     };
     tracing::info!(%addr, "serving wasi:http");
     let mut stop = spec.stop.clone().unwrap_or_else(|| tokio::sync::watch::channel(false).1);
+    let mut spec = spec;
+    if !imports_filesystem(&engine, pre.instance_pre().component()) {
+        spec.preopens.clear();
+        spec.cwd = None;
+    }
     let server = Arc::new(Server { engine, pre, spec, meter });
     // Connections end with the server: the set aborts them when dropped.
     let mut connections = tokio::task::JoinSet::new();
@@ -178,5 +191,24 @@ impl wasmtime_wasi_http::WasiHttpHooks for Hooks {
             > + Send,
     > {
         Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_components_importing_a_filesystem_get_preopens() {
+        let engine = wasmtime::Engine::default();
+        let component = |wat: &str| wasmtime::component::Component::new(&engine, wat).unwrap();
+        let proxy = component(
+            r#"(component (import "wasi:cli/stdout@0.2.12" (instance)) (import "wasi:http/types@0.2.12" (instance)))"#,
+        );
+        assert!(!imports_filesystem(&engine, &proxy));
+        let files = component(
+            r#"(component (import "wasi:http/types@0.2.12" (instance)) (import "wasi:filesystem/preopens@0.2.12" (instance)))"#,
+        );
+        assert!(imports_filesystem(&engine, &files));
     }
 }

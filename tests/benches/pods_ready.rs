@@ -72,13 +72,23 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-/// CPU seconds (user + system) of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / 100.0
+/// CPU seconds (user + system) so far of a process's threads: the runtime's (named "wasm...":
+/// its CRI server, the guests and what serves them) and the kubelet's (the rest: pod workers,
+/// the probers' thread).
+fn cpu_seconds(pid: u32) -> (f64, f64) {
+    let (mut runtime, mut kubelet) = (0.0, 0.0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let (Ok(comm), Ok(stat)) =
+            (std::fs::read_to_string(task.path().join("comm")), std::fs::read_to_string(task.path().join("stat")))
+        else {
+            continue; // a thread that ended meanwhile
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let secs = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0;
+        if comm.starts_with("wasm") { runtime += secs } else { kubelet += secs }
+    }
+    (runtime, kubelet)
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -92,12 +102,14 @@ fn rss_mib(pid: u32) -> f64 {
     kb / 1024.0
 }
 
-/// CPU cores used by the process over `window`, and its resident memory at the end.
-fn measure(child: &Child, window: Duration) -> (f64, f64) {
+/// CPU cores used over `window` by the runtime's threads and by the kubelet's, and the
+/// resident memory at the end.
+fn measure(child: &Child, window: Duration) -> (f64, f64, f64) {
     let a = cpu_seconds(child.id());
     std::thread::sleep(window);
     let b = cpu_seconds(child.id());
-    ((b - a) / window.as_secs_f64(), rss_mib(child.id()))
+    let w = window.as_secs_f64();
+    ((b.0 - a.0) / w, (b.1 - a.1) / w, rss_mib(child.id()))
 }
 
 fn main() {
@@ -140,6 +152,7 @@ fn main() {
     );
 
     // 2. PODS pods kept Ready, with and without their probes.
+    let mut cores = Vec::new();
     for probe in [true, false] {
         let t0 = Instant::now();
         let (child, rx) = start(dir.path(), &manifest(pods, probe));
@@ -147,17 +160,27 @@ fn main() {
         let all_ready = t0.elapsed();
         // Let the start-up settle, then measure.
         std::thread::sleep(Duration::from_secs(5));
-        let (cores, rss) = measure(&child, window);
+        let (runtime, kubelet, rss) = measure(&child, window);
         println!(
-            "{pods} pods {}: all Ready after {:.1} s; then {:.1}% of one core over {} s, RSS {:.0} MiB ({:.1} KiB per pod)",
+            "{pods} pods {}: all Ready after {:.1} s; then {:.1}% of one core over {} s (kubelet threads {:.1}%, runtime threads {:.1}%), RSS {:.0} MiB ({:.1} KiB per pod)",
             if probe { "with a readiness probe each (periodSeconds 1)" } else { "without probes" },
             all_ready.as_secs_f64(),
-            cores * 100.0,
+            (runtime + kubelet) * 100.0,
             window.as_secs(),
+            kubelet * 100.0,
+            runtime * 100.0,
             rss,
             rss * 1024.0 / pods as f64
         );
+        cores.push((kubelet, runtime));
         stop(child);
     }
+    let (with, without) = (cores[0], cores[1]);
+    println!(
+        "probing {pods} pods every second: {:.1}% of one core in all; the kubelet's side (probers) {:.1}%, the pods answering (runtime) {:.1}%",
+        (with.0 + with.1 - without.0 - without.1) * 100.0,
+        (with.0 - without.0) * 100.0,
+        (with.1 - without.1) * 100.0
+    );
     let _ = std::fs::remove_dir_all(&run_dir);
 }

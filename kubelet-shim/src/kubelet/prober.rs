@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::core::v1::{Container, ExecAction, GRPCAction, HTTPGetAction, TCPSocketAction};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -56,13 +56,52 @@ pub async fn connect(
                 tokio::net::TcpSocket::new_v6()?
             }
         }
-        Some(path) => tokio::net::TcpSocket::from_std_stream(dial_thread(path.to_string(), addr.is_ipv4()).await?),
+        // On the probers' thread, which runs nothing else, the socket is made right here;
+        // elsewhere (hooks) it comes from the dialer thread.
+        Some(path) => match PROBER_THREAD_NETNS.with(|current| {
+            let mut current = current.borrow_mut();
+            current.as_mut().map(|current| socket_in(path, addr.is_ipv4(), current))
+        }) {
+            Some(made) => tokio::net::TcpSocket::from_std_stream(made?),
+            None => tokio::net::TcpSocket::from_std_stream(dial_thread(path.to_string(), addr.is_ipv4()).await?),
+        },
     };
     let made = match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
     };
     made.map_err(|e| std::io::Error::new(e.kind(), dial_error(addr, &e)))
+}
+
+thread_local! {
+    /// On the probers' thread: the inode of the network namespace it is in (0: its own).
+    /// Elsewhere None: no other thread of the kubelet may leave its namespace.
+    static PROBER_THREAD_NETNS: std::cell::RefCell<Option<u64>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `fut` on the probers' thread: one thread with a runtime of its own, where the probe
+/// tasks tick, dial and read, so that a probe crosses no thread (a socket inside a pod's
+/// namespace is made with one `setns` on the spot) and the probes' CPU is on one thread.
+pub fn spawn<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    static PROBERS: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    PROBERS
+        .get_or_init(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("probers' runtime");
+            let handle = rt.handle().clone();
+            std::thread::Builder::new()
+                .name("probers".into())
+                .spawn(move || {
+                    PROBER_THREAD_NETNS.with(|c| *c.borrow_mut() = Some(0));
+                    rt.block_on(std::future::pending::<()>());
+                })
+                .expect("start the probers' thread");
+            handle
+        })
+        .spawn(fut)
 }
 
 type DialRequest = (String, bool, tokio::sync::oneshot::Sender<std::io::Result<std::net::TcpStream>>);
@@ -143,6 +182,103 @@ fn dial_ns(ip: IpAddr, target: &Target) -> Option<&str> {
     (ip.to_string() == target.net.ip).then_some(target.net.netns.as_deref()).flatten()
 }
 
+/// Sends one request on a fresh connection and reads the answer: its status, its Location
+/// and up to MAX_OUTPUT bytes of its body (by Content-Length, chunks, or until the close). A
+/// plain HTTP/1.1 exchange of our own: one buffer, no connection task, for the thousands of
+/// probes a second a node sends.
+async fn exchange(mut stream: tokio::net::TcpStream, request: &[u8]) -> std::io::Result<(u16, Option<String>, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broken = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    stream.write_all(request).await?;
+    let mut buf: Vec<u8> = Vec::with_capacity(960);
+    // The head (1xx answers skipped).
+    let (status, location, framing, head_len) = loop {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut head = httparse::Response::new(&mut fields);
+        let len = match head.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => {
+                if stream.read_buf(&mut buf).await? == 0 {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "EOF"));
+                }
+                continue;
+            }
+            Ok(httparse::Status::Partial) => return Err(broken("server response headers exceeded 65536 bytes".into())),
+            Err(e) => return Err(broken(format!("malformed HTTP response: {e}"))),
+        };
+        let status = head.code.unwrap_or(0);
+        if (100..200).contains(&status) && status != 101 {
+            buf.drain(..len);
+            continue;
+        }
+        let field = |name: &str| {
+            head.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
+        };
+        let framing = if field("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().ends_with("chunked")) {
+            Framing::Chunked
+        } else if let Some(n) = field("content-length") {
+            Framing::Length(n.parse().map_err(|_| broken(format!("bad Content-Length {n:?}")))?)
+        } else {
+            Framing::UntilClose
+        };
+        break (status, field("location"), framing, len);
+    };
+    buf.drain(..head_len);
+    let mut body = Vec::new();
+    match framing {
+        Framing::Length(n) => {
+            let want = n.min(MAX_OUTPUT);
+            while buf.len() < want && stream.read_buf(&mut buf).await? > 0 {}
+            buf.truncate(want);
+            body = buf;
+        }
+        Framing::UntilClose => {
+            while buf.len() < MAX_OUTPUT && stream.read_buf(&mut buf).await? > 0 {}
+            buf.truncate(MAX_OUTPUT);
+            body = buf;
+        }
+        Framing::Chunked => {
+            // Each chunk: its size in hex, CRLF, the data, CRLF; a size of 0 ends the body.
+            'chunks: while body.len() < MAX_OUTPUT {
+                let (start, size) = loop {
+                    match httparse::parse_chunk_size(&buf) {
+                        Ok(httparse::Status::Complete((start, size))) => break (start, size as usize),
+                        Ok(httparse::Status::Partial) => {
+                            if stream.read_buf(&mut buf).await? == 0 {
+                                break 'chunks;
+                            }
+                        }
+                        Err(_) => return Err(broken("malformed chunked encoding".into())),
+                    }
+                };
+                if size == 0 {
+                    break;
+                }
+                while buf.len() < start + size && stream.read_buf(&mut buf).await? > 0 {}
+                let end = (start + size).min(buf.len());
+                body.extend_from_slice(&buf[start..end]);
+                if end < start + size {
+                    break;
+                }
+                while buf.len() < end + 2 && stream.read_buf(&mut buf).await? > 0 {}
+                buf.drain(..(end + 2).min(buf.len()));
+            }
+            body.truncate(MAX_OUTPUT);
+        }
+    }
+    Ok((status, location, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// How a response's body is delimited.
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
 /// A probe's result and the message that goes with it.
 pub type Result2 = (Outcome, String);
 
@@ -204,34 +340,12 @@ async fn get_once(
         let stream = connect(dial_ns(ip, target), addr, timeout)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("Get \"{url}\": {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        let conn = tokio::spawn(conn);
-        let mut req = http::Request::get(path).header(http::header::HOST, host_header);
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host_header}\r\n");
         for (k, v) in headers {
-            req = req.header(k.as_str(), v.as_str());
+            req.push_str(&format!("{k}: {v}\r\n"));
         }
-        req = req.header(http::header::CONNECTION, "close");
-        let req = req.body(Empty::<Bytes>::new()).map_err(std::io::Error::other)?;
-        let resp = sender.send_request(req).await.map_err(std::io::Error::other)?;
-        let status = resp.status().as_u16();
-        let location = resp.headers().get(http::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let mut body = resp.into_body();
-        let mut buf = Vec::new();
-        while buf.len() < MAX_OUTPUT {
-            match body.frame().await {
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        buf.extend_from_slice(&d);
-                    }
-                }
-                _ => break,
-            }
-        }
-        buf.truncate(MAX_OUTPUT);
-        conn.abort();
-        Ok((status, location, String::from_utf8_lossy(&buf).into_owned()))
+        req.push_str("Connection: close\r\n\r\n");
+        exchange(stream, req.as_bytes()).await.map_err(|e| std::io::Error::new(e.kind(), format!("Get \"{url}\": {e}")))
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
@@ -653,6 +767,71 @@ mod tests {
                 )
             )
         );
+    }
+
+    /// Answers one connection with `answer`, its first 256 bytes written in pieces of `piece`
+    /// bytes; returns the address and what the client sent.
+    async fn raw_server(answer: Vec<u8>, piece: usize) -> (SocketAddr, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 512];
+                let n = s.read(&mut b).await.unwrap();
+                got.extend_from_slice(&b[..n]);
+            }
+            // The first 256 bytes in pieces, then the rest; the client may close early.
+            let (first, rest) = answer.split_at(answer.len().min(256));
+            for part in first.chunks(piece).chain([rest]) {
+                if s.write_all(part).await.is_err() || s.flush().await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            String::from_utf8(got).unwrap()
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn http_exchange_reads_every_framing() {
+        let long = "x".repeat(MAX_OUTPUT + 100);
+        let cases: Vec<(String, u16, &str)> = vec![
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".into(), 200, "hello"),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;x=y\r\n, world\r\n0\r\n\r\n"
+                    .into(),
+                201,
+                "hello, world",
+            ),
+            ("HTTP/1.0 503 Service Unavailable\r\n\r\ndown until close".into(), 503, "down until close"),
+            (format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{long}", long.len()), 200, &long[..MAX_OUTPUT]),
+            (format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{long}\r\n0\r\n\r\n", long.len()), 200, &long[..MAX_OUTPUT]),
+        ];
+        for (answer, status, body) in cases {
+            // In pieces of 3 bytes: every boundary falls inside something.
+            let (addr, sent) = raw_server(answer.clone().into_bytes(), 3).await;
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let got = exchange(stream, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await.unwrap();
+            assert_eq!((got.0, got.2.as_str()), (status, body), "{answer:.80}");
+            assert!(sent.await.unwrap().starts_with("GET /x HTTP/1.1\r\nHost: h\r\n"));
+        }
+        let (addr, _) =
+            raw_server(b"HTTP/1.1 302 Found\r\nLocation: /next\r\nContent-Length: 0\r\n\r\n".to_vec(), 64).await;
+        let got =
+            exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!((got.0, got.1.as_deref()), (302, Some("/next")));
+        let (addr, _) = raw_server(b"SSH-2.0-OpenSSH\r\n\r\n".to_vec(), 64).await;
+        let err =
+            exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), b"GET / HTTP/1.1\r\n\r\n").await.unwrap_err();
+        assert!(err.to_string().starts_with("malformed HTTP response"), "{err}");
+        let (addr, _) = raw_server(Vec::new(), 1).await;
+        let err =
+            exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), b"GET / HTTP/1.1\r\n\r\n").await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

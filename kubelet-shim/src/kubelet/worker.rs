@@ -1011,7 +1011,7 @@ impl Worker {
                 wake: self.wake.clone(),
                 view: view.subscribe(),
             };
-            self.probe_tasks.insert(key, tokio::spawn(task.run()));
+            self.probe_tasks.insert(key, prober::spawn(task.run()));
         }
     }
 
