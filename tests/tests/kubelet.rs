@@ -394,6 +394,41 @@ spec:
 }
 
 #[test]
+fn https_probes_and_hooks_against_a_plain_http_server() {
+    // The handler speaks plain HTTP: an HTTPS probe fails as the kubelet's does, an HTTPS
+    // hook falls back to HTTP and says so.
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: tls}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: "http:1"
+    readinessProbe: {httpGet: {port: 8080, scheme: HTTPS}, periodSeconds: 1}
+    lifecycle:
+      postStart: {httpGet: {port: 8080, scheme: HTTPS, path: /hook}}
+"#,
+    );
+    let limit = Duration::from_secs(40);
+    let line = run.wait_for("the fallback", limit, |l| l.contains("LifecycleHTTPFallback"));
+    assert!(
+        line.contains("pod/tls/web") && line.contains(":8080 got HTTP response, retry with HTTP succeeded"),
+        "{line}"
+    );
+    let line = run.wait_for("a failed HTTPS probe", limit, |l| l.contains("Readiness probe failed:"));
+    assert!(
+        line.contains("Get \"https://") && line.ends_with(":8080/\": http: server gave HTTP response to HTTPS client"),
+        "{line}"
+    );
+    run.interrupt();
+    assert_eq!(run.finish(limit), 0, "{}", run.output());
+    assert!(!run.output().contains("FailedPostStartHook"), "{}", run.output());
+}
+
+#[test]
 fn a_failing_post_start_hook_kills_the_container_and_it_restarts() {
     let mut run = Run::start(
         r#"

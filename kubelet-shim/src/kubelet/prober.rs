@@ -3,6 +3,7 @@
 //! its own (rootless pods are reachable only from there), else to the pod IP.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -186,7 +187,10 @@ fn dial_ns(ip: IpAddr, target: &Target) -> Option<&str> {
 /// and up to MAX_OUTPUT bytes of its body (by Content-Length, chunks, or until the close). A
 /// plain HTTP/1.1 exchange of our own: one buffer, no connection task, for the thousands of
 /// probes a second a node sends.
-async fn exchange(mut stream: tokio::net::TcpStream, request: &[u8]) -> std::io::Result<(u16, Option<String>, String)> {
+async fn exchange(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    request: &[u8],
+) -> std::io::Result<(u16, Option<String>, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let broken = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     stream.write_all(request).await?;
@@ -323,10 +327,12 @@ pub async fn tcp(target: &Target, action: &TCPSocketAction, c: &Container, timeo
 pub const PROBE_AGENT: &str = "kube-probe/1.36";
 pub const LIFECYCLE_AGENT: &str = "kube-lifecycle/1.36";
 
-/// One HTTP/1.1 GET without keep-alive; returns the status, the location header and at most
-/// 10 KiB of the body.
+/// One GET on a fresh connection (TLS when `https`), without keep-alive; returns the status,
+/// the Location header and at most 10 KiB of the body.
+#[allow(clippy::too_many_arguments)]
 async fn get_once(
     target: &Target,
+    https: bool,
     ip: IpAddr,
     port: u16,
     host_header: &str,
@@ -335,7 +341,7 @@ async fn get_once(
     timeout: Duration,
 ) -> std::io::Result<(u16, Option<String>, String)> {
     let addr = SocketAddr::new(ip, port);
-    let url = format!("http://{addr}{path}");
+    let url = format!("{}://{addr}{path}", if https { "https" } else { "http" });
     let work = async {
         let stream = connect(dial_ns(ip, target), addr, timeout)
             .await
@@ -345,16 +351,136 @@ async fn get_once(
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("Connection: close\r\n\r\n");
-        exchange(stream, req.as_bytes()).await.map_err(|e| std::io::Error::new(e.kind(), format!("Get \"{url}\": {e}")))
+        let answer = if https {
+            let mut peek = FirstBytes { inner: stream, first: Vec::new() };
+            let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+            let answered = match tls_connector().connect(name, &mut peek).await {
+                Ok(tls) => Ok(exchange(tls, req.as_bytes()).await),
+                Err(e) => Err(e),
+            };
+            match answered {
+                Ok(answer) => answer,
+                // Go's wording, which the kubelet's HTTPS hooks look for to fall back to HTTP.
+                Err(_) if peek.first.starts_with(b"HTTP/") => {
+                    Err(std::io::Error::other("http: server gave HTTP response to HTTPS client"))
+                }
+                Err(e) => Err(std::io::Error::new(e.kind(), format!("tls: {e}"))),
+            }
+        } else {
+            exchange(stream, req.as_bytes()).await
+        };
+        answer.map_err(|e| std::io::Error::new(e.kind(), format!("Get \"{url}\": {e}")))
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!(
-                "Get \"http://{addr}{path}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
-            ),
+            format!("Get \"{url}\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)"),
         )),
+    }
+}
+
+/// TLS as the kubelet's probe and hook clients use it: the server's certificate is not
+/// verified (the handshake's signatures still are), and an IP address gets no SNI.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONNECTOR: std::sync::OnceLock<tokio_rustls::TlsConnector> = std::sync::OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("rustls protocol versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        })
+        .clone()
+}
+
+/// Accepts any certificate (Go's InsecureSkipVerify); checks the handshake's signatures.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A stream that keeps the first bytes read from it: what the server sent, when a TLS
+/// handshake fails.
+struct FirstBytes<S> {
+    inner: S,
+    first: Vec<u8>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstBytes<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let new = &buf.filled()[before..];
+        let take = new.len().min(8usize.saturating_sub(self.first.len()));
+        let head = new[..take].to_vec();
+        self.first.extend_from_slice(&head);
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstBytes<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -382,9 +508,7 @@ fn request_headers(action: &HTTPGetAction, agent: &str) -> (Vec<(String, String)
 /// httpGet for probes: 200-399 is success; redirects are followed to the same host only (at
 /// most 10), a redirect elsewhere is a warning.
 pub async fn http_probe(target: &Target, action: &HTTPGetAction, c: &Container, timeout: Duration) -> Result2 {
-    if action.scheme.as_deref() == Some("HTTPS") {
-        return (Outcome::Unknown, "HTTPS probes are not supported by wasmlet yet".into());
-    }
+    let mut https = action.scheme.as_deref() == Some("HTTPS");
     let (ip, port) = match endpoint(&action.port, action.host.as_deref(), c, target) {
         Ok(e) => e,
         Err(e) => return (Outcome::Unknown, e),
@@ -396,10 +520,11 @@ pub async fn http_probe(target: &Target, action: &HTTPGetAction, c: &Container, 
         path.insert(0, '/');
     }
     for _ in 0..=10 {
-        let (status, location, body) = match get_once(target, ip, port, &host_header, &path, &headers, timeout).await {
-            Ok(r) => r,
-            Err(e) => return (Outcome::Failure, e.to_string()),
-        };
+        let (status, location, body) =
+            match get_once(target, https, ip, port, &host_header, &path, &headers, timeout).await {
+                Ok(r) => r,
+                Err(e) => return (Outcome::Failure, e.to_string()),
+            };
         if (300..400).contains(&status)
             && let Some(loc) = location
         {
@@ -414,7 +539,10 @@ pub async fn http_probe(target: &Target, action: &HTTPGetAction, c: &Container, 
                         .map_or(host_header.as_str(), |(h, _)| h)
                         .trim_matches(['[', ']'])
                         || h == ip.to_string())
-                    .then(|| u.path_and_query().map_or("/".into(), |p| p.to_string()))
+                    .then(|| {
+                        https = u.scheme_str().map_or(https, |s| s.eq_ignore_ascii_case("https"));
+                        u.path_and_query().map_or("/".into(), |p| p.to_string())
+                    })
                 })
             };
             match same {
@@ -440,12 +568,28 @@ pub async fn http_hook(
     action: &HTTPGetAction,
     c: &Container,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let (ip, port) = endpoint(&action.port, action.host.as_deref(), c, target)?;
-    let (headers, host) = request_headers(action, LIFECYCLE_AGENT);
+    let (mut headers, host) = request_headers(action, LIFECYCLE_AGENT);
     let host_header = host.unwrap_or_else(|| SocketAddr::new(ip, port).to_string());
     let path = action.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
-    get_once(target, ip, port, &host_header, &path, &headers, timeout).await.map(|_| ()).map_err(|e| e.to_string())
+    let https = action.scheme.as_deref() == Some("HTTPS");
+    match get_once(target, https, ip, port, &host_header, &path, &headers, timeout).await {
+        Ok(_) => Ok(None),
+        // An HTTPS hook answered in plain HTTP is retried as HTTP, without Authorization; the
+        // fallback is reported when the retry gets an answer.
+        Err(e) if https && e.to_string().contains("server gave HTTP response to HTTPS client") => {
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
+            get_once(target, false, ip, port, &host_header, &path, &headers, timeout)
+                .await
+                .map_err(|_| e.to_string())?;
+            Ok(Some(format!(
+                "request to HTTPS lifecycle hook {} got HTTP response, retry with HTTP succeeded",
+                SocketAddr::new(ip, port)
+            )))
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -685,7 +829,7 @@ mod tests {
             format!("Get \"http://127.0.0.1:{closed}/\": dial tcp 127.0.0.1:{closed}: connect: connection refused")
         );
         // Any response is a hook's success.
-        assert!(http_hook(&target, &get("/down"), &c, t).await.is_ok());
+        assert_eq!(http_hook(&target, &get("/down"), &c, t).await, Ok(None));
     }
 
     /// A gRPC health server over h2c: SERVING for the service "", NOT_SERVING for "down",
@@ -832,6 +976,105 @@ mod tests {
         let err =
             exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), b"GET / HTTP/1.1\r\n\r\n").await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    /// An HTTPS server with a self-signed certificate (made by `openssl`) answering every
+    /// connection with 200 "secure"; its port.
+    async fn https_server(dir: &std::path::Path) -> u16 {
+        use rustls::pki_types::pem::PemObject;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-days", "1", "-subj", "/CN=pod", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl (apt-get install openssl)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap()],
+                rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else { return };
+                    let mut got = Vec::new();
+                    while !got.ends_with(b"\r\n\r\n") {
+                        let mut b = [0u8; 512];
+                        match tls.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure").await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn https_probes_skip_verification_and_hooks_fall_back_to_http() {
+        let tmp = tempfile::tempdir().unwrap();
+        let secure = https_server(tmp.path()).await;
+        let plain = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("plain"))))
+                });
+                loop {
+                    let Ok((s, _)) = l.accept().await else { return };
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+                    );
+                }
+            });
+            port
+        };
+        let target =
+            Target { net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None }, container_id: String::new() };
+        let c = Container { name: "web".into(), ..Default::default() };
+        let t = Duration::from_secs(2);
+        let https = |port: u16| HTTPGetAction {
+            port: IntOrString::Int(i32::from(port)),
+            scheme: Some("HTTPS".into()),
+            ..Default::default()
+        };
+        // A self-signed certificate is fine: the kubelet does not verify it.
+        assert_eq!(http_probe(&target, &https(secure), &c, t).await, (Outcome::Success, "secure".into()));
+        // An HTTPS probe to a plain HTTP server fails with Go's words.
+        assert_eq!(
+            http_probe(&target, &https(plain), &c, t).await,
+            (
+                Outcome::Failure,
+                format!("Get \"https://127.0.0.1:{plain}/\": http: server gave HTTP response to HTTPS client")
+            )
+        );
+        // An HTTPS hook to it is retried as HTTP, and the fallback is reported.
+        assert_eq!(http_hook(&target, &https(secure), &c, t).await, Ok(None));
+        assert_eq!(
+            http_hook(&target, &https(plain), &c, t).await,
+            Ok(Some(format!(
+                "request to HTTPS lifecycle hook 127.0.0.1:{plain} got HTTP response, retry with HTTP succeeded"
+            )))
+        );
     }
 
     #[test]

@@ -881,7 +881,10 @@ impl Worker {
             return Ok(());
         }
         if let Some(g) = &h.http_get {
-            return prober::http_hook(target, g, c, limit).await;
+            if let Some(fallback) = prober::http_hook(target, g, c, limit).await? {
+                self.event(Some(&c.name), Kind::Warning, "LifecycleHTTPFallback", fallback);
+            }
+            return Ok(());
         }
         if let Some(s) = &h.sleep {
             tokio::time::sleep(Duration::from_secs(s.seconds.max(0) as u64).min(limit)).await;
