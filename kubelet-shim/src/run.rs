@@ -146,7 +146,7 @@ impl Recorder for Printer {
             Kind::Warning => "Warning",
         };
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "  {kind:<8}{:<22}{object:<24}{}", e.reason, e.message);
+        let _ = writeln!(out, "  {kind:<8}{:<21} {object:<23} {}", e.reason, e.message);
     }
 }
 
@@ -420,6 +420,7 @@ impl LocalNode {
             allocatable_cpu: Quantity::from_units(std::thread::available_parallelism().map_or(1, |n| n.get()) as i128),
             allocatable_memory: Quantity::from_units(memory_total() as i128),
             runtime_events: tokio::sync::broadcast::channel(1024).0,
+            pulls: worker::Puller::default(),
         });
         let local = LocalNode { node, socket, stop_server, server, threads };
         local.collect_leftovers().await;

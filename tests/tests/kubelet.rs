@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use wasmlet_tests::{http_component, net_component, tool_module, wasmlet_bin};
+use wasmlet_tests::{RegistryServer, http_component, net_component, tool_module, wasmlet_bin};
 
 /// A `wasmlet run` process with its own root, and its output lines as they come.
 struct Run {
@@ -426,6 +426,84 @@ spec:
     run.interrupt();
     assert_eq!(run.finish(limit), 0, "{}", run.output());
     assert!(!run.output().contains("FailedPostStartHook"), "{}", run.output());
+}
+
+#[test]
+fn images_are_pulled_with_the_pull_secrets_and_back_off_without_them() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let registry = rt.block_on(RegistryServer::start_with_htpasswd("ada", "s3cret")).unwrap();
+    let image = format!("{}/demo/tool:1", registry.host);
+    let out = Command::new(wasmlet_bin())
+        .args(["image", "push"])
+        .arg(tool_module())
+        .arg(&image)
+        .args(["--username", "ada", "--password", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // "private" pulls with its secret; "nosecret" names a secret that does not exist and pulls
+    // (Always) anonymously, which the registry refuses.
+    let mut run = Run::start(&format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: regcred}}
+type: kubernetes.io/dockerconfigjson
+stringData:
+  .dockerconfigjson: '{{"auths": {{"{host}": {{"username": "ada", "password": "s3cret"}}}}}}'
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: private}}
+spec:
+  restartPolicy: Never
+  imagePullSecrets: [{{name: regcred}}]
+  containers:
+  - {{name: app, image: "{image}", args: [echo, pulled]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: nosecret}}
+spec:
+  imagePullSecrets: [{{name: missing}}]
+  containers:
+  - {{name: app, image: "{image}", imagePullPolicy: Always}}
+"#,
+        host = registry.host
+    ));
+    let limit = Duration::from_secs(60);
+    run.wait_for("the pull back-off", limit, |l| {
+        l.contains("pod/nosecret/app") && l.contains(&format!("Back-off pulling image \"{image}\""))
+    });
+    let out = run.output();
+    assert!(
+        out.lines().any(|l| l.starts_with("private ") && l.split_whitespace().nth(2) == Some("Completed")),
+        "{out}"
+    );
+    let line = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        out.lines().find(|l| pred(l)).unwrap_or_else(|| panic!("no line with {what} in\n{out}")).to_string()
+    };
+    let pulled = line("the pull", &|l| l.contains("pod/private/app") && l.contains("Successfully pulled"));
+    assert!(pulled.contains(&format!("Successfully pulled image \"{image}\" in ")), "{pulled}");
+    assert!(pulled.contains(" including waiting). Image size: ") && pulled.ends_with(" bytes."), "{pulled}");
+    assert!(run.logs("private", "app", false).contains("argv[2]=pulled"));
+    let missing = line("the missing secret", &|l| l.contains("FailedToRetrieveImagePullSecret"));
+    assert!(
+        missing.contains(" pod/nosecret ")
+            && missing.ends_with(
+                "Unable to retrieve some image pull secrets (missing); attempting to pull the image may not succeed."
+            ),
+        "{missing}"
+    );
+    assert!(
+        out.find("FailedToRetrieveImagePullSecret") < out.find("Pulling image"),
+        "the secrets are read before the pull:\n{out}"
+    );
+    let refused = line("a refused pull", &|l| l.contains("pod/nosecret/app") && l.contains("Failed to pull image"));
+    assert!(refused.contains(&registry.host), "the error names the registry: {refused}");
+    assert!(out.contains("ErrImagePull"), "{out}");
+    run.interrupt();
+    assert_eq!(run.finish(limit), 0, "{}", run.output());
 }
 
 #[test]

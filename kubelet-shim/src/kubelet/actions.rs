@@ -83,6 +83,20 @@ pub fn format_pod(pod: &Pod) -> String {
 
 /// A duration as Go prints it (`40s`, `5m0s`, `1.5s`).
 pub fn go_duration(d: Duration) -> String {
+    // Under a second Go uses the largest unit that keeps an integer part: 523ms, 1.5µs, 0s.
+    let ns = d.as_nanos();
+    if ns < 1_000_000_000 {
+        let (unit, size) = match ns {
+            0 => return "0s".into(),
+            1..1_000 => ("ns", 1),
+            1_000..1_000_000 => ("µs", 1_000),
+            _ => ("ms", 1_000_000),
+        };
+        let fraction = format!("{:09}", ns % size);
+        let fraction = fraction[9 - size.ilog10() as usize..].trim_end_matches('0');
+        let dot = if fraction.is_empty() { "" } else { "." };
+        return format!("{}{dot}{fraction}{unit}", ns / size);
+    }
     let secs = d.as_secs();
     let mut s = match d.subsec_millis() {
         0 => format!("{}s", secs % 60),
@@ -508,5 +522,10 @@ mod tests {
         assert_eq!(go_duration(Duration::from_secs(300)), "5m0s");
         assert_eq!(go_duration(Duration::from_secs(3725)), "1h2m5s");
         assert_eq!(go_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(go_duration(Duration::from_millis(523)), "523ms");
+        assert_eq!(go_duration(Duration::from_micros(1500)), "1.5ms");
+        assert_eq!(go_duration(Duration::from_nanos(1500)), "1.5µs");
+        assert_eq!(go_duration(Duration::from_nanos(7)), "7ns");
+        assert_eq!(go_duration(Duration::ZERO), "0s");
     }
 }

@@ -129,13 +129,18 @@ impl Cri {
         Ok(r.image.map(|i| (i.id, i.size)))
     }
 
-    pub async fn pull(&self, image: &str, sandbox: Option<cri::PodSandboxConfig>) -> Result<String, tonic::Status> {
+    pub async fn pull(
+        &self,
+        image: &str,
+        auth: Option<cri::AuthConfig>,
+        sandbox: Option<cri::PodSandboxConfig>,
+    ) -> Result<String, tonic::Status> {
         let r = self
             .img
             .clone()
             .pull_image(cri::PullImageRequest {
                 image: Some(cri::ImageSpec { image: image.to_string(), ..Default::default() }),
-                auth: None,
+                auth,
                 sandbox_config: sandbox,
             })
             .await?;

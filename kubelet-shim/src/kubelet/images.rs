@@ -66,9 +66,64 @@ pub fn decide(policy: PullPolicy, present: bool) -> PullDecision {
     }
 }
 
+/// The kubelet's pull rate limit (registryPullQPS 5, registryBurst 10): a token bucket that
+/// starts full. A pull without a token fails at once with "pull QPS exceeded" (ErrImagePull,
+/// then pull back-off), as the kubelet's throttled image service does; it does not wait.
+#[derive(Debug, Clone)]
+pub struct PullLimiter {
+    qps: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl PullLimiter {
+    pub const QPS: f64 = 5.0;
+    pub const BURST: f64 = 10.0;
+
+    pub fn new(qps: f64, burst: f64, now: std::time::Instant) -> PullLimiter {
+        PullLimiter { qps, burst, tokens: burst, last: now }
+    }
+
+    /// Takes a token if there is one.
+    pub fn try_accept(&mut self, now: std::time::Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.qps).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What a pull from the serialized puller took: the pull itself, and with the wait for the
+/// pulls queued before it (the two durations of the `Pulled` event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PullTimes {
+    pub pulling: std::time::Duration,
+    pub including_waiting: std::time::Duration,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pulls_are_limited_to_5_qps_with_a_burst_of_10() {
+        let t0 = std::time::Instant::now();
+        let mut l = PullLimiter::new(PullLimiter::QPS, PullLimiter::BURST, t0);
+        assert_eq!((0..12).filter(|_| l.try_accept(t0)).count(), 10, "the burst");
+        // A token every 200 ms after that.
+        assert!(!l.try_accept(t0 + std::time::Duration::from_millis(150)));
+        assert!(l.try_accept(t0 + std::time::Duration::from_millis(210)));
+        assert!(!l.try_accept(t0 + std::time::Duration::from_millis(300)));
+        // Idle time refills the bucket up to the burst, no further.
+        let later = t0 + std::time::Duration::from_secs(60);
+        assert_eq!((0..20).filter(|_| l.try_accept(later)).count(), 10);
+    }
 
     #[test]
     fn defaults_follow_the_tag() {

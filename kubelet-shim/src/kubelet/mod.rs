@@ -3,6 +3,7 @@
 
 pub mod actions;
 pub mod backoff;
+pub mod credentials;
 pub mod env;
 pub mod images;
 pub mod model;

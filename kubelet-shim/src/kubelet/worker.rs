@@ -14,6 +14,7 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 
 use super::actions::{self, KillReason, Plan, Start, format_pod};
 use super::backoff::Backoff;
+use super::credentials;
 use super::cri::{self as kcri, Cri, SandboxNetwork};
 use super::dns::{self, NodeDns};
 use super::env::{self, EnvSources};
@@ -67,6 +68,88 @@ pub struct Node {
     pub allocatable_memory: Quantity,
     /// Sandbox IDs of the runtime's container events (a worker wakes for its own).
     pub runtime_events: broadcast::Sender<String>,
+    /// Image pulls: one at a time (serializeImagePulls), within the pull rate limit.
+    pub pulls: Puller,
+}
+
+/// The node's image puller: pulls go one at a time, as with the kubelet's default
+/// serializeImagePulls, and each takes a token of the rate limit first.
+pub struct Puller {
+    queue: tokio::sync::Mutex<()>,
+    limiter: Mutex<images::PullLimiter>,
+}
+
+impl Default for Puller {
+    fn default() -> Self {
+        let limiter = images::PullLimiter::new(images::PullLimiter::QPS, images::PullLimiter::BURST, Instant::now());
+        Puller { queue: tokio::sync::Mutex::new(()), limiter: Mutex::new(limiter) }
+    }
+}
+
+impl Puller {
+    /// Pulls `image` through `cri` after the pulls queued before it, with each of `creds` in
+    /// turn (none: anonymously) until one works; the image reference and how long it took, or
+    /// every attempt's error.
+    pub async fn pull(
+        &self,
+        cri: &Cri,
+        image: &str,
+        creds: &[credentials::Credential],
+    ) -> Result<(String, images::PullTimes), String> {
+        let queued = Instant::now();
+        let _turn = self.queue.lock().await;
+        if !lock(&self.limiter).try_accept(Instant::now()) {
+            return Err("pull QPS exceeded".into());
+        }
+        let started = Instant::now();
+        let auths: Vec<Option<cri::AuthConfig>> = if creds.is_empty() {
+            vec![None]
+        } else {
+            creds
+                .iter()
+                .map(|c| {
+                    Some(cri::AuthConfig {
+                        username: c.username.clone(),
+                        password: c.password.clone(),
+                        auth: c.auth.clone(),
+                        server_address: c.server.clone(),
+                        identity_token: c.identity_token.clone(),
+                        registry_token: c.registry_token.clone(),
+                    })
+                })
+                .collect()
+        };
+        let mut errors = Vec::new();
+        for auth in auths {
+            match cri.pull(image, auth, None).await {
+                Ok(image_ref) => {
+                    let times = images::PullTimes { pulling: started.elapsed(), including_waiting: queued.elapsed() };
+                    return Ok((image_ref, times));
+                }
+                Err(e) => errors.push(e.message().to_string()),
+            }
+        }
+        // As Go's aggregate error reads: one error alone, else them all in brackets.
+        Err(if errors.len() == 1 { errors.remove(0) } else { format!("[{}]", errors.join(", ")) })
+    }
+
+    /// The keyring of a pod's imagePullSecrets, and the names of those that are missing.
+    pub fn keyring(objects: &dyn Objects, pod: &Pod) -> (credentials::Keyring, Vec<String>) {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let mut keyring = credentials::Keyring::default();
+        let mut missing = Vec::new();
+        for reference in model::spec(pod).image_pull_secrets.iter().flatten() {
+            match objects.secret(ns, &reference.name) {
+                Some(secret) => {
+                    if let Err(e) = keyring.add_secret(&secret) {
+                        tracing::warn!(secret = %reference.name, error = %e, "image pull secret skipped");
+                    }
+                }
+                None => missing.push(reference.name.clone()),
+            }
+        }
+        (keyring, missing)
+    }
 }
 
 impl Node {
@@ -134,6 +217,7 @@ pub fn spawn(node: Arc<Node>, pod: Pod) -> PodHandle {
         pod,
         backoff: Backoff::default(),
         pull_backoff: Backoff::default(),
+        missing_pull_secrets: Vec::new(),
         probes: Arc::new(Mutex::new(ProbeResults::default())),
         probe_tasks: HashMap::new(),
         views: HashMap::new(),
@@ -164,6 +248,9 @@ struct Worker {
     pod: Pod,
     backoff: Backoff,
     pull_backoff: Backoff,
+    /// The imagePullSecrets last reported missing (FailedToRetrieveImagePullSecret is told
+    /// once per change, not every sync).
+    missing_pull_secrets: Vec<String>,
     probes: Arc<Mutex<ProbeResults>>,
     probe_tasks: HashMap<(String, ProbeKind), tokio::task::JoinHandle<()>>,
     /// Per container name: what its probe tasks see.
@@ -590,6 +677,20 @@ impl Worker {
 
     /// Pulls the image as the policy says; returns the image reference.
     async fn ensure_image(&mut self, c: &Container) -> Result<String, SyncError> {
+        // The pod's pull secrets are read before anything is pulled, as the kubelet's sync does.
+        let (keyring, missing) = Puller::keyring(self.node.objects.as_ref(), &self.pod);
+        if !missing.is_empty() && missing != self.missing_pull_secrets {
+            self.event(
+                None,
+                Kind::Warning,
+                "FailedToRetrieveImagePullSecret",
+                format!(
+                    "Unable to retrieve some image pull secrets ({}); attempting to pull the image may not succeed.",
+                    missing.join(", ")
+                ),
+            );
+        }
+        self.missing_pull_secrets = missing;
         let image = images::with_default_tag(c.image.as_deref().unwrap_or_default());
         let shown = c.image.clone().unwrap_or_default();
         let present = self
@@ -623,24 +724,25 @@ impl Worker {
                     return Err(SyncError { reason: "ImagePullBackOff".into(), message });
                 }
                 self.event(Some(&c.name), Kind::Normal, "Pulling", format!("Pulling image \"{shown}\""));
-                let t0 = Instant::now();
-                match self.node.cri.pull(&image, None).await {
-                    Ok(r) => {
-                        let secs = t0.elapsed().as_secs_f64();
+                match self.node.pulls.pull(&self.node.cri, &image, &keyring.lookup(&image)).await {
+                    Ok((r, times)) => {
                         let size = self.node.cri.image_status(&image).await.ok().flatten().map_or(0, |p| p.1);
+                        // Go's durations, truncated to the millisecond.
+                        let ms = |d: Duration| actions::go_duration(Duration::from_millis(d.as_millis() as u64));
                         self.event(
                             Some(&c.name),
                             Kind::Normal,
                             "Pulled",
                             format!(
-                                "Successfully pulled image \"{shown}\" in {secs:.3}s ({secs:.3}s including waiting). Image size: {size} bytes."
+                                "Successfully pulled image \"{shown}\" in {} ({} including waiting). Image size: {size} bytes.",
+                                ms(times.pulling),
+                                ms(times.including_waiting)
                             ),
                         );
                         Ok(r)
                     }
-                    Err(s) => {
+                    Err(message) => {
                         self.pull_backoff.next(&key, now, now);
-                        let message = s.message().to_string();
                         self.event(
                             Some(&c.name),
                             Kind::Warning,
