@@ -226,6 +226,7 @@ pub fn spawn(node: Arc<Node>, pod: Pod) -> PodHandle {
         start_time: None,
         status: None,
         net: SandboxNetwork::default(),
+        net_of: None,
         terminal: false,
         deadline: false,
         out,
@@ -260,7 +261,10 @@ struct Worker {
     sync_errors: HashMap<String, SyncError>,
     start_time: Option<SystemTime>,
     status: Option<k8s_openapi::api::core::v1::PodStatus>,
+    /// The pod's network (IP, namespace) as probes and hooks dial it, and the sandbox it was
+    /// read from: read again when the sandbox changes, whoever created it.
     net: SandboxNetwork,
+    net_of: Option<String>,
     /// Nothing more will run (completed, failed, or deleted).
     terminal: bool,
     deadline: bool,
@@ -329,6 +333,15 @@ impl Worker {
                     continue;
                 }
             };
+            // A sandbox this worker did not create (one left running when the kubelet side
+            // restarted): its network is read once, for the probes and hooks that dial it.
+            if let Some(sandbox) = observed.sandbox.as_ref().filter(|s| s.ready)
+                && self.net_of.as_deref() != Some(sandbox.id.as_str())
+                && let Ok(net) = self.node.cri.sandbox_network(&sandbox.id).await
+            {
+                self.net = net;
+                self.net_of = Some(sandbox.id.clone());
+            }
             if let Some(grace) = deleting {
                 self.terminate(&observed, grace, true).await;
                 let observed = self.node.cri.observe(&self.uid).await.unwrap_or_default();
@@ -614,6 +627,7 @@ impl Worker {
             .into_inner()
             .pod_sandbox_id;
         self.net = self.node.cri.sandbox_network(&id).await.map_err(|s| s.message().to_string())?;
+        self.net_of = Some(id.clone());
         // The kubelet-managed /etc/hosts, mounted into every container.
         let spec = model::spec(&self.pod);
         let hosts = if spec.host_network == Some(true) {
