@@ -421,6 +421,7 @@ impl LocalNode {
             allocatable_memory: Quantity::from_units(memory_total() as i128),
             runtime_events: tokio::sync::broadcast::channel(1024).0,
             pulls: worker::Puller::default(),
+            memory_root: memory_root(run_dir),
         });
         let local = LocalNode { node, socket, stop_server, server, threads };
         local.collect_leftovers().await;
@@ -445,8 +446,23 @@ impl LocalNode {
         let _ = self.stop_server.send(());
         let _ = self.server.await;
         let _ = std::fs::remove_file(&self.socket);
+        // Gone if empty: each pod removed its own.
+        let _ = std::fs::remove_dir(&self.node.memory_root);
         // (A runtime may not be dropped from async code, where this is called.)
         self.threads.shutdown_background();
+    }
+}
+
+/// A directory on a tmpfs for memory-backed emptyDirs: in the run directory when that is a
+/// tmpfs (the default one is, in /dev/shm), else in /dev/shm under a name of its own.
+fn memory_root(run_dir: &Path) -> PathBuf {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let tmpfs = rustix::fs::statfs(run_dir).is_ok_and(|s| s.f_type == TMPFS_MAGIC);
+    if tmpfs {
+        run_dir.join("kubelet-memory")
+    } else {
+        let key = wasmlet_images::sha256_digest(run_dir.display().to_string().as_bytes());
+        PathBuf::from(format!("/dev/shm/wasmlet-memory-{}", &key[7..23]))
     }
 }
 
@@ -538,16 +554,18 @@ struct LogTail {
 impl LogTail {
     /// The lines completed since the last read (a missing file reads as empty).
     fn read(&mut self, file: &Path) -> Vec<String> {
-        let bytes = std::fs::read(file).unwrap_or_default();
+        use std::io::{Read, Seek};
         let mut lines = Vec::new();
-        if bytes.len() <= self.offset {
+        // What was written since the last read.
+        let mut bytes = Vec::new();
+        let Ok(mut f) = std::fs::File::open(file) else { return lines };
+        if f.seek(std::io::SeekFrom::Start(self.offset as u64)).is_err() || f.read_to_end(&mut bytes).is_err() {
             return lines;
         }
         // Only whole entries: a writer may be half-way through the last one.
-        let Some(end) = bytes[self.offset..].iter().rposition(|b| *b == b'\n') else { return lines };
-        let end = self.offset + end + 1;
-        let text = String::from_utf8_lossy(&bytes[self.offset..end]).into_owned();
-        self.offset = end;
+        let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else { return lines };
+        let text = String::from_utf8_lossy(&bytes[..=end]).into_owned();
+        self.offset += end + 1;
         for entry in text.lines() {
             // <time> <stream> <P|F> <content>
             let mut f = entry.splitn(4, ' ');

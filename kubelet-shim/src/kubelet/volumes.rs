@@ -26,6 +26,8 @@ pub struct Sources<'a> {
     pub node_name: &'a str,
     pub allocatable_cpu: Quantity,
     pub allocatable_memory: Quantity,
+    /// The pod's directory on a tmpfs, for `medium: Memory` emptyDirs.
+    pub memory_dir: &'a Path,
 }
 
 /// A file of a projected volume: relative path, bytes and mode.
@@ -126,11 +128,20 @@ pub fn setup(pod: &Pod, pod_dir: &Path, v: &Volume, s: &Sources<'_>) -> Result<R
     if let Some((kind, _)) = other {
         return Err(fail(format!("volume type {kind} is not supported by wasmlet")));
     }
-    {}
     // emptyDir, or a volume with no source: a 0777 directory that lives as long as the pod.
+    // `medium: Memory` puts it on a tmpfs (the node's memory directory), linked from the usual
+    // place; the runtime resolves the link when it mounts it. (Its sizeLimit is not enforced:
+    // the tmpfs is shared, not one mount per volume.)
     let dir = volume_dir(pod_dir, "empty-dir", name);
-    fs::create_dir_all(&dir).map_err(|e| fail(io("create", &dir, e).0))?;
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).map_err(|e| fail(io("chmod", &dir, e).0))?;
+    let memory = v.empty_dir.as_ref().and_then(|e| e.medium.as_deref()) == Some("Memory");
+    let real = if memory { s.memory_dir.join(name) } else { dir.clone() };
+    fs::create_dir_all(&real).map_err(|e| fail(io("create", &real, e).0))?;
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o777)).map_err(|e| fail(io("chmod", &real, e).0))?;
+    if memory && fs::symlink_metadata(&dir).is_err() {
+        let parent = dir.parent().unwrap_or(pod_dir);
+        fs::create_dir_all(parent).map_err(|e| fail(io("create", parent, e).0))?;
+        std::os::unix::fs::symlink(&real, &dir).map_err(|e| fail(io("link", &dir, e).0))?;
+    }
     Ok(Ready { host_path: dir, read_only: false })
 }
 
@@ -398,6 +409,43 @@ mod tests {
         assert!(!dir.join(&first).exists(), "the old version is removed");
         assert!(!dir.join("..data_tmp").exists());
         assert!(write_atomic(&dir, &payload(&[("../x", "", 0o644)])).is_err());
+    }
+
+    #[test]
+    fn memory_empty_dirs_live_in_the_memory_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (pod_dir, memory_dir) = (tmp.path().join("pod"), tmp.path().join("shm/uid"));
+        let (no_maps, no_secrets) = (|_: &str| None, |_: &str| None);
+        let s = Sources {
+            config_maps: &no_maps,
+            secrets: &no_secrets,
+            pod_ips: &[],
+            host_ips: &[],
+            node_name: "n",
+            allocatable_cpu: Quantity::from_units(1),
+            allocatable_memory: Quantity::from_units(1),
+            memory_dir: &memory_dir,
+        };
+        let volume = |medium: Option<&str>| Volume {
+            name: "cache".into(),
+            empty_dir: Some(k8s_openapi::api::core::v1::EmptyDirVolumeSource {
+                medium: medium.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let pod = Pod::default();
+        let ready = setup(&pod, &pod_dir, &volume(Some("Memory")), &s).unwrap();
+        assert_eq!(ready, location(&pod_dir, &volume(Some("Memory"))));
+        assert_eq!(fs::read_link(&ready.host_path).unwrap(), memory_dir.join("cache"));
+        fs::write(ready.host_path.join("f"), "x").unwrap();
+        assert_eq!(fs::read_to_string(memory_dir.join("cache/f")).unwrap(), "x");
+        // Set up again (every sync does): the same link, the contents kept.
+        assert_eq!(setup(&pod, &pod_dir, &volume(Some("Memory")), &s).unwrap(), ready);
+        assert!(memory_dir.join("cache/f").exists());
+        // The default medium is a plain directory in the pod's.
+        let disk = setup(&pod, &tmp.path().join("pod2"), &volume(None), &s).unwrap();
+        assert!(fs::symlink_metadata(&disk.host_path).unwrap().is_dir());
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct Node {
     pub runtime_events: broadcast::Sender<String>,
     /// Image pulls: one at a time (serializeImagePulls), within the pull rate limit.
     pub pulls: Puller,
+    /// A directory on a tmpfs, for the pods' `medium: Memory` emptyDirs.
+    pub memory_root: PathBuf,
 }
 
 /// The node's image puller: pulls go one at a time, as with the kubelet's default
@@ -185,6 +187,11 @@ impl Node {
 
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.root.join("pods").join(uid)
+    }
+
+    /// Where a pod's `medium: Memory` emptyDirs live: on a tmpfs.
+    pub fn memory_dir(&self, uid: &str) -> PathBuf {
+        self.memory_root.join(uid)
     }
 }
 
@@ -648,6 +655,7 @@ impl Worker {
         secrets: &'a dyn Fn(&str) -> Option<Secret>,
         pod_ips: &'a [String],
         host_ips: &'a [String],
+        memory_dir: &'a std::path::Path,
     ) -> volumes::Sources<'a> {
         volumes::Sources {
             config_maps: cms,
@@ -657,6 +665,7 @@ impl Worker {
             node_name: &self.node.node_name,
             allocatable_cpu: self.node.allocatable_cpu,
             allocatable_memory: self.node.allocatable_memory,
+            memory_dir,
         }
     }
 
@@ -674,9 +683,10 @@ impl Worker {
         let secrets = |n: &str| objects.secret(&ns, n);
         let (pod_ips, host_ips) = self.ips();
         let dir = self.node.pod_dir(&self.uid);
+        let memory_dir = self.node.memory_dir(&self.uid);
         let mut failed = Vec::new();
         {
-            let sources = self.sources(&cms, &secrets, &pod_ips, &host_ips);
+            let sources = self.sources(&cms, &secrets, &pod_ips, &host_ips, &memory_dir);
             for v in model::spec(&self.pod).volumes.iter().flatten() {
                 if let Err(e) = volumes::setup(&self.pod, &dir, v, &sources) {
                     failed.push(e.0);
@@ -1102,6 +1112,7 @@ impl Worker {
             }
         }
         let _ = std::fs::remove_dir_all(self.node.pod_dir(&self.uid));
+        let _ = std::fs::remove_dir_all(self.node.memory_dir(&self.uid));
     }
 
     /// Starts the probe tasks of a container that has probes (once).
