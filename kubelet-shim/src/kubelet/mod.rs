@@ -14,6 +14,7 @@ pub mod status;
 pub mod cri;
 pub mod dns;
 pub mod events;
+pub mod http1;
 pub mod prober;
 #[cfg(test)]
 mod testutil;
