@@ -113,10 +113,12 @@ async fn exchange(
                 if size == 0 {
                     break;
                 }
-                while buf.len() < start + size && stream.read_buf(&mut buf).await? > 0 {}
-                let end = (start + size).min(buf.len());
+                // No more than the body still has room for: a server may announce any size.
+                let wanted = start + size.min(MAX_OUTPUT - body.len());
+                while buf.len() < wanted && stream.read_buf(&mut buf).await? > 0 {}
+                let end = wanted.min(buf.len());
                 body.extend_from_slice(&buf[start..end]);
-                if end < start + size {
+                if end - start < size {
                     break;
                 }
                 while buf.len() < end + 2 && stream.read_buf(&mut buf).await? > 0 {}
@@ -295,6 +297,17 @@ mod tests {
             assert_eq!((got.status, got.body.as_str()), (status, body), "{answer:.80}");
             assert!(sent.await.unwrap().starts_with("GET /x HTTP/1.1\r\nHost: h\r\n"));
         }
+        // A 1xx head and the answer in one piece: the answer is parsed from what was read.
+        let (addr, _) = raw_server(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n".to_vec(), 256).await;
+        let got =
+            exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(got.status, 204);
+        // A chunk announced larger than anything: read up to the limit, no further.
+        let answer = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n{long}");
+        let (addr, _) = raw_server(answer.into_bytes(), 256).await;
+        let got =
+            exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(got.body, long[..MAX_OUTPUT]);
         let (addr, _) =
             raw_server(b"HTTP/1.1 302 Found\r\nLocation: /next\r\nContent-Length: 0\r\n\r\n".to_vec(), 64).await;
         let got =
