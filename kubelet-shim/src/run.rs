@@ -505,15 +505,7 @@ pub async fn logs(root: &Path, pod: &str, container: Option<&str>, follow: bool,
         }
     };
     let cdir = dir.join(&container);
-    let newest = |skip: usize| -> Option<PathBuf> {
-        let mut logs: Vec<(u32, PathBuf)> = std::fs::read_dir(&cdir)
-            .ok()?
-            .flatten()
-            .filter_map(|e| Some((e.file_name().to_string_lossy().strip_suffix(".log")?.parse().ok()?, e.path())))
-            .collect();
-        logs.sort();
-        logs.into_iter().rev().nth(skip).map(|(_, p)| p)
-    };
+    let newest = |skip: usize| container_logs(&cdir).into_iter().rev().nth(skip);
     let Some(mut file) = newest(usize::from(previous)) else {
         bail!("container \"{container}\" in pod \"{pod}\" has no {}log", if previous { "previous " } else { "" })
     };
@@ -541,6 +533,18 @@ pub async fn logs(root: &Path, pod: &str, container: Option<&str>, follow: bool,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A container's log files (`<restart count>.log`), oldest first.
+fn container_logs(dir: &Path) -> Vec<PathBuf> {
+    let mut logs: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_string_lossy().strip_suffix(".log")?.parse().ok()?, e.path())))
+        .collect();
+    logs.sort();
+    logs.into_iter().map(|(_, p)| p).collect()
 }
 
 /// Reads a CRI log file as it grows: how far it has been read, and a line begun with partial
@@ -605,16 +609,7 @@ impl LogFollower {
             let pod = dir_name.split('_').nth(1).unwrap_or_default().to_string();
             for container in std::fs::read_dir(pod_dir.path()).into_iter().flatten().flatten() {
                 let name = container.file_name().to_string_lossy().into_owned();
-                let mut files: Vec<(u32, PathBuf)> = std::fs::read_dir(container.path())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter_map(|e| {
-                        Some((e.file_name().to_string_lossy().strip_suffix(".log")?.parse().ok()?, e.path()))
-                    })
-                    .collect();
-                files.sort();
-                for (_, file) in files {
+                for file in container_logs(&container.path()) {
                     for line in self.tails.entry(file.clone()).or_default().read(&file) {
                         let _ = writeln!(out, "  [{pod}/{name}] {line}");
                     }

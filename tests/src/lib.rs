@@ -543,6 +543,17 @@ enum Auth<'a> {
     Token(&'a str, &'a str),
 }
 
+/// `wasmlet image push FILE REF --username USER --password PASSWORD`, as it ended.
+pub fn push_as(file: &Path, reference: &str, user: &str, password: &str) -> std::process::Output {
+    Command::new(wasmlet_bin())
+        .args(["image", "push"])
+        .arg(file)
+        .arg(reference)
+        .args(["--username", user, "--password", password])
+        .output()
+        .expect("run wasmlet image push")
+}
+
 /// `wasmlet image push FILE REF`; returns the manifest digest.
 pub fn push(file: &Path, reference: &str) -> Result<String> {
     let out = Command::new(wasmlet_bin()).args(["image", "push"]).arg(file).arg(reference).output()?;

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use wasmlet_tests::{RegistryServer, http_component, net_component, tool_module, wasmlet_bin};
+use wasmlet_tests::{RegistryServer, http_component, net_component, push_as, tool_module, wasmlet_bin};
 
 /// A `wasmlet run` process with its own root, and its output lines as they come.
 struct Run {
@@ -433,13 +433,7 @@ fn images_are_pulled_with_the_pull_secrets_and_back_off_without_them() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let registry = rt.block_on(RegistryServer::start_with_htpasswd("ada", "s3cret")).unwrap();
     let image = format!("{}/demo/tool:1", registry.host);
-    let out = Command::new(wasmlet_bin())
-        .args(["image", "push"])
-        .arg(tool_module())
-        .arg(&image)
-        .args(["--username", "ada", "--password", "s3cret"])
-        .output()
-        .unwrap();
+    let out = push_as(tool_module(), &image, "ada", "s3cret");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // "private" pulls with its secret; "nosecret" names a secret that does not exist and pulls
     // (Always) anonymously, which the registry refuses.

@@ -131,13 +131,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 async fn registry_auth_from_the_cri_auth_config() {
     let registry = RegistryServer::start_with_htpasswd("alice", "s3cret").await.unwrap();
     let reference = format!("{}/private/tool:1", registry.host);
-    let out = std::process::Command::new(wasmlet_bin())
-        .args(["image", "push"])
-        .arg(tool_module())
-        .arg(&reference)
-        .args(["--username", "alice", "--password", "s3cret"])
-        .output()
-        .unwrap();
+    let out = push_as(tool_module(), &reference, "alice", "s3cret");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let server = Server::start().await.unwrap();
     let mut img = server.images().await;
@@ -169,15 +163,7 @@ async fn bearer_token_flow_from_the_cri_auth_config() {
     let registry = RegistryServer::start_with_token("bob", "t0ken").await.unwrap();
     let token = registry.token.as_ref().unwrap();
     let reference = format!("{}/private/tool:1", registry.host);
-    let push = |password: &str| {
-        std::process::Command::new(wasmlet_bin())
-            .args(["image", "push"])
-            .arg(tool_module())
-            .arg(&reference)
-            .args(["--username", "bob", "--password", password])
-            .output()
-            .unwrap()
-    };
+    let push = |password: &str| push_as(tool_module(), &reference, "bob", password);
     let refused = push("wrong");
     assert!(!refused.status.success());
     let says = String::from_utf8_lossy(&refused.stderr);

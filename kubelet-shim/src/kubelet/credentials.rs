@@ -3,27 +3,17 @@
 //! by registry host (with `*` globs per dot-separated part, and the port) and path prefix, most
 //! specific first. The pull tries each match in turn, then fails with all their errors.
 
-use k8s_openapi::api::core::v1::Secret;
+use cri_proto::v1::AuthConfig;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use serde_json::Value;
 
 use super::env::secret_data;
 
-/// One credential for a registry, as the CRI's AuthConfig carries it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Credential {
-    pub username: String,
-    pub password: String,
-    /// base64 of "user:password", when the config gives that form.
-    pub auth: String,
-    pub server: String,
-    pub identity_token: String,
-    pub registry_token: String,
-}
-
-/// Credentials keyed by the registry they are for (`host[:port][/path]`).
+/// Credentials, as the CRI's AuthConfig carries them, keyed by the registry they are for
+/// (`host[:port][/path]`).
 #[derive(Debug, Clone, Default)]
 pub struct Keyring {
-    entries: Vec<(Key, Credential)>,
+    entries: Vec<(Key, AuthConfig)>,
 }
 
 /// A keyring key: host parts (each may hold `*`), port, path prefix.
@@ -109,11 +99,11 @@ impl Keyring {
         let Value::Object(registries) = registries else { return Err("invalid docker config: no registries".into()) };
         for (registry, entry) in registries {
             let text = |k: &str| entry.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-            let mut c = Credential {
+            let mut c = AuthConfig {
                 username: text("username"),
                 password: text("password"),
                 auth: text("auth"),
-                server: registry.clone(),
+                server_address: registry.clone(),
                 identity_token: text("identitytoken"),
                 registry_token: text("registrytoken"),
             };
@@ -129,12 +119,30 @@ impl Keyring {
     }
 
     /// The credentials for `image`, most specific registry key first.
-    pub fn lookup(&self, image: &str) -> Vec<Credential> {
+    pub fn lookup(&self, image: &str) -> Vec<AuthConfig> {
         let key = image_key(image);
-        let mut found: Vec<&(Key, Credential)> = self.entries.iter().filter(|(k, _)| k.matches(&key)).collect();
+        let mut found: Vec<&(Key, AuthConfig)> = self.entries.iter().filter(|(k, _)| k.matches(&key)).collect();
         found.sort_by_key(|(k, _)| std::cmp::Reverse(k.weight()));
         found.into_iter().map(|(_, c)| c.clone()).collect()
     }
+}
+
+/// The keyring of a pod's imagePullSecrets (`secret` finds one by name in the pod's
+/// namespace), and the names of those that are missing.
+pub fn pod_keyring(pod: &Pod, secret: &dyn Fn(&str) -> Option<Secret>) -> (Keyring, Vec<String>) {
+    let mut keyring = Keyring::default();
+    let mut missing = Vec::new();
+    for reference in pod.spec.iter().flat_map(|s| s.image_pull_secrets.iter().flatten()) {
+        match secret(&reference.name) {
+            Some(s) => {
+                if let Err(e) = keyring.add_secret(&s) {
+                    tracing::warn!(secret = %reference.name, error = %e, "image pull secret skipped");
+                }
+            }
+            None => missing.push(reference.name.clone()),
+        }
+    }
+    (keyring, missing)
 }
 
 fn decode_auth(auth: &str) -> Option<(String, String)> {

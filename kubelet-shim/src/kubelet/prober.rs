@@ -107,9 +107,9 @@ where
 
 type DialRequest = (String, bool, tokio::sync::oneshot::Sender<std::io::Result<std::net::TcpStream>>);
 
-/// Sockets inside pods' namespaces come from one thread of its own, which moves from pod to
-/// pod (it never runs anything else, so it need not go back): one `setns` per socket, no
-/// hand-off to the blocking pool, for thousands of probes a second.
+/// Sockets inside pods' namespaces for code off the probers' thread (hooks) come from one
+/// thread of its own, which moves from pod to pod (it never runs anything else, so it need not
+/// go back).
 async fn dial_thread(netns: String, v4: bool) -> std::io::Result<std::net::TcpStream> {
     static DIALER: std::sync::OnceLock<std::sync::mpsc::Sender<DialRequest>> = std::sync::OnceLock::new();
     let tx = DIALER.get_or_init(|| {
@@ -130,8 +130,9 @@ async fn dial_thread(netns: String, v4: bool) -> std::io::Result<std::net::TcpSt
     answer.await.map_err(|_| std::io::Error::other("the netns dialer thread is gone"))?
 }
 
-/// A TCP socket created inside the namespace at `netns`, from the dialer thread, which is in
-/// the namespace with inode `current` (0: its own) and stays where it moves.
+/// A TCP socket created inside the namespace at `netns`, from a thread that runs nothing
+/// else (the probers' or the dialer), which is in the namespace with inode `current` (0: its
+/// own) and stays where it moves.
 fn socket_in(netns: &str, v4: bool, current: &mut u64) -> std::io::Result<std::net::TcpStream> {
     use rustix::fs::{Mode, OFlags, open};
     use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};

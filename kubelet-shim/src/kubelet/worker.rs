@@ -96,7 +96,7 @@ impl Puller {
         &self,
         cri: &Cri,
         image: &str,
-        creds: &[credentials::Credential],
+        creds: Vec<cri::AuthConfig>,
     ) -> Result<(String, images::PullTimes), String> {
         let queued = Instant::now();
         let _turn = self.queue.lock().await;
@@ -104,23 +104,8 @@ impl Puller {
             return Err("pull QPS exceeded".into());
         }
         let started = Instant::now();
-        let auths: Vec<Option<cri::AuthConfig>> = if creds.is_empty() {
-            vec![None]
-        } else {
-            creds
-                .iter()
-                .map(|c| {
-                    Some(cri::AuthConfig {
-                        username: c.username.clone(),
-                        password: c.password.clone(),
-                        auth: c.auth.clone(),
-                        server_address: c.server.clone(),
-                        identity_token: c.identity_token.clone(),
-                        registry_token: c.registry_token.clone(),
-                    })
-                })
-                .collect()
-        };
+        let auths: Vec<Option<cri::AuthConfig>> =
+            if creds.is_empty() { vec![None] } else { creds.into_iter().map(Some).collect() };
         let mut errors = Vec::new();
         for auth in auths {
             match cri.pull(image, auth, None).await {
@@ -133,24 +118,6 @@ impl Puller {
         }
         // As Go's aggregate error reads: one error alone, else them all in brackets.
         Err(if errors.len() == 1 { errors.remove(0) } else { format!("[{}]", errors.join(", ")) })
-    }
-
-    /// The keyring of a pod's imagePullSecrets, and the names of those that are missing.
-    pub fn keyring(objects: &dyn Objects, pod: &Pod) -> (credentials::Keyring, Vec<String>) {
-        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let mut keyring = credentials::Keyring::default();
-        let mut missing = Vec::new();
-        for reference in model::spec(pod).image_pull_secrets.iter().flatten() {
-            match objects.secret(ns, &reference.name) {
-                Some(secret) => {
-                    if let Err(e) = keyring.add_secret(&secret) {
-                        tracing::warn!(secret = %reference.name, error = %e, "image pull secret skipped");
-                    }
-                }
-                None => missing.push(reference.name.clone()),
-            }
-        }
-        (keyring, missing)
     }
 }
 
@@ -702,7 +669,7 @@ impl Worker {
     /// Pulls the image as the policy says; returns the image reference.
     async fn ensure_image(&mut self, c: &Container) -> Result<String, SyncError> {
         // The pod's pull secrets are read before anything is pulled, as the kubelet's sync does.
-        let (keyring, missing) = Puller::keyring(self.node.objects.as_ref(), &self.pod);
+        let (keyring, missing) = credentials::pod_keyring(&self.pod, &|n| self.node.objects.secret(self.ns(), n));
         if !missing.is_empty() && missing != self.missing_pull_secrets {
             self.event(
                 None,
@@ -748,7 +715,7 @@ impl Worker {
                     return Err(SyncError { reason: "ImagePullBackOff".into(), message });
                 }
                 self.event(Some(&c.name), Kind::Normal, "Pulling", format!("Pulling image \"{shown}\""));
-                match self.node.pulls.pull(&self.node.cri, &image, &keyring.lookup(&image)).await {
+                match self.node.pulls.pull(&self.node.cri, &image, keyring.lookup(&image)).await {
                     Ok((r, times)) => {
                         let size = self.node.cri.image_status(&image).await.ok().flatten().map_or(0, |p| p.1);
                         // Go's durations, truncated to the millisecond.
