@@ -115,6 +115,9 @@ pub struct GuestMeter {
     /// Memory limit in bytes; 0 means none.
     pub memory_limit: AtomicU64,
     oom: AtomicBool,
+    /// The guest put a TCP socket in listening mode: it is a server, which can see its
+    /// listener close when it is asked to stop.
+    pub listening: AtomicBool,
 }
 
 /// How a guest ended, before it is mapped to CRI exit codes and reasons.
@@ -375,7 +378,7 @@ impl WasmEngine {
         let netns = spec.net.netns();
         let metered = Metered {
             inner: Box::pin(async move {
-                let mut wasi = match build_wasi(&spec) {
+                let mut wasi = match build_wasi(&spec, &m) {
                     Ok(w) => w,
                     Err(e) => return Outcome::StartFailed(e),
                 };
@@ -505,7 +508,7 @@ fn classify(result: RunResult, meter: &GuestMeter) -> Outcome {
     }
 }
 
-pub(crate) fn build_wasi(spec: &GuestSpec) -> std::result::Result<WasiCtxBuilder, String> {
+pub(crate) fn build_wasi(spec: &GuestSpec, meter: &Arc<GuestMeter>) -> std::result::Result<WasiCtxBuilder, String> {
     let mut b = WasiCtxBuilder::new();
     b.args(&spec.args).envs(&spec.env).stdout(spec.stdout.clone()).stderr(spec.stderr.clone());
     // Not allowed: with it, wasmtime-wasi's preview 1 poll_oneoff sleeps a lone relative timer
@@ -514,7 +517,16 @@ pub(crate) fn build_wasi(spec: &GuestSpec) -> std::result::Result<WasiCtxBuilder
     b.allow_blocking_current_thread(false);
     if !matches!(spec.net, GuestNet::None) {
         // Sockets are created in the namespace of the polling thread: the pod's.
-        b.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
+        // Every address is allowed; a listen is noted, as it makes the guest one that can
+        // observe a stop (StopContainer).
+        let meter = meter.clone();
+        b.socket_addr_check(move |_, used| {
+            if matches!(used, wasmtime_wasi::sockets::SocketAddrUse::TcpListen) {
+                meter.listening.store(true, Ordering::Relaxed);
+            }
+            Box::pin(async { true })
+        });
+        b.allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
     }
     if let Some(cwd) = &spec.cwd {
         b.initial_cwd(cwd);

@@ -145,7 +145,7 @@ impl Server {
         &self,
         req: hyper::Request<hyper::body::Incoming>,
     ) -> Result<hyper::Response<HyperOutgoingBody>, String> {
-        let mut wasi = build_wasi(&self.spec)?;
+        let mut wasi = build_wasi(&self.spec, &self.meter)?;
         let limiter = Limiter::new(self.meter.clone());
         let state = P2State::new(wasi.build(), limiter, self.spec.dns.clone());
         let mut store = Store::new(&self.engine, state);

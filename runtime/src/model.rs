@@ -184,6 +184,8 @@ pub struct ExitStatus {
 pub const TRAP_EXIT_CODE: i32 = 134;
 /// Exit code of a guest ended by force (a stop timeout, an OOM): as for SIGKILL.
 pub const KILLED_EXIT_CODE: i32 = 137;
+/// 128 + SIGTERM: a process killed by SIGTERM.
+pub const TERMINATED_EXIT_CODE: i32 = 143;
 /// Exit code of a container that could not start, as containerd reports it.
 pub const START_ERROR_EXIT_CODE: i32 = 128;
 /// Exit code of a container whose end was not seen (wasmlet died while it ran), as containerd.
@@ -210,6 +212,16 @@ impl ExitStatus {
             code: KILLED_EXIT_CODE,
             reason: "Error".to_string(),
             message: format!("killed: still running {timeout_secs}s after the stop request"),
+        }
+    }
+
+    /// A guest that cannot observe a stop, ended at the stop request as a process without a
+    /// SIGTERM handler is by SIGTERM.
+    pub fn terminated() -> ExitStatus {
+        ExitStatus {
+            code: TERMINATED_EXIT_CODE,
+            reason: "Error".to_string(),
+            message: "terminated: the guest cannot observe a stop request, so it ended at once".to_string(),
         }
     }
 

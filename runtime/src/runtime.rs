@@ -927,13 +927,23 @@ impl Runtime {
     /// Stops a running container: it has `timeout_secs` to end by itself, then it is killed
     /// (exit code 137). Stopping a container that is not running succeeds and changes nothing.
     pub async fn stop_container(&self, id: &str, timeout_secs: i64) -> Result<()> {
+        // Wasm has no signals: a guest is like a process without a SIGTERM handler, which dies
+        // at once on SIGTERM (143), unless it can observe the stop: a wasi:http handler drains,
+        // a guest that listens on a socket has its stop signalled. Those get the timeout.
         let mut done = {
-            let state = self.state();
-            let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
-            match &entry.live {
+            let mut state = self.state();
+            let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+            let observes =
+                matches!(entry.program, Some(Program::Http(_))) || entry.meter.listening.load(Ordering::Relaxed);
+            match &mut entry.live {
                 Some(live) if entry.record.state == ContainerState::Running => {
-                    // Wasm has no signals; a guest that can wind down is told here.
                     live.stop.send_replace(true);
+                    if !observes
+                        && timeout_secs > 0
+                        && let Some(kill) = live.kill.take()
+                    {
+                        let _ = kill.send(ExitStatus::terminated());
+                    }
                     live.done.clone()
                 }
                 _ => return Ok(()),

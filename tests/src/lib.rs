@@ -12,8 +12,14 @@ use cri::runtime_service_client::RuntimeServiceClient;
 pub use cri_proto::v1 as cri;
 use tonic::transport::Channel;
 
+pub mod cluster;
 pub mod token;
 pub use token::TokenServer;
+
+/// The repository's `examples/` directory.
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").join("examples")
+}
 
 /// The preview 1 test workload (`workloads/tool.c`).
 pub fn tool_module() -> &'static Path {

@@ -756,14 +756,15 @@ spec:
     let mut node = Run::node(manifests.path());
     let limit = Duration::from_secs(40);
     let running = |l: &str| l.contains("pod status") && l.contains("status=Running");
-    node.wait_for("the pod added", limit, |l| l.contains("static pod added") && l.contains("pod=web-"));
+    let added = |l: &str| l.contains("pod added") && l.contains("source=\"file\"") && l.contains("pod=default/web-");
+    node.wait_for("the pod added", limit, added);
     node.wait_for("the pod running", limit, running);
     // A change is a new pod: the old one stops gracefully (its preStop runs) and the new one
     // starts.
     std::fs::write(&file, manifest("2")).unwrap();
-    node.wait_for("the change", limit, |l| l.contains("static pod removed or changed"));
-    node.wait_for("the new pod added", limit, |l| l.contains("static pod added"));
-    node.wait_for("the old pod gone", limit, |l| l.contains("static pod terminated"));
+    node.wait_for("the change", limit, |l| l.contains("pod deleted: terminating it"));
+    node.wait_for("the new pod added", limit, added);
+    node.wait_for("the old pod gone", limit, |l| l.contains("pod terminated"));
     assert!(state.path().join("stopped-1").exists(), "the old pod's preStop ran:\n{}", node.output());
     // A broken manifest is refused, naming the field; the rest keeps running.
     std::fs::write(
@@ -776,7 +777,7 @@ spec:
     });
     // Removing the file terminates the pod.
     std::fs::remove_file(&file).unwrap();
-    node.wait_for("the removal", limit, |l| l.contains("static pod terminated"));
+    node.wait_for("the removal", limit, |l| l.contains("pod terminated"));
     assert!(state.path().join("stopped-2").exists(), "{}", node.output());
     let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();

@@ -184,36 +184,45 @@ async fn mounts_read_write_and_read_only() {
 }
 
 #[tokio::test]
-async fn stop_kills_after_the_timeout_and_lets_quick_exits_finish() {
+async fn stop_ends_plain_guests_at_once_and_gives_listening_ones_the_timeout() {
     let mut pod = Pod::new("stop").await;
-    let looper = pod.create(tool("looper", "tool", &["loop"])).await.unwrap();
-    pod.start(&looper).await;
-    pod.rt.stop_container(cri::StopContainerRequest { container_id: looper.clone(), timeout: 1 }).await.unwrap();
-    let s = status(&mut pod.rt, &looper).await.unwrap();
-    assert_eq!((s.state, s.exit_code, s.reason.as_str()), (cri::ContainerState::ContainerExited as i32, 137, "Error"));
-    assert!(s.message.contains("still running 1s after the stop request"), "{}", s.message);
-    assert!(s.finished_at - s.started_at >= 1_000_000_000, "the guest had its full grace period");
-
-    // A guest that ends within the grace period keeps its own exit code.
-    let sleeper = pod.create(tool("sleeper", "tool", &["sleep", "1"])).await.unwrap();
-    pod.start(&sleeper).await;
-    pod.rt.stop_container(cri::StopContainerRequest { container_id: sleeper.clone(), timeout: 30 }).await.unwrap();
-    let s = status(&mut pod.rt, &sleeper).await.unwrap();
-    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
-    let log = read_log(Path::new(&s.log_path)).unwrap();
-    assert_eq!(texts(&log, "stdout"), ["sleeping 1 s", "slept"]);
-
-    // A sleeping guest (blocked in a host call) is killed too: a component, and a preview 1
-    // module, whose single-timer poll_oneoff must not hold its thread (it would hold every
-    // guest sharing that thread, and the kill, until the sleep ends).
-    for (name, image) in [("long-sleeper", "toolc"), ("p1-sleeper", "tool")] {
-        let sleeper = pod.create(tool(name, image, &["sleep", "3600"])).await.unwrap();
-        pod.start(&sleeper).await;
+    pod.server.import(net_component(), "net").unwrap();
+    // A guest that cannot observe a stop ends at once, as a process without a SIGTERM handler
+    // does at SIGTERM: 143, with a long grace period still to run. A spinning module, and
+    // sleeping guests blocked in a host call (a component, and a preview 1 module whose
+    // single-timer poll_oneoff must not hold its thread).
+    for (name, image, args) in [
+        ("looper", "tool", &["loop"][..]),
+        ("long-sleeper", "toolc", &["sleep", "3600"]),
+        ("p1-sleeper", "tool", &["sleep", "3600"]),
+    ] {
+        let id = pod.create(tool(name, image, args)).await.unwrap();
+        pod.start(&id).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        pod.rt.stop_container(cri::StopContainerRequest { container_id: sleeper.clone(), timeout: 1 }).await.unwrap();
-        let s = status(&mut pod.rt, &sleeper).await.unwrap();
-        assert_eq!(s.exit_code, 137, "{name}");
+        pod.rt.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 3600 }).await.unwrap();
+        let s = status(&mut pod.rt, &id).await.unwrap();
+        assert_eq!(
+            (s.state, s.exit_code, s.reason.as_str()),
+            (cri::ContainerState::ContainerExited as i32, 143, "Error"),
+            "{name}"
+        );
+        assert!(s.message.contains("cannot observe a stop request"), "{name}: {}", s.message);
     }
+    // A guest that listens on a socket can observe the stop: it gets the timeout, and one that
+    // does not end by then is killed (137).
+    let server = pod.create(net_config("server", &["serve", "7070"])).await.unwrap();
+    pod.start(&server).await;
+    wait_log(&mut pod.rt, &server, "listening", Duration::from_secs(10)).await.unwrap();
+    pod.rt.stop_container(cri::StopContainerRequest { container_id: server.clone(), timeout: 1 }).await.unwrap();
+    let s = status(&mut pod.rt, &server).await.unwrap();
+    assert_eq!((s.exit_code, s.reason.as_str()), (137, "Error"));
+    assert!(s.message.contains("still running 1s after the stop request"), "{}", s.message);
+    assert!(s.finished_at - s.started_at >= 1_000_000_000, "the server had its timeout");
+    // A timeout of 0 kills at once.
+    let looper = pod.create(tool("looper-0", "tool", &["loop"])).await.unwrap();
+    pod.start(&looper).await;
+    pod.rt.stop_container(cri::StopContainerRequest { container_id: looper.clone(), timeout: 0 }).await.unwrap();
+    assert_eq!(status(&mut pod.rt, &looper).await.unwrap().exit_code, 137);
 }
 
 #[tokio::test]

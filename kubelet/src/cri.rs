@@ -187,6 +187,52 @@ impl Cri {
         self.rt.clone().remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await?;
         Ok(())
     }
+
+    /// Why the runtime is not ready, worded as the kubelet's Ready condition words it; None
+    /// when it reports RuntimeReady and NetworkReady.
+    pub async fn readiness_problem(&self) -> Option<String> {
+        let status = match self.rt.clone().status(cri::StatusRequest { verbose: false }).await {
+            Ok(r) => r.into_inner().status.unwrap_or_default(),
+            Err(e) => return Some(format!("container runtime is down: {}", e.message())),
+        };
+        readiness_problem(&status.conditions)
+    }
+}
+
+/// The kubelet's words for a runtime whose status conditions are not all true.
+pub fn readiness_problem(conditions: &[cri::RuntimeCondition]) -> Option<String> {
+    let find = |t: &str| conditions.iter().find(|c| c.r#type == t);
+    for (kind, what) in
+        [("RuntimeReady", "container runtime not ready"), ("NetworkReady", "container runtime network not ready")]
+    {
+        match find(kind) {
+            Some(c) if c.status => {}
+            Some(c) => return Some(format!("{what}: {kind}=false reason:{} message:{}", c.reason, c.message)),
+            None => return Some(format!("{what}: {kind}=false reason: message:the runtime did not report {kind}")),
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::*;
+
+    #[test]
+    fn runtime_conditions_in_the_kubelets_words() {
+        let c = |t: &str, ok: bool| cri::RuntimeCondition {
+            r#type: t.into(),
+            status: ok,
+            reason: if ok { String::new() } else { "NetworkPluginNotReady".into() },
+            message: if ok { String::new() } else { "no CNI config".into() },
+        };
+        assert_eq!(readiness_problem(&[c("RuntimeReady", true), c("NetworkReady", true)]), None);
+        assert_eq!(
+            readiness_problem(&[c("RuntimeReady", true), c("NetworkReady", false)]).unwrap(),
+            "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:no CNI config"
+        );
+        assert!(readiness_problem(&[c("NetworkReady", true)]).unwrap().starts_with("container runtime not ready"));
+    }
 }
 
 /// The most of a termination message file read, and of the log fallback.

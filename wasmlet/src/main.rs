@@ -1,9 +1,14 @@
 //! `wasmlet`: the node agent binary.
 
 mod client;
+mod local_node;
+mod node_cmd;
 mod progress;
 
 use std::path::PathBuf;
+
+use local_node::{Identity, LocalNode};
+use wasmlet_kubelet::run;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -60,12 +65,21 @@ enum Command {
         #[arg(long, env = "WASMLET_ROOT")]
         root: Option<PathBuf>,
     },
-    /// Run as a node. For now: the static pods of a manifest directory, followed as it changes
-    /// (joining a cluster comes next).
+    /// Run as a node: join a cluster (--kubeconfig) and run the pods its scheduler binds here,
+    /// and/or the static pods of a manifest directory, followed as it changes.
     Node {
+        /// Kubeconfig of the node's credentials for the API server (user system:node:NAME).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
         /// Directory of static pod manifests.
         #[arg(long)]
-        pod_manifest_path: PathBuf,
+        pod_manifest_path: Option<PathBuf>,
+        /// The node's name [default: the host name].
+        #[arg(long)]
+        hostname_override: Option<String>,
+        /// The node's InternalIP [default: the host name's first non-loopback IPv4 address].
+        #[arg(long)]
+        node_ip: Option<String>,
         #[arg(long, env = "WASMLET_CONFIG")]
         config: Option<PathBuf>,
         #[arg(long, env = "WASMLET_ROOT")]
@@ -125,6 +139,9 @@ struct Config {
     network: wasmlet_runtime::net::NetworkOptions,
     /// Per-pod scratch files.
     run_dir: Option<PathBuf>,
+    /// The node's settings, named as KubeletConfiguration names them.
+    #[serde(default)]
+    node: wasmlet_kubelet::node::NodeConfig,
 }
 
 const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is optional; flags win over the file.
@@ -159,6 +176,22 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # pod_cidr = "10.88.0.0/16"
 # cni_conf_dir = "/etc/cni/net.d"
 # cni_bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+
+# The node (`wasmlet node --kubeconfig`), keys as the kubelet's KubeletConfiguration names
+# them. The default taint keeps ordinary pods off a wasm node; wasm pods tolerate it through
+# the RuntimeClass (examples/runtimeclass.yaml); an empty registerWithTaints list registers none.
+# [node]
+# nodeLabels = { "topology.kubernetes.io/zone" = "edge-1" }
+# registerWithTaints = [{ key = "wasmlet.dev/wasm", value = "true", effect = "NoSchedule" }]
+# maxPods = 110
+# clusterDNS = ["10.96.0.10"]
+# clusterDomain = "cluster.local"
+# nodeStatusUpdateFrequency = "10s"
+# nodeStatusReportFrequency = "5m0s"
+# nodeLeaseDurationSeconds = 40
+# kubeAPIQPS = 50.0
+# kubeAPIBurst = 100
+# port = 10250
 "#;
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
@@ -311,33 +344,45 @@ fn run() -> Result<()> {
         }
         Command::Run { files, logs, stop_after, config, root } => {
             let (root, run_dir, runtime) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
-            let code = rt.block_on(wasmlet_kubelet::run::run(wasmlet_kubelet::run::RunOptions {
-                files,
-                root,
-                run_dir,
-                runtime,
-                logs,
-                stop_after,
-            }))?;
-            std::process::exit(code)
-        }
-        Command::Node { pod_manifest_path, config, root } => {
-            let (root, run_dir, runtime) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
-            rt.block_on(async move {
-                let local = wasmlet_kubelet::run::LocalNode::start(
+            let code = rt.block_on(async move {
+                let manifests = run::load(&files)?;
+                let local = LocalNode::start(
                     &root,
                     &run_dir,
                     runtime,
-                    std::sync::Arc::new(wasmlet_kubelet::static_pods::TracingRecorder),
-                    std::sync::Arc::new(wasmlet_kubelet::kubelet::worker::StaticObjects::default()),
+                    Identity::local(),
+                    run::printer(),
+                    run::objects(&manifests),
                 )
                 .await?;
-                wasmlet_kubelet::static_pods::run(local, pod_manifest_path, shutdown_signal()).await
-            })
+                local.collect_leftovers().await;
+                let code = run::run(local.node.clone(), manifests, run::RunOptions { root, logs, stop_after }).await;
+                local.stop().await;
+                code
+            })?;
+            std::process::exit(code)
+        }
+        Command::Node { kubeconfig, pod_manifest_path, hostname_override, node_ip, config, root } => {
+            let file = load_config(config.as_deref())?;
+            let node = file.node.clone();
+            let (root, run_dir, runtime) = runtime_setup(file, root, uid, &[]);
+            rt.block_on(node_cmd::run(
+                node_cmd::NodeArgs {
+                    kubeconfig,
+                    pod_manifest_path,
+                    hostname_override,
+                    node_ip,
+                    config: node,
+                    root,
+                    run_dir,
+                    runtime,
+                },
+                shutdown_signal(),
+            ))
         }
         Command::Logs { pod, container, follow, previous, root } => {
             let root = root.unwrap_or_else(default_root);
-            rt.block_on(wasmlet_kubelet::run::logs(&root, &pod, container.as_deref(), follow, previous))
+            rt.block_on(run::logs(&root, &pod, container.as_deref(), follow, previous))
         }
         Command::Config { command: ConfigCommand::Default } => {
             print!("{DEFAULT_CONFIG}");

@@ -317,7 +317,7 @@ pub fn compute(pod: &Pod, observed: &Observed, probes: &ProbeResults, backoff: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubelet::testutil::*;
+    use crate::testutil::*;
 
     fn plan(pod: &Pod, obs: &Observed, probes: &ProbeResults, b: &mut Backoff, now: u64) -> Plan {
         compute(pod, obs, probes, b, t(now))

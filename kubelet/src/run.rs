@@ -13,12 +13,9 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use serde_json::Value;
 
-use crate::kubelet::cri::Cri;
-use crate::kubelet::dns::{NodeDns, parse_resolv_conf};
-use crate::kubelet::events::{Event, Kind, Recorder};
-use crate::kubelet::quantity::Quantity;
-use crate::kubelet::validate;
-use crate::kubelet::worker::{self, Node, StaticObjects, Update};
+use crate::events::{Event, Kind, Recorder};
+use crate::validate;
+use crate::worker::{self, Node, StaticObjects, Update};
 
 /// What the manifests hold.
 #[derive(Default)]
@@ -152,12 +149,12 @@ impl Recorder for Printer {
 
 /// kubectl's READY, STATUS and RESTARTS columns (`printPod`).
 pub fn columns(pod: &Pod) -> (String, String, i32) {
-    let spec = crate::kubelet::model::spec(pod);
+    let spec = crate::model::spec(pod);
     let sidecars: Vec<&str> = spec
         .init_containers
         .iter()
         .flatten()
-        .filter(|c| crate::kubelet::model::is_sidecar(c))
+        .filter(|c| crate::model::is_sidecar(c))
         .map(|c| c.name.as_str())
         .collect();
     let total = spec.containers.len() + sidecars.len();
@@ -243,29 +240,27 @@ fn age(since: SystemTime) -> String {
 
 /// Options of `wasmlet run`.
 pub struct RunOptions {
-    pub files: Vec<PathBuf>,
+    /// The node's root (the kubelet's log directories are under it).
     pub root: PathBuf,
-    pub run_dir: PathBuf,
-    pub runtime: wasmlet_runtime::RuntimeOptions,
     /// Print what the containers log, each line after its pod and container.
     pub logs: bool,
     /// Delete the pods gracefully after this long, as Ctrl-C does.
     pub stop_after: Option<Duration>,
 }
 
-/// Runs the pods until they all finish, Ctrl-C or `stop_after`; returns the exit code (0 when
-/// every pod succeeded or was stopped, 1 when one failed).
-pub async fn run(o: RunOptions) -> Result<i32> {
-    let manifests = load(&o.files)?;
-    let local = LocalNode::start(
-        &o.root,
-        &o.run_dir,
-        o.runtime,
-        Arc::new(Printer),
-        Arc::new(StaticObjects { config_maps: manifests.config_maps, secrets: manifests.secrets }),
-    )
-    .await?;
-    let node = local.node.clone();
+/// The recorder of `wasmlet run`: prints events as `kubectl get events` does.
+pub fn printer() -> Arc<dyn Recorder> {
+    Arc::new(Printer)
+}
+
+/// The ConfigMaps and Secrets of the manifests, as pods read them.
+pub fn objects(m: &Manifests) -> Arc<dyn worker::Objects> {
+    Arc::new(StaticObjects { config_maps: m.config_maps.clone(), secrets: m.secrets.clone() })
+}
+
+/// Runs the pods on `node` until they all finish, Ctrl-C or `stop_after`; returns the exit
+/// code (0 when every pod succeeded or was stopped, 1 when one failed).
+pub async fn run(node: Arc<Node>, manifests: Manifests, o: RunOptions) -> Result<i32> {
     let node_name = node.node_name.clone();
     let events = node.watch_runtime_events();
     println!("{:<23} {:<7} {:<26} {:<9} AGE", "NAME", "READY", "STATUS", "RESTARTS");
@@ -356,126 +351,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         println!("pod \"{name}\" deleted");
     }
     events.abort();
-    local.stop().await;
     Ok(if failed && interrupted.is_none() { 1 } else { 0 })
-}
-
-/// A runtime serving CRI on a socket of its own inside this process, and the node context
-/// of the pod workers that drive it through that socket. The runtime (its CRI server and the
-/// guests) runs on threads of its own ("wasmlet-runtime"), apart from the pod workers and
-/// probes, as a kubelet and its runtime are apart: neither starves the other, and the CPU
-/// each side spends can be told apart.
-pub struct LocalNode {
-    pub node: Arc<Node>,
-    socket: PathBuf,
-    stop_server: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
-    threads: tokio::runtime::Runtime,
-}
-
-impl LocalNode {
-    pub async fn start(
-        root: &Path,
-        run_dir: &Path,
-        options: wasmlet_runtime::RuntimeOptions,
-        events: Arc<dyn Recorder>,
-        objects: Arc<dyn worker::Objects>,
-    ) -> Result<LocalNode> {
-        let threads = tokio::runtime::Builder::new_multi_thread()
-            .thread_name("wasmlet-runtime")
-            .enable_all()
-            .build()
-            .context("start the runtime's threads")?;
-        let runtime = {
-            let root = root.to_path_buf();
-            threads.spawn_blocking(move || wasmlet_runtime::Runtime::open_with(root, options)).await??
-        };
-        std::fs::create_dir_all(run_dir).with_context(|| format!("create {}", run_dir.display()))?;
-        let socket = run_dir.join(format!("kubelet-{}.sock", std::process::id()));
-        let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
-        // Bound on the runtime's threads: the listener belongs to their I/O driver.
-        let listener = {
-            let socket = socket.clone();
-            threads.spawn(async move { wasmlet_runtime::server::bind(&socket).await }).await?
-        }
-        .with_context(|| format!("bind {}", socket.display()))?;
-        let server = threads.spawn(wasmlet_runtime::server::serve(runtime, listener, async {
-            let _ = stopped.await;
-        }));
-        let channel = cri_proto::connect_unix(&socket).await.context("connect to the in-process CRI server")?;
-        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        let node_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
-        let node = Arc::new(Node {
-            cri: Cri::new(channel),
-            root: root.join("kubelet"),
-            node_name,
-            host_ip: "127.0.0.1".into(),
-            events,
-            objects,
-            dns: NodeDns {
-                cluster_dns: Vec::new(),
-                cluster_domain: "cluster.local".into(),
-                host: parse_resolv_conf(&host_resolv),
-            },
-            allocatable_cpu: Quantity::from_units(std::thread::available_parallelism().map_or(1, |n| n.get()) as i128),
-            allocatable_memory: Quantity::from_units(memory_total() as i128),
-            runtime_events: tokio::sync::broadcast::channel(1024).0,
-            pulls: worker::Puller::default(),
-            memory_root: memory_root(run_dir),
-        });
-        let local = LocalNode { node, socket, stop_server, server, threads };
-        local.collect_leftovers().await;
-        Ok(local)
-    }
-
-    /// Removes the pods a previous run left behind (killed before it could clean up): the
-    /// runtime is this process's alone, so every pod sandbox in it is a leftover.
-    async fn collect_leftovers(&self) {
-        let mut rt = self.node.cri.rt.clone();
-        let Ok(list) = rt.list_pod_sandbox(cri_proto::v1::ListPodSandboxRequest { filter: None }).await else { return };
-        for s in list.into_inner().items {
-            let name = s.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
-            tracing::info!(sandbox = %s.id, pod = %name, "removing a pod left by an earlier run");
-            let _ = self.node.cri.stop_sandbox(&s.id).await;
-            let _ = self.node.cri.remove_sandbox(&s.id).await;
-        }
-    }
-
-    /// Stops the CRI server and removes its socket.
-    pub async fn stop(self) {
-        let _ = self.stop_server.send(());
-        let _ = self.server.await;
-        let _ = std::fs::remove_file(&self.socket);
-        // Gone if empty: each pod removed its own.
-        let _ = std::fs::remove_dir(&self.node.memory_root);
-        // (A runtime may not be dropped from async code, where this is called.)
-        self.threads.shutdown_background();
-    }
-}
-
-/// A directory on a tmpfs for memory-backed emptyDirs: in the run directory when that is a
-/// tmpfs (the default one is, in /dev/shm), else in /dev/shm under a name of its own.
-fn memory_root(run_dir: &Path) -> PathBuf {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    let tmpfs = rustix::fs::statfs(run_dir).is_ok_and(|s| s.f_type == TMPFS_MAGIC);
-    if tmpfs {
-        run_dir.join("kubelet-memory")
-    } else {
-        let key = wasmlet_images::sha256_digest(run_dir.display().to_string().as_bytes());
-        PathBuf::from(format!("/dev/shm/wasmlet-memory-{}", &key[7..23]))
-    }
-}
-
-fn memory_total() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(1 << 30, |kb| kb * 1024)
 }
 
 /// `wasmlet logs POD [-c C] [-f]`: the newest log of a pod's container, from the kubelet's log

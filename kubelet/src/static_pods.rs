@@ -5,14 +5,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::kubelet::events::{Event, Kind, Recorder};
-use crate::kubelet::worker::{self, PodHandle, Update};
-use crate::run::LocalNode;
+use crate::events::{Event, Kind, Recorder};
+use tokio::sync::mpsc;
+
+use crate::pods::{PodManager, PodUpdate, Source};
+use crate::worker::Node;
 
 /// Logs events through `tracing` (a node has no terminal to print to).
 pub struct TracingRecorder;
@@ -100,73 +103,86 @@ pub fn read_dir(dir: &Path, node_name: &str) -> (BTreeMap<String, Pod>, Vec<(Pat
     (pods, problems)
 }
 
-fn log_status(name: &str, pod: &Pod) {
-    let (ready, status, restarts) = crate::run::columns(pod);
-    tracing::info!(pod = %name, ready = %ready, status = %status, restarts, "pod status");
-}
-
-/// Runs the static pods of `dir` until `shutdown`, then deletes them gracefully.
-pub async fn run(local: LocalNode, dir: PathBuf, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    let node = local.node.clone();
-    let events = node.watch_runtime_events();
-    let mut workers: BTreeMap<String, (String, PodHandle)> = BTreeMap::new();
-    let mut terminating: Vec<(String, PodHandle)> = Vec::new();
+/// Follows the manifest directory: reads it every 500 ms and tells the pod manager the pods
+/// it holds whenever they change; a refused manifest is logged once per problem.
+pub async fn follow(dir: PathBuf, node_name: String, tx: mpsc::UnboundedSender<PodUpdate>) {
     let mut reported: HashMap<(PathBuf, String), ()> = HashMap::new();
-    let mut last_status: HashMap<String, (String, String, i32)> = HashMap::new();
-    tokio::pin!(shutdown);
+    let mut last: Option<Vec<String>> = None;
     tracing::info!(dir = %dir.display(), "running static pods");
     loop {
-        let (desired, problems) = read_dir(&dir, &node.node_name);
+        let (desired, problems) = read_dir(&dir, &node_name);
         for (file, problem) in problems {
             // Once per problem, not at every look.
             if reported.insert((file.clone(), problem.clone()), ()).is_none() {
                 tracing::error!(file = %file.display(), "static pod manifest refused: {problem}");
             }
         }
-        let gone: Vec<String> = workers.keys().filter(|uid| !desired.contains_key(*uid)).cloned().collect();
-        for uid in gone {
-            if let Some((name, h)) = workers.remove(&uid) {
-                tracing::info!(pod = %name, uid = %uid, "static pod removed or changed: terminating it");
-                let _ = h.updates.send(Update::Delete { grace: None });
-                terminating.push((name, h));
+        let uids: Vec<String> = desired.keys().cloned().collect();
+        if last.as_ref() != Some(&uids) {
+            last = Some(uids);
+            if tx.send(PodUpdate::Set(Source::File, desired.into_values().collect())).is_err() {
+                return;
             }
         }
-        for (uid, pod) in desired {
-            if workers.contains_key(&uid) {
-                continue;
-            }
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            tracing::info!(pod = %name, uid = %uid, "static pod added");
-            workers.insert(uid, (name, worker::spawn(node.clone(), pod)));
-        }
-        terminating.retain(|(name, h)| {
-            let done = h.task.is_finished();
-            if done {
-                tracing::info!(pod = %name, "static pod terminated");
-            }
-            !done
-        });
-        for (name, h) in workers.values() {
-            let pod = h.status.borrow().clone();
-            let cols = crate::run::columns(&pod);
-            if last_status.get(name) != Some(&cols) {
-                log_status(name, &pod);
-                last_status.insert(name.clone(), cols);
-            }
-        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs the pod manager for `node` on the updates of its sources until `shutdown`: starts,
+/// updates and stops pod workers, and logs each pod's status when it changes. At shutdown the
+/// pods from files are deleted gracefully; the API's are left to the next start to adopt (a
+/// kubelet that stops does not delete its pods). Returns the manager: dropping it ends the
+/// workers left, so the caller stops the runtime first.
+pub async fn manage(
+    node: Arc<Node>,
+    mut manager: PodManager,
+    mut rx: mpsc::UnboundedReceiver<PodUpdate>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> PodManager {
+    let events = node.watch_runtime_events();
+    let mut last_status: HashMap<String, (String, String, i32)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tokio::pin!(shutdown);
+    loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            u = rx.recv() => match u {
+                Some(u) => manager.apply(u),
+                None => break,
+            },
+            _ = tick.tick() => {}
+        }
+        manager.reap();
+        for (uid, m) in manager.pods() {
+            let pod = m.handle.status.borrow().clone();
+            let cols = crate::run::columns(&pod);
+            if last_status.get(uid) != Some(&cols) {
+                tracing::info!(pod = %format!("{}/{}", m.namespace, m.name), ready = %cols.0, status = %cols.1, restarts = cols.2, "pod status");
+                last_status.insert(uid.clone(), cols);
+            }
+        }
+        last_status.retain(|uid, _| manager.pods().contains_key(uid));
+    }
+    let files: Vec<String> =
+        manager.pods().iter().filter(|(_, m)| m.source == Source::File).map(|(u, _)| u.clone()).collect();
+    tracing::info!(pods = files.len(), "shutting down: deleting the static pods gracefully");
+    manager.apply(PodUpdate::Set(Source::File, Vec::new()));
+    for uid in files {
+        if let Some(m) = manager.pods().get(&uid) {
+            while !m.handle.task.is_finished() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
-    tracing::info!(pods = workers.len(), "shutting down: deleting the static pods gracefully");
-    for (_, h) in workers.values() {
-        let _ = h.updates.send(Update::Delete { grace: None });
-    }
-    for (_, h) in workers.into_values().chain(terminating) {
-        let _ = h.task.await;
-    }
     events.abort();
-    local.stop().await;
+    manager
+}
+
+/// Runs the static pods of `dir` until `shutdown`, then deletes them gracefully.
+pub async fn run(node: Arc<Node>, dir: PathBuf, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let follower = tokio::spawn(follow(dir, node.node_name.clone(), tx));
+    manage(node.clone(), PodManager::new(node), rx, shutdown).await;
+    follower.abort();
     Ok(())
 }

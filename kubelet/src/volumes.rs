@@ -21,6 +21,9 @@ pub struct MountError(pub String);
 pub struct Sources<'a> {
     pub config_maps: &'a dyn Fn(&str) -> Option<ConfigMap>,
     pub secrets: &'a dyn Fn(&str) -> Option<Secret>,
+    /// A token of the pod's service account for (audience, expirationSeconds); None
+    /// without a cluster.
+    pub tokens: &'a dyn Fn(&str, i64) -> Option<String>,
     pub pod_ips: &'a [String],
     pub host_ips: &'a [String],
     pub node_name: &'a str,
@@ -114,8 +117,16 @@ pub fn setup(pod: &Pod, pod_dir: &Path, v: &Volume, s: &Sources<'_>) -> Result<R
                 if let Some(d) = &src.downward_api {
                     all.extend(downward_payload(pod, d.items.as_deref().unwrap_or_default(), p.default_mode, s)?);
                 }
-                if src.service_account_token.is_some() || src.cluster_trust_bundle.is_some() {
-                    return Err("serviceAccountToken and clusterTrustBundle sources need a cluster".to_string());
+                if let Some(t) = &src.service_account_token {
+                    let expiration = t.expiration_seconds.unwrap_or(3600);
+                    let audience = t.audience.as_deref().unwrap_or_default();
+                    let token = (s.tokens)(audience, expiration).ok_or_else(|| {
+                        "failed to fetch token: serviceAccountToken sources need a cluster".to_string()
+                    })?;
+                    all.insert(t.path.clone(), (token.into_bytes(), mode(None, p.default_mode)));
+                }
+                if src.cluster_trust_bundle.is_some() {
+                    return Err("clusterTrustBundle sources are not supported by wasmlet".to_string());
                 }
             }
             Ok(all)
@@ -415,10 +426,11 @@ mod tests {
     fn memory_empty_dirs_live_in_the_memory_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let (pod_dir, memory_dir) = (tmp.path().join("pod"), tmp.path().join("shm/uid"));
-        let (no_maps, no_secrets) = (|_: &str| None, |_: &str| None);
+        let (no_maps, no_secrets, no_tokens) = (|_: &str| None, |_: &str| None, |_: &str, _: i64| None);
         let s = Sources {
             config_maps: &no_maps,
             secrets: &no_secrets,
+            tokens: &no_tokens,
             pod_ips: &[],
             host_ips: &[],
             node_name: "n",

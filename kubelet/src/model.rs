@@ -195,7 +195,7 @@ pub fn container_hash(c: &Container) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubelet::testutil::*;
+    use crate::testutil::*;
 
     #[test]
     fn container_gc_keeps_the_newest_two_of_each_container() {

@@ -456,8 +456,8 @@ pub fn get_condition<'s>(s: &'s PodStatus, kind: &str) -> Option<&'s PodConditio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubelet::probe::{ProbeKind, Published};
-    use crate::kubelet::testutil::*;
+    use crate::probe::{ProbeKind, Published};
+    use crate::testutil::*;
 
     fn status_of(pod: &Pod, obs: &Observed, probes: &ProbeResults, errors: &HashMap<String, SyncError>) -> PodStatus {
         generate(&Input {

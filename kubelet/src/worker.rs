@@ -27,10 +27,21 @@ use super::quantity::Quantity;
 use super::status;
 use super::volumes;
 
-/// The ConfigMaps and Secrets pods read (from manifests, or an API server's informers).
+/// The ConfigMaps, Secrets and service account tokens pods read (from manifests, or an API
+/// server).
 pub trait Objects: Send + Sync {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap>;
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret>;
+    /// A token of the pod's service account for the audience ("" for the API server's),
+    /// valid for about `expiration` seconds; None when there is no cluster to ask.
+    fn service_account_token(&self, _pod: &Pod, _audience: &str, _expiration: i64) -> Option<String> {
+        None
+    }
+    /// Brings what `pod` refers to up to date before the calls above read it (a cache of an
+    /// API server's objects); nothing to do for fixed objects.
+    fn refresh<'a>(&'a self, _pod: &'a Pod) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Objects from a fixed list (`wasmlet run`'s manifests).
@@ -452,6 +463,7 @@ impl Worker {
             }
         }
         let Some(sandbox_id) = sandbox_id else { return };
+        self.node.objects.refresh(&self.pod).await;
         if !self.setup_volumes() {
             return;
         }
@@ -620,6 +632,7 @@ impl Worker {
         &'a self,
         cms: &'a dyn Fn(&str) -> Option<ConfigMap>,
         secrets: &'a dyn Fn(&str) -> Option<Secret>,
+        tokens: &'a dyn Fn(&str, i64) -> Option<String>,
         pod_ips: &'a [String],
         host_ips: &'a [String],
         memory_dir: &'a std::path::Path,
@@ -627,6 +640,7 @@ impl Worker {
         volumes::Sources {
             config_maps: cms,
             secrets,
+            tokens,
             pod_ips,
             host_ips,
             node_name: &self.node.node_name,
@@ -648,12 +662,13 @@ impl Worker {
         let objects = self.node.objects.clone();
         let cms = |n: &str| objects.config_map(&ns, n);
         let secrets = |n: &str| objects.secret(&ns, n);
+        let tokens = |audience: &str, expiration: i64| objects.service_account_token(&self.pod, audience, expiration);
         let (pod_ips, host_ips) = self.ips();
         let dir = self.node.pod_dir(&self.uid);
         let memory_dir = self.node.memory_dir(&self.uid);
         let mut failed = Vec::new();
         {
-            let sources = self.sources(&cms, &secrets, &pod_ips, &host_ips, &memory_dir);
+            let sources = self.sources(&cms, &secrets, &tokens, &pod_ips, &host_ips, &memory_dir);
             for v in model::spec(&self.pod).volumes.iter().flatten() {
                 if let Err(e) = volumes::setup(&self.pod, &dir, v, &sources) {
                     failed.push(e.0);

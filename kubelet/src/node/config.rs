@@ -1,0 +1,198 @@
+//! The node's settings, named as the kubelet's KubeletConfiguration names them (the config
+//! file's `[node]` table), with the kubelet's defaults.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The label every wasmlet node carries, and the key of its default taint: wasm workloads
+/// select and tolerate it (examples/runtimeclass.yaml), ordinary ones stay off.
+pub const WASM_LABEL: &str = "wasmlet.dev/wasm";
+
+/// The RuntimeClass handler this node serves.
+pub const HANDLER: &str = "wasmlet";
+
+/// A taint as KubeletConfiguration's registerWithTaints writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Taint {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    pub effect: String,
+}
+
+/// Node settings (see the kubelet's KubeletConfiguration for each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct NodeConfig {
+    /// Labels added at registration (and reconciled at each start).
+    pub node_labels: BTreeMap<String, String>,
+    /// Taints the Node is created with. Default: `wasmlet.dev/wasm=true:NoSchedule`, so only
+    /// pods that tolerate it (through the RuntimeClass) land here.
+    pub register_with_taints: Vec<Taint>,
+    pub max_pods: u32,
+    #[serde(rename = "clusterDNS")]
+    pub cluster_dns: Vec<String>,
+    pub cluster_domain: String,
+    /// How often the node status is computed (posted when it changed).
+    #[serde(with = "go_duration")]
+    pub node_status_update_frequency: Duration,
+    /// How often the status is posted even when nothing changed.
+    #[serde(with = "go_duration")]
+    pub node_status_report_frequency: Duration,
+    pub node_lease_duration_seconds: u32,
+    #[serde(rename = "kubeAPIQPS")]
+    pub kube_api_qps: f64,
+    #[serde(rename = "kubeAPIBurst")]
+    pub kube_api_burst: u32,
+    /// The port in the Node's daemonEndpoints (the node API).
+    pub port: u16,
+}
+
+impl Default for NodeConfig {
+    fn default() -> NodeConfig {
+        NodeConfig {
+            node_labels: BTreeMap::new(),
+            register_with_taints: vec![Taint {
+                key: WASM_LABEL.into(),
+                value: "true".into(),
+                effect: "NoSchedule".into(),
+            }],
+            max_pods: 110,
+            cluster_dns: Vec::new(),
+            cluster_domain: "cluster.local".into(),
+            node_status_update_frequency: Duration::from_secs(10),
+            node_status_report_frequency: Duration::from_secs(300),
+            node_lease_duration_seconds: 40,
+            kube_api_qps: 50.0,
+            kube_api_burst: 100,
+            port: 10250,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The Lease is renewed every quarter of its duration, as the kubelet does.
+    pub fn lease_renew_interval(&self) -> Duration {
+        Duration::from_secs(u64::from(self.node_lease_duration_seconds.max(1))) / 4
+    }
+
+    /// What is wrong with the settings, if anything.
+    pub fn check(&self) -> Result<(), String> {
+        for t in &self.register_with_taints {
+            if !matches!(t.effect.as_str(), "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+                return Err(format!(
+                    "registerWithTaints: taint {:?}: effect {:?} is not NoSchedule, PreferNoSchedule or NoExecute",
+                    t.key, t.effect
+                ));
+            }
+        }
+        if self.max_pods == 0 {
+            return Err("maxPods must be at least 1".into());
+        }
+        if self.node_status_update_frequency.is_zero() || self.node_status_report_frequency.is_zero() {
+            return Err("nodeStatusUpdateFrequency and nodeStatusReportFrequency must be positive".into());
+        }
+        if self.kube_api_qps <= 0.0 || self.kube_api_burst == 0 {
+            return Err("kubeAPIQPS and kubeAPIBurst must be positive".into());
+        }
+        for ip in &self.cluster_dns {
+            ip.parse::<std::net::IpAddr>().map_err(|_| format!("clusterDNS: {ip:?} is not an IP address"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Durations written as Go writes them ("10s", "5m0s", "1h30m", "500ms").
+pub mod go_duration {
+    use super::*;
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let bad = || format!("{text:?} is not a duration (e.g. 10s, 5m0s, 1h)");
+        if text == "0" {
+            return Ok(Duration::ZERO);
+        }
+        let mut rest = text;
+        let mut total = 0f64;
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        while !rest.is_empty() {
+            let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+            let value: f64 = rest[..n].parse().map_err(|_| bad())?;
+            rest = &rest[n..];
+            let u = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+            let scale = match &rest[..u] {
+                "ns" => 1e-9,
+                "us" | "µs" => 1e-6,
+                "ms" => 1e-3,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => return Err(bad()),
+            };
+            total += value * scale;
+            rest = &rest[u..];
+        }
+        Ok(Duration::from_secs_f64(total))
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", d.as_secs_f64()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_kubelets() {
+        let c = NodeConfig::default();
+        assert_eq!((c.max_pods, c.node_lease_duration_seconds, c.port), (110, 40, 10250));
+        assert_eq!(c.node_status_update_frequency, Duration::from_secs(10));
+        assert_eq!(c.node_status_report_frequency, Duration::from_secs(300));
+        assert_eq!(c.lease_renew_interval(), Duration::from_secs(10));
+        assert_eq!(c.register_with_taints[0].key, WASM_LABEL);
+        assert!(c.check().is_ok());
+    }
+
+    #[test]
+    fn keys_are_kubelet_configuration_names() {
+        let c: NodeConfig = toml::from_str(
+            "nodeLabels = { zone = \"edge\" }\nmaxPods = 20\nclusterDNS = [\"10.96.0.10\"]\nnodeStatusUpdateFrequency = \"2s\"\nnodeStatusReportFrequency = \"1m0s\"\nnodeLeaseDurationSeconds = 8\nkubeAPIQPS = 5.0\nkubeAPIBurst = 10\nregisterWithTaints = []\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_pods, 20);
+        assert_eq!(c.cluster_dns, vec!["10.96.0.10".to_string()]);
+        assert_eq!(c.node_status_update_frequency, Duration::from_secs(2));
+        assert_eq!(c.node_status_report_frequency, Duration::from_secs(60));
+        assert_eq!(c.lease_renew_interval(), Duration::from_secs(2));
+        assert!(c.register_with_taints.is_empty(), "an empty list overrides the default taint");
+        let e = toml::from_str::<NodeConfig>("maxpods = 3\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `maxpods`"), "{e}");
+        let e = toml::from_str::<NodeConfig>("nodeStatusUpdateFrequency = \"10 sec\"\n").unwrap_err().to_string();
+        assert!(e.contains("is not a duration"), "{e}");
+        let bad = NodeConfig { cluster_dns: vec!["dns".into()], ..NodeConfig::default() };
+        assert!(bad.check().unwrap_err().contains("clusterDNS"));
+    }
+
+    #[test]
+    fn go_durations() {
+        use go_duration::parse;
+        assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse("0"), Ok(Duration::ZERO));
+        assert!(parse("").is_err());
+        assert!(parse("5").is_err());
+        assert!(parse("5d").is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! What pods read from the API server: the ConfigMaps and Secrets their env, volumes and pull
+//! secrets name, and their service account tokens (TokenRequest, bound to the pod). Each is
+//! fetched by name, as the Node authorizer allows a node to read only what its pods refer to,
+//! and kept briefly, so a changed ConfigMap reaches a mounted volume at the next sync.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use kube::Api;
+use kube::api::PostParams;
+
+use super::api_code;
+use crate::worker::Objects;
+
+/// How long a fetched ConfigMap or Secret is trusted before the next sync reads it again.
+const FRESH: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    ConfigMap,
+    Secret,
+}
+
+enum Obj {
+    ConfigMap(ConfigMap),
+    Secret(Secret),
+}
+
+/// (kind, namespace, name).
+type ObjectKey = (Kind, String, String);
+
+/// The object (None: not found) and when it was read.
+type Fetched = (Option<Obj>, Instant);
+
+struct Token {
+    token: String,
+    refresh_at: Instant,
+}
+
+/// ConfigMaps, Secrets and tokens fetched from the API server for the pods that use them.
+pub struct ApiObjects {
+    client: kube::Client,
+    cache: Mutex<HashMap<ObjectKey, Fetched>>,
+    /// (pod UID, audience, expirationSeconds) -> token.
+    tokens: Mutex<HashMap<(String, String, i64), Token>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a pod refers to: ConfigMap names, Secret names, and (audience, expirationSeconds) of
+/// its projected service account tokens.
+pub fn references(pod: &Pod) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<(String, i64)>) {
+    let (mut cms, mut secrets, mut tokens) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    let Some(spec) = pod.spec.as_ref() else { return (cms, secrets, tokens) };
+    for v in spec.volumes.iter().flatten() {
+        if let Some(c) = &v.config_map {
+            cms.insert(c.name.clone());
+        }
+        if let Some(s) = v.secret.as_ref().and_then(|s| s.secret_name.clone()) {
+            secrets.insert(s);
+        }
+        for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &src.config_map {
+                cms.insert(c.name.clone());
+            }
+            if let Some(s) = &src.secret {
+                secrets.insert(s.name.clone());
+            }
+            if let Some(t) = &src.service_account_token {
+                tokens.insert((t.audience.clone().unwrap_or_default(), t.expiration_seconds.unwrap_or(3600)));
+            }
+        }
+    }
+    let containers = spec.init_containers.iter().flatten().chain(spec.containers.iter());
+    for c in containers {
+        for e in c.env_from.iter().flatten() {
+            if let Some(r) = &e.config_map_ref {
+                cms.insert(r.name.clone());
+            }
+            if let Some(r) = &e.secret_ref {
+                secrets.insert(r.name.clone());
+            }
+        }
+        for e in c.env.iter().flatten().filter_map(|e| e.value_from.as_ref()) {
+            if let Some(r) = &e.config_map_key_ref {
+                cms.insert(r.name.clone());
+            }
+            if let Some(r) = &e.secret_key_ref {
+                secrets.insert(r.name.clone());
+            }
+        }
+    }
+    for s in spec.image_pull_secrets.iter().flatten() {
+        secrets.insert(s.name.clone());
+    }
+    (cms, secrets, tokens)
+}
+
+impl ApiObjects {
+    pub fn new(client: kube::Client) -> ApiObjects {
+        ApiObjects { client, cache: Mutex::default(), tokens: Mutex::default() }
+    }
+
+    fn stale(&self, key: &ObjectKey) -> bool {
+        lock(&self.cache).get(key).is_none_or(|(_, at)| at.elapsed() >= FRESH)
+    }
+
+    async fn fetch(&self, kind: Kind, ns: &str, name: &str) {
+        let key = (kind, ns.to_string(), name.to_string());
+        if !self.stale(&key) {
+            return;
+        }
+        let got = match kind {
+            Kind::ConfigMap => {
+                Api::<ConfigMap>::namespaced(self.client.clone(), ns).get_opt(name).await.map(|o| o.map(Obj::ConfigMap))
+            }
+            Kind::Secret => {
+                Api::<Secret>::namespaced(self.client.clone(), ns).get_opt(name).await.map(|o| o.map(Obj::Secret))
+            }
+        };
+        match got {
+            Ok(obj) => {
+                lock(&self.cache).insert(key, (obj, Instant::now()));
+            }
+            // Forbidden until the Node authorizer's graph has the pod's edge to it: read as
+            // missing for now, and again at the next sync.
+            Err(e) => {
+                tracing::debug!(kind = ?kind, object = %format!("{ns}/{name}"), code = ?api_code(&e), error = %e, "fetch failed");
+                let mut cache = lock(&self.cache);
+                let entry = cache.entry(key).or_insert((None, Instant::now()));
+                // A known copy is kept through an outage.
+                if entry.0.is_none() {
+                    entry.1 = Instant::now();
+                }
+            }
+        }
+    }
+
+    async fn fetch_token(&self, pod: &Pod, audience: &str, expiration: i64) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let key = (uid.clone(), audience.to_string(), expiration);
+        if lock(&self.tokens).get(&key).is_some_and(|t| Instant::now() < t.refresh_at) {
+            return;
+        }
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+        let request = TokenRequest {
+            metadata: Default::default(),
+            spec: Some(TokenRequestSpec {
+                audiences: (!audience.is_empty()).then(|| vec![audience.to_string()]),
+                expiration_seconds: Some(expiration),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: Some(uid),
+                }),
+            }),
+            status: None,
+        };
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
+        match api.create_subresource::<_, TokenRequest>("token", &sa, &PostParams::default(), &request).await {
+            Ok(r) => {
+                let Some(token) = r.status.and_then(|s| s.token) else { return };
+                // Refreshed at 80% of its life, or after 24 hours, as the kubelet's token manager.
+                let granted = r.spec.and_then(|s| s.expiration_seconds).unwrap_or(expiration).max(1) as u64;
+                let life = Duration::from_secs(granted).mul_f64(0.8).min(Duration::from_secs(24 * 3600));
+                lock(&self.tokens).insert(key, Token { token, refresh_at: Instant::now() + life });
+            }
+            Err(e) => {
+                tracing::warn!(pod = %format!("{ns}/{}", pod.metadata.name.as_deref().unwrap_or_default()), service_account = %sa, error = %e, "token request failed")
+            }
+        }
+    }
+
+    /// Forgets the tokens of a pod that is gone.
+    pub fn forget_pod(&self, uid: &str) {
+        lock(&self.tokens).retain(|(u, _, _), _| u != uid);
+    }
+}
+
+impl Objects for ApiObjects {
+    fn config_map(&self, ns: &str, name: &str) -> Option<ConfigMap> {
+        match lock(&self.cache).get(&(Kind::ConfigMap, ns.to_string(), name.to_string())) {
+            Some((Some(Obj::ConfigMap(c)), _)) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    fn secret(&self, ns: &str, name: &str) -> Option<Secret> {
+        match lock(&self.cache).get(&(Kind::Secret, ns.to_string(), name.to_string())) {
+            Some((Some(Obj::Secret(s)), _)) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    fn service_account_token(&self, pod: &Pod, audience: &str, expiration: i64) -> Option<String> {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        lock(&self.tokens).get(&(uid, audience.to_string(), expiration)).map(|t| t.token.clone())
+    }
+
+    fn refresh<'a>(&'a self, pod: &'a Pod) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+            let (cms, secrets, tokens) = references(pod);
+            for c in &cms {
+                self.fetch(Kind::ConfigMap, ns, c).await;
+            }
+            for s in &secrets {
+                self.fetch(Kind::Secret, ns, s).await;
+            }
+            for (audience, expiration) in &tokens {
+                self.fetch_token(pod, audience, *expiration).await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_cover_volumes_env_and_pull_secrets() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {
+                "imagePullSecrets": [{"name": "pull"}],
+                "volumes": [
+                    {"name": "a", "configMap": {"name": "cm-vol"}},
+                    {"name": "b", "secret": {"secretName": "s-vol"}},
+                    {"name": "c", "projected": {"sources": [
+                        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                        {"configMap": {"name": "kube-root-ca.crt"}},
+                        {"serviceAccountToken": {"path": "vault", "audience": "vault"}}
+                    ]}}
+                ],
+                "containers": [{"name": "app", "image": "a",
+                    "envFrom": [{"configMapRef": {"name": "cm-env"}}],
+                    "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s-env", "key": "k"}}}]}]
+            }
+        }))
+        .unwrap();
+        let (cms, secrets, tokens) = references(&pod);
+        assert_eq!(cms.into_iter().collect::<Vec<_>>(), ["cm-env", "cm-vol", "kube-root-ca.crt"]);
+        assert_eq!(secrets.into_iter().collect::<Vec<_>>(), ["pull", "s-env", "s-vol"]);
+        assert_eq!(tokens.into_iter().collect::<Vec<_>>(), [(String::new(), 3607), ("vault".to_string(), 3600)]);
+    }
+}

@@ -1,0 +1,475 @@
+//! A real Kubernetes control plane for the node tests: etcd, kube-apiserver (TLS, the Node
+//! authorizer, RBAC and NodeRestriction), kube-controller-manager (with the CSR signer) and
+//! kube-scheduler from ../shared/k8s, on loopback, with certificates made by `openssl`. One
+//! control plane serves every test of a test binary (each in a namespace and on a node of its
+//! own); its processes end with the test process.
+//!
+//! The binaries come from `$WASMLET_K8S_BIN`, else `target/k8s` (where `scripts/test`
+//! unpacks them with ../shared/k8s/install.sh). Without them the tests are skipped with a
+//! line that says so, except under CI (`CI` set), where that is a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Where the Kubernetes binaries are, if they are there.
+pub fn k8s_bin() -> Option<PathBuf> {
+    let dir = std::env::var_os("WASMLET_K8S_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").join("target/k8s"));
+    dir.join("kube-apiserver").exists().then_some(dir)
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().context("run openssl")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A key and a certificate signed by the test CA: `NAME.key`, `NAME.crt` in `dir`.
+fn certificate(dir: &Path, name: &str, subject: &str, server_names: Option<&str>) -> Result<()> {
+    let (key, csr, crt, ext) =
+        (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr])?;
+    let extensions = match server_names {
+        Some(sans) => format!("subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        None => "extendedKeyUsage=clientAuth\n".to_string(),
+    };
+    std::fs::write(dir.join(&ext), extensions)?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ],
+    )
+}
+
+/// A kubeconfig for the API server at `port` with the client certificate `NAME.crt`.
+fn kubeconfig(dir: &Path, name: &str, port: u16) -> Result<PathBuf> {
+    let d = dir.display();
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"https://127.0.0.1:{port}\", certificate-authority: {d}/ca.crt}}\nusers:\n- name: user\n  user: {{client-certificate: {d}/{name}.crt, client-key: {d}/{name}.key}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: user}}\ncurrent-context: test\n"
+    );
+    let path = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// A process that ends when the test process does: a shell watches this process's pid and
+/// kills the child when it is gone (statics are never dropped).
+fn supervised(program: &Path, args: &[String], log: &Path) -> Result<Child> {
+    let out = std::fs::File::create(log)?;
+    let script = "\"$@\" & c=$!; while kill -0 \"$WATCH\" 2>/dev/null && kill -0 $c 2>/dev/null; do sleep 0.5; done; kill $c 2>/dev/null; wait $c";
+    Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .arg("supervised")
+        .arg(program)
+        .args(args)
+        .env("WATCH", std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("start {}", program.display()))
+}
+
+/// The running control plane.
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub port: u16,
+    /// The admin's kubeconfig (group system:masters).
+    pub admin: PathBuf,
+    _procs: Vec<Child>,
+    _tmp: tempfile::TempDir,
+}
+
+/// The node-lifecycle controller's grace period on the test control plane.
+pub const NODE_MONITOR_GRACE: Duration = Duration::from_secs(20);
+
+static SHARED: OnceLock<Option<ControlPlane>> = OnceLock::new();
+
+impl ControlPlane {
+    /// The control plane of this test binary, started on first use; None (with a line that
+    /// says why) when the binaries are missing outside CI.
+    pub fn shared() -> Option<&'static ControlPlane> {
+        SHARED
+            .get_or_init(|| {
+                let Some(bin) = k8s_bin() else {
+                    if std::env::var_os("CI").is_some() {
+                        panic!(
+                            "the Kubernetes binaries are missing: scripts/test unpacks them from ../shared/k8s (bash ../shared/k8s/install.sh target/k8s), or set WASMLET_K8S_BIN=DIR"
+                        );
+                    }
+                    eprintln!(
+                        "skipped: no Kubernetes binaries (unpack them with `bash ../shared/k8s/install.sh target/k8s`, or set WASMLET_K8S_BIN=DIR)"
+                    );
+                    return None;
+                };
+                Some(ControlPlane::start(bin).expect("start the control plane"))
+            })
+            .as_ref()
+    }
+
+    fn start(bin: PathBuf) -> Result<ControlPlane> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=wasmlet-test-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+        )?;
+        certificate(
+            &dir,
+            "apiserver",
+            "/CN=kube-apiserver",
+            Some("IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes.default.svc"),
+        )?;
+        certificate(&dir, "admin", "/O=system:masters/CN=admin", None)?;
+        certificate(&dir, "controller-manager", "/CN=system:kube-controller-manager", None)?;
+        certificate(&dir, "scheduler", "/CN=system:kube-scheduler", None)?;
+        certificate(&dir, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", None)?;
+        openssl(&dir, &["genrsa", "-out", "sa.key", "2048"])?;
+        openssl(&dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+        let free = crate::free_port;
+        let (etcd_client, etcd_peer, port) = (free(), free(), free());
+        let d = |f: &str| dir.join(f).display().to_string();
+        let mut procs = Vec::new();
+        let etcd = which("etcd").context("etcd is missing (apt-get install etcd-server)")?;
+        procs.push(supervised(
+            &etcd,
+            &[
+                format!("--data-dir={}", d("etcd")),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer}"),
+                "--unsafe-no-fsync".into(),
+            ],
+            &dir.join("etcd.log"),
+        )?);
+        procs.push(supervised(
+            &bin.join("kube-apiserver"),
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+                format!("--secure-port={port}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--tls-cert-file={}", d("apiserver.crt")),
+                format!("--tls-private-key-file={}", d("apiserver.key")),
+                format!("--client-ca-file={}", d("ca.crt")),
+                format!("--service-account-key-file={}", d("sa.pub")),
+                format!("--service-account-signing-key-file={}", d("sa.key")),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--enable-bootstrap-token-auth".into(),
+                format!("--kubelet-client-certificate={}", d("apiserver-kubelet-client.crt")),
+                format!("--kubelet-client-key={}", d("apiserver-kubelet-client.key")),
+                format!("--kubelet-certificate-authority={}", d("ca.crt")),
+            ],
+            &dir.join("apiserver.log"),
+        )?);
+        let admin = kubeconfig(&dir, "admin", port)?;
+        let cp = ControlPlane { dir: dir.clone(), bin: bin.clone(), port, admin, _procs: Vec::new(), _tmp: tmp };
+        cp.wait_ready(Duration::from_secs(60)).context("the API server did not become ready")?;
+        let kcm = kubeconfig(&dir, "controller-manager", port)?.display().to_string();
+        procs.push(supervised(
+            &bin.join("kube-controller-manager"),
+            &[
+                format!("--kubeconfig={kcm}"),
+                format!("--authentication-kubeconfig={kcm}"),
+                format!("--authorization-kubeconfig={kcm}"),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                "--secure-port=0".into(),
+                format!("--service-account-private-key-file={}", d("sa.key")),
+                format!("--root-ca-file={}", d("ca.crt")),
+                "--use-service-account-credentials=true".into(),
+                format!("--cluster-signing-cert-file={}", d("ca.crt")),
+                format!("--cluster-signing-key-file={}", d("ca.key")),
+                "--controllers=*,bootstrapsigner,tokencleaner".into(),
+                format!("--node-monitor-grace-period={}s", NODE_MONITOR_GRACE.as_secs()),
+                "--node-monitor-period=2s".into(),
+            ],
+            &dir.join("controller-manager.log"),
+        )?);
+        let sched = kubeconfig(&dir, "scheduler", port)?.display().to_string();
+        procs.push(supervised(
+            &bin.join("kube-scheduler"),
+            &[
+                format!("--kubeconfig={sched}"),
+                format!("--authentication-kubeconfig={sched}"),
+                format!("--authorization-kubeconfig={sched}"),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                "--secure-port=0".into(),
+            ],
+            &dir.join("scheduler.log"),
+        )?);
+        let mut cp = cp;
+        cp._procs = procs;
+        cp.kubectl_ok(&["apply", "-f", &crate::examples_dir().join("runtimeclass.yaml").display().to_string()])?;
+        // The default service account appears once the controller-manager runs.
+        cp.wait("the default service account", Duration::from_secs(60), || {
+            Ok(cp.kubectl(&["get", "serviceaccount", "default", "-n", "default"])?.status.success())
+        })?;
+        Ok(cp)
+    }
+
+    fn wait_ready(&self, limit: Duration) -> Result<()> {
+        self.wait("the API server", limit, || Ok(self.kubectl(&["get", "--raw", "/readyz"])?.status.success()))
+    }
+
+    /// Polls `check` every 200 ms until it holds, or fails naming `what`.
+    pub fn wait(&self, what: &str, limit: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if check()? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{what}: not within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `kubectl` as the admin.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.admin)
+            .args(args)
+            .output()
+            .context("run kubectl")
+    }
+
+    /// `kubectl` as the admin; its stdout, or an error with its stderr.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args)?;
+        if !out.status.success() {
+            bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl ... -o json`, parsed.
+    pub fn get_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.kubectl_ok(&all)?)?)
+    }
+
+    /// Applies a manifest given as text.
+    pub fn apply(&self, namespace: &str, manifest: &str) -> Result<()> {
+        let mut child = Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.admin)
+            .args(["apply", "-n", namespace, "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        use std::io::Write;
+        child.stdin.take().expect("stdin").write_all(manifest.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("kubectl apply: {}\n{manifest}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// A namespace of the test's own.
+    pub fn namespace(&self, name: &str) -> Result<String> {
+        self.kubectl_ok(&["create", "namespace", name])?;
+        self.wait("the namespace's default service account", Duration::from_secs(30), || {
+            Ok(self.kubectl(&["get", "serviceaccount", "default", "-n", name])?.status.success())
+        })?;
+        Ok(name.to_string())
+    }
+
+    /// A kubeconfig with a client certificate for node `name` (user system:node:NAME, group
+    /// system:nodes): exactly a kubelet's rights.
+    pub fn node_kubeconfig(&self, name: &str) -> Result<PathBuf> {
+        certificate(&self.dir, &format!("node-{name}"), &format!("/O=system:nodes/CN=system:node:{name}"), None)?;
+        kubeconfig(&self.dir, &format!("node-{name}"), self.port)
+    }
+
+    /// The CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.exists())
+}
+
+/// A `wasmlet node` process joined to the control plane, on a root of its own.
+pub struct WasmletNode {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+    child: Option<Child>,
+    /// More `wasmlet node` arguments.
+    pub extra: Vec<String>,
+    config: String,
+}
+
+impl WasmletNode {
+    /// Imports the images (file, tag) into a fresh root and starts `wasmlet node --kubeconfig`
+    /// as node `name`, with `config` as its config file's text (`[node]` settings and more).
+    pub fn start(cp: &ControlPlane, name: &str, images: &[(&Path, &str)], config: &str) -> Result<WasmletNode> {
+        let mut n = WasmletNode::prepare(cp, name, images, config)?;
+        n.spawn()?;
+        Ok(n)
+    }
+
+    /// The same, without starting the process (`spawn` does).
+    pub fn prepare(cp: &ControlPlane, name: &str, images: &[(&Path, &str)], config: &str) -> Result<WasmletNode> {
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = cp.node_kubeconfig(name)?;
+        let n =
+            WasmletNode { name: name.into(), dir, kubeconfig, child: None, extra: Vec::new(), config: config.into() };
+        for (file, tag) in images {
+            n.import(file, tag)?;
+        }
+        Ok(n)
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// `wasmlet image import` into the node's root.
+    pub fn import(&self, file: &Path, tag: &str) -> Result<()> {
+        let out = Command::new(crate::wasmlet_bin())
+            .args(["image", "import", &file.display().to_string(), "--tag", tag, "--root"])
+            .arg(self.root())
+            .output()?;
+        if !out.status.success() {
+            bail!("import {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// (Re)starts the process on the same root.
+    pub fn spawn(&mut self) -> Result<()> {
+        let config = self.dir.path().join("wasmlet.toml");
+        std::fs::write(&config, &self.config)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("wasmlet.log"))?;
+        let child = Command::new(crate::wasmlet_bin())
+            .arg("node")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--hostname-override")
+            .arg(&self.name)
+            .args(["--node-ip", "127.0.0.1", "--root"])
+            .arg(self.root())
+            .arg("--config")
+            .arg(&config)
+            .args(&self.extra)
+            .env("WASMLET_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn wasmlet node")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("wasmlet.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(c.id() as i32).expect("pid"),
+                rustix::process::Signal::TERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for WasmletNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A node condition's status ("True", "False", "Unknown"), if the Node has it.
+pub fn node_condition(node: &Value, kind: &str) -> Option<String> {
+    node.pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .and_then(|c| c["status"].as_str())
+        .map(str::to_string)
+}
+
+impl WasmletNode {
+    /// The pod sandboxes its runtime holds (through its CRI socket in the run directory).
+    pub fn sandboxes(&self) -> Result<Vec<crate::cri::PodSandbox>> {
+        let run_dir = wasmlet_runtime::default_run_dir_for(&self.root(), rustix::process::geteuid().as_raw());
+        let socket = std::fs::read_dir(&run_dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("kubelet-")))
+            .context("no CRI socket in the run directory")?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let mut c = crate::RuntimeClient::new(cri_proto::connect_unix(&socket).await?);
+            Ok(c.list_pod_sandbox(crate::cri::ListPodSandboxRequest { filter: None }).await?.into_inner().items)
+        })
+    }
+}

@@ -1,0 +1,552 @@
+//! `wasmlet node` against a real control plane (../shared/k8s): the Node, its Lease and
+//! status, and workloads placed on it by the real scheduler. Every test has a node and a
+//! namespace of its own on the one control plane of this test binary.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::Value;
+use wasmlet_tests::cluster::{ControlPlane, NODE_MONITOR_GRACE, WasmletNode, node_condition};
+use wasmlet_tests::{examples_dir, tool_module};
+
+const FAST: &str = "[node]\nnodeLeaseDurationSeconds = 8\nnodeStatusUpdateFrequency = \"2s\"\n";
+
+fn web() -> std::path::PathBuf {
+    examples_dir().join("web.wat")
+}
+
+fn pods(cp: &ControlPlane, ns: &str, selector: &str) -> Result<Vec<Value>> {
+    let list = cp.get_json(&["get", "pods", "-n", ns, "-l", selector])?;
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
+}
+
+fn ready(pod: &Value) -> bool {
+    pod["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+fn wait_node_ready(cp: &ControlPlane, node: &WasmletNode) -> Result<Value> {
+    let mut last = Value::Null;
+    cp.wait(&format!("node {} Ready", node.name), Duration::from_secs(60), || {
+        let out = cp.kubectl(&["get", "node", &node.name, "-o", "json"])?;
+        if !out.status.success() {
+            return Ok(false);
+        }
+        last = serde_json::from_slice(&out.stdout)?;
+        Ok(node_condition(&last, "Ready").as_deref() == Some("True"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    Ok(last)
+}
+
+/// A Deployment of the wasm web server pinned to `node` through the RuntimeClass and its
+/// host name.
+fn deployment(name: &str, node: &str, image: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  strategy: {{rollingUpdate: {{maxSurge: 1, maxUnavailable: 0}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      runtimeClassName: wasmlet
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      terminationGracePeriodSeconds: 600
+      containers:
+      - name: web
+        image: {image}
+        imagePullPolicy: IfNotPresent
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe:
+          httpGet: {{path: /ready, port: http}}
+          periodSeconds: 1
+        lifecycle:
+          preStop:
+            httpGet: {{path: /pre-stop, port: http}}
+"#
+    )
+}
+
+fn wait_ready_replicas(cp: &ControlPlane, ns: &str, app: &str, n: usize, node: &WasmletNode) -> Result<()> {
+    cp.wait(&format!("{n} ready pods of {app}"), Duration::from_secs(90), || {
+        let all = pods(cp, ns, &format!("app={app}"))?;
+        let live: Vec<&Value> = all.iter().filter(|p| p["metadata"]["deletionTimestamp"].is_null()).collect();
+        Ok(all.len() == n && live.iter().all(|p| ready(p) && p["status"]["phase"] == "Running"))
+    })
+    .map_err(|e| {
+        anyhow::anyhow!("{e}\npods: {:?}\n{}", cp.kubectl_ok(&["get", "pods", "-n", ns, "-o", "wide"]), node.log())
+    })
+}
+
+#[test]
+fn node_registers_ready_renews_its_lease_and_goes_not_ready_when_it_stops() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let mut node = WasmletNode::start(cp, "wasm-node-reg", &[], FAST)?;
+    let n = wait_node_ready(cp, &node)?;
+    let labels = &n["metadata"]["labels"];
+    assert_eq!(labels["kubernetes.io/hostname"], "wasm-node-reg");
+    assert_eq!(labels["kubernetes.io/os"], "linux");
+    assert!(labels["kubernetes.io/arch"].is_string());
+    assert_eq!(labels["wasmlet.dev/wasm"], "true");
+    let taints = n["spec"]["taints"].as_array().cloned().unwrap_or_default();
+    assert!(
+        taints.iter().any(|t| t["key"] == "wasmlet.dev/wasm" && t["effect"] == "NoSchedule"),
+        "the default taint: {taints:?}"
+    );
+    for key in ["cpu", "memory", "pods", "ephemeral-storage"] {
+        assert!(n["status"]["capacity"][key].is_string(), "capacity {key}: {}", n["status"]);
+        assert!(n["status"]["allocatable"][key].is_string(), "allocatable {key}");
+    }
+    assert_eq!(n["status"]["capacity"]["pods"], "110");
+    let info = &n["status"]["nodeInfo"];
+    assert!(info["containerRuntimeVersion"].as_str().unwrap().starts_with("wasmlet://"), "{info}");
+    assert_eq!(info["kubeletVersion"], "v1.33.0");
+    assert_eq!(info["operatingSystem"], "linux");
+    let addresses = n["status"]["addresses"].to_string();
+    assert!(
+        addresses.contains("InternalIP") && addresses.contains("127.0.0.1") && addresses.contains("Hostname"),
+        "{addresses}"
+    );
+    assert_eq!(n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"], 10250);
+    for kind in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
+        assert_eq!(node_condition(&n, kind).as_deref(), Some("False"), "{kind}");
+    }
+    // `kubectl get nodes` shows it Ready.
+    let table = cp.kubectl_ok(&["get", "node", "wasm-node-reg"])?;
+    assert!(table.contains(" Ready "), "{table}");
+
+    // The Lease is held by the node and renewed (every 8/4 = 2 s here).
+    let lease = || -> Result<Value> { cp.get_json(&["get", "lease", "-n", "kube-node-lease", "wasm-node-reg"]) };
+    let mut first = Value::Null;
+    cp.wait("the node's Lease", Duration::from_secs(30), || {
+        first = lease().unwrap_or(Value::Null);
+        Ok(!first.is_null())
+    })?;
+    assert_eq!(first["spec"]["holderIdentity"], "wasm-node-reg");
+    assert_eq!(first["spec"]["leaseDurationSeconds"], 8);
+    assert_eq!(first["metadata"]["ownerReferences"][0]["kind"], "Node");
+    let t0 = first["spec"]["renewTime"].as_str().unwrap().to_string();
+    cp.wait("the Lease renewed", Duration::from_secs(20), || {
+        Ok(lease()?["spec"]["renewTime"].as_str().is_some_and(|t| t > t0.as_str()))
+    })?;
+
+    // Stopped, it stops renewing: the node-lifecycle controller marks it NotReady (Unknown).
+    node.kill9();
+    cp.wait("the node NotReady after wasmlet stopped", NODE_MONITOR_GRACE + Duration::from_secs(30), || {
+        let n = cp.get_json(&["get", "node", "wasm-node-reg"])?;
+        Ok(node_condition(&n, "Ready").as_deref() == Some("Unknown"))
+    })?;
+
+    // Started again on the same root, it adopts its Node and is Ready again.
+    node.spawn()?;
+    wait_node_ready(cp, &node)?;
+    // A Node deleted by an admin is registered again.
+    cp.kubectl_ok(&["delete", "node", "wasm-node-reg"])?;
+    cp.wait("the node registered again", Duration::from_secs(30), || {
+        Ok(cp.kubectl(&["get", "node", "wasm-node-reg"])?.status.success())
+    })?;
+    wait_node_ready(cp, &node)?;
+    Ok(())
+}
+
+#[test]
+fn a_deployment_runs_scales_rolls_and_deletes_and_other_pods_stay_off() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let node = WasmletNode::start(cp, "wasm-node-deploy", &[(&web(), "web:1"), (&web(), "web:2")], FAST)?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("deploy")?;
+    cp.apply(&ns, &deployment("web", &node.name, "web:1", 3))?;
+    wait_ready_replicas(cp, &ns, "web", 3, &node)?;
+    let table = cp.kubectl_ok(&["get", "pods", "-n", &ns])?;
+    assert_eq!(table.matches("1/1     Running").count(), 3, "{table}");
+    for p in pods(cp, &ns, "app=web")? {
+        assert_eq!(p["spec"]["nodeName"], node.name.as_str());
+        assert_eq!(p["status"]["hostIP"], "127.0.0.1");
+        assert!(p["status"]["podIP"].is_string(), "{}", p["status"]);
+        assert!(p["status"]["containerStatuses"][0]["containerID"].as_str().unwrap().starts_with("wasmlet://"));
+    }
+
+    cp.kubectl_ok(&["scale", "-n", &ns, "deployment/web", "--replicas=10"])?;
+    wait_ready_replicas(cp, &ns, "web", 10, &node)?;
+    cp.kubectl_ok(&["scale", "-n", &ns, "deployment/web", "--replicas=1"])?;
+    wait_ready_replicas(cp, &ns, "web", 1, &node)?;
+
+    // A rolling update to a new tag completes.
+    cp.kubectl_ok(&["set", "image", "-n", &ns, "deployment/web", "web=web:2"])?;
+    cp.kubectl_ok(&["rollout", "status", "-n", &ns, "deployment/web", "--timeout=90s"])?;
+    wait_ready_replicas(cp, &ns, "web", 1, &node)?;
+    let p = &pods(cp, &ns, "app=web")?[0];
+    assert_eq!(p["spec"]["containers"][0]["image"], "web:2");
+
+    // kubectl delete runs preStop, and the pod is gone long before its 600 s grace period:
+    // the handler drains instead of waiting it out.
+    let name = p["metadata"]["name"].as_str().unwrap().to_string();
+    cp.kubectl_ok(&["delete", "pod", "-n", &ns, &name, "--timeout=120s"])?;
+    assert!(node.log().contains("served /pre-stop") || web_log_has(&node, &name, "served /pre-stop"), "preStop ran");
+    let events = cp.kubectl_ok(&["get", "events", "-n", &ns])?;
+    for reason in ["Scheduled", "Pulled", "Created", "Started", "Killing"] {
+        assert!(events.contains(reason), "event {reason} from the scheduler or wasmlet:\n{events}");
+    }
+
+    // A pod without the RuntimeClass is not scheduled here (the taint keeps it off).
+    cp.apply(
+        &ns,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: plain}}\nspec:\n  nodeSelector: {{kubernetes.io/hostname: {}}}\n  containers: [{{name: c, image: web:1}}]\n",
+            node.name
+        ),
+    )?;
+    cp.wait("the plain pod unschedulable", Duration::from_secs(30), || {
+        let p = cp.get_json(&["get", "pod", "-n", &ns, "plain"])?;
+        Ok(p["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "PodScheduled" && c["status"] == "False" && c["reason"] == "Unschedulable"))
+    })?;
+    assert!(cp.get_json(&["get", "pod", "-n", &ns, "plain"])?["spec"]["nodeName"].is_null());
+    Ok(())
+}
+
+/// Whether the CRI log of a pod's container `web` has a line with `needle`.
+fn web_log_has(node: &WasmletNode, pod: &str, needle: &str) -> bool {
+    let base = node.root().join("kubelet/logs");
+    std::fs::read_dir(base).into_iter().flatten().flatten().any(|d| {
+        d.file_name().to_string_lossy().contains(&format!("_{pod}_"))
+            && std::fs::read_dir(d.path().join("web"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|f| std::fs::read_to_string(f.path()).unwrap_or_default().contains(needle))
+    })
+}
+
+fn job(name: &str, node: &str, args: &str) -> String {
+    format!(
+        r#"apiVersion: batch/v1
+kind: Job
+metadata: {{name: {name}}}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      runtimeClassName: wasmlet
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      restartPolicy: Never
+      containers:
+      - name: task
+        image: tool:1
+        imagePullPolicy: IfNotPresent
+        args: {args}
+"#
+    )
+}
+
+fn job_condition(cp: &ControlPlane, ns: &str, name: &str, kind: &str) -> Result<bool> {
+    let j = cp.get_json(&["get", "job", "-n", ns, name])?;
+    Ok(j["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == kind && c["status"] == "True"))
+}
+
+#[test]
+fn jobs_succeed_and_fail_with_their_exit_codes() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let node = WasmletNode::start(cp, "wasm-node-jobs", &[(tool_module(), "tool:1")], FAST)?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("jobs")?;
+    cp.apply(&ns, &job("ok", &node.name, "[echo, done]"))?;
+    cp.apply(&ns, &job("bad", &node.name, "[exit, \"3\"]"))?;
+    cp.wait("job ok Complete", Duration::from_secs(60), || job_condition(cp, &ns, "ok", "Complete"))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    cp.wait("job bad Failed", Duration::from_secs(60), || job_condition(cp, &ns, "bad", "Failed"))?;
+    let ok = &pods(cp, &ns, "job-name=ok")?[0];
+    assert_eq!(ok["status"]["phase"], "Succeeded");
+    assert_eq!(ok["status"]["containerStatuses"][0]["state"]["terminated"]["reason"], "Completed");
+    let bad = &pods(cp, &ns, "job-name=bad")?[0];
+    assert_eq!(bad["status"]["phase"], "Failed");
+    let t = &bad["status"]["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!((t["exitCode"].as_i64(), t["reason"].as_str()), (Some(3), Some("Error")), "{t}");
+    Ok(())
+}
+
+#[test]
+fn pods_read_config_maps_secrets_and_service_account_tokens_from_the_api() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let node = WasmletNode::start(cp, "wasm-node-objects", &[(tool_module(), "tool:1")], FAST)?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("objects")?;
+    cp.apply(
+        &ns,
+        &format!(
+            r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings}}
+data: {{greeting: hello}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds}}
+stringData: {{password: s3cret}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: reader}}
+spec:
+  runtimeClassName: wasmlet
+  nodeSelector: {{kubernetes.io/hostname: {node}}}
+  containers:
+  - name: app
+    image: tool:1
+    args: [env]
+    env:
+    - name: PASSWORD
+      valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}
+    volumeMounts:
+    - {{name: settings, mountPath: /settings}}
+  volumes:
+  - name: settings
+    configMap: {{name: settings}}
+"#,
+            node = node.name
+        ),
+    )?;
+    cp.wait("the reader pod Running", Duration::from_secs(60), || {
+        let p = cp.get_json(&["get", "pod", "-n", &ns, "reader"])?;
+        Ok(p["status"]["containerStatuses"][0]["restartCount"].as_i64() >= Some(1) || p["status"]["phase"] == "Running")
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    let pod = cp.get_json(&["get", "pod", "-n", &ns, "reader"])?;
+    let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+    let pod_dir = node.root().join("kubelet/pods").join(&uid);
+
+    // The Secret reached the environment.
+    let logs = node.root().join(format!("kubelet/logs/{ns}_reader_{uid}/app"));
+    cp.wait("PASSWORD in the container's env", Duration::from_secs(30), || {
+        Ok(std::fs::read_dir(&logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|f| std::fs::read_to_string(f.path()).unwrap_or_default().contains("PASSWORD=s3cret")))
+    })?;
+
+    // A ConfigMap edit reaches the mounted file, without a restart of the pod.
+    let file = pod_dir.join("volumes/kubernetes.io~configmap/settings/greeting");
+    assert_eq!(std::fs::read_to_string(&file)?, "hello");
+    cp.kubectl_ok(&["patch", "configmap", "-n", &ns, "settings", "-p", r#"{"data":{"greeting":"bonjour"}}"#])?;
+    cp.wait("the edited ConfigMap in the volume", Duration::from_secs(40), || {
+        Ok(std::fs::read_to_string(&file).unwrap_or_default() == "bonjour")
+    })?;
+    let after = cp.get_json(&["get", "pod", "-n", &ns, "reader"])?;
+    assert_eq!(after["metadata"]["uid"], pod["metadata"]["uid"], "the same pod");
+
+    // The projected service account token (kube-api-access-*) is one the API server accepts.
+    let projected = pod_dir.join("volumes/kubernetes.io~projected");
+    let dir = std::fs::read_dir(&projected)?.flatten().next().expect("the kube-api-access volume").path();
+    let token = std::fs::read_to_string(dir.join("token"))?;
+    assert_eq!(std::fs::read_to_string(dir.join("namespace"))?, ns);
+    assert!(std::fs::read_to_string(dir.join("ca.crt"))?.contains("BEGIN CERTIFICATE"));
+    let review =
+        serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}});
+    let file = node.dir.path().join("review.json");
+    std::fs::write(&file, review.to_string())?;
+    let answer: Value =
+        serde_json::from_str(&cp.kubectl_ok(&["create", "-f", &file.display().to_string(), "-o", "json"])?)?;
+    assert_eq!(answer["status"]["authenticated"], true, "{answer}");
+    assert_eq!(answer["status"]["user"]["username"], format!("system:serviceaccount:{ns}:default"));
+    assert!(answer["status"]["user"]["extra"]["authentication.kubernetes.io/pod-name"].to_string().contains("reader"));
+    Ok(())
+}
+
+/// A pod bound straight to the node (no scheduler, as a DaemonSet's or a user's nodeName),
+/// so that the kubelet's own admission decides.
+fn bound_pod(name: &str, node: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: {node}\n  tolerations: [{{operator: Exists}}]\n{extra_spec}  containers: [{{name: c, image: tool:1, args: [sleep, \"600\"]}}]\n"
+    )
+}
+
+fn wait_rejected(cp: &ControlPlane, ns: &str, pod: &str, node: &WasmletNode) -> Result<Value> {
+    let mut last = Value::Null;
+    cp.wait(&format!("pod {pod} rejected"), Duration::from_secs(60), || {
+        last = cp.get_json(&["get", "pod", "-n", ns, pod])?;
+        Ok(last["status"]["phase"] == "Failed")
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{last}\n{}", node.log()))?;
+    Ok(last["status"].clone())
+}
+
+#[test]
+fn admission_refuses_with_the_kubelets_reasons() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let config = format!("{FAST}maxPods = 2\n");
+    let node = WasmletNode::start(cp, "wasm-node-admit", &[(tool_module(), "tool:1")], &config)?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("admit")?;
+    let runc = "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: runc-admit}\nhandler: runc\n";
+    cp.apply(&ns, runc)?;
+    let cases = [
+        ("affinity", "  nodeSelector: {zone: nowhere}\n", "NodeAffinity", "didn't match Pod's node affinity/selector"),
+        ("handler", "  runtimeClassName: runc-admit\n", "RuntimeHandlerNotSupported", "\"runc\""),
+        ("hostpid", "  hostPID: true\n", "Forbidden", "specified host PID, but is disallowed"),
+    ];
+    for (name, spec, _, _) in &cases {
+        cp.apply(&ns, &bound_pod(name, &node.name, spec))?;
+    }
+    for (name, _, reason, says) in &cases {
+        let s = wait_rejected(cp, &ns, name, &node)?;
+        assert_eq!(s["reason"], *reason, "{name}: {s}");
+        let message = s["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with("Pod was rejected: ") && message.contains(says), "{name}: {message}");
+    }
+    // maxPods = 2: two pods run, the third is refused.
+    for name in ["one", "two"] {
+        cp.apply(&ns, &bound_pod(name, &node.name, ""))?;
+        cp.wait(&format!("{name} Running"), Duration::from_secs(60), || {
+            Ok(cp.get_json(&["get", "pod", "-n", &ns, name])?["status"]["phase"] == "Running")
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    }
+    cp.apply(&ns, &bound_pod("three", &node.name, ""))?;
+    let s = wait_rejected(cp, &ns, "three", &node)?;
+    assert_eq!(s["reason"], "OutOfpods");
+    assert_eq!(
+        s["message"],
+        "Pod was rejected: Node didn't have enough resource: pods, requested: 1, used: 2, capacity: 2"
+    );
+    let events = cp.kubectl_ok(&["get", "events", "-n", &ns])?;
+    assert!(events.contains("OutOfpods") && events.contains("NodeAffinity"), "{events}");
+    // A refused pod is deleted for good when asked (nothing of it runs).
+    cp.kubectl_ok(&["delete", "pod", "-n", &ns, "hostpid", "--timeout=30s"])?;
+    Ok(())
+}
+
+/// Forwards TCP connections from 127.0.0.1:`port` to the API server, from when it is started.
+fn proxy(port: u16, to: u16) -> std::thread::JoinHandle<()> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the proxy");
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
+            for (mut from, mut into) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    })
+}
+
+#[test]
+fn bad_kubeconfigs_and_credentials_and_a_late_api_server() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let dir = tempfile::tempdir()?;
+    let run = |kubeconfig: &std::path::Path| {
+        std::process::Command::new(wasmlet_tests::wasmlet_bin())
+            .args(["node", "--hostname-override", "bad-config", "--root"])
+            .arg(dir.path().join("root"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .output()
+    };
+    // Unreadable, and not a kubeconfig: a clear error naming the file, exit 1.
+    let missing = dir.path().join("missing.kubeconfig");
+    let out = run(&missing)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("kubeconfig {}", missing.display())), "{err}");
+    let garbage = dir.path().join("garbage.kubeconfig");
+    std::fs::write(&garbage, "clusters: [this is not: a kubeconfig")?;
+    let out = run(&garbage)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("garbage.kubeconfig"), "{err}");
+
+    // Credentials the API server does not know: retried, and said once, not at every retry.
+    let mut stranger = WasmletNode::prepare(cp, "wasm-node-stranger", &[], FAST)?;
+    let cert_dir = tempfile::tempdir()?;
+    let foreign =
+        |args: &[&str]| std::process::Command::new("openssl").args(args).current_dir(cert_dir.path()).output();
+    foreign(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/O=system:nodes/CN=system:node:wasm-node-stranger",
+        "-keyout",
+        "k.pem",
+        "-out",
+        "c.pem",
+    ])?;
+    let text = std::fs::read_to_string(&stranger.kubeconfig)?;
+    let node_cert = cp.dir.join("node-wasm-node-stranger.crt").display().to_string();
+    let node_key = cp.dir.join("node-wasm-node-stranger.key").display().to_string();
+    let text = text
+        .replace(&node_cert, &cert_dir.path().join("c.pem").display().to_string())
+        .replace(&node_key, &cert_dir.path().join("k.pem").display().to_string());
+    std::fs::write(&stranger.kubeconfig, text)?;
+    stranger.spawn()?;
+    cp.wait("the refusal logged", Duration::from_secs(30), || Ok(stranger.log().contains("register the node")))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let log = stranger.log();
+    assert_eq!(log.matches("register the node:").count(), 1, "logged once per change:\n{log}");
+    assert!(log.contains("Unauthorized") || log.contains("401"), "{log}");
+    assert!(cp.kubectl(&["get", "node", "wasm-node-stranger"])?.status.code() != Some(0));
+    stranger.stop();
+
+    // An API server that is not there at start: retried until it is.
+    let mut late = WasmletNode::prepare(cp, "wasm-node-late", &[], FAST)?;
+    let port = wasmlet_tests::free_port();
+    let text = std::fs::read_to_string(&late.kubeconfig)?
+        .replace(&format!("127.0.0.1:{}", cp.port), &format!("127.0.0.1:{port}"));
+    std::fs::write(&late.kubeconfig, text)?;
+    late.spawn()?;
+    cp.wait("the failure logged", Duration::from_secs(30), || Ok(late.log().contains("register the node")))?;
+    let _proxy = proxy(port, cp.port);
+    wait_node_ready(cp, &late)?;
+    Ok(())
+}
+
+#[test]
+fn kill_9_and_a_restart_keep_every_pod_once() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let mut node = WasmletNode::start(cp, "wasm-node-restart", &[(&web(), "web:1")], FAST)?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("restart")?;
+    cp.apply(&ns, &deployment("web", &node.name, "web:1", 20))?;
+    wait_ready_replicas(cp, &ns, "web", 20, &node)?;
+    let uids = |cp: &ControlPlane| -> Result<Vec<String>> {
+        let mut u: Vec<String> =
+            pods(cp, &ns, "app=web")?.iter().map(|p| p["metadata"]["uid"].as_str().unwrap().to_string()).collect();
+        u.sort();
+        Ok(u)
+    };
+    let before = uids(cp)?;
+    assert_eq!(node.sandboxes()?.len(), 20);
+
+    node.kill9();
+    node.spawn()?;
+    // The same 20 pods come back Ready; each container died with the process and was started
+    // again, once.
+    cp.wait("the 20 pods restarted once and ready", Duration::from_secs(120), || {
+        let all = pods(cp, &ns, "app=web")?;
+        Ok(all.len() == 20
+            && all.iter().all(|p| ready(p) && p["status"]["containerStatuses"][0]["restartCount"].as_i64() == Some(1)))
+    })
+    .map_err(|e| {
+        anyhow::anyhow!("{e}\n{}\n{}", cp.kubectl_ok(&["get", "pods", "-n", &ns]).unwrap_or_default(), node.log())
+    })?;
+    assert_eq!(uids(cp)?, before, "no pod lost or replaced");
+    let sandboxes = node.sandboxes()?;
+    assert_eq!(sandboxes.len(), 20, "no duplicate sandboxes: {sandboxes:?}");
+    for p in pods(cp, &ns, "app=web")? {
+        let last = &p["status"]["containerStatuses"][0]["lastState"]["terminated"];
+        assert_eq!(last["exitCode"], 255, "the instance that died with wasmlet: {last}");
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! `wasmlet node`: the runtime and the kubelet side as one node. With `--kubeconfig` it joins
+//! a cluster (registers the Node, renews its Lease, posts its status, runs the pods bound to
+//! it); with `--pod-manifest-path` it runs static pods; both at once work too.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc;
+use wasmlet_kubelet::node::api::{ApiPods, ApiRecorder, StatusManager};
+use wasmlet_kubelet::node::{NodeAgent, NodeConfig};
+use wasmlet_kubelet::pods::PodManager;
+use wasmlet_kubelet::static_pods;
+
+use crate::local_node::{Identity, LocalNode, hostname};
+
+/// What `wasmlet node` was asked to do.
+pub struct NodeArgs {
+    pub kubeconfig: Option<PathBuf>,
+    pub pod_manifest_path: Option<PathBuf>,
+    pub hostname_override: Option<String>,
+    pub node_ip: Option<String>,
+    pub config: NodeConfig,
+    pub root: PathBuf,
+    pub run_dir: PathBuf,
+    pub runtime: wasmlet_runtime::RuntimeOptions,
+}
+
+/// A client for the API server of a kubeconfig file.
+pub async fn client(path: &Path) -> Result<kube::Client> {
+    let file = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("kubeconfig {}: cannot be read as a kubeconfig", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("kubeconfig {}", path.display()))?;
+    kube::Client::try_from(config).with_context(|| format!("kubeconfig {}: cannot make a client", path.display()))
+}
+
+/// The node's address: the flag, else the first non-loopback IPv4 address its host name
+/// resolves to, else loopback (as the kubelet looks up its hostname first).
+fn node_ip(flag: Option<&str>, host: &str) -> Result<String> {
+    if let Some(ip) = flag {
+        ip.parse::<std::net::IpAddr>().map_err(|_| anyhow::anyhow!("--node-ip {ip:?} is not an IP address"))?;
+        return Ok(ip.to_string());
+    }
+    let found = std::net::ToSocketAddrs::to_socket_addrs(&(host, 0))
+        .ok()
+        .into_iter()
+        .flatten()
+        .map(|a| a.ip())
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback());
+    Ok(found.map_or_else(|| "127.0.0.1".to_string(), |ip| ip.to_string()))
+}
+
+pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    if a.kubeconfig.is_none() && a.pod_manifest_path.is_none() {
+        bail!("wasmlet node needs --kubeconfig (join a cluster), --pod-manifest-path (static pods), or both");
+    }
+    a.config.check().map_err(|e| anyhow::anyhow!("config [node]: {e}"))?;
+    let host = hostname();
+    let name = a.hostname_override.clone().unwrap_or_else(|| host.clone()).to_lowercase();
+    let ip = node_ip(a.node_ip.as_deref(), &host)?;
+    let client = match &a.kubeconfig {
+        Some(k) => Some(client(k).await?),
+        None => None,
+    };
+    let recorder: Arc<dyn wasmlet_kubelet::events::Recorder> = match &client {
+        Some(c) => Arc::new(ApiRecorder::start(c.clone(), name.clone())),
+        None => Arc::new(static_pods::TracingRecorder),
+    };
+    let identity = Identity {
+        node_name: name.clone(),
+        host_ip: ip.clone(),
+        cluster_dns: a.config.cluster_dns.clone(),
+        cluster_domain: a.config.cluster_domain.clone(),
+    };
+    let objects: Arc<dyn wasmlet_kubelet::worker::Objects> = match &client {
+        Some(c) => Arc::new(wasmlet_kubelet::node::objects::ApiObjects::new(c.clone())),
+        None => Arc::new(wasmlet_kubelet::worker::StaticObjects::default()),
+    };
+    let local = LocalNode::start(&a.root, &a.run_dir, a.runtime, identity, recorder, objects).await?;
+    let node = local.node.clone();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut manager = PodManager::new(node.clone());
+    let mut tasks = Vec::new();
+    if let Some(client) = &client {
+        // The kubelet's hostname label and address follow --hostname-override.
+        let facts = wasmlet_kubelet::node::gather_facts(&name, &name, &ip, &a.root);
+        let agent = Arc::new(NodeAgent::new(client.clone(), a.config.clone(), facts, node.cri.clone()));
+        tracing::info!(node = %name, ip = %ip, "joining the cluster");
+        agent.register().await;
+        manager.admit_with(Arc::new(
+            wasmlet_kubelet::node::api::NodeAdmitter::start(client.clone(), &a.config, &agent.facts).await,
+        ));
+        tasks.push(tokio::spawn(agent.clone().run_status()));
+        tasks.push(tokio::spawn(agent.clone().run_lease()));
+        let pods = ApiPods::default();
+        manager.observe(Arc::new(StatusManager {
+            client: client.clone(),
+            pods: pods.clone(),
+            events: node.events.clone(),
+        }));
+        tasks.push(tokio::spawn(wasmlet_kubelet::node::api::watch_pods(
+            client.clone(),
+            name.clone(),
+            pods,
+            tx.clone(),
+        )));
+    } else {
+        local.collect_leftovers().await;
+    }
+    if let Some(dir) = a.pod_manifest_path.clone() {
+        tasks.push(tokio::spawn(static_pods::follow(dir, name.clone(), tx.clone())));
+    }
+    drop(tx);
+    let manager = static_pods::manage(node, manager, rx, shutdown).await;
+    for t in tasks {
+        t.abort();
+    }
+    local.stop().await;
+    drop(manager);
+    Ok(())
+}
