@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, ResourceRequirements, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, ResourceRequirements, Secret, Service};
 
 use super::quantity::Quantity;
 
@@ -76,6 +76,59 @@ pub struct EnvSources<'a> {
     pub allocatable_memory: Quantity,
     pub config_maps: &'a dyn Fn(&str) -> Option<ConfigMap>,
     pub secrets: &'a dyn Fn(&str) -> Option<Secret>,
+    /// The Service variables of the pod ([`service_env`]).
+    pub services: &'a [(String, String)],
+}
+
+/// The Service environment variables of a pod in namespace `ns`, as the kubelet makes them:
+/// the `kubernetes` Service of the default namespace always, and with enableServiceLinks every
+/// Service of the pod's namespace (a Service of the same name there wins); only Services with
+/// a cluster IP. Sorted by name.
+pub fn service_env(services: &[Service], ns: &str, enable_links: bool) -> Vec<(String, String)> {
+    let mut chosen: BTreeMap<String, &Service> = BTreeMap::new();
+    for svc in services {
+        let Some(ip) = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) else { continue };
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        let (svc_ns, name) =
+            (svc.metadata.namespace.as_deref().unwrap_or("default"), svc.metadata.name.clone().unwrap_or_default());
+        if svc_ns == ns && enable_links {
+            chosen.insert(name, svc);
+        } else if svc_ns == "default" && name == "kubernetes" {
+            chosen.entry(name).or_insert(svc);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (name, svc) in chosen {
+        let spec = svc.spec.as_ref().expect("a cluster IP means a spec");
+        let ip = spec.cluster_ip.clone().unwrap_or_default();
+        let prefix = name.to_uppercase().replace('-', "_");
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let Some(first) = ports.first() else { continue };
+        out.insert(format!("{prefix}_SERVICE_HOST"), ip.clone());
+        out.insert(format!("{prefix}_SERVICE_PORT"), first.port.to_string());
+        for p in ports {
+            if let Some(port_name) = p.name.as_deref().filter(|n| !n.is_empty()) {
+                out.insert(
+                    format!("{prefix}_SERVICE_PORT_{}", port_name.to_uppercase().replace('-', "_")),
+                    p.port.to_string(),
+                );
+            }
+        }
+        // The Docker link variables.
+        let proto = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+        out.insert(format!("{prefix}_PORT"), format!("{}://{ip}:{}", proto(first).to_lowercase(), first.port));
+        for p in ports {
+            let (proto, port) = (proto(p), p.port);
+            let base = format!("{prefix}_PORT_{port}_{}", proto.to_uppercase());
+            out.insert(base.clone(), format!("{}://{ip}:{port}", proto.to_lowercase()));
+            out.insert(format!("{base}_PROTO"), proto.to_lowercase());
+            out.insert(format!("{base}_PORT"), port.to_string());
+            out.insert(format!("{base}_ADDR"), ip.clone());
+        }
+    }
+    out.into_iter().collect()
 }
 
 fn namespace(pod: &Pod) -> &str {
@@ -208,6 +261,12 @@ pub fn build(c: &Container, s: &EnvSources<'_>) -> Result<Vec<(String, String)>,
             set(&mut env, var.name.clone(), v);
         }
     }
+    // Service variables last, where the pod did not define the name itself.
+    for (k, v) in s.services {
+        if !env.iter().any(|(n, _)| n == k) {
+            env.push((k.clone(), v.clone()));
+        }
+    }
     Ok(env)
 }
 
@@ -219,7 +278,8 @@ fn value_of(
     so_far: &[(String, String)],
 ) -> Result<Option<String>, ConfigError> {
     if let Some(v) = &var.value {
-        let lookup = |name: &str| so_far.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let lookup =
+            |name: &str| so_far.iter().chain(s.services.iter()).find(|(k, _)| k == name).map(|(_, v)| v.clone());
         return Ok(Some(expand(v, &lookup)));
     }
     let Some(from) = &var.value_from else { return Ok(Some(String::new())) };
@@ -354,7 +414,57 @@ mod tests {
             allocatable_memory: Quantity::parse("24Gi").unwrap(),
             config_maps: cms,
             secrets,
+            services: &[],
         }
+    }
+
+    #[test]
+    fn service_variables_as_the_kubelet_makes_them() {
+        let svc = |ns: &str, name: &str, ip: &str, ports: serde_json::Value| -> Service {
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name, "namespace": ns},
+                "spec": {"clusterIP": ip, "ports": ports}}))
+            .unwrap()
+        };
+        let all = [
+            svc("default", "kubernetes", "10.96.0.1", serde_json::json!([{"name": "https", "port": 443}])),
+            svc(
+                "shop",
+                "web-front",
+                "10.96.0.20",
+                serde_json::json!([{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]),
+            ),
+            svc("shop", "headless", "None", serde_json::json!([{"port": 1}])),
+            svc("other", "db", "10.96.0.30", serde_json::json!([{"port": 5432}])),
+        ];
+        let env: BTreeMap<String, String> = service_env(&all, "shop", true).into_iter().collect();
+        assert_eq!(env["KUBERNETES_SERVICE_HOST"], "10.96.0.1");
+        assert_eq!(env["KUBERNETES_SERVICE_PORT"], "443");
+        assert_eq!(env["KUBERNETES_SERVICE_PORT_HTTPS"], "443");
+        assert_eq!(env["WEB_FRONT_SERVICE_HOST"], "10.96.0.20");
+        assert_eq!(env["WEB_FRONT_SERVICE_PORT"], "80");
+        assert_eq!(env["WEB_FRONT_SERVICE_PORT_DNS"], "53");
+        assert_eq!(env["WEB_FRONT_PORT"], "tcp://10.96.0.20:80");
+        assert_eq!(env["WEB_FRONT_PORT_53_UDP"], "udp://10.96.0.20:53");
+        assert_eq!(env["WEB_FRONT_PORT_53_UDP_PROTO"], "udp");
+        assert_eq!(env["WEB_FRONT_PORT_80_TCP_PORT"], "80");
+        assert_eq!(env["WEB_FRONT_PORT_80_TCP_ADDR"], "10.96.0.20");
+        assert!(!env.keys().any(|k| k.starts_with("HEADLESS") || k.starts_with("DB_")), "{env:?}");
+        let off: Vec<String> = service_env(&all, "shop", false).into_iter().map(|(k, _)| k).collect();
+        assert!(off.iter().all(|k| k.starts_with("KUBERNETES_")), "enableServiceLinks false: {off:?}");
+        // The pod's own variables win, and may refer to Service variables.
+        let p = pod();
+        let c: Container = serde_json::from_value(serde_json::json!({"name": "c", "env": [
+            {"name": "KUBERNETES_SERVICE_PORT", "value": "mine"},
+            {"name": "URL", "value": "http://$(WEB_FRONT_SERVICE_HOST)/"}]}))
+        .unwrap();
+        let svc_env = service_env(&all, "shop", true);
+        let (cms, secrets) = (|_: &str| None, |_: &str| None);
+        let mut s = sources(&p, &cms, &secrets);
+        s.services = &svc_env;
+        let built: BTreeMap<String, String> = build(&c, &s).unwrap().into_iter().collect();
+        assert_eq!(built["KUBERNETES_SERVICE_PORT"], "mine");
+        assert_eq!(built["URL"], "http://10.96.0.20/");
+        assert_eq!(built["WEB_FRONT_SERVICE_PORT"], "80");
     }
 
     fn from(f: EnvVarSource) -> Option<EnvVarSource> {

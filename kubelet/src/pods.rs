@@ -111,6 +111,13 @@ pub struct PodManager {
     pods: BTreeMap<String, Managed>,
     /// Pods admission refused, by UID (they are not looked at again).
     rejected: std::collections::HashSet<String>,
+    /// Pods that had finished before they were seen (not run, but still wanted: their dead
+    /// containers keep their logs until the pod is deleted).
+    finished: std::collections::HashSet<String>,
+    /// The sources to hear from before pods not among theirs may be cleaned up, and those
+    /// heard from.
+    expected: std::collections::HashSet<Source>,
+    heard: std::collections::HashSet<Source>,
 }
 
 fn uid(pod: &Pod) -> String {
@@ -124,7 +131,32 @@ fn full_name(pod: &Pod) -> String {
 
 impl PodManager {
     pub fn new(node: Arc<Node>) -> PodManager {
-        PodManager { node, observers: Vec::new(), admitter: None, pods: BTreeMap::new(), rejected: Default::default() }
+        PodManager {
+            node,
+            observers: Vec::new(),
+            admitter: None,
+            pods: BTreeMap::new(),
+            rejected: Default::default(),
+            finished: Default::default(),
+            expected: Default::default(),
+            heard: Default::default(),
+        }
+    }
+
+    /// Adds a source whose first full list must come before any cleanup of unknown pods.
+    pub fn expect(&mut self, s: Source) {
+        self.expected.insert(s);
+    }
+
+    /// Whether every expected source has told its whole set once (as the kubelet's
+    /// sourcesReady): only then is a sandbox of a pod nobody mentioned an orphan.
+    pub fn sources_ready(&self) -> bool {
+        !self.expected.is_empty() && self.expected.is_subset(&self.heard)
+    }
+
+    /// Whether a pod UID is one the node knows: run, refused, or finished but not deleted.
+    pub fn knows(&self, uid: &str) -> bool {
+        self.pods.contains_key(uid) || self.rejected.contains(uid) || self.finished.contains(uid)
     }
 
     /// Admits new pods with `a` from now on.
@@ -173,12 +205,18 @@ impl PodManager {
                     self.delete(&u, None);
                 }
                 self.rejected.retain(|u| wanted.contains(u));
+                self.finished.retain(|u| wanted.contains(u));
+                self.heard.insert(source);
                 for p in pods {
                     self.upsert(source, p);
                 }
             }
             PodUpdate::Upsert(source, pod) => self.upsert(source, *pod),
-            PodUpdate::Remove(_, uid) => self.delete(&uid, Some(0)),
+            PodUpdate::Remove(_, uid) => {
+                self.finished.remove(&uid);
+                self.rejected.remove(&uid);
+                self.delete(&uid, Some(0));
+            }
         }
     }
 
@@ -203,6 +241,9 @@ impl PodManager {
                 // refused, is not started again.
                 let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default();
                 if phase == "Succeeded" || phase == "Failed" || self.rejected.contains(&u) {
+                    if !self.rejected.contains(&u) {
+                        self.finished.insert(u.clone());
+                    }
                     for o in &self.observers {
                         o.not_running(source, &pod);
                     }

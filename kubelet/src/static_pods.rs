@@ -142,6 +142,7 @@ pub async fn manage(
     let events = node.watch_runtime_events();
     let mut last_status: HashMap<String, (String, String, i32)> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(10));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -151,6 +152,7 @@ pub async fn manage(
                 None => break,
             },
             _ = tick.tick() => {}
+            _ = housekeeping.tick(), if manager.sources_ready() => remove_orphans(&node, &manager).await,
         }
         manager.reap();
         for (uid, m) in manager.pods() {
@@ -176,6 +178,26 @@ pub async fn manage(
     }
     events.abort();
     manager
+}
+
+/// Removes the sandboxes (and their containers) of pods no source has: pods deleted while
+/// wasmlet was down, as the kubelet's HandlePodCleanups does.
+async fn remove_orphans(node: &Node, manager: &PodManager) {
+    let Ok(list) = node.cri.rt.clone().list_pod_sandbox(cri_proto::v1::ListPodSandboxRequest { filter: None }).await
+    else {
+        return;
+    };
+    for s in list.into_inner().items {
+        let Some(uid) = s.labels.get(crate::cri::POD_UID) else { continue };
+        if manager.knows(uid) {
+            continue;
+        }
+        let name = s.metadata.as_ref().map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default();
+        tracing::info!(pod = %name, uid = %uid, sandbox = %s.id, "removing the sandbox of a pod no longer on this node");
+        let _ = node.cri.stop_sandbox(&s.id).await;
+        let _ = node.cri.remove_sandbox(&s.id).await;
+        let _ = std::fs::remove_dir_all(node.pod_dir(uid));
+    }
 }
 
 /// Runs the static pods of `dir` until `shutdown`, then deletes them gracefully.

@@ -24,6 +24,8 @@ pub struct Sources<'a> {
     /// A token of the pod's service account for (audience, expirationSeconds); None
     /// without a cluster.
     pub tokens: &'a dyn Fn(&str, i64) -> Option<String>,
+    /// The directory of the PersistentVolume bound to a claim of the pod's namespace.
+    pub claims: &'a dyn Fn(&str) -> Result<PathBuf, String>,
     pub pod_ips: &'a [String],
     pub host_ips: &'a [String],
     pub node_name: &'a str,
@@ -58,6 +60,10 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> MountError {
 pub fn location(pod_dir: &Path, v: &Volume) -> Ready {
     if let Some(h) = &v.host_path {
         return Ready { host_path: PathBuf::from(&h.path), read_only: false };
+    }
+    if let Some(c) = &v.persistent_volume_claim {
+        // A link to the PersistentVolume's directory (the runtime resolves it when it mounts).
+        return Ready { host_path: volume_dir(pod_dir, "pvc", &v.name), read_only: c.read_only == Some(true) };
     }
     let plugin = if v.config_map.is_some() {
         "configmap"
@@ -100,6 +106,21 @@ pub fn setup(pod: &Pod, pod_dir: &Path, v: &Volume, s: &Sources<'_>) -> Result<R
             s,
         );
         return projected(payload);
+    }
+    if let Some(c) = &v.persistent_volume_claim {
+        let target = (s.claims)(&c.claim_name).map_err(fail)?;
+        if !target.is_dir() {
+            return Err(fail(format!("the volume's directory {} does not exist", target.display())));
+        }
+        let here = location(pod_dir, v);
+        if fs::read_link(&here.host_path).ok().as_deref() != Some(target.as_path()) {
+            if let Some(dir) = here.host_path.parent() {
+                fs::create_dir_all(dir).map_err(|e| fail(io("create", dir, e).0))?;
+            }
+            let _ = fs::remove_file(&here.host_path);
+            std::os::unix::fs::symlink(&target, &here.host_path).map_err(|e| fail(io("link", &here.host_path, e).0))?;
+        }
+        return Ok(here);
     }
     if let Some(d) = &v.downward_api {
         return projected(downward_payload(pod, d.items.as_deref().unwrap_or_default(), d.default_mode, s));
@@ -427,10 +448,18 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (pod_dir, memory_dir) = (tmp.path().join("pod"), tmp.path().join("shm/uid"));
         let (no_maps, no_secrets, no_tokens) = (|_: &str| None, |_: &str| None, |_: &str, _: i64| None);
+        let claims = |c: &str| -> Result<PathBuf, String> {
+            if c == "data" {
+                Ok(tmp.path().join("pv"))
+            } else {
+                Err(format!("persistentvolumeclaim \"{c}\" not found"))
+            }
+        };
         let s = Sources {
             config_maps: &no_maps,
             secrets: &no_secrets,
             tokens: &no_tokens,
+            claims: &claims,
             pod_ips: &[],
             host_ips: &[],
             node_name: "n",
@@ -458,6 +487,29 @@ mod tests {
         // The default medium is a plain directory in the pod's.
         let disk = setup(&pod, &tmp.path().join("pod2"), &volume(None), &s).unwrap();
         assert!(fs::symlink_metadata(&disk.host_path).unwrap().is_dir());
+
+        // A claim: a link to its PersistentVolume's directory, which must exist.
+        let claim = |name: &str, read_only: bool| Volume {
+            name: "state".into(),
+            persistent_volume_claim: Some(k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource {
+                claim_name: name.into(),
+                read_only: Some(read_only),
+            }),
+            ..Default::default()
+        };
+        let e = setup(&pod, &pod_dir, &claim("data", false), &s).unwrap_err();
+        assert!(e.0.contains("does not exist"), "{e}");
+        fs::create_dir_all(tmp.path().join("pv")).unwrap();
+        let ready = setup(&pod, &pod_dir, &claim("data", true), &s).unwrap();
+        assert!(ready.read_only);
+        assert_eq!(ready, location(&pod_dir, &claim("data", true)));
+        assert_eq!(fs::read_link(&ready.host_path).unwrap(), tmp.path().join("pv"));
+        assert_eq!(setup(&pod, &pod_dir, &claim("data", true), &s).unwrap(), ready, "set up again");
+        let e = setup(&pod, &pod_dir, &claim("other", false), &s).unwrap_err();
+        assert!(
+            e.0.contains("MountVolume.SetUp failed for volume \"state\" : persistentvolumeclaim \"other\" not found"),
+            "{e}"
+        );
     }
 
     #[test]

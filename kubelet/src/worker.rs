@@ -37,6 +37,14 @@ pub trait Objects: Send + Sync {
     fn service_account_token(&self, _pod: &Pod, _audience: &str, _expiration: i64) -> Option<String> {
         None
     }
+    /// The directory of the PersistentVolume bound to claim `name` in `namespace`.
+    fn claim(&self, _namespace: &str, name: &str) -> Result<PathBuf, String> {
+        Err(format!("persistentvolumeclaim \"{name}\": claims need a cluster"))
+    }
+    /// The cluster's Services (for the pods' Service environment variables).
+    fn services(&self) -> Vec<k8s_openapi::api::core::v1::Service> {
+        Vec::new()
+    }
     /// Brings what `pod` refers to up to date before the calls above read it (a cache of an
     /// API server's objects); nothing to do for fixed objects.
     fn refresh<'a>(&'a self, _pod: &'a Pod) -> futures_util::future::BoxFuture<'a, ()> {
@@ -628,28 +636,6 @@ impl Worker {
         Ok(id)
     }
 
-    fn sources<'a>(
-        &'a self,
-        cms: &'a dyn Fn(&str) -> Option<ConfigMap>,
-        secrets: &'a dyn Fn(&str) -> Option<Secret>,
-        tokens: &'a dyn Fn(&str, i64) -> Option<String>,
-        pod_ips: &'a [String],
-        host_ips: &'a [String],
-        memory_dir: &'a std::path::Path,
-    ) -> volumes::Sources<'a> {
-        volumes::Sources {
-            config_maps: cms,
-            secrets,
-            tokens,
-            pod_ips,
-            host_ips,
-            node_name: &self.node.node_name,
-            allocatable_cpu: self.node.allocatable_cpu,
-            allocatable_memory: self.node.allocatable_memory,
-            memory_dir,
-        }
-    }
-
     /// The pod's and the node's addresses, for the downward API.
     fn ips(&self) -> (Vec<String>, Vec<String>) {
         let pod: Vec<String> = [self.net.ip.clone()].into_iter().filter(|s| !s.is_empty()).collect();
@@ -663,12 +649,24 @@ impl Worker {
         let cms = |n: &str| objects.config_map(&ns, n);
         let secrets = |n: &str| objects.secret(&ns, n);
         let tokens = |audience: &str, expiration: i64| objects.service_account_token(&self.pod, audience, expiration);
+        let claims = |name: &str| objects.claim(&ns, name);
         let (pod_ips, host_ips) = self.ips();
         let dir = self.node.pod_dir(&self.uid);
         let memory_dir = self.node.memory_dir(&self.uid);
         let mut failed = Vec::new();
         {
-            let sources = self.sources(&cms, &secrets, &tokens, &pod_ips, &host_ips, &memory_dir);
+            let sources = volumes::Sources {
+                config_maps: &cms,
+                secrets: &secrets,
+                tokens: &tokens,
+                claims: &claims,
+                pod_ips: &pod_ips,
+                host_ips: &host_ips,
+                node_name: &self.node.node_name,
+                allocatable_cpu: self.node.allocatable_cpu,
+                allocatable_memory: self.node.allocatable_memory,
+                memory_dir: &memory_dir,
+            };
             for v in model::spec(&self.pod).volumes.iter().flatten() {
                 if let Err(e) = volumes::setup(&self.pod, &dir, v, &sources) {
                     failed.push(e.0);
@@ -775,6 +773,8 @@ impl Worker {
         let cms = |n: &str| objects.config_map(&ns, n);
         let secrets = |n: &str| objects.secret(&ns, n);
         let (pod_ips, host_ips) = self.ips();
+        let links = model::spec(&self.pod).enable_service_links != Some(false);
+        let services = env::service_env(&objects.services(), &ns, links);
         let envs = env::build(
             c,
             &EnvSources {
@@ -786,6 +786,7 @@ impl Worker {
                 allocatable_memory: self.node.allocatable_memory,
                 config_maps: &cms,
                 secrets: &secrets,
+                services: &services,
             },
         )
         .map_err(|e| e.0)?;

@@ -8,9 +8,11 @@
 //! unpacks them with ../shared/k8s/install.sh). Without them the tests are skipped with a
 //! line that says so, except under CI (`CI` set), where that is a failure.
 
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -416,6 +418,11 @@ impl WasmletNode {
         Ok(())
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Its log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("wasmlet.log")).unwrap_or_default()
@@ -471,5 +478,71 @@ impl WasmletNode {
             let mut c = crate::RuntimeClient::new(cri_proto::connect_unix(&socket).await?);
             Ok(c.list_pod_sandbox(crate::cri::ListPodSandboxRequest { filter: None }).await?.into_inner().items)
         })
+    }
+}
+
+/// A TCP proxy on loopback to the API server: what a node dials when a test must cut it off
+/// from the control plane (stop ends every connection at once) and join it again.
+pub struct Proxy {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Forwards 127.0.0.1:`port` to 127.0.0.1:`to` until stopped.
+    pub fn start(port: u16, to: u16) -> Result<Proxy> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).with_context(|| format!("bind the proxy on {port}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (s, c) = (stop.clone(), conns.clone());
+        let thread = std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else { continue };
+                let mut held = c.lock().unwrap_or_else(|e| e.into_inner());
+                for (from, into) in [(&client, &server), (&server, &client)] {
+                    let (Ok(mut from), Ok(mut into)) = (from.try_clone(), into.try_clone()) else { continue };
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(Shutdown::Both);
+                    });
+                }
+                held.push(client);
+                held.push(server);
+            }
+        });
+        Ok(Proxy { port, stop, conns, thread: Some(thread) })
+    }
+
+    /// Stops accepting and ends every connection through it.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl WasmletNode {
+    /// Points the node's kubeconfig at another port of loopback (a [`Proxy`]).
+    pub fn dial_through(&self, cp: &ControlPlane, port: u16) -> Result<()> {
+        let text = std::fs::read_to_string(&self.kubeconfig)?
+            .replace(&format!("127.0.0.1:{}", cp.port), &format!("127.0.0.1:{port}"));
+        std::fs::write(&self.kubeconfig, text)?;
+        Ok(())
     }
 }

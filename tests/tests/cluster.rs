@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::Value;
-use wasmlet_tests::cluster::{ControlPlane, NODE_MONITOR_GRACE, WasmletNode, node_condition};
+use wasmlet_tests::cluster::{ControlPlane, NODE_MONITOR_GRACE, Proxy, WasmletNode, node_condition};
 use wasmlet_tests::{examples_dir, tool_module};
 
 const FAST: &str = "[node]\nnodeLeaseDurationSeconds = 8\nnodeStatusUpdateFrequency = \"2s\"\n";
@@ -277,6 +277,13 @@ fn pods_read_config_maps_secrets_and_service_account_tokens_from_the_api() -> Re
     let node = WasmletNode::start(cp, "wasm-node-objects", &[(tool_module(), "tool:1")], FAST)?;
     wait_node_ready(cp, &node)?;
     let ns = cp.namespace("objects")?;
+    // A Service of the namespace: its variables reach the pod's environment.
+    cp.apply(
+        &ns,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: back-end}\nspec:\n  ports: [{name: http, port: 80}]\n",
+    )?;
+    // (The node learns of it through its watch of Services.)
+    std::thread::sleep(Duration::from_secs(2));
     cp.apply(
         &ns,
         &format!(
@@ -323,13 +330,24 @@ spec:
 
     // The Secret reached the environment.
     let logs = node.root().join(format!("kubelet/logs/{ns}_reader_{uid}/app"));
-    cp.wait("PASSWORD in the container's env", Duration::from_secs(30), || {
-        Ok(std::fs::read_dir(&logs)
+    let env_log = || -> String {
+        std::fs::read_dir(&logs)
             .into_iter()
             .flatten()
             .flatten()
-            .any(|f| std::fs::read_to_string(f.path()).unwrap_or_default().contains("PASSWORD=s3cret")))
-    })?;
+            .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+            .collect()
+    };
+    cp.wait("PASSWORD in the container's env", Duration::from_secs(30), || Ok(env_log().contains("PASSWORD=s3cret")))?;
+    let env = env_log();
+    for var in [
+        "BACK_END_SERVICE_PORT=80",
+        "BACK_END_SERVICE_PORT_HTTP=80",
+        "BACK_END_PORT=tcp://",
+        "KUBERNETES_SERVICE_HOST=10.96.0.1",
+    ] {
+        assert!(env.contains(var), "{var} in the env:\n{env}");
+    }
 
     // A ConfigMap edit reaches the mounted file, without a restart of the pod.
     let file = pod_dir.join("volumes/kubernetes.io~configmap/settings/greeting");
@@ -422,22 +440,6 @@ fn admission_refuses_with_the_kubelets_reasons() -> Result<()> {
     Ok(())
 }
 
-/// Forwards TCP connections from 127.0.0.1:`port` to the API server, from when it is started.
-fn proxy(port: u16, to: u16) -> std::thread::JoinHandle<()> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the proxy");
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
-            for (mut from, mut into) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut into);
-                    let _ = into.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    })
-}
-
 #[test]
 fn bad_kubeconfigs_and_credentials_and_a_late_api_server() -> Result<()> {
     let Some(cp) = ControlPlane::shared() else { return Ok(()) };
@@ -502,12 +504,10 @@ fn bad_kubeconfigs_and_credentials_and_a_late_api_server() -> Result<()> {
     // An API server that is not there at start: retried until it is.
     let mut late = WasmletNode::prepare(cp, "wasm-node-late", &[], FAST)?;
     let port = wasmlet_tests::free_port();
-    let text = std::fs::read_to_string(&late.kubeconfig)?
-        .replace(&format!("127.0.0.1:{}", cp.port), &format!("127.0.0.1:{port}"));
-    std::fs::write(&late.kubeconfig, text)?;
+    late.dial_through(cp, port)?;
     late.spawn()?;
     cp.wait("the failure logged", Duration::from_secs(30), || Ok(late.log().contains("register the node")))?;
-    let _proxy = proxy(port, cp.port);
+    let _proxy = Proxy::start(port, cp.port)?;
     wait_node_ready(cp, &late)?;
     Ok(())
 }
@@ -527,9 +527,21 @@ fn kill_9_and_a_restart_keep_every_pod_once() -> Result<()> {
         Ok(u)
     };
     let before = uids(cp)?;
-    assert_eq!(node.sandboxes()?.len(), 20);
+    // And one pod that is force-deleted while the node is down.
+    cp.apply(
+        &ns,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: gone}}\nspec:\n  runtimeClassName: wasmlet\n  nodeSelector: {{kubernetes.io/hostname: {}}}\n  containers: [{{name: web, image: web:1}}]\n",
+            node.name
+        ),
+    )?;
+    cp.wait("gone Running", Duration::from_secs(60), || {
+        Ok(cp.get_json(&["get", "pod", "-n", &ns, "gone"])?["status"]["phase"] == "Running")
+    })?;
+    assert_eq!(node.sandboxes()?.len(), 21);
 
     node.kill9();
+    cp.kubectl_ok(&["delete", "pod", "-n", &ns, "gone", "--grace-period=0", "--force"])?;
     node.spawn()?;
     // The same 20 pods come back Ready; each container died with the process and was started
     // again, once.
@@ -542,11 +554,283 @@ fn kill_9_and_a_restart_keep_every_pod_once() -> Result<()> {
         anyhow::anyhow!("{e}\n{}\n{}", cp.kubectl_ok(&["get", "pods", "-n", &ns]).unwrap_or_default(), node.log())
     })?;
     assert_eq!(uids(cp)?, before, "no pod lost or replaced");
-    let sandboxes = node.sandboxes()?;
-    assert_eq!(sandboxes.len(), 20, "no duplicate sandboxes: {sandboxes:?}");
+    // No duplicate sandboxes, and the one of the pod deleted meanwhile is removed.
+    cp.wait("20 sandboxes", Duration::from_secs(40), || Ok(node.sandboxes()?.len() == 20))
+        .map_err(|e| anyhow::anyhow!("{e}: {:?}\n{}", node.sandboxes().map(|s| s.len()), node.log()))?;
     for p in pods(cp, &ns, "app=web")? {
         let last = &p["status"]["containerStatuses"][0]["lastState"]["terminated"];
         assert_eq!(last["exitCode"], 255, "the instance that died with wasmlet: {last}");
     }
+    Ok(())
+}
+
+#[test]
+fn tls_bootstrapping_from_a_token_to_node_credentials() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    // What a cluster admin sets up for joining nodes (as kubeadm does): a bootstrap token,
+    // the right to create CSRs, and auto-approval of node client certificates.
+    cp.apply(
+        "kube-system",
+        r#"apiVersion: v1
+kind: Secret
+metadata: {name: bootstrap-token-wasm01, namespace: kube-system}
+type: bootstrap.kubernetes.io/token
+stringData:
+  token-id: wasm01
+  token-secret: 0123456789abcdef
+  usage-bootstrap-authentication: "true"
+  auth-extra-groups: system:bootstrappers:wasmlet
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: wasmlet-bootstrappers-create-csrs}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:node-bootstrapper"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:bootstrappers:wasmlet"}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: wasmlet-bootstrappers-auto-approve}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:certificates.k8s.io:certificatesigningrequests:nodeclient"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:bootstrappers:wasmlet"}]
+"#,
+    )?;
+    let mut node = WasmletNode::prepare(cp, "wasm-node-boot", &[], FAST)?;
+    let bootstrap = node.dir.path().join("bootstrap.kubeconfig");
+    std::fs::write(
+        &bootstrap,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"https://127.0.0.1:{}\", certificate-authority: {}}}\nusers:\n- name: b\n  user: {{token: wasm01.0123456789abcdef}}\ncontexts:\n- name: b\n  context: {{cluster: c, user: b}}\ncurrent-context: b\n",
+            cp.port,
+            cp.ca().display()
+        ),
+    )?;
+    // No node credentials yet: only the bootstrap token.
+    node.kubeconfig = node.dir.path().join("kubelet.kubeconfig");
+    node.extra = vec!["--bootstrap-kubeconfig".into(), bootstrap.display().to_string()];
+    node.spawn()?;
+    wait_node_ready(cp, &node)?;
+    let csrs = cp.get_json(&["get", "csr"])?;
+    let ours: Vec<&Value> = csrs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["spec"]["username"] == "system:bootstrap:wasm01")
+        .collect();
+    assert_eq!(ours.len(), 1, "{csrs}");
+    assert_eq!(ours[0]["spec"]["signerName"], "kubernetes.io/kube-apiserver-client-kubelet");
+    let conditions = ours[0]["status"]["conditions"].to_string();
+    assert!(conditions.contains("Approved"), "{conditions}");
+    let written = std::fs::read_to_string(&node.kubeconfig)?;
+    assert!(written.contains("client-certificate") && !written.contains("wasm01."), "{written}");
+    // From then on the node works with its node credentials alone: started again without
+    // the bootstrap kubeconfig, it renews its Lease as system:node:wasm-node-boot.
+    node.kill9();
+    std::fs::remove_file(&bootstrap)?;
+    node.extra.clear();
+    node.spawn()?;
+    let lease = cp.get_json(&["get", "lease", "-n", "kube-node-lease", "wasm-node-boot"])?;
+    let t0 = lease["spec"]["renewTime"].as_str().unwrap_or_default().to_string();
+    cp.wait("the Lease renewed with node credentials", Duration::from_secs(30), || {
+        let l = cp.get_json(&["get", "lease", "-n", "kube-node-lease", "wasm-node-boot"])?;
+        Ok(l["spec"]["renewTime"].as_str().is_some_and(|t| t > t0.as_str()))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    Ok(())
+}
+
+#[test]
+fn static_pods_get_mirror_pods() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let ns = cp.namespace("mirror")?;
+    let mut node = WasmletNode::prepare(cp, "wasm-node-static", &[(tool_module(), "tool:1")], FAST)?;
+    let manifests = node.dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let file = manifests.join("ticker.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: ticker, namespace: {ns}}}\nspec:\n  containers: [{{name: c, image: tool:1, args: [sleep, \"600\"]}}]\n"
+        ),
+    )?;
+    node.extra = vec!["--pod-manifest-path".into(), manifests.display().to_string()];
+    node.spawn()?;
+    wait_node_ready(cp, &node)?;
+    let name = "ticker-wasm-node-static";
+    let mut mirror = Value::Null;
+    cp.wait("the mirror pod Running", Duration::from_secs(60), || {
+        let out = cp.kubectl(&["get", "pod", "-n", &ns, name, "-o", "json"])?;
+        if !out.status.success() {
+            return Ok(false);
+        }
+        mirror = serde_json::from_slice(&out.stdout)?;
+        Ok(mirror["status"]["phase"] == "Running")
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{mirror}\n{}", node.log()))?;
+    let notes = &mirror["metadata"]["annotations"];
+    assert!(notes["kubernetes.io/config.mirror"].is_string(), "{notes}");
+    assert_eq!(notes["kubernetes.io/config.source"], "file");
+    let owner = &mirror["metadata"]["ownerReferences"][0];
+    assert_eq!((owner["kind"].as_str(), owner["name"].as_str()), (Some("Node"), Some("wasm-node-static")));
+    assert_eq!(mirror["spec"]["nodeName"], "wasm-node-static");
+    // The static pod removed, its mirror goes too.
+    std::fs::remove_file(&file)?;
+    cp.wait("the mirror pod deleted", Duration::from_secs(60), || {
+        Ok(!cp.kubectl(&["get", "pod", "-n", &ns, name])?.status.success())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn an_api_server_outage_of_a_minute_keeps_pods_running_and_status_catches_up() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let ns = cp.namespace("outage")?;
+    let mut node = WasmletNode::prepare(cp, "wasm-node-outage", &[(&web(), "web:1"), (tool_module(), "tool:1")], FAST)?;
+    let port = wasmlet_tests::free_port();
+    node.dial_through(cp, port)?;
+    let mut proxy = Proxy::start(port, cp.port)?;
+    node.spawn()?;
+    wait_node_ready(cp, &node)?;
+    cp.apply(&ns, &deployment("web", &node.name, "web:1", 3))?;
+    let bound = |name: &str, args: &str, policy: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  runtimeClassName: wasmlet\n  nodeSelector: {{kubernetes.io/hostname: {}}}\n  restartPolicy: {policy}\n  containers: [{{name: c, image: tool:1, args: {args}}}]\n",
+            node.name
+        )
+    };
+    cp.apply(&ns, &bound("doomed", "[sleep, \"600\"]", "Always"))?;
+    // Ends by itself during the outage: its status must reach the API afterwards.
+    cp.apply(&ns, &bound("finisher", "[sleep, \"20\"]", "Never"))?;
+    wait_ready_replicas(cp, &ns, "web", 3, &node)?;
+    cp.wait("doomed and finisher Running", Duration::from_secs(60), || {
+        let a = cp.get_json(&["get", "pod", "-n", &ns, "doomed"])?;
+        let b = cp.get_json(&["get", "pod", "-n", &ns, "finisher"])?;
+        Ok(a["status"]["phase"] == "Running" && b["status"]["phase"] == "Running")
+    })?;
+    let uids = |cp: &ControlPlane| -> Result<Vec<String>> {
+        let mut u: Vec<String> = pods(cp, &ns, "app=web")?.iter().map(|p| p["metadata"]["uid"].to_string()).collect();
+        u.sort();
+        Ok(u)
+    };
+    let before = uids(cp)?;
+
+    // A minute cut off from the API server.
+    proxy.stop();
+    cp.kubectl_ok(&["delete", "pod", "-n", &ns, "doomed", "--wait=false"])?;
+    std::thread::sleep(Duration::from_secs(60));
+    // The pods kept running meanwhile (the finisher ended by itself).
+    let ready_sandboxes = node.sandboxes()?.iter().filter(|s| s.state == 0).count();
+    assert_eq!(ready_sandboxes, 4, "3 web pods and doomed still running, finisher done");
+
+    let _proxy = Proxy::start(port, cp.port)?;
+    wait_node_ready(cp, &node)?;
+    // The deletion made meanwhile is carried out, and the status caught up.
+    cp.wait("doomed stopped and gone", Duration::from_secs(60), || {
+        Ok(!cp.kubectl(&["get", "pod", "-n", &ns, "doomed"])?.status.success())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    cp.wait("finisher Succeeded in the API", Duration::from_secs(60), || {
+        Ok(cp.get_json(&["get", "pod", "-n", &ns, "finisher"])?["status"]["phase"] == "Succeeded")
+    })?;
+    assert_eq!(uids(cp)?, before, "the web pods are the same pods");
+    // The node-lifecycle controller marked them not Ready while the node was unreachable;
+    // the node sets their status right again.
+    cp.wait("the web pods Ready again", Duration::from_secs(40), || Ok(pods(cp, &ns, "app=web")?.iter().all(ready)))?;
+    for p in pods(cp, &ns, "app=web")? {
+        assert_eq!(p["status"]["containerStatuses"][0]["restartCount"], 0, "kept running through the outage");
+    }
+    cp.wait("doomed's sandbox removed", Duration::from_secs(30), || {
+        Ok(node.sandboxes()?.iter().filter(|s| s.state == 0).count() == 3)
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_stateful_set_keeps_its_data_on_local_persistent_volumes() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let ns = cp.namespace("stateful")?;
+    let node = WasmletNode::start(cp, "wasm-node-state", &[(tool_module(), "tool:1")], FAST)?;
+    wait_node_ready(cp, &node)?;
+    let disks = node.dir.path().join("disks");
+    let mut manifest = String::from(
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: wasm-local}\nprovisioner: kubernetes.io/no-provisioner\nvolumeBindingMode: WaitForFirstConsumer\n",
+    );
+    for i in 0..2 {
+        let dir = disks.join(format!("pv{i}"));
+        std::fs::create_dir_all(&dir)?;
+        manifest += &format!(
+            "---\napiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: wasm-state-pv{i}}}\nspec:\n  capacity: {{storage: 1Gi}}\n  accessModes: [ReadWriteOnce]\n  storageClassName: wasm-local\n  local: {{path: {}}}\n  nodeAffinity:\n    required:\n      nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{}]}}]}}]\n",
+            dir.display(),
+            node.name
+        );
+    }
+    cp.apply(&ns, &manifest)?;
+    cp.apply(
+        &ns,
+        &format!(
+            r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: db}}
+spec:
+  serviceName: db
+  replicas: 2
+  # The container writes and ends (then is restarted): never Ready, so not OrderedReady.
+  podManagementPolicy: Parallel
+  selector: {{matchLabels: {{app: db}}}}
+  template:
+    metadata: {{labels: {{app: db}}}}
+    spec:
+      runtimeClassName: wasmlet
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers:
+      - name: db
+        image: tool:1
+        args: [write, "/data/$(POD_NAME)-$(POD_UID)", "written"]
+        env:
+        - name: POD_NAME
+          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+        - name: POD_UID
+          valueFrom: {{fieldRef: {{fieldPath: metadata.uid}}}}
+        volumeMounts: [{{name: data, mountPath: /data}}]
+  volumeClaimTemplates:
+  - metadata: {{name: data}}
+    spec:
+      accessModes: [ReadWriteOnce]
+      storageClassName: wasm-local
+      resources: {{requests: {{storage: 1Gi}}}}
+"#,
+            node = node.name
+        ),
+    )?;
+    // Each pod writes a file named after itself into its volume.
+    let files = || -> Vec<String> {
+        let mut all: Vec<String> = (0..2)
+            .flat_map(|i| std::fs::read_dir(disks.join(format!("pv{i}"))).into_iter().flatten().flatten())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        all.sort();
+        all
+    };
+    cp.wait("both pods wrote to their volumes", Duration::from_secs(90), || Ok(files().len() == 2)).map_err(|e| {
+        anyhow::anyhow!("{e}\n{}\n{}", cp.kubectl_ok(&["get", "pods,pvc", "-n", &ns]).unwrap_or_default(), node.log())
+    })?;
+    let first = cp.get_json(&["get", "pod", "-n", &ns, "db-0"])?["metadata"]["uid"].as_str().unwrap().to_string();
+    let dir_of_db0 = (0..2)
+        .map(|i| disks.join(format!("pv{i}")))
+        .find(|d| {
+            std::fs::read_dir(d)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("db-0-"))
+        })
+        .expect("db-0's volume");
+    // db-0 deleted: the StatefulSet makes a new db-0 on the same claim, which finds the data.
+    cp.kubectl_ok(&["delete", "pod", "-n", &ns, "db-0", "--timeout=60s"])?;
+    cp.wait("the new db-0 wrote beside the old one's file", Duration::from_secs(90), || {
+        let names: Vec<String> =
+            std::fs::read_dir(&dir_of_db0)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        Ok(names.len() == 2 && names.iter().any(|n| *n == format!("db-0-{first}")))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{:?}\n{}", files(), node.log()))?;
     Ok(())
 }

@@ -71,6 +71,10 @@ enum Command {
         /// Kubeconfig of the node's credentials for the API server (user system:node:NAME).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Kubeconfig with a bootstrap token: when --kubeconfig does not exist yet, a client
+        /// certificate is requested with it (TLS bootstrapping) and --kubeconfig written.
+        #[arg(long)]
+        bootstrap_kubeconfig: Option<PathBuf>,
         /// Directory of static pod manifests.
         #[arg(long)]
         pod_manifest_path: Option<PathBuf>,
@@ -296,8 +300,12 @@ fn default_root() -> PathBuf {
 }
 
 fn init_tracing(format: LogFormat, default: &str) {
+    // kube's client logs every failed request as an error; wasmlet says what failed itself,
+    // once per change (node::Complaint).
+    let quiet = "kube_client::client::builder=off";
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASMLET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .map(|f| f.add_directive(quiet.parse().expect("a directive")))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},{quiet}")));
     // Colours only on a terminal: a log file or a pipe gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
@@ -362,13 +370,22 @@ fn run() -> Result<()> {
             })?;
             std::process::exit(code)
         }
-        Command::Node { kubeconfig, pod_manifest_path, hostname_override, node_ip, config, root } => {
+        Command::Node {
+            kubeconfig,
+            bootstrap_kubeconfig,
+            pod_manifest_path,
+            hostname_override,
+            node_ip,
+            config,
+            root,
+        } => {
             let file = load_config(config.as_deref())?;
             let node = file.node.clone();
             let (root, run_dir, runtime) = runtime_setup(file, root, uid, &[]);
             rt.block_on(node_cmd::run(
                 node_cmd::NodeArgs {
                     kubeconfig,
+                    bootstrap_kubeconfig,
                     pod_manifest_path,
                     hostname_override,
                     node_ip,

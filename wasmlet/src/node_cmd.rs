@@ -17,6 +17,7 @@ use crate::local_node::{Identity, LocalNode, hostname};
 /// What `wasmlet node` was asked to do.
 pub struct NodeArgs {
     pub kubeconfig: Option<PathBuf>,
+    pub bootstrap_kubeconfig: Option<PathBuf>,
     pub pod_manifest_path: Option<PathBuf>,
     pub hostname_override: Option<String>,
     pub node_ip: Option<String>,
@@ -26,14 +27,18 @@ pub struct NodeArgs {
     pub runtime: wasmlet_runtime::RuntimeOptions,
 }
 
-/// A client for the API server of a kubeconfig file.
-pub async fn client(path: &Path) -> Result<kube::Client> {
+/// A client for the API server of a kubeconfig file, its requests within kubeAPIQPS and
+/// kubeAPIBurst.
+pub async fn client(path: &Path, cfg: &NodeConfig) -> Result<kube::Client> {
     let file = kube::config::Kubeconfig::read_from(path)
         .with_context(|| format!("kubeconfig {}: cannot be read as a kubeconfig", path.display()))?;
     let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
         .await
         .with_context(|| format!("kubeconfig {}", path.display()))?;
-    kube::Client::try_from(config).with_context(|| format!("kubeconfig {}: cannot make a client", path.display()))
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .with_context(|| format!("kubeconfig {}: cannot make a client", path.display()))?;
+    let throttle = wasmlet_kubelet::node::throttle::ThrottleLayer::new(cfg.kube_api_qps, cfg.kube_api_burst);
+    Ok(builder.with_layer(&throttle).build())
 }
 
 /// The node's address: the flag, else the first non-loopback IPv4 address its host name
@@ -60,8 +65,14 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
     let host = hostname();
     let name = a.hostname_override.clone().unwrap_or_else(|| host.clone()).to_lowercase();
     let ip = node_ip(a.node_ip.as_deref(), &host)?;
+    if let Some(bootstrap) = &a.bootstrap_kubeconfig {
+        let Some(kubeconfig) = &a.kubeconfig else {
+            bail!("--bootstrap-kubeconfig needs --kubeconfig: where to write the node's own credentials")
+        };
+        wasmlet_kubelet::node::bootstrap::bootstrap(bootstrap, kubeconfig, &a.root.join("pki"), &name).await?;
+    }
     let client = match &a.kubeconfig {
-        Some(k) => Some(client(k).await?),
+        Some(k) => Some(client(k, &a.config).await?),
         None => None,
     };
     let recorder: Arc<dyn wasmlet_kubelet::events::Recorder> = match &client {
@@ -74,8 +85,9 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         cluster_dns: a.config.cluster_dns.clone(),
         cluster_domain: a.config.cluster_domain.clone(),
     };
-    let objects: Arc<dyn wasmlet_kubelet::worker::Objects> = match &client {
-        Some(c) => Arc::new(wasmlet_kubelet::node::objects::ApiObjects::new(c.clone())),
+    let api_objects = client.as_ref().map(|c| Arc::new(wasmlet_kubelet::node::objects::ApiObjects::new(c.clone())));
+    let objects: Arc<dyn wasmlet_kubelet::worker::Objects> = match &api_objects {
+        Some(o) => o.clone(),
         None => Arc::new(wasmlet_kubelet::worker::StaticObjects::default()),
     };
     let local = LocalNode::start(&a.root, &a.run_dir, a.runtime, identity, recorder, objects).await?;
@@ -94,7 +106,12 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         ));
         tasks.push(tokio::spawn(agent.clone().run_status()));
         tasks.push(tokio::spawn(agent.clone().run_lease()));
-        let pods = ApiPods::default();
+        // No pod's environment is built before the Services are known.
+        if let Some(o) = &api_objects {
+            o.synced().await;
+        }
+        let (pods, mirrors) = (ApiPods::default(), ApiPods::default());
+        manager.expect(wasmlet_kubelet::pods::Source::Api);
         manager.observe(Arc::new(StatusManager {
             client: client.clone(),
             pods: pods.clone(),
@@ -104,12 +121,22 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
             client.clone(),
             name.clone(),
             pods,
+            mirrors.clone(),
             tx.clone(),
         )));
+        if a.pod_manifest_path.is_some() {
+            manager.observe(Arc::new(wasmlet_kubelet::node::mirror::MirrorPods {
+                client: client.clone(),
+                mirrors,
+                node_name: name.clone(),
+                node_uid: agent.uid.clone(),
+            }));
+        }
     } else {
         local.collect_leftovers().await;
     }
     if let Some(dir) = a.pod_manifest_path.clone() {
+        manager.expect(wasmlet_kubelet::pods::Source::File);
         tasks.push(tokio::spawn(static_pods::follow(dir, name.clone(), tx.clone())));
     }
     drop(tx);

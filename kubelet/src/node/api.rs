@@ -34,13 +34,28 @@ pub fn is_mirror(pod: &Pod) -> bool {
     pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"))
 }
 
+/// `namespace/name`, how mirror pods are found.
+pub fn full_name(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
 fn uid(pod: &Pod) -> String {
     pod.metadata.uid.clone().unwrap_or_default()
 }
 
 /// Watches the pods with `spec.nodeName=NODE` and tells the pod manager: each relist as the
 /// whole set, then every change. Reconnects with back-off for as long as it runs.
-pub async fn watch_pods(client: kube::Client, node_name: String, pods: ApiPods, tx: mpsc::UnboundedSender<PodUpdate>) {
+pub async fn watch_pods(
+    client: kube::Client,
+    node_name: String,
+    pods: ApiPods,
+    mirrors: ApiPods,
+    tx: mpsc::UnboundedSender<PodUpdate>,
+) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
     let mut stream = std::pin::pin!(watcher(api, config));
@@ -70,13 +85,27 @@ pub async fn watch_pods(client: kube::Client, node_name: String, pods: ApiPods, 
                 continue;
             }
             watcher::Event::InitDone => {
-                let all: Vec<Pod> = std::mem::take(&mut listing).into_iter().filter(|p| !is_mirror(p)).collect();
+                let (mirrored, all): (Vec<Pod>, Vec<Pod>) =
+                    std::mem::take(&mut listing).into_iter().partition(is_mirror);
+                {
+                    let mut m = lock(&mirrors);
+                    m.clear();
+                    m.extend(mirrored.into_iter().map(|p| (full_name(&p), p)));
+                }
                 {
                     let mut known = lock(&pods);
                     known.clear();
                     known.extend(all.iter().map(|p| (uid(p), p.clone())));
                 }
                 PodUpdate::Set(Source::Api, all)
+            }
+            watcher::Event::Apply(p) if is_mirror(&p) => {
+                lock(&mirrors).insert(full_name(&p), p);
+                continue;
+            }
+            watcher::Event::Delete(p) if is_mirror(&p) => {
+                lock(&mirrors).remove(&full_name(&p));
+                continue;
             }
             watcher::Event::Apply(p) if !is_mirror(&p) => {
                 lock(&pods).insert(uid(&p), p.clone());
@@ -161,6 +190,26 @@ pub fn merged_status(ours: &PodStatus, api: Option<&Pod>) -> PodStatus {
     conditions.extend(foreign);
     s.conditions = (!conditions.is_empty()).then_some(conditions);
     s
+}
+
+/// How often a pod's status is compared with the API's copy.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// Whether the API's copy of a pod shows another phase or other conditions than `ours`.
+pub fn api_differs(ours: &PodStatus, api: &Pod) -> bool {
+    let Some(theirs) = api.status.as_ref() else { return true };
+    let conditions = |s: &PodStatus| -> Vec<(String, String)> {
+        let mut c: Vec<(String, String)> = s
+            .conditions
+            .iter()
+            .flatten()
+            .filter(|c| KUBELET_CONDITIONS.contains(&c.type_.as_str()))
+            .map(|c| (c.type_.clone(), c.status.clone()))
+            .collect();
+        c.sort();
+        c
+    };
+    ours.phase != theirs.phase || conditions(ours) != conditions(theirs)
 }
 
 /// Posts the status of every API pod as its worker publishes it, and deletes the pod object
@@ -257,15 +306,25 @@ async fn sync_status(client: kube::Client, pods: ApiPods, pod: Pod, mut rx: watc
     let mut retry = Retry::default();
     let mut complaint = Complaint::default();
     let what = format!("update the status of pod {ns}/{name}");
+    // As the kubelet's status manager's periodic sync: a status another component changed
+    // (the node-lifecycle controller marks pods not Ready while the node is unreachable) is
+    // set right again.
+    let mut resync = tokio::time::interval(RESYNC);
+    resync.tick().await;
     loop {
+        let mut check_api = false;
         if !ended {
             tokio::select! {
                 r = rx.changed() => ended = r.is_err(),
                 _ = async { match retry_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
+                _ = resync.tick() => check_api = true,
             }
         }
         let latest = rx.borrow_and_update().clone();
-        if let Some(status) = latest.status.as_ref().filter(|s| sent.as_ref() != Some(*s)) {
+        let differs = |s: &PodStatus| {
+            sent.as_ref() != Some(s) || (check_api && lock(&pods).get(&u).is_some_and(|p| api_differs(s, p)))
+        };
+        if let Some(status) = latest.status.as_ref().filter(|s| differs(s)) {
             match send_status(&api, &pods, &latest, status).await {
                 Sent::Ok => {
                     complaint.succeeded(&what);

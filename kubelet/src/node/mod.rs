@@ -3,9 +3,12 @@
 //! to it ([`api`]), and what pods read from the API (ConfigMaps, Secrets, events).
 
 pub mod api;
+pub mod bootstrap;
 pub mod config;
+pub mod mirror;
 pub mod objects;
 pub mod status;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -130,7 +133,7 @@ pub struct NodeAgent {
     pub facts: Facts,
     pub cri: Cri,
     /// The registered Node's UID (the Lease's owner).
-    pub uid: std::sync::Mutex<String>,
+    pub uid: Arc<std::sync::Mutex<String>>,
     /// The Lease as last written: renewed from it without a read, read again on a conflict.
     lease: tokio::sync::Mutex<Option<Lease>>,
 }
@@ -202,53 +205,51 @@ impl NodeAgent {
         Ok(())
     }
 
-    /// Computes the status every nodeStatusUpdateFrequency and posts it when it changed or
-    /// nodeStatusReportFrequency passed; a Node deleted meanwhile is registered again.
+    /// Every nodeStatusUpdateFrequency: reads the Node, computes the status from it, and
+    /// posts it when it differs from what the API shows (heartbeats aside; another component,
+    /// such as the node-lifecycle controller marking the node Unknown, counts as a
+    /// difference) or nodeStatusReportFrequency passed. A Node deleted meanwhile is
+    /// registered again.
     pub async fn run_status(self: Arc<Self>) {
-        let mut last: Option<(k8s_openapi::api::core::v1::NodeStatus, Instant)> = None;
+        let mut posted: Option<Instant> = None;
         let mut complaint = Complaint::default();
         loop {
-            let mut facts = self.facts.clone();
-            facts.runtime_problem = self.cri.readiness_problem().await;
-            let now = SystemTime::now();
-            let s = status::status(&self.config, &facts, last.as_ref().map(|(s, _)| s), now);
-            let due = match &last {
-                None => true,
-                Some((old, at)) => status::changed(old, &s) || at.elapsed() >= self.config.node_status_report_frequency,
-            };
-            // Between reports, a look that the Node is still there (an admin may delete it).
-            if !due && let Ok(None) = self.nodes().get_opt(&self.facts.name).await {
-                tracing::warn!(node = %self.facts.name, "the Node was deleted: registering it again");
-                self.register().await;
-                last = None;
-                continue;
-            }
-            if due {
-                // Failed updates are retried up to 5 times, as the kubelet does.
-                let mut result = Ok(());
-                for _ in 0..5 {
-                    result = self.post_status(&s).await;
-                    if result.is_ok() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                match result {
-                    Ok(()) => {
-                        complaint.succeeded("update the node status");
-                        last = Some((s, Instant::now()));
-                    }
-                    Err(Error::Api { source, .. }) if api_code(&source) == Some(404) => {
-                        tracing::warn!(node = %self.facts.name, "the Node was deleted: registering it again");
-                        self.register().await;
-                        last = None;
-                        continue;
-                    }
-                    Err(e) => complaint.failed("update the node status", &e),
-                }
+            match self.update_status(&mut posted).await {
+                Ok(()) => complaint.succeeded("update the node status"),
+                Err(e) => complaint.failed("update the node status", &e),
             }
             tokio::time::sleep(self.config.node_status_update_frequency).await;
         }
+    }
+
+    async fn update_status(&self, posted: &mut Option<Instant>) -> Result<(), Error> {
+        let name = &self.facts.name;
+        let Some(node) = self.nodes().get_opt(name).await.map_err(Error::api(format!("get node {name}")))? else {
+            tracing::warn!(node = %name, "the Node was deleted: registering it again");
+            self.register().await;
+            *posted = Some(Instant::now());
+            return Ok(());
+        };
+        let mut facts = self.facts.clone();
+        facts.runtime_problem = self.cri.readiness_problem().await;
+        let current = node.status.unwrap_or_default();
+        let s = status::status(&self.config, &facts, Some(&current), SystemTime::now());
+        let due = status::changed(&current, &s)
+            || posted.is_none_or(|at| at.elapsed() >= self.config.node_status_report_frequency);
+        if !due {
+            return Ok(());
+        }
+        // Failed updates are retried up to 5 times, as the kubelet does.
+        let mut result = Ok(());
+        for _ in 0..5 {
+            result = self.post_status(&s).await;
+            if result.is_ok() {
+                *posted = Some(Instant::now());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        result
     }
 
     /// Keeps the node's Lease in kube-node-lease renewed every leaseDuration/4.

@@ -4,14 +4,19 @@
 //! and kept briefly, so a changed ConfigMap reaches a mounted volume at the next sync.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
+};
 use kube::Api;
 use kube::api::PostParams;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 
 use super::api_code;
 use crate::worker::Objects;
@@ -44,9 +49,13 @@ struct Token {
 /// ConfigMaps, Secrets and tokens fetched from the API server for the pods that use them.
 pub struct ApiObjects {
     client: kube::Client,
+    /// Every Service (watched), for the pods' Service variables.
+    services: reflector::Store<Service>,
     cache: Mutex<HashMap<ObjectKey, Fetched>>,
     /// (pod UID, audience, expirationSeconds) -> token.
     tokens: Mutex<HashMap<(String, String, i64), Token>>,
+    /// (namespace, claim) -> the bound volume's directory, or why there is none.
+    claims: Mutex<HashMap<(String, String), Result<PathBuf, String>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -103,8 +112,19 @@ pub fn references(pod: &Pod) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<(S
 }
 
 impl ApiObjects {
+    /// Starts the watch of Services; [`ApiObjects::synced`] waits for its first listing.
     pub fn new(client: kube::Client) -> ApiObjects {
-        ApiObjects { client, cache: Mutex::default(), tokens: Mutex::default() }
+        let (services, writer) = reflector::store();
+        let api: Api<Service> = Api::all(client.clone());
+        let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+        tokio::spawn(stream.for_each(|_| std::future::ready(())));
+        ApiObjects { client, services, cache: Mutex::default(), tokens: Mutex::default(), claims: Mutex::default() }
+    }
+
+    /// Waits until the Services have been listed once: the kubelet builds no pod's
+    /// environment before (its variables would be missing).
+    pub async fn synced(&self) {
+        let _ = self.services.wait_until_ready().await;
     }
 
     fn stale(&self, key: &ObjectKey) -> bool {
@@ -179,6 +199,42 @@ impl ApiObjects {
         }
     }
 
+    /// Resolves a claim to its PersistentVolume's directory: a local or hostPath volume.
+    async fn fetch_claim(&self, ns: &str, name: &str) {
+        let key = (ns.to_string(), name.to_string());
+        // Bound claims do not move: resolved once.
+        if lock(&self.claims).get(&key).is_some_and(|r| r.is_ok()) {
+            return;
+        }
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
+        let result = async {
+            let claim = claims
+                .get_opt(name)
+                .await
+                .map_err(|e| format!("get persistentvolumeclaim \"{name}\": {e}"))?
+                .ok_or_else(|| format!("persistentvolumeclaim \"{name}\" not found"))?;
+            let volume = claim
+                .spec
+                .and_then(|s| s.volume_name)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("persistentvolumeclaim \"{name}\" is not bound"))?;
+            let pv = Api::<PersistentVolume>::all(self.client.clone())
+                .get(&volume)
+                .await
+                .map_err(|e| format!("get persistentvolume \"{volume}\": {e}"))?;
+            let spec = pv.spec.unwrap_or_default();
+            match (spec.local, spec.host_path) {
+                (Some(l), _) => Ok(PathBuf::from(l.path)),
+                (None, Some(h)) => Ok(PathBuf::from(h.path)),
+                _ => Err(format!(
+                    "persistentvolume \"{volume}\" is neither a local nor a hostPath volume: wasmlet mounts only those"
+                )),
+            }
+        }
+        .await;
+        lock(&self.claims).insert(key, result);
+    }
+
     /// Forgets the tokens of a pod that is gone.
     pub fn forget_pod(&self, uid: &str) {
         lock(&self.tokens).retain(|(u, _, _), _| u != uid);
@@ -205,6 +261,17 @@ impl Objects for ApiObjects {
         lock(&self.tokens).get(&(uid, audience.to_string(), expiration)).map(|t| t.token.clone())
     }
 
+    fn claim(&self, ns: &str, name: &str) -> Result<PathBuf, String> {
+        lock(&self.claims)
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_else(|| Err(format!("persistentvolumeclaim \"{name}\" not looked up yet")))
+    }
+
+    fn services(&self) -> Vec<Service> {
+        self.services.state().iter().map(|s| (**s).clone()).collect()
+    }
+
     fn refresh<'a>(&'a self, pod: &'a Pod) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
@@ -217,6 +284,11 @@ impl Objects for ApiObjects {
             }
             for (audience, expiration) in &tokens {
                 self.fetch_token(pod, audience, *expiration).await;
+            }
+            for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+                if let Some(c) = &v.persistent_volume_claim {
+                    self.fetch_claim(ns, &c.claim_name).await;
+                }
             }
         })
     }

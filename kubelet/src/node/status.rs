@@ -211,9 +211,17 @@ pub fn changed(a: &NodeStatus, b: &NodeStatus) -> bool {
         s.config = None;
         s.runtime_handlers = None;
         s.features = None;
+        s.capacity = None;
+        s.allocatable = None;
         s
     };
+    // Quantities as numbers: the API server writes them in its canonical form ("4Gi").
+    let amounts = |m: &Option<BTreeMap<String, Quantity>>| -> BTreeMap<String, Option<crate::quantity::Quantity>> {
+        m.iter().flatten().map(|(k, v)| (k.clone(), crate::quantity::Quantity::parse(&v.0).ok())).collect()
+    };
     strip(a) != strip(b)
+        || amounts(&a.capacity) != amounts(&b.capacity)
+        || amounts(&a.allocatable) != amounts(&b.allocatable)
 }
 
 #[cfg(test)]
@@ -277,6 +285,9 @@ mod tests {
         assert_eq!(ready(&s1).last_transition_time, ready(&s0).last_transition_time);
         assert_ne!(ready(&s1).last_heartbeat_time, ready(&s0).last_heartbeat_time);
         assert!(!changed(&s0, &s1), "only heartbeats moved");
+        let mut canonical = s1.clone();
+        canonical.capacity.as_mut().unwrap().insert("memory".into(), quantity("4Gi"));
+        assert!(!changed(&s1, &canonical), "the API's canonical quantities are the same amounts");
         let sick = Facts {
             runtime_problem: Some("container runtime network not ready: NetworkReady=false".into()),
             ..facts()
