@@ -375,7 +375,11 @@ pub fn qos_class(spec: &PodSpec) -> &'static str {
             let l = limits.and_then(|l| l.get(res));
             let q = requests.and_then(|q| q.get(res)).or(l);
             any |= l.is_some() || q.is_some();
-            if l.is_none() || q.map(|q| &q.0) != l.map(|l| &l.0) {
+            // Compared as amounts: `1000m` and `1` are the same CPU.
+            let amount = |x: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
+                x.and_then(|x| crate::quantity::Quantity::parse(&x.0).ok())
+            };
+            if l.is_none() || amount(q) != amount(l) {
                 guaranteed = false;
             }
         }
@@ -707,5 +711,8 @@ mod tests {
         assert_eq!(qos_class(&spec(res(&[("cpu", "1"), ("memory", "1Gi")], &[]))), "Guaranteed");
         assert_eq!(qos_class(&spec(res(&[("memory", "1Gi")], &[]))), "Burstable");
         assert_eq!(qos_class(&spec(res(&[("cpu", "1"), ("memory", "1Gi")], &[("cpu", "500m")]))), "Burstable");
+        // Equal amounts written differently are equal.
+        let same = res(&[("cpu", "1"), ("memory", "1Gi")], &[("cpu", "1000m"), ("memory", "1024Mi")]);
+        assert_eq!(qos_class(&spec(same)), "Guaranteed");
     }
 }

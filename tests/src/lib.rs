@@ -13,6 +13,7 @@ pub use cri_proto::v1 as cri;
 use tonic::transport::Channel;
 
 pub mod cluster;
+pub mod images;
 pub mod token;
 pub use token::TokenServer;
 

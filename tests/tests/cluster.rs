@@ -834,3 +834,39 @@ spec:
     .map_err(|e| anyhow::anyhow!("{e}\n{:?}\n{}", files(), node.log()))?;
     Ok(())
 }
+
+#[test]
+fn a_pod_whose_image_is_not_wasm_ends_in_err_image_pull() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let rt = tokio::runtime::Runtime::new()?;
+    let registry = rt.block_on(wasmlet_tests::RegistryServer::start())?;
+    let image = format!("{}/plain/shell:1", registry.host);
+    rt.block_on(wasmlet_tests::images::push_image(
+        &image,
+        &[(wasmlet_tests::images::tar_layer(&[("bin/sh", b"#!")]), false)],
+        serde_json::json!({"Entrypoint": ["/bin/sh"]}),
+    ));
+    let node = WasmletNode::start(cp, "wasm-node-image", &[], FAST)?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("image")?;
+    cp.apply(
+        &ns,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: shell}}\nspec:\n  runtimeClassName: wasmlet\n  nodeSelector: {{kubernetes.io/hostname: {}}}\n  containers: [{{name: c, image: \"{image}\"}}]\n",
+            node.name
+        ),
+    )?;
+    let mut waiting = Value::Null;
+    cp.wait("ErrImagePull or ImagePullBackOff", Duration::from_secs(60), || {
+        let p = cp.get_json(&["get", "pod", "-n", &ns, "shell"])?;
+        waiting = p["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+        Ok(matches!(waiting["reason"].as_str(), Some("ErrImagePull") | Some("ImagePullBackOff")))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{waiting}\n{}", node.log()))?;
+    let events = cp.kubectl_ok(&["get", "events", "-n", &ns])?;
+    assert!(
+        events.contains("Failed to pull image") && events.contains(&image) && events.contains("not a wasm image"),
+        "{events}"
+    );
+    Ok(())
+}
