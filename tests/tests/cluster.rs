@@ -672,6 +672,18 @@ fn static_pods_get_mirror_pods() -> Result<()> {
     let owner = &mirror["metadata"]["ownerReferences"][0];
     assert_eq!((owner["kind"].as_str(), owner["name"].as_str()), (Some("Node"), Some("wasm-node-static")));
     assert_eq!(mirror["spec"]["nodeName"], "wasm-node-static");
+    // A mirror deleted by a user is made again (the static pod keeps running).
+    let first = mirror["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+    cp.kubectl_ok(&["delete", "pod", "-n", &ns, name, "--wait=false"])?;
+    cp.wait("the mirror pod made again", Duration::from_secs(60), || {
+        let out = cp.kubectl(&["get", "pod", "-n", &ns, name, "-o", "json"])?;
+        if !out.status.success() {
+            return Ok(false);
+        }
+        let m: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(m["metadata"]["uid"].as_str().is_some_and(|u| u != first) && m["status"]["phase"] == "Running")
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
     // The static pod removed, its mirror goes too.
     std::fs::remove_file(&file)?;
     cp.wait("the mirror pod deleted", Duration::from_secs(60), || {

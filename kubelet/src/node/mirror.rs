@@ -84,59 +84,62 @@ async fn keep_mirror(
     let want = mirror_of(&pod, &node_name, &node_uid);
     let hash = want.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR)).cloned().unwrap_or_default();
     let mut complaint = Complaint::default();
-    let mut retry = Retry::default();
     let what = format!("mirror pod {ns}/{name}");
     let key = format!("{ns}/{name}");
-    let mirror_uid = loop {
-        let known = lock(&mirrors).get(&key).cloned();
-        match known {
-            Some(old) => {
-                let old_hash = old.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR)).cloned();
-                if old_hash.as_deref() == Some(hash.as_str()) {
-                    break old.metadata.uid.unwrap_or_default();
-                }
-                // A mirror of an older version of the static pod (or not a mirror): replaced.
-                let dp = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    preconditions: Some(Preconditions { uid: old.metadata.uid.clone(), resource_version: None }),
-                    ..Default::default()
-                };
-                if let Err(e) = api.delete(&name, &dp).await {
-                    complaint.failed(&format!("replace {what}"), &e);
-                }
-            }
-            None => match api.create(&PostParams::default(), &want).await {
-                Ok(created) => {
-                    tracing::info!(pod = %format!("{ns}/{name}"), "mirror pod created");
-                    break created.metadata.uid.unwrap_or_default();
-                }
-                // There already: the watch shows it soon.
-                Err(e) if api_code(&e) == Some(409) => {}
-                Err(e) => complaint.failed(&format!("create {what}"), &e),
-            },
-        }
-        if rx.has_changed().is_err() {
+    let mirror_uid = 'mirror: loop {
+        let Some(mirror_uid) = ensure_mirror(&api, &mirrors, &key, &want, &hash, &what, &mut complaint, &mut rx).await
+        else {
             return;
-        }
-        tokio::time::sleep(retry.delay()).await;
-    };
-    complaint.succeeded(&what);
-    let mut sent = None;
-    loop {
-        let ended = rx.changed().await.is_err();
-        let latest = rx.borrow_and_update().clone();
-        if !ended && let Some(status) = latest.status.filter(|s| sent.as_ref() != Some(s)) {
-            let patch = serde_json::json!({ "metadata": { "uid": mirror_uid }, "status": status });
-            match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                Ok(_) => sent = Some(status),
-                Err(e) => complaint.failed(&format!("update the status of {what}"), &e),
+        };
+        complaint.succeeded(&what);
+        let mut sent = None;
+        let mut seen = false;
+        let mut look = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            let ended = tokio::select! {
+                r = rx.changed() => r.is_err(),
+                _ = look.tick() => {
+                    // Deleted by someone else: made again. A graceful deletion of a mirror is
+                    // finished at once (nothing of it runs), as the kubelet does.
+                    let current = lock(&mirrors).get(&key).filter(|p| p.metadata.uid.as_deref() == Some(mirror_uid.as_str())).cloned();
+                    match current {
+                        Some(m) if m.metadata.deletion_timestamp.is_some() => {
+                            let dp = DeleteParams {
+                                grace_period_seconds: Some(0),
+                                preconditions: Some(Preconditions { uid: Some(mirror_uid.clone()), resource_version: None }),
+                                ..Default::default()
+                            };
+                            if let Err(e) = api.delete(&name, &dp).await && !matches!(api_code(&e), Some(404) | Some(409)) {
+                                complaint.failed(&format!("delete {what}"), &e);
+                                continue;
+                            }
+                            lock(&mirrors).remove(&key);
+                            tracing::info!(pod = %key, "mirror pod deleted: making it again");
+                            continue 'mirror;
+                        }
+                        Some(_) => seen = true,
+                        None if seen => {
+                            tracing::info!(pod = %key, "mirror pod deleted: making it again");
+                            continue 'mirror;
+                        }
+                        None => {}
+                    }
+                    false
+                }
+            };
+            let latest = rx.borrow_and_update().clone();
+            if !ended && let Some(status) = latest.status.filter(|s| sent.as_ref() != Some(s)) {
+                let patch = serde_json::json!({ "metadata": { "uid": mirror_uid }, "status": status });
+                match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    Ok(_) => sent = Some(status),
+                    Err(e) => complaint.failed(&format!("update the status of {what}"), &e),
+                }
+            }
+            if ended {
+                break 'mirror mirror_uid;
             }
         }
-        if ended {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
     // The static pod is gone: so is its mirror.
     let dp = DeleteParams {
         grace_period_seconds: Some(0),
@@ -147,6 +150,57 @@ async fn keep_mirror(
         Ok(_) => tracing::info!(pod = %format!("{ns}/{name}"), "mirror pod deleted"),
         Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => {}
         Err(e) => complaint.failed(&format!("delete {what}"), &e),
+    }
+}
+
+/// The mirror's UID once it exists with the static pod's hash (one of another hash is
+/// replaced); None when the static pod ended first.
+#[allow(clippy::too_many_arguments)]
+async fn ensure_mirror(
+    api: &Api<Pod>,
+    mirrors: &super::api::ApiPods,
+    key: &str,
+    want: &Pod,
+    hash: &str,
+    what: &str,
+    complaint: &mut Complaint,
+    rx: &mut watch::Receiver<Pod>,
+) -> Option<String> {
+    let name = want.metadata.name.as_deref().unwrap_or_default();
+    let (ns, _) = key.split_once('/').unwrap_or_default();
+    let mut retry = Retry::default();
+    loop {
+        let known = lock(mirrors).get(key).cloned();
+        match known {
+            Some(old) => {
+                let old_hash = old.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR)).cloned();
+                if old_hash.as_deref() == Some(hash) {
+                    return Some(old.metadata.uid.unwrap_or_default());
+                }
+                // A mirror of an older version of the static pod (or not a mirror): replaced.
+                let dp = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(Preconditions { uid: old.metadata.uid.clone(), resource_version: None }),
+                    ..Default::default()
+                };
+                if let Err(e) = api.delete(name, &dp).await {
+                    complaint.failed(&format!("replace {what}"), &e);
+                }
+            }
+            None => match api.create(&PostParams::default(), want).await {
+                Ok(created) => {
+                    tracing::info!(pod = %format!("{ns}/{name}"), "mirror pod created");
+                    return Some(created.metadata.uid.unwrap_or_default());
+                }
+                // There already: the watch shows it soon.
+                Err(e) if api_code(&e) == Some(409) => {}
+                Err(e) => complaint.failed(&format!("create {what}"), &e),
+            },
+        }
+        if rx.has_changed().is_err() {
+            return None;
+        }
+        tokio::time::sleep(retry.delay()).await;
     }
 }
 
