@@ -172,6 +172,22 @@ pub fn spec(pod: &Pod) -> &PodSpec {
     pod.spec.as_ref().unwrap_or_else(|| EMPTY.get_or_init(PodSpec::default))
 }
 
+/// The pod's UID ("" when it has none).
+pub fn uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
+/// `namespace/name`.
+pub fn full_name(pod: &Pod) -> String {
+    let m = &pod.metadata;
+    format!("{}/{}", m.namespace.as_deref().unwrap_or("default"), m.name.as_deref().unwrap_or_default())
+}
+
+/// Whether the pod's status shows a terminal phase (Succeeded or Failed).
+pub fn finished(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
 /// `name_namespace_uid`, the prefix of the pod's back-off keys.
 pub fn pod_key(pod: &Pod) -> String {
     let m = &pod.metadata;

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 
 use crate::admission::Refusal;
+use crate::model::{finished, full_name, uid};
 use crate::worker::{self, Node, PodHandle, Update};
 
 /// Where a pod came from.
@@ -120,15 +121,6 @@ pub struct PodManager {
     heard: std::collections::HashSet<Source>,
 }
 
-fn uid(pod: &Pod) -> String {
-    pod.metadata.uid.clone().unwrap_or_default()
-}
-
-fn full_name(pod: &Pod) -> String {
-    let m = &pod.metadata;
-    format!("{}/{}", m.namespace.as_deref().unwrap_or("default"), m.name.as_deref().unwrap_or_default())
-}
-
 impl PodManager {
     pub fn new(node: Arc<Node>) -> PodManager {
         PodManager {
@@ -166,13 +158,7 @@ impl PodManager {
 
     /// The pods running here and not finished, as their workers last showed them.
     fn running(&self) -> Vec<Pod> {
-        self.active()
-            .map(|(_, m)| m.handle.status.borrow().clone())
-            .filter(|p| {
-                let phase = p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default();
-                phase != "Succeeded" && phase != "Failed"
-            })
-            .collect()
+        self.pods.values().map(|m| m.handle.status.borrow().clone()).filter(|p| !finished(p)).collect()
     }
 
     /// Adds an observer of the workers started from now on.
@@ -183,11 +169,6 @@ impl PodManager {
     /// The pods, by UID.
     pub fn pods(&self) -> &BTreeMap<String, Managed> {
         &self.pods
-    }
-
-    /// Pods not yet terminated.
-    pub fn active(&self) -> impl Iterator<Item = (&String, &Managed)> {
-        self.pods.iter().filter(|(_, m)| m.lifecycle != Lifecycle::Terminated)
     }
 
     /// Applies what a source said.
@@ -239,8 +220,7 @@ impl PodManager {
             None => {
                 // A pod finished before we saw it (a restart of wasmlet, an API relist), or
                 // refused, is not started again.
-                let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default();
-                if phase == "Succeeded" || phase == "Failed" || self.rejected.contains(&u) {
+                if finished(&pod) || self.rejected.contains(&u) {
                     if !self.rejected.contains(&u) {
                         self.finished.insert(u.clone());
                     }
@@ -290,30 +270,15 @@ impl PodManager {
         }
     }
 
-    /// Marks the pods whose workers ended as terminated and forgets them; returns their
-    /// names (namespace/name).
-    pub fn reap(&mut self) -> Vec<String> {
+    /// Marks the pods whose workers ended as terminated and forgets them.
+    pub fn reap(&mut self) {
         let done: Vec<String> =
             self.pods.iter().filter(|(_, m)| m.handle.task.is_finished()).map(|(u, _)| u.clone()).collect();
-        let mut names = Vec::new();
         for u in done {
             if let Some(mut m) = self.pods.remove(&u) {
                 m.lifecycle = m.lifecycle.finish();
                 tracing::info!(pod = %format!("{}/{}", m.namespace, m.name), uid = %u, "pod terminated");
-                names.push(format!("{}/{}", m.namespace, m.name));
             }
-        }
-        names
-    }
-
-    /// Deletes every pod gracefully and waits for their workers to end.
-    pub async fn shutdown(&mut self) {
-        let uids: Vec<String> = self.pods.keys().cloned().collect();
-        for u in &uids {
-            self.delete(u, None);
-        }
-        for (_, m) in std::mem::take(&mut self.pods) {
-            let _ = m.handle.task.await;
         }
     }
 }

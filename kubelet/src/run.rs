@@ -300,8 +300,7 @@ pub async fn run(node: Arc<Node>, manifests: Manifests, o: RunOptions) -> Result
                 status_line(name, &cols, started);
                 last.insert(name.clone(), cols);
             }
-            let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-            all_done &= phase == "Succeeded" || phase == "Failed";
+            all_done &= crate::model::finished(&pod);
         }
         let _ = std::io::stdout().flush();
         if all_done {

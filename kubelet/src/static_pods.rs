@@ -92,8 +92,8 @@ pub fn read_dir(dir: &Path, node_name: &str) -> (BTreeMap<String, Pod>, Vec<(Pat
             m.namespace.get_or_insert_with(|| "default".into());
             m.uid = Some(uid.clone());
             let notes = m.annotations.get_or_insert_with(Default::default);
-            notes.insert("kubernetes.io/config.source".into(), "file".into());
-            notes.insert("kubernetes.io/config.hash".into(), uid.clone());
+            notes.insert("kubernetes.io/config.source".into(), Source::File.annotation().into());
+            notes.insert(crate::node::mirror::HASH.into(), uid.clone());
             if let Some(spec) = pod.spec.as_mut() {
                 spec.node_name = Some(node_name.to_string());
             }

@@ -26,7 +26,8 @@ pub fn k8s_bin() -> Option<PathBuf> {
     dir.join("kube-apiserver").exists().then_some(dir)
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+/// Runs `openssl ARGS` in `dir`; an error with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     let out = Command::new("openssl").args(args).current_dir(dir).output().context("run openssl")?;
     if !out.status.success() {
         bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -297,6 +298,17 @@ impl ControlPlane {
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["-o", "json"]);
         Ok(serde_json::from_str(&self.kubectl_ok(&all)?)?)
+    }
+
+    /// `kubectl get ... -o json`, parsed; None when the object is not there.
+    pub fn get_opt_json(&self, args: &[&str]) -> Result<Option<Value>> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.kubectl(&all)?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_slice(&out.stdout)?))
     }
 
     /// Applies a manifest given as text.

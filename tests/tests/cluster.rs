@@ -27,11 +27,8 @@ fn ready(pod: &Value) -> bool {
 fn wait_node_ready(cp: &ControlPlane, node: &WasmletNode) -> Result<Value> {
     let mut last = Value::Null;
     cp.wait(&format!("node {} Ready", node.name), Duration::from_secs(60), || {
-        let out = cp.kubectl(&["get", "node", &node.name, "-o", "json"])?;
-        if !out.status.success() {
-            return Ok(false);
-        }
-        last = serde_json::from_slice(&out.stdout)?;
+        let Some(n) = cp.get_opt_json(&["get", "node", &node.name])? else { return Ok(false) };
+        last = n;
         Ok(node_condition(&last, "Ready").as_deref() == Some("True"))
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
@@ -468,23 +465,24 @@ fn bad_kubeconfigs_and_credentials_and_a_late_api_server() -> Result<()> {
     // Credentials the API server does not know: retried, and said once, not at every retry.
     let mut stranger = WasmletNode::prepare(cp, "wasm-node-stranger", &[], FAST)?;
     let cert_dir = tempfile::tempdir()?;
-    let foreign =
-        |args: &[&str]| std::process::Command::new("openssl").args(args).current_dir(cert_dir.path()).output();
-    foreign(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/O=system:nodes/CN=system:node:wasm-node-stranger",
-        "-keyout",
-        "k.pem",
-        "-out",
-        "c.pem",
-    ])?;
+    wasmlet_tests::cluster::openssl(
+        cert_dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/O=system:nodes/CN=system:node:wasm-node-stranger",
+            "-keyout",
+            "k.pem",
+            "-out",
+            "c.pem",
+        ],
+    )?;
     let text = std::fs::read_to_string(&stranger.kubeconfig)?;
     let node_cert = cp.dir.join("node-wasm-node-stranger.crt").display().to_string();
     let node_key = cp.dir.join("node-wasm-node-stranger.key").display().to_string();
@@ -658,11 +656,8 @@ fn static_pods_get_mirror_pods() -> Result<()> {
     let name = "ticker-wasm-node-static";
     let mut mirror = Value::Null;
     cp.wait("the mirror pod Running", Duration::from_secs(60), || {
-        let out = cp.kubectl(&["get", "pod", "-n", &ns, name, "-o", "json"])?;
-        if !out.status.success() {
-            return Ok(false);
-        }
-        mirror = serde_json::from_slice(&out.stdout)?;
+        let Some(m) = cp.get_opt_json(&["get", "pod", "-n", &ns, name])? else { return Ok(false) };
+        mirror = m;
         Ok(mirror["status"]["phase"] == "Running")
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{mirror}\n{}", node.log()))?;
@@ -676,11 +671,7 @@ fn static_pods_get_mirror_pods() -> Result<()> {
     let first = mirror["metadata"]["uid"].as_str().unwrap_or_default().to_string();
     cp.kubectl_ok(&["delete", "pod", "-n", &ns, name, "--wait=false"])?;
     cp.wait("the mirror pod made again", Duration::from_secs(60), || {
-        let out = cp.kubectl(&["get", "pod", "-n", &ns, name, "-o", "json"])?;
-        if !out.status.success() {
-            return Ok(false);
-        }
-        let m: Value = serde_json::from_slice(&out.stdout)?;
+        let Some(m) = cp.get_opt_json(&["get", "pod", "-n", &ns, name])? else { return Ok(false) };
         Ok(m["metadata"]["uid"].as_str().is_some_and(|u| u != first) && m["status"]["phase"] == "Running")
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;

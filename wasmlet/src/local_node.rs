@@ -94,7 +94,7 @@ impl LocalNode {
                 host: parse_resolv_conf(&host_resolv),
             },
             allocatable_cpu: Quantity::from_units(std::thread::available_parallelism().map_or(1, |n| n.get()) as i128),
-            allocatable_memory: Quantity::from_units(memory_total() as i128),
+            allocatable_memory: Quantity::from_units(wasmlet_kubelet::node::memory_total().unwrap_or(1 << 30) as i128),
             runtime_events: tokio::sync::broadcast::channel(1024).0,
             pulls: worker::Puller::default(),
             memory_root: memory_root(run_dir),
@@ -139,16 +139,4 @@ fn memory_root(run_dir: &Path) -> PathBuf {
         let key = wasmlet_images::sha256_digest(run_dir.display().to_string().as_bytes());
         PathBuf::from(format!("/dev/shm/wasmlet-memory-{}", &key[7..23]))
     }
-}
-
-fn memory_total() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(1 << 30, |kb| kb * 1024)
 }

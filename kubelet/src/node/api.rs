@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Complaint, Facts, NodeConfig, Retry, api_code};
 use crate::admission::{self, Refusal};
 use crate::events::{self, Kind, Recorder};
-use crate::model;
+use crate::model::{self, full_name, uid};
 use crate::pods::{Admitter, Observer, PodUpdate, Source};
 use crate::status::time;
 
@@ -31,20 +31,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A mirror pod (the API's copy of a static pod) is not run again from the API.
 pub fn is_mirror(pod: &Pod) -> bool {
-    pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"))
-}
-
-/// `namespace/name`, how mirror pods are found.
-pub fn full_name(pod: &Pod) -> String {
-    format!(
-        "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.name.as_deref().unwrap_or_default()
-    )
-}
-
-fn uid(pod: &Pod) -> String {
-    pod.metadata.uid.clone().unwrap_or_default()
+    pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(super::mirror::MIRROR))
 }
 
 /// Watches the pods with `spec.nodeName=NODE` and tells the pod manager: each relist as the
@@ -149,7 +136,7 @@ impl NodeAdmitter {
                 .map(|t| (t.key.clone(), t.value.clone()))
                 .collect(),
             allocatable_millicpu: i128::from(facts.cpus) * 1000,
-            allocatable_memory: i128::from(facts.memory_bytes.saturating_sub(super::status::EVICTION_MEMORY)),
+            allocatable_memory: i128::from(super::status::allocatable_memory(facts)),
             max_pods: cfg.max_pods as usize,
         };
         NodeAdmitter { info, classes: reader }
@@ -338,9 +325,10 @@ async fn sync_status(client: kube::Client, pods: ApiPods, pod: Pod, mut rx: watc
                 }
                 Sent::Failed(e) => {
                     complaint.failed(&what, &e);
-                    retry_at = Some(tokio::time::Instant::now() + retry.delay());
+                    let delay = retry.delay();
+                    retry_at = Some(tokio::time::Instant::now() + delay);
                     if ended {
-                        tokio::time::sleep(retry.delay()).await;
+                        tokio::time::sleep(delay).await;
                     }
                     continue;
                 }
@@ -359,14 +347,19 @@ async fn sync_status(client: kube::Client, pods: ApiPods, pod: Pod, mut rx: watc
     delete_for_good(&api, &name, &u).await;
 }
 
-/// Deletes a pod object whose resources are gone: grace 0, with its UID as precondition (a
-/// new pod of the same name is left alone), retried with back-off.
-async fn delete_for_good(api: &Api<Pod>, name: &str, uid: &str) {
-    let params = DeleteParams {
+/// The delete of a pod object whose resources are gone: grace 0, with its UID as
+/// precondition (a new pod of the same name is left alone).
+pub fn for_good(uid: &str) -> DeleteParams {
+    DeleteParams {
         grace_period_seconds: Some(0),
         preconditions: Some(Preconditions { uid: Some(uid.to_string()), resource_version: None }),
         ..Default::default()
-    };
+    }
+}
+
+/// Deletes a pod object whose resources are gone ([`for_good`]), retried with back-off.
+async fn delete_for_good(api: &Api<Pod>, name: &str, uid: &str) {
+    let params = for_good(uid);
     let mut retry = Retry::default();
     let mut complaint = Complaint::default();
     loop {

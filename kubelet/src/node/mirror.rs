@@ -9,14 +9,17 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 
+use super::api::for_good;
 use super::{Complaint, Retry, api_code};
 use crate::pods::{Observer, Source};
 
+/// The annotation of a mirror pod: the hash of its static pod.
 pub const MIRROR: &str = "kubernetes.io/config.mirror";
-const HASH: &str = "kubernetes.io/config.hash";
+/// The annotation of a static pod: its hash.
+pub const HASH: &str = "kubernetes.io/config.hash";
 
 /// Makes and keeps the mirror pods of the static pods.
 pub struct MirrorPods {
@@ -104,11 +107,7 @@ async fn keep_mirror(
                     let current = lock(&mirrors).get(&key).filter(|p| p.metadata.uid.as_deref() == Some(mirror_uid.as_str())).cloned();
                     match current {
                         Some(m) if m.metadata.deletion_timestamp.is_some() => {
-                            let dp = DeleteParams {
-                                grace_period_seconds: Some(0),
-                                preconditions: Some(Preconditions { uid: Some(mirror_uid.clone()), resource_version: None }),
-                                ..Default::default()
-                            };
+                            let dp = for_good(&mirror_uid);
                             if let Err(e) = api.delete(&name, &dp).await && !matches!(api_code(&e), Some(404) | Some(409)) {
                                 complaint.failed(&format!("delete {what}"), &e);
                                 continue;
@@ -141,11 +140,7 @@ async fn keep_mirror(
         }
     };
     // The static pod is gone: so is its mirror.
-    let dp = DeleteParams {
-        grace_period_seconds: Some(0),
-        preconditions: Some(Preconditions { uid: Some(mirror_uid), resource_version: None }),
-        ..Default::default()
-    };
+    let dp = for_good(&mirror_uid);
     match api.delete(&name, &dp).await {
         Ok(_) => tracing::info!(pod = %format!("{ns}/{name}"), "mirror pod deleted"),
         Err(e) if matches!(api_code(&e), Some(404) | Some(409)) => {}
@@ -178,11 +173,7 @@ async fn ensure_mirror(
                     return Some(old.metadata.uid.unwrap_or_default());
                 }
                 // A mirror of an older version of the static pod (or not a mirror): replaced.
-                let dp = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    preconditions: Some(Preconditions { uid: old.metadata.uid.clone(), resource_version: None }),
-                    ..Default::default()
-                };
+                let dp = for_good(old.metadata.uid.as_deref().unwrap_or_default());
                 if let Err(e) = api.delete(name, &dp).await {
                     complaint.failed(&format!("replace {what}"), &e);
                 }

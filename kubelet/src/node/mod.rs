@@ -94,6 +94,33 @@ impl Retry {
     }
 }
 
+/// The machine's memory (MemTotal), in bytes.
+pub fn memory_total() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// Runs `attempt` up to 5 times, 200 ms apart, until it succeeds: how the kubelet retries a
+/// node status or Lease update.
+async fn five_tries<F: std::future::Future<Output = Result<(), Error>>>(
+    mut attempt: impl FnMut() -> F,
+) -> Result<(), Error> {
+    let mut result = attempt().await;
+    for _ in 1..5 {
+        if result.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        result = attempt().await;
+    }
+    result
+}
+
 /// The parts of the facts that do not change while wasmlet runs.
 pub fn gather_facts(name: &str, hostname: &str, internal_ip: &str, root: &std::path::Path) -> Facts {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_string();
@@ -102,12 +129,7 @@ pub fn gather_facts(name: &str, hostname: &str, internal_ip: &str, root: &std::p
         .find_map(|l| l.strip_prefix("PRETTY_NAME="))
         .map(|v| v.trim_matches('"').to_string())
         .unwrap_or_else(|| "Linux".into());
-    let memory_bytes = read("/proc/meminfo")
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024);
+    let memory_bytes = memory_total().unwrap_or(0);
     let ephemeral_storage_bytes = rustix::fs::statvfs(root).map_or(0, |s| s.f_blocks * s.f_frsize);
     Facts {
         name: name.into(),
@@ -239,17 +261,9 @@ impl NodeAgent {
         if !due {
             return Ok(());
         }
-        // Failed updates are retried up to 5 times, as the kubelet does.
-        let mut result = Ok(());
-        for _ in 0..5 {
-            result = self.post_status(&s).await;
-            if result.is_ok() {
-                *posted = Some(Instant::now());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        result
+        five_tries(|| self.post_status(&s)).await?;
+        *posted = Some(Instant::now());
+        Ok(())
     }
 
     /// Keeps the node's Lease in kube-node-lease renewed every leaseDuration/4.
@@ -257,15 +271,7 @@ impl NodeAgent {
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
         let mut complaint = Complaint::default();
         loop {
-            let mut result = Err(Error::Config("not tried".into()));
-            for _ in 0..5 {
-                result = self.renew(&leases).await;
-                if result.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            match result {
+            match five_tries(|| self.renew(&leases)).await {
                 Ok(()) => complaint.succeeded("renew the node lease"),
                 Err(e) => complaint.failed("renew the node lease", &e),
             }

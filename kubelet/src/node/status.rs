@@ -100,7 +100,12 @@ fn quantity(s: impl Into<String>) -> Quantity {
 
 /// Hard eviction threshold for memory (memory.available<100Mi) and the share of the
 /// filesystem kept free (nodefs.available<10%): what allocatable leaves out.
-pub const EVICTION_MEMORY: u64 = 100 << 20;
+const EVICTION_MEMORY: u64 = 100 << 20;
+
+/// The memory pods may use: the machine's, less the hard eviction threshold.
+pub fn allocatable_memory(f: &Facts) -> u64 {
+    f.memory_bytes.saturating_sub(EVICTION_MEMORY)
+}
 
 /// The resources of the node and what pods may use of them.
 pub fn resources(cfg: &NodeConfig, f: &Facts) -> (BTreeMap<String, Quantity>, BTreeMap<String, Quantity>) {
@@ -116,7 +121,7 @@ pub fn resources(cfg: &NodeConfig, f: &Facts) -> (BTreeMap<String, Quantity>, BT
     let storage = f.ephemeral_storage_bytes - f.ephemeral_storage_bytes / 10;
     let allocatable: BTreeMap<String, Quantity> = [
         ("cpu", quantity(f.cpus.to_string())),
-        ("memory", quantity(format!("{}Ki", f.memory_bytes.saturating_sub(EVICTION_MEMORY) / 1024))),
+        ("memory", quantity(format!("{}Ki", allocatable_memory(f) / 1024))),
         ("pods", quantity(cfg.max_pods.to_string())),
         ("ephemeral-storage", quantity(storage.to_string())),
     ]
