@@ -1,9 +1,14 @@
-//! The CRI as the pod workers use it: a thin client over the runtime and image services that
-//! speaks the kubelet's labels and annotations, and turns CRI statuses into [`Instance`]s.
-//! It works the same over an in-process socket (`wasmlet run`) or a remote runtime.
+//! The CRI as the pod workers use it. [`RuntimeClient`] is the narrow interface they see (one
+//! method per thing the kubelet asks a runtime); [`Cri`] implements it over the runtime and
+//! image gRPC services, speaking the kubelet's labels and annotations and turning CRI statuses
+//! into [`Instance`]s. It works the same over an in-process socket (`wasmlet run`) or a remote
+//! runtime; unit tests put a fake in its place.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use futures_util::stream::BoxStream;
 
 use cri::image_service_client::ImageServiceClient;
 use cri::runtime_service_client::RuntimeServiceClient;
@@ -19,6 +24,56 @@ pub const CONTAINER_NAME: &str = "io.kubernetes.container.name";
 pub const CONTAINER_HASH: &str = "io.kubernetes.container.hash";
 pub const RESTART_COUNT: &str = "io.kubernetes.container.restartCount";
 pub const TERMINATION_MESSAGE_PATH: &str = "io.kubernetes.container.terminationMessagePath";
+
+/// What the kubelet side asks of a container runtime. Errors are the CRI's gRPC statuses.
+#[async_trait::async_trait]
+pub trait RuntimeClient: Send + Sync {
+    /// Every sandbox and container of the pod with this UID (the newest sandbox only).
+    async fn observe(&self, uid: &str) -> Result<Observed, tonic::Status>;
+    /// The sandbox's IP and network namespace.
+    async fn sandbox_network(&self, id: &str) -> Result<SandboxNetwork, tonic::Status>;
+    /// The sandboxes of the pod with this UID, or every sandbox.
+    async fn sandboxes(&self, uid: Option<&str>) -> Result<Vec<cri::PodSandbox>, tonic::Status>;
+    /// Runs a sandbox; its ID.
+    async fn run_sandbox(&self, config: cri::PodSandboxConfig) -> Result<String, tonic::Status>;
+    async fn stop_sandbox(&self, id: &str) -> Result<(), tonic::Status>;
+    async fn remove_sandbox(&self, id: &str) -> Result<(), tonic::Status>;
+    /// Creates a container in the sandbox; its ID.
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: cri::ContainerConfig,
+        sandbox: cri::PodSandboxConfig,
+    ) -> Result<String, tonic::Status>;
+    async fn start_container(&self, id: &str) -> Result<(), tonic::Status>;
+    /// Stops the container, giving it `grace` seconds.
+    async fn stop_container(&self, id: &str, grace: i64) -> Result<(), tonic::Status>;
+    async fn remove_container(&self, id: &str) -> Result<(), tonic::Status>;
+    async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: Duration,
+    ) -> Result<cri::ExecSyncResponse, tonic::Status>;
+    /// Pulls the image; its reference.
+    async fn pull(
+        &self,
+        image: &str,
+        auth: Option<cri::AuthConfig>,
+        sandbox: Option<cri::PodSandboxConfig>,
+    ) -> Result<String, tonic::Status>;
+    /// The image's ID and size if the runtime has it.
+    async fn image_status(&self, image: &str) -> Result<Option<(String, u64)>, tonic::Status>;
+    /// Why the runtime is not ready, worded as the kubelet's Ready condition words it; None
+    /// when it reports RuntimeReady and NetworkReady.
+    async fn readiness_problem(&self) -> Option<String>;
+    /// The IDs of the sandboxes whose containers change, as the runtime reports them; ends
+    /// when the runtime's event stream does.
+    async fn sandbox_events(&self) -> Result<BoxStream<'static, String>, tonic::Status>;
+}
+
+/// The runtime as the pod workers share it.
+pub type Runtime = Arc<dyn RuntimeClient>;
 
 /// A CRI client (runtime and image services on one channel).
 #[derive(Clone)]
@@ -52,18 +107,17 @@ impl Cri {
     pub fn new(channel: Channel) -> Cri {
         Cri { rt: RuntimeServiceClient::new(channel.clone()), img: ImageServiceClient::new(channel) }
     }
+}
 
-    /// Every sandbox and container of the pod with this UID.
-    pub async fn observe(&self, uid: &str) -> Result<Observed, tonic::Status> {
-        let selector: HashMap<String, String> = [(POD_UID.to_string(), uid.to_string())].into();
+fn uid_selector(uid: &str) -> HashMap<String, String> {
+    [(POD_UID.to_string(), uid.to_string())].into()
+}
+
+#[async_trait::async_trait]
+impl RuntimeClient for Cri {
+    async fn observe(&self, uid: &str) -> Result<Observed, tonic::Status> {
         let mut rt = self.rt.clone();
-        let sandboxes = rt
-            .list_pod_sandbox(cri::ListPodSandboxRequest {
-                filter: Some(cri::PodSandboxFilter { label_selector: selector.clone(), ..Default::default() }),
-            })
-            .await?
-            .into_inner()
-            .items;
+        let sandboxes = self.sandboxes(Some(uid)).await?;
         let newest = sandboxes.iter().max_by_key(|s| (s.metadata.as_ref().map_or(0, |m| m.attempt), s.created_at));
         let sandbox = match newest {
             Some(s) => {
@@ -75,7 +129,7 @@ impl Cri {
         };
         let containers = rt
             .list_containers(cri::ListContainersRequest {
-                filter: Some(cri::ContainerFilter { label_selector: selector, ..Default::default() }),
+                filter: Some(cri::ContainerFilter { label_selector: uid_selector(uid), ..Default::default() }),
             })
             .await?
             .into_inner()
@@ -103,8 +157,7 @@ impl Cri {
         Ok(Observed { sandbox, instances })
     }
 
-    /// The sandbox's IP and network namespace.
-    pub async fn sandbox_network(&self, id: &str) -> Result<SandboxNetwork, tonic::Status> {
+    async fn sandbox_network(&self, id: &str) -> Result<SandboxNetwork, tonic::Status> {
         let r = self
             .rt
             .clone()
@@ -115,8 +168,44 @@ impl Cri {
         Ok(SandboxNetwork { ip, netns: r.info.get("network_namespace").cloned() })
     }
 
-    /// The image's ID and size if the runtime has it.
-    pub async fn image_status(&self, image: &str) -> Result<Option<(String, u64)>, tonic::Status> {
+    async fn sandboxes(&self, uid: Option<&str>) -> Result<Vec<cri::PodSandbox>, tonic::Status> {
+        let filter = uid.map(|u| cri::PodSandboxFilter { label_selector: uid_selector(u), ..Default::default() });
+        Ok(self.rt.clone().list_pod_sandbox(cri::ListPodSandboxRequest { filter }).await?.into_inner().items)
+    }
+
+    async fn run_sandbox(&self, config: cri::PodSandboxConfig) -> Result<String, tonic::Status> {
+        let r = self
+            .rt
+            .clone()
+            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() })
+            .await?;
+        Ok(r.into_inner().pod_sandbox_id)
+    }
+
+    async fn create_container(
+        &self,
+        sandbox_id: &str,
+        config: cri::ContainerConfig,
+        sandbox: cri::PodSandboxConfig,
+    ) -> Result<String, tonic::Status> {
+        let r = self
+            .rt
+            .clone()
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox_id.to_string(),
+                config: Some(config),
+                sandbox_config: Some(sandbox),
+            })
+            .await?;
+        Ok(r.into_inner().container_id)
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), tonic::Status> {
+        self.rt.clone().start_container(cri::StartContainerRequest { container_id: id.to_string() }).await?;
+        Ok(())
+    }
+
+    async fn image_status(&self, image: &str) -> Result<Option<(String, u64)>, tonic::Status> {
         let r = self
             .img
             .clone()
@@ -129,7 +218,7 @@ impl Cri {
         Ok(r.image.map(|i| (i.id, i.size)))
     }
 
-    pub async fn pull(
+    async fn pull(
         &self,
         image: &str,
         auth: Option<cri::AuthConfig>,
@@ -147,7 +236,7 @@ impl Cri {
         Ok(r.into_inner().image_ref)
     }
 
-    pub async fn exec_sync(
+    async fn exec_sync(
         &self,
         id: &str,
         cmd: Vec<String>,
@@ -165,7 +254,7 @@ impl Cri {
         Ok(r.into_inner())
     }
 
-    pub async fn stop_container(&self, id: &str, grace: i64) -> Result<(), tonic::Status> {
+    async fn stop_container(&self, id: &str, grace: i64) -> Result<(), tonic::Status> {
         self.rt
             .clone()
             .stop_container(cri::StopContainerRequest { container_id: id.to_string(), timeout: grace.max(0) })
@@ -173,29 +262,37 @@ impl Cri {
         Ok(())
     }
 
-    pub async fn remove_container(&self, id: &str) -> Result<(), tonic::Status> {
+    async fn remove_container(&self, id: &str) -> Result<(), tonic::Status> {
         self.rt.clone().remove_container(cri::RemoveContainerRequest { container_id: id.to_string() }).await?;
         Ok(())
     }
 
-    pub async fn stop_sandbox(&self, id: &str) -> Result<(), tonic::Status> {
+    async fn stop_sandbox(&self, id: &str) -> Result<(), tonic::Status> {
         self.rt.clone().stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await?;
         Ok(())
     }
 
-    pub async fn remove_sandbox(&self, id: &str) -> Result<(), tonic::Status> {
+    async fn remove_sandbox(&self, id: &str) -> Result<(), tonic::Status> {
         self.rt.clone().remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await?;
         Ok(())
     }
 
-    /// Why the runtime is not ready, worded as the kubelet's Ready condition words it; None
-    /// when it reports RuntimeReady and NetworkReady.
-    pub async fn readiness_problem(&self) -> Option<String> {
+    async fn readiness_problem(&self) -> Option<String> {
         let status = match self.rt.clone().status(cri::StatusRequest { verbose: false }).await {
             Ok(r) => r.into_inner().status.unwrap_or_default(),
             Err(e) => return Some(format!("container runtime is down: {}", e.message())),
         };
         readiness_problem(&status.conditions)
+    }
+
+    async fn sandbox_events(&self) -> Result<BoxStream<'static, String>, tonic::Status> {
+        use futures_util::StreamExt;
+        let stream = self.rt.clone().get_container_events(cri::GetEventsRequest {}).await?.into_inner();
+        // Ends at the first error, as a broken stream is reconnected by the caller.
+        Ok(stream
+            .take_while(|e| std::future::ready(e.is_ok()))
+            .filter_map(|e| async move { e.ok()?.pod_sandbox_status.map(|s| s.id) })
+            .boxed())
     }
 }
 

@@ -14,9 +14,12 @@ pub mod probe;
 pub mod quantity;
 pub mod status;
 
+pub mod clock;
 pub mod cri;
 pub mod dns;
 pub mod events;
+#[cfg(test)]
+mod fake;
 pub mod http1;
 pub mod prober;
 #[cfg(test)]

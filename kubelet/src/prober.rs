@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Container, ExecAction, GRPCAction, HTTPGetActio
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::actions::go_duration;
-use super::cri::{Cri, SandboxNetwork};
+use super::cri::{RuntimeClient, SandboxNetwork};
 use super::env::expand_probe_command;
 use super::http1;
 use super::probe::Outcome;
@@ -83,11 +83,15 @@ thread_local! {
 /// Runs `fut` on the probers' thread: one thread with a runtime of its own, where the probe
 /// tasks tick, dial and read, so that a probe crosses no thread (a socket inside a pod's
 /// namespace is made with one `setns` on the spot) and the probes' CPU is on one thread.
+/// Unit tests run them on the test's own runtime instead, so they share its (paused) clock.
 pub fn spawn<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
 where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    if cfg!(test) {
+        return tokio::spawn(fut);
+    }
     static PROBERS: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
     PROBERS
         .get_or_init(|| {
@@ -188,7 +192,13 @@ fn dial_ns(ip: IpAddr, target: &Target) -> Option<&str> {
 pub type Result2 = (Outcome, String);
 
 /// exec: ExecSync with the probe's timeout; exit 0 is success.
-pub async fn exec(cri: &Cri, target: &Target, action: &ExecAction, c: &Container, timeout: Duration) -> Result2 {
+pub async fn exec(
+    cri: &dyn RuntimeClient,
+    target: &Target,
+    action: &ExecAction,
+    c: &Container,
+    timeout: Duration,
+) -> Result2 {
     let cmd = expand_probe_command(action.command.as_deref().unwrap_or_default(), c);
     match cri.exec_sync(&target.container_id, cmd.clone(), timeout).await {
         Ok(r) => {

@@ -183,11 +183,8 @@ pub async fn manage(
 /// Removes the sandboxes (and their containers) of pods no source has: pods deleted while
 /// wasmlet was down, as the kubelet's HandlePodCleanups does.
 async fn remove_orphans(node: &Node, manager: &PodManager) {
-    let Ok(list) = node.cri.rt.clone().list_pod_sandbox(cri_proto::v1::ListPodSandboxRequest { filter: None }).await
-    else {
-        return;
-    };
-    for s in list.into_inner().items {
+    let Ok(list) = node.cri.sandboxes(None).await else { return };
+    for s in list {
         let Some(uid) = s.labels.get(crate::cri::POD_UID) else { continue };
         if manager.knows(uid) {
             continue;

@@ -82,7 +82,7 @@ impl LocalNode {
         let channel = cri_proto::connect_unix(&socket).await.context("connect to the in-process CRI server")?;
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let node = Arc::new(Node {
-            cri: Cri::new(channel),
+            cri: Arc::new(Cri::new(channel)),
             root: root.join("kubelet"),
             node_name: identity.node_name,
             host_ip: identity.host_ip,
@@ -106,9 +106,8 @@ impl LocalNode {
     /// `wasmlet run` and static pods, whose runtime is this process's alone, every pod
     /// sandbox in it is a leftover.
     pub async fn collect_leftovers(&self) {
-        let mut rt = self.node.cri.rt.clone();
-        let Ok(list) = rt.list_pod_sandbox(cri_proto::v1::ListPodSandboxRequest { filter: None }).await else { return };
-        for s in list.into_inner().items {
+        let Ok(list) = self.node.cri.sandboxes(None).await else { return };
+        for s in list {
             let name = s.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
             tracing::info!(sandbox = %s.id, pod = %name, "removing a pod left by an earlier run");
             let _ = self.node.cri.stop_sandbox(&s.id).await;

@@ -22,7 +22,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 pub use config::NodeConfig;
 pub use status::Facts;
 
-use crate::cri::Cri;
+use crate::cri::Runtime;
 
 /// What went wrong talking to the API server.
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +153,7 @@ pub struct NodeAgent {
     pub client: kube::Client,
     pub config: NodeConfig,
     pub facts: Facts,
-    pub cri: Cri,
+    pub cri: Runtime,
     /// The registered Node's UID (the Lease's owner).
     pub uid: Arc<std::sync::Mutex<String>>,
     /// The Lease as last written: renewed from it without a read, read again on a conflict.
@@ -161,7 +161,7 @@ pub struct NodeAgent {
 }
 
 impl NodeAgent {
-    pub fn new(client: kube::Client, config: NodeConfig, facts: Facts, cri: Cri) -> NodeAgent {
+    pub fn new(client: kube::Client, config: NodeConfig, facts: Facts, cri: Runtime) -> NodeAgent {
         NodeAgent { client, config, facts, cri, uid: Default::default(), lease: Default::default() }
     }
 
