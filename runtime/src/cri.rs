@@ -526,7 +526,8 @@ impl RuntimeService for CriServer {
     ) -> std::result::Result<Response<cri::RunPodSandboxResponse>, Status> {
         let r = req.into_inner();
         let spec = sandbox_spec(r.config, r.runtime_handler)?;
-        let id = self.runtime.run_sandbox(spec).map_err(status)?;
+        // Network set-up (namespaces, CNI plugins, host ports) blocks: off the executor.
+        let id = self.blocking(move |rt| rt.run_sandbox(spec)).await.map_err(status)?;
         Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id: id }))
     }
 
@@ -603,7 +604,9 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::StartContainerRequest>,
     ) -> std::result::Result<Response<cri::StartContainerResponse>, Status> {
-        self.runtime.start_container(&req.into_inner().container_id).map_err(status)?;
+        // A start may load compiled code from disk and bind inside the pod's namespace.
+        let id = req.into_inner().container_id;
+        self.blocking(move |rt| rt.start_container(&id)).await.map_err(status)?;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
 

@@ -1,0 +1,370 @@
+//! Containers: create (image, files, compiled code), start, the exit record, stop (the
+//! StopContainer rule), remove, usage and resources.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+use crate::engine::{GuestMeter, GuestNet, GuestSpec, Outcome, Program};
+use crate::journal::Change;
+use crate::logs::{GuestOutput, LogFile, Stream};
+use crate::model::*;
+use crate::podfiles;
+use crate::{Error, Result};
+
+use super::spec::*;
+use super::{Entry, EventKind, Inner, Live, Runtime, START_ERROR_EXIT_CODE, Usage, new_id, now_nanos};
+
+impl Runtime {
+    /// Creates a container in a ready sandbox: resolves its image, checks its log path and
+    /// mounts, and has its code compiled (or found in the cache) so the start is quick.
+    pub async fn create_container(&self, sandbox_id: &str, spec: ContainerSpec) -> Result<String> {
+        let sandbox = self.sandbox(sandbox_id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {sandbox_id} is not ready: containers cannot be created in it"
+            )));
+        }
+        let name = &spec.metadata.name;
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("container metadata needs a name".to_string()));
+        }
+        let image = self.find_image(&spec.image.image)?;
+        let log_file = log_file(&sandbox.spec, &spec)?;
+        let id = new_id();
+        let pod_dir = podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, sandbox_id);
+        let files = file_mounts(&spec)?;
+        let etc =
+            image.run.as_ref().map(|r| self.inner.images.root().join(&r.rootfs).join("etc")).filter(|e| e.is_dir());
+        if !files.is_empty() || etc.is_some() {
+            podfiles::place_file_mounts(&pod_dir.files.join(&id), &pod_dir.etc, etc.as_deref(), &files)?;
+        }
+        // Compiling (or loading from disk) blocks: off the executor, unless already in memory.
+        let program = match self.inner.engine.cached_program(&image.wasm_digest) {
+            Some(p) => p,
+            None => {
+                let rt = self.clone();
+                let image = image.clone();
+                tokio::task::spawn_blocking(move || rt.program_for(&image))
+                    .await
+                    .map_err(|e| Error::Internal(format!("compile task: {e}")))??
+            }
+        };
+        let mut state = self.state();
+        if !state.sandboxes.contains_key(sandbox_id) {
+            return Err(Error::sandbox_not_found(sandbox_id));
+        }
+        let taken = state.containers.values().any(|e| {
+            e.record.sandbox_id == sandbox_id
+                && e.record.spec.metadata.name == spec.metadata.name
+                && e.record.spec.metadata.attempt == spec.metadata.attempt
+        });
+        if taken {
+            return Err(Error::AlreadyExists(format!(
+                "container {name:?} attempt {} already exists in pod sandbox {sandbox_id}",
+                spec.metadata.attempt
+            )));
+        }
+        let record = ContainerRecord {
+            id,
+            sandbox_id: sandbox_id.to_string(),
+            image_ref: image.repo_digests.first().cloned().unwrap_or_else(|| image.id.clone()),
+            image_id: image.id.clone(),
+            image_name: image.repo_tags.first().cloned().unwrap_or_else(|| spec.image.image.clone()),
+            wasm_digest: image.wasm_digest.clone(),
+            kind: image.kind,
+            image_run: image.run.clone().map(|mut r| {
+                r.rootfs = self.inner.images.root().join(&r.rootfs).display().to_string();
+                r
+            }),
+            spec,
+            log_file,
+            state: ContainerState::Created,
+            created_at: now_nanos(),
+            started_at: 0,
+            finished_at: 0,
+            exit: None,
+        };
+        let id = record.id.clone();
+        let meter = Arc::new(GuestMeter::default());
+        if let Some(limit) = record.spec.resources.as_ref().map(|r| r.memory_limit_in_bytes).filter(|l| *l > 0) {
+            meter.memory_limit.store(limit as u64, Ordering::Relaxed);
+        }
+        let change = Change::Container(Box::new(record.clone()));
+        state
+            .containers
+            .insert(id.clone(), Entry { record, meter, program: Some(program), live: None, last_sample: None });
+        if let Err(e) = self.journal(&state, change) {
+            state.containers.remove(&id);
+            return Err(e);
+        }
+        let record = &state.containers[&id].record;
+        tracing::info!(container = %id, sandbox = %sandbox_id, name = %record.spec.metadata.name, "container created");
+        self.emit(record, EventKind::Created);
+        Ok(id)
+    }
+
+    /// Starts a created container.
+    pub fn start_container(&self, id: &str) -> Result<()> {
+        // Moved to Running under the state lock (a second start is refused), prepared without
+        // it (compiled code may load from disk, the log file opens, a wasi:http listener binds
+        // inside the pod's namespace), then spawned under it again.
+        let (record, program, hostname, net) = {
+            let mut state = self.state();
+            let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
+            let (hostname, net) = (state.hostname(&entry.record.sandbox_id), state.guest_net(&entry.record.sandbox_id));
+            let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+            entry.record.start(now_nanos())?;
+            (entry.record.clone(), entry.program.clone(), hostname, net)
+        };
+        let prepared = net.and_then(|net| self.prepare_start(&record, program, &hostname, net)).and_then(
+            |(program, mut spec, log)| {
+                if matches!(program, Program::Http(_)) {
+                    spec.http_listener = crate::http::bind(&spec)?;
+                }
+                Ok((program, spec, log))
+            },
+        );
+        let mut state = self.state();
+        // Removed meanwhile: nothing to start. Stopped meanwhile: it ended before it ran.
+        let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+        if entry.record.state != ContainerState::Running {
+            return Ok(());
+        }
+        let (program, spec, log) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let status = ExitStatus {
+                    code: START_ERROR_EXIT_CODE,
+                    reason: "StartError".to_string(),
+                    message: e.to_string(),
+                };
+                entry.record.exit(now_nanos(), status);
+                let record = entry.record.clone();
+                self.journal(&state, Change::Container(Box::new(record.clone())))?;
+                self.emit(&record, EventKind::Stopped);
+                return Err(e);
+            }
+        };
+        entry.program = Some(program.clone());
+        let meter = entry.meter.clone();
+        let record = entry.record.clone();
+        if let Err(e) = self.journal(&state, Change::Container(Box::new(record.clone()))) {
+            if let Some(entry) = state.containers.get_mut(id) {
+                entry.record.exit(now_nanos(), ExitStatus::from_outcome(&Outcome::StartFailed(e.to_string())));
+            }
+            return Err(e);
+        }
+        let (kill_tx, kill_rx) = oneshot::channel::<ExitStatus>();
+        let (done_tx, done_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut spec = spec;
+        spec.stop = Some(stop_rx);
+        let (stdout, stderr) = (spec.stdout.clone(), spec.stderr.clone());
+        let net = spec.net.clone();
+        let guest = self.inner.engine.run(&program, spec, meter);
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let cid = id.to_string();
+        self.inner.engine.spawn_for(&net, async move {
+            let status = tokio::select! {
+                outcome = guest => ExitStatus::from_outcome(&outcome),
+                Ok(status) = kill_rx => status,
+            };
+            stdout.finish();
+            stderr.finish();
+            if let Some(inner) = weak.upgrade() {
+                Runtime { inner }.record_exit(&cid, status);
+            }
+            let _ = done_tx.send(true);
+        });
+        if let Some(entry) = state.containers.get_mut(id) {
+            entry.live = Some(Live { kill: Some(kill_tx), stop: stop_tx, done: done_rx, log });
+        }
+        tracing::info!(container = %id, "container started");
+        self.emit(&record, EventKind::Started);
+        Ok(())
+    }
+
+    /// Everything a start needs; an error here is a StartError.
+    pub(super) fn prepare_start(
+        &self,
+        rec: &ContainerRecord,
+        program: Option<Program>,
+        hostname: &str,
+        net: GuestNet,
+    ) -> Result<(Program, GuestSpec, Option<Arc<LogFile>>)> {
+        let program = match program {
+            Some(p) => p,
+            // After a restart: the compiled-code cache has it, so this does not compile.
+            None => self.program_for(&self.find_image(&rec.image_id)?)?,
+        };
+        let log = match &rec.log_file {
+            Some(path) => Some(Arc::new(
+                LogFile::open(path)
+                    .map_err(|e| Error::FailedPrecondition(format!("open log file {}: {e}", path.display())))?,
+            )),
+            None => None,
+        };
+        let output = |stream| match &log {
+            Some(l) => GuestOutput::log(stream, l.clone()),
+            None => GuestOutput::discard(stream),
+        };
+        let pod_dir = podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, &rec.sandbox_id);
+        let dns = self.dns_route(&net);
+        let (stdout, stderr) = (output(Stream::Stdout), output(Stream::Stderr));
+        let mut spec = guest_spec(rec, &pod_dir, &dns, hostname, net, stdout, stderr)?;
+        if spec.args.is_empty() {
+            spec.args.push(rec.spec.metadata.name.clone());
+        }
+        Ok((program, spec, log))
+    }
+
+    pub(super) fn record_exit(&self, id: &str, status: ExitStatus) {
+        let mut state = self.state();
+        let Some(entry) = state.containers.get_mut(id) else { return };
+        if let Some(live) = entry.live.as_mut() {
+            live.kill = None;
+        }
+        tracing::info!(container = %id, code = status.code, reason = %status.reason, "container exited");
+        if entry.record.exit(now_nanos(), status) {
+            let record = entry.record.clone();
+            if let Err(e) = self.journal(&state, Change::Container(Box::new(record.clone()))) {
+                tracing::error!(container = %id, error = %e, "cannot record the exit");
+            }
+            self.emit(&record, EventKind::Stopped);
+        }
+    }
+
+    /// Stops a running container: it has `timeout_secs` to end by itself, then it is killed
+    /// (exit code 137). Stopping a container that is not running succeeds and changes nothing.
+    pub async fn stop_container(&self, id: &str, timeout_secs: i64) -> Result<()> {
+        // Wasm has no signals: a guest is like a process without a SIGTERM handler, which dies
+        // at once on SIGTERM (143), unless it can observe the stop: a wasi:http handler drains,
+        // a guest that listens on a socket has its stop signalled. Those get the timeout.
+        let mut done = {
+            let mut state = self.state();
+            let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+            let observes =
+                matches!(entry.program, Some(Program::Http(_))) || entry.meter.listening.load(Ordering::Relaxed);
+            match &mut entry.live {
+                Some(live) if entry.record.state == ContainerState::Running => {
+                    live.stop.send_replace(true);
+                    if !observes
+                        && timeout_secs > 0
+                        && let Some(kill) = live.kill.take()
+                    {
+                        let _ = kill.send(ExitStatus::terminated());
+                    }
+                    live.done.clone()
+                }
+                // Being started (prepared without the lock): it ends before it runs.
+                None if entry.record.state == ContainerState::Running => {
+                    let status = if timeout_secs > 0 { ExitStatus::terminated() } else { ExitStatus::killed(0) };
+                    if entry.record.exit(now_nanos(), status) {
+                        let record = entry.record.clone();
+                        self.journal(&state, Change::Container(Box::new(record.clone())))?;
+                        self.emit(&record, EventKind::Stopped);
+                    }
+                    return Ok(());
+                }
+                _ => return Ok(()),
+            }
+        };
+        let grace = Duration::from_secs(timeout_secs.max(0) as u64);
+        let ended = timeout_secs > 0 && tokio::time::timeout(grace, done.wait_for(|d| *d)).await.is_ok();
+        if !ended {
+            // Whichever stop runs out of time first kills; a shorter later stop is not held up
+            // by a longer earlier one.
+            let kill = self.state().containers.get_mut(id).and_then(|e| e.live.as_mut()).and_then(|l| l.kill.take());
+            if let Some(kill) = kill {
+                let _ = kill.send(ExitStatus::killed(timeout_secs.max(0)));
+            }
+            let _ = done.wait_for(|d| *d).await;
+        }
+        Ok(())
+    }
+
+    /// Removes a container, ending it first if it runs. Idempotent.
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        match self.stop_container(id, 0).await {
+            Err(Error::NotFound { .. }) => return Ok(()),
+            other => other?,
+        }
+        let mut state = self.state();
+        if let Some(entry) = state.containers.remove(id) {
+            let files =
+                podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, &entry.record.sandbox_id).files.join(id);
+            podfiles::remove_files(&files);
+            self.journal(&state, Change::ContainerRemoved(id.to_string()))?;
+            tracing::info!(container = %id, "container removed");
+            self.emit(&entry.record, EventKind::Deleted);
+        }
+        Ok(())
+    }
+
+    /// One container.
+    pub fn container(&self, id: &str) -> Result<ContainerRecord> {
+        self.state().containers.get(id).map(|e| e.record.clone()).ok_or_else(|| Error::container_not_found(id))
+    }
+
+    /// Every container.
+    pub fn containers(&self) -> Vec<ContainerRecord> {
+        self.containers_where(|_| true)
+    }
+
+    /// The containers `keep` accepts, filtered before they are copied.
+    pub fn containers_where(&self, keep: impl Fn(&ContainerRecord) -> bool) -> Vec<ContainerRecord> {
+        self.state().containers.values().filter(|e| keep(&e.record)).map(|e| e.record.clone()).collect()
+    }
+
+    /// Resource use of a container now.
+    pub fn usage(&self, id: &str) -> Result<Usage> {
+        let mut state = self.state();
+        let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+        let now = now_nanos();
+        let cpu = entry.meter.cpu_nanos.load(Ordering::Relaxed);
+        let nano_cores = entry.last_sample.and_then(|(t, c)| {
+            let dt = (now - t) as u128;
+            (dt > 0).then(|| ((cpu.saturating_sub(c)) as u128 * 1_000_000_000 / dt) as u64)
+        });
+        entry.last_sample = Some((now, cpu));
+        let running = entry.record.state == ContainerState::Running;
+        let limit = entry.meter.memory_limit.load(Ordering::Relaxed);
+        Ok(Usage {
+            timestamp: now,
+            cpu_nanos: cpu,
+            nano_cores,
+            memory_bytes: if running { entry.meter.memory_bytes.load(Ordering::Relaxed) } else { 0 },
+            memory_limit: (limit > 0).then_some(limit),
+        })
+    }
+
+    /// Changes a container's resources; a new memory limit applies to the running guest's next
+    /// memory growth.
+    pub fn update_resources(&self, id: &str, resources: Resources) -> Result<()> {
+        let mut state = self.state();
+        let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
+        if entry.record.state == ContainerState::Exited {
+            return Err(Error::FailedPrecondition(format!("container {id} has exited: its resources cannot change")));
+        }
+        entry.meter.memory_limit.store(resources.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
+        entry.record.spec.resources = Some(resources);
+        let change = Change::Container(Box::new(entry.record.clone()));
+        self.journal(&state, change)
+    }
+
+    /// Reopens a running container's log file after the kubelet rotated it.
+    pub fn reopen_log(&self, id: &str) -> Result<()> {
+        let state = self.state();
+        let entry = state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?;
+        match (&entry.live, entry.record.state) {
+            (Some(Live { log: Some(log), .. }), ContainerState::Running) => {
+                log.reopen().map_err(|e| Error::Internal(format!("reopen log of container {id}: {e}")))
+            }
+            (_, ContainerState::Running) => Ok(()),
+            _ => Err(Error::FailedPrecondition(format!("container {id} is not running: its log is closed"))),
+        }
+    }
+}

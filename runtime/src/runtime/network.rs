@@ -1,0 +1,212 @@
+//! A sandbox's network: host, a namespace of its own (rootless) or CNI; host ports; pinning
+//! so a restart keeps it; release.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::engine::GuestNet;
+use crate::model::*;
+use crate::net::{NetNs, NetworkMode, ports};
+use crate::{Error, Result};
+
+use super::spec::*;
+use super::{PodNet, Runtime, State};
+
+impl Runtime {
+    /// Where a pod's DNS queries go out: from its own namespace when it has routes (cni mode),
+    /// else from the host's, on wasmlet's behalf.
+    pub(super) fn dns_route(&self, net: &GuestNet) -> (tokio::runtime::Handle, Option<Arc<NetNs>>) {
+        match (net, self.inner.options.network.mode) {
+            (GuestNet::Pod(ns), NetworkMode::Cni) => (self.inner.engine.pod_handle(), Some(ns.clone())),
+            _ => (self.inner.engine.host_handle(), None),
+        }
+    }
+
+    /// Whether pods can get a network: Ok with a word on the mode, or Err with the reason.
+    pub fn network_status(&self) -> std::result::Result<String, String> {
+        match (&self.inner.network_error, self.inner.options.network.mode) {
+            (Some(why), _) => Err(why.clone()),
+            (None, NetworkMode::Rootless) => Ok(format!(
+                "rootless: a network namespace per pod, addresses from {}",
+                self.inner.options.network.pod_cidr
+            )),
+            (None, NetworkMode::Host) => Ok("host: every pod on the host's network".to_string()),
+            (None, NetworkMode::Cni) => {
+                Ok(format!("cni: network {}", self.inner.cni.as_ref().map(|c| c.name.as_str()).unwrap_or_default()))
+            }
+        }
+    }
+
+    pub(super) fn uses_host_network(&self, spec: &SandboxSpec) -> bool {
+        self.inner.options.network.mode == NetworkMode::Host || spec.network == NamespaceMode::Node
+    }
+
+    /// A network for a new sandbox: on the host's, or a namespace of its own with an address
+    /// and its host ports bound (a port already taken fails here, with nothing kept).
+    pub(super) fn setup_network(
+        &self,
+        id: &str,
+        name: &str,
+        spec: &SandboxSpec,
+        host_ports: &[PortMapping],
+    ) -> Result<PodNet> {
+        if self.uses_host_network(spec) {
+            return Ok(PodNet { ns: None, ip: None, forwards: Vec::new(), cni: None });
+        }
+        if let Some(why) = &self.inner.network_error {
+            return Err(Error::FailedPrecondition(format!("pod sandbox {name}: the pod network is not ready: {why}")));
+        }
+        if let Some(cni) = &self.inner.cni {
+            return self.setup_cni(cni, id, name, spec, host_ports);
+        }
+        let pool = self.inner.netns_pool.as_ref().expect("rootless mode has a pool");
+        let ns =
+            Arc::new(pool.take().map_err(|e| Error::Internal(format!("pod sandbox {name}: network namespace: {e}")))?);
+        let ip = self.state().ipam.as_mut().expect("rootless mode has addresses").allocate().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "pod sandbox {name}: no pod address left in {}",
+                self.inner.options.network.pod_cidr
+            ))
+        })?;
+        let mut net = PodNet { ns: Some(ns.clone()), ip: Some(ip), forwards: Vec::new(), cni: None };
+        let configured = ns.add_loopback_address(ip, 32);
+        let started = configured
+            .map_err(|e| Error::Internal(format!("pod sandbox {name}: give the pod its address {ip}: {e}")))
+            .and_then(|()| self.forward_ports(&mut net, name, host_ports));
+        if let Err(e) = started {
+            self.release_network(id, net);
+            return Err(e);
+        }
+        // Root only: without privilege a restart loses the pod's network and the sandbox is
+        // reported not ready.
+        if let Err(e) = self.pin_network(id, &ns) {
+            tracing::debug!(sandbox = %id, error = %e, "network namespace not pinned (not root?)");
+        }
+        Ok(net)
+    }
+
+    /// A pod network from the CNI plugins: a namespace pinned where they can find it, then ADD.
+    pub(super) fn setup_cni(
+        &self,
+        cni: &crate::net::cni::CniNetwork,
+        id: &str,
+        name: &str,
+        spec: &SandboxSpec,
+        host_ports: &[PortMapping],
+    ) -> Result<PodNet> {
+        let not_ready = |what: String| Error::FailedPrecondition(format!("pod sandbox {name}: {what}"));
+        let pool = self.inner.netns_pool.as_ref().expect("cni mode has a pool");
+        let ns = Arc::new(pool.take().map_err(|e| not_ready(format!("network namespace: {e}")))?);
+        let path = self.pin_network(id, &ns).map_err(|e| {
+            not_ready(format!("pin the network namespace at {}: {e}", self.netns_pin_path(id).display()))
+        })?;
+        let pod = pod_identity(spec);
+        let attached = match cni.add(id, &path, &pod) {
+            Ok(a) => a,
+            Err(e) => {
+                // Whatever the chain did before it failed is undone.
+                let _ = cni.del(id, &path, &pod, None);
+                NetNs::unpin(&path);
+                return Err(not_ready(e));
+            }
+        };
+        tracing::info!(sandbox = %id, ip = %attached.ip, gateway = ?attached.gateway, "CNI ADD");
+        let mut net = PodNet {
+            ns: Some(ns),
+            ip: Some(attached.ip),
+            forwards: Vec::new(),
+            cni: Some((pod, Some(attached.result))),
+        };
+        if let Err(e) = self.forward_ports(&mut net, name, host_ports) {
+            self.release_network(id, net);
+            return Err(e);
+        }
+        Ok(net)
+    }
+
+    /// Binds the sandbox's host ports and forwards them into its namespace.
+    pub(super) fn forward_ports(&self, net: &mut PodNet, name: &str, host_ports: &[PortMapping]) -> Result<()> {
+        let (Some(ns), Some(ip)) = (&net.ns, net.ip) else { return Ok(()) };
+        for (m, socket) in ports::bind(name, host_ports)? {
+            let target = std::net::SocketAddr::new(ip.into(), m.container_port as u16);
+            let task = match socket {
+                ports::Bound::Tcp(l) => self.inner.engine.spawn(ports::forward(ns.clone(), l, target)),
+                ports::Bound::Udp(u) => self.inner.engine.spawn(ports::forward_udp(ns.clone(), u, target)),
+            };
+            net.forwards.push(task);
+        }
+        Ok(())
+    }
+
+    pub(super) fn netns_pin_path(&self, sandbox_id: &str) -> PathBuf {
+        self.inner.run_dir.join("netns").join(sandbox_id)
+    }
+
+    /// Pins the namespace so it outlives this process (a bind mount: root only); returns where.
+    pub(super) fn pin_network(&self, sandbox_id: &str, ns: &NetNs) -> std::io::Result<PathBuf> {
+        let path = self.netns_pin_path(sandbox_id);
+        fs::create_dir_all(self.inner.run_dir.join("netns"))?;
+        ns.pin(&path)?;
+        Ok(path)
+    }
+
+    /// The network of a ready sandbox loaded from the journal: its pinned namespace, address
+    /// and host ports again; None if the namespace did not survive.
+    pub(super) fn restore_network(&self, state: &mut State, sandbox: &SandboxRecord) -> Option<PodNet> {
+        let ns = NetNs::open_pinned(&self.netns_pin_path(&sandbox.id)).ok().flatten()?;
+        let ip: std::net::Ipv4Addr = sandbox.ip.parse().ok()?;
+        if let Some(ipam) = state.ipam.as_mut() {
+            ipam.reserve(ip);
+        }
+        let cni = self.inner.cni.as_ref().map(|_| (pod_identity(&sandbox.spec), None));
+        let mut net = PodNet { ns: Some(Arc::new(ns)), ip: Some(ip), forwards: Vec::new(), cni };
+        let name = sandbox.spec.metadata.reserved_name();
+        let host_ports = ports::check(&name, &sandbox.spec.port_mappings).unwrap_or_default();
+        if let Err(e) = self.forward_ports(&mut net, &name, &host_ports) {
+            tracing::error!(sandbox = %sandbox.id, error = %e, "host ports of a restored pod");
+        }
+        Some(net)
+    }
+
+    /// Gives a sandbox's address back and stops its forwarders (their listeners close when
+    /// the tasks are dropped; [`Runtime::stop_sandbox`] waits for that).
+    /// Call without the state lock: CNI DEL takes a while.
+    pub(super) fn release_network(&self, sandbox_id: &str, net: PodNet) -> Vec<tokio::task::JoinHandle<()>> {
+        if let (Some(ip), Some(ipam)) = (net.ip, self.state().ipam.as_mut()) {
+            ipam.release(ip);
+        }
+        if let (Some((pod, result)), Some(cni)) = (&net.cni, &self.inner.cni) {
+            let path = self.netns_pin_path(sandbox_id);
+            match cni.del(sandbox_id, &path, pod, result.as_ref()) {
+                Ok(()) => tracing::info!(sandbox = %sandbox_id, "CNI DEL"),
+                Err(e) => tracing::error!(sandbox = %sandbox_id, error = %e, "CNI DEL"),
+            }
+        }
+        if net.ns.is_some() {
+            NetNs::unpin(&self.netns_pin_path(sandbox_id));
+        }
+        for f in &net.forwards {
+            f.abort();
+        }
+        net.forwards
+    }
+
+    /// Releases a sandbox's network, if it has one, and returns once its host ports are free.
+    pub(super) async fn drop_network(&self, id: &str) {
+        let Some(net) = self.state().nets.remove(id) else { return };
+        // CNI DEL runs plugins: off the executor.
+        let (rt, sandbox) = (self.clone(), id.to_string());
+        let forwards = match tokio::task::spawn_blocking(move || rt.release_network(&sandbox, net)).await {
+            Ok(forwards) => forwards,
+            Err(e) => {
+                tracing::error!(sandbox = %id, error = %e, "release the pod network");
+                Vec::new()
+            }
+        };
+        // Aborted: awaiting them waits until their listeners are closed.
+        for f in forwards {
+            let _ = f.await;
+        }
+    }
+}
