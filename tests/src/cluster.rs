@@ -35,6 +35,9 @@ pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// How long the controller-manager's signer makes certificates valid.
+pub const SIGNING_DURATION: Duration = Duration::from_secs(180);
+
 /// A key and a certificate signed by the test CA: `NAME.key`, `NAME.crt` in `dir`.
 fn certificate(dir: &Path, name: &str, subject: &str, server_names: Option<&str>) -> Result<()> {
     let (key, csr, crt, ext) =
@@ -227,6 +230,9 @@ impl ControlPlane {
                 "--use-service-account-credentials=true".into(),
                 format!("--cluster-signing-cert-file={}", d("ca.crt")),
                 format!("--cluster-signing-key-file={}", d("ca.key")),
+                // Short-lived node certificates (only TLS bootstrapping's are signed here), so
+                // that rotation is seen: valid 3 min (+5 min backdated), rotated 1-2 min in.
+                format!("--cluster-signing-duration={}s", SIGNING_DURATION.as_secs()),
                 "--controllers=*,bootstrapsigner,tokencleaner".into(),
                 format!("--node-monitor-grace-period={}s", NODE_MONITOR_GRACE.as_secs()),
                 "--node-monitor-period=2s".into(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::Value;
-use wasmlet_tests::cluster::{ControlPlane, NODE_MONITOR_GRACE, Proxy, WasmletNode, node_condition};
+use wasmlet_tests::cluster::{ControlPlane, NODE_MONITOR_GRACE, Proxy, SIGNING_DURATION, WasmletNode, node_condition};
 use wasmlet_tests::{examples_dir, tool_module};
 
 const FAST: &str = "[node]\nnodeLeaseDurationSeconds = 8\nnodeStatusUpdateFrequency = \"2s\"\n";
@@ -590,6 +590,12 @@ kind: ClusterRoleBinding
 metadata: {name: wasmlet-bootstrappers-auto-approve}
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:certificates.k8s.io:certificatesigningrequests:nodeclient"}
 subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:bootstrappers:wasmlet"}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: wasmlet-nodes-auto-approve-renewals}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:nodes"}]
 "#,
     )?;
     let mut node = WasmletNode::prepare(cp, "wasm-node-boot", &[], FAST)?;
@@ -607,6 +613,15 @@ subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:boot
     node.extra = vec!["--bootstrap-kubeconfig".into(), bootstrap.display().to_string()];
     node.spawn()?;
     wait_node_ready(cp, &node)?;
+    let pem = node.root().join("pki").join("kubelet-client-current.pem");
+    let end = |path: &std::path::Path| -> Result<String> {
+        let out =
+            std::process::Command::new("openssl").args(["x509", "-noout", "-enddate", "-in"]).arg(path).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let first_end = end(&pem)?;
+    assert!(first_end.starts_with("notAfter="), "{first_end} ({})", pem.display());
+    let issued = std::time::Instant::now();
     let csrs = cp.get_json(&["get", "csr"])?;
     let ours: Vec<&Value> = csrs["items"]
         .as_array()
@@ -628,11 +643,31 @@ subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:boot
     node.spawn()?;
     let lease = cp.get_json(&["get", "lease", "-n", "kube-node-lease", "wasm-node-boot"])?;
     let t0 = lease["spec"]["renewTime"].as_str().unwrap_or_default().to_string();
-    cp.wait("the Lease renewed with node credentials", Duration::from_secs(30), || {
+    let renewed_after = |t0: &str| -> Result<bool> {
         let l = cp.get_json(&["get", "lease", "-n", "kube-node-lease", "wasm-node-boot"])?;
-        Ok(l["spec"]["renewTime"].as_str().is_some_and(|t| t > t0.as_str()))
+        Ok(l["spec"]["renewTime"].as_str().is_some_and(|t| t > t0))
+    };
+    cp.wait("the Lease renewed with node credentials", Duration::from_secs(30), || renewed_after(&t0))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    // Rotation: before the first certificate expires the node asks for a new one with its
+    // own credentials (auto-approved for system:nodes), and keeps working past the old one's
+    // end, which the API server would refuse.
+    let renewal = |c: &Value| {
+        c["spec"]["username"] == "system:node:wasm-node-boot"
+            && c["status"]["certificate"].as_str().is_some_and(|s| !s.is_empty())
+    };
+    cp.wait("a renewal CSR from the node itself, issued", Duration::from_secs(240), || {
+        Ok(cp.get_json(&["get", "csr"])?["items"].as_array().is_some_and(|a| a.iter().any(renewal)))
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    cp.wait("the rotated certificate on disk", Duration::from_secs(30), || Ok(end(&pem)? != first_end))?;
+    // Past the first certificate's end (it was issued at most a few seconds before `issued`).
+    std::thread::sleep(SIGNING_DURATION.saturating_sub(issued.elapsed()) + Duration::from_secs(5));
+    let now = cp.get_json(&["get", "lease", "-n", "kube-node-lease", "wasm-node-boot"])?;
+    let t1 = now["spec"]["renewTime"].as_str().unwrap_or_default().to_string();
+    cp.wait("the Lease renewed after the first certificate expired", Duration::from_secs(30), || renewed_after(&t1))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    assert!(node.log().contains("client certificate rotated"), "{}", node.log());
     Ok(())
 }
 

@@ -196,6 +196,7 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # kubeAPIQPS = 50.0
 # kubeAPIBurst = 100
 # port = 10250
+# rotateCertificates = true
 "#;
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config> {

@@ -2,10 +2,10 @@
 //! a cluster (registers the Node, renews its Lease, posts its status, runs the pods bound to
 //! it); with `--pod-manifest-path` it runs static pods; both at once work too.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use tokio::sync::mpsc;
 use wasmlet_kubelet::node::api::{ApiPods, ApiRecorder, StatusManager};
 use wasmlet_kubelet::node::{NodeAgent, NodeConfig};
@@ -25,20 +25,6 @@ pub struct NodeArgs {
     pub root: PathBuf,
     pub run_dir: PathBuf,
     pub runtime: wasmlet_runtime::RuntimeOptions,
-}
-
-/// A client for the API server of a kubeconfig file, its requests within kubeAPIQPS and
-/// kubeAPIBurst.
-pub async fn client(path: &Path, cfg: &NodeConfig) -> Result<kube::Client> {
-    let file = kube::config::Kubeconfig::read_from(path)
-        .with_context(|| format!("kubeconfig {}: cannot be read as a kubeconfig", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-        .await
-        .with_context(|| format!("kubeconfig {}", path.display()))?;
-    let builder = kube::client::ClientBuilder::try_from(config)
-        .with_context(|| format!("kubeconfig {}: cannot make a client", path.display()))?;
-    let throttle = wasmlet_kubelet::node::throttle::ThrottleLayer::new(cfg.kube_api_qps, cfg.kube_api_burst);
-    Ok(builder.with_layer(&throttle).build())
 }
 
 /// The node's address: the flag, else the first non-loopback IPv4 address its host name
@@ -71,8 +57,17 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         };
         wasmlet_kubelet::node::bootstrap::bootstrap(bootstrap, kubeconfig, &a.root.join("pki"), &name).await?;
     }
+    let cert_dir = a.root.join("pki");
+    let mut tasks = Vec::new();
     let client = match &a.kubeconfig {
-        Some(k) => Some(client(k, &a.config).await?),
+        Some(k) => {
+            let managed = wasmlet_kubelet::node::bootstrap::client_pem(&cert_dir);
+            let c = wasmlet_kubelet::node::client::connect(k, &a.config, &managed).await?;
+            if let Some(cert) = c.certificate.filter(|_| a.config.rotate_certificates) {
+                tasks.push(tokio::spawn(wasmlet_kubelet::node::client::rotate(cert, c.client.clone(), name.clone())));
+            }
+            Some(c.client)
+        }
         None => None,
     };
     let recorder: Arc<dyn wasmlet_kubelet::events::Recorder> = match &client {
@@ -94,7 +89,6 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
     let node = local.node.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let mut manager = PodManager::new(node.clone());
-    let mut tasks = Vec::new();
     if let Some(client) = &client {
         // The kubelet's hostname label and address follow --hostname-override.
         let facts = wasmlet_kubelet::node::gather_facts(&name, &name, &ip, &a.root);

@@ -64,7 +64,8 @@ pub fn node_kubeconfig(bootstrap: &kube::config::Kubeconfig, pem: &Path) -> Resu
     ))
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), Error> {
+/// Writes `text` to `path` (mode 0600) through a temporary file and a rename.
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), Error> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |e: std::io::Error| Error::Config(format!("write {}: {e}", path.display()));
@@ -92,8 +93,21 @@ pub async fn bootstrap(bootstrap_path: &Path, kubeconfig: &Path, cert_dir: &Path
         .map_err(|e| Error::Config(format!("bootstrap kubeconfig {}: {e}", bootstrap_path.display())))?;
     let client = kube::Client::try_from(config)
         .map_err(|e| Error::Config(format!("bootstrap kubeconfig {}: {e}", bootstrap_path.display())))?;
+    let text = issue(&client, name).await?;
+    let pem = client_pem(cert_dir);
+    write_private(&pem, &text)?;
+    write_private(kubeconfig, &node_kubeconfig(&file, &pem)?)?;
+    tracing::info!(kubeconfig = %kubeconfig.display(), certificate = %pem.display(), "client certificate issued");
+    Ok(())
+}
+
+/// Asks for a client certificate for node `name` through `client` (bootstrap credentials,
+/// or the node's own when it rotates): a new key, a CSR for the kubelet client signer, and
+/// the wait until it is approved and signed (retrying while the API server does not answer).
+/// The certificate and key, as PEM.
+pub async fn issue(client: &kube::Client, name: &str) -> Result<String, Error> {
     let (key, csr) = request(name)?;
-    let csrs: Api<CertificateSigningRequest> = Api::all(client);
+    let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
     let object = CertificateSigningRequest {
         metadata: ObjectMeta { generate_name: Some("node-csr-".into()), ..Default::default() },
         spec: CertificateSigningRequestSpec {
@@ -139,12 +153,7 @@ pub async fn bootstrap(bootstrap_path: &Path, kubeconfig: &Path, cert_dir: &Path
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let pem = client_pem(cert_dir);
-    let text = format!("{}{key}", String::from_utf8_lossy(&certificate));
-    write_private(&pem, &text)?;
-    write_private(kubeconfig, &node_kubeconfig(&file, &pem)?)?;
-    tracing::info!(kubeconfig = %kubeconfig.display(), certificate = %pem.display(), "client certificate issued");
-    Ok(())
+    Ok(format!("{}{key}", String::from_utf8_lossy(&certificate)))
 }
 
 #[cfg(test)]

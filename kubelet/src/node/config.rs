@@ -49,6 +49,9 @@ pub struct NodeConfig {
     pub kube_api_burst: u32,
     /// The port in the Node's daemonEndpoints (the node API).
     pub port: u16,
+    /// Rotate the client certificate TLS bootstrapping issued before it expires (on by
+    /// default, as kubeadm configures kubelets).
+    pub rotate_certificates: bool,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +72,7 @@ impl Default for NodeConfig {
             kube_api_qps: 50.0,
             kube_api_burst: 100,
             port: 10250,
+            rotate_certificates: true,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bootstrap;
+pub mod client;
 pub mod config;
 pub mod mirror;
 pub mod objects;
