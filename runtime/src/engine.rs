@@ -118,6 +118,8 @@ pub struct GuestMeter {
     /// The guest put a TCP socket in listening mode: it is a server, which can see its
     /// listener close when it is asked to stop.
     pub listening: AtomicBool,
+    /// The ports it listens on (those known when it listened), closed at a stop.
+    pub listen_ports: std::sync::Mutex<Vec<u16>>,
 }
 
 /// How a guest ended, before it is mapped to CRI exit codes and reasons.
@@ -520,9 +522,12 @@ pub(crate) fn build_wasi(spec: &GuestSpec, meter: &Arc<GuestMeter>) -> std::resu
         // Every address is allowed; a listen is noted, as it makes the guest one that can
         // observe a stop (StopContainer).
         let meter = meter.clone();
-        b.socket_addr_check(move |_, used| {
+        b.socket_addr_check(move |addr, used| {
             if matches!(used, wasmtime_wasi::sockets::SocketAddrUse::TcpListen) {
                 meter.listening.store(true, Ordering::Relaxed);
+                if addr.port() != 0 {
+                    meter.listen_ports.lock().unwrap_or_else(|e| e.into_inner()).push(addr.port());
+                }
             }
             Box::pin(async { true })
         });

@@ -184,7 +184,7 @@ async fn mounts_read_write_and_read_only() {
 }
 
 #[tokio::test]
-async fn stop_ends_plain_guests_at_once_and_gives_listening_ones_the_timeout() {
+async fn stop_ends_plain_guests_at_once_and_closes_a_servers_listeners() {
     let mut pod = Pod::new("stop").await;
     pod.server.import(net_component(), "net").unwrap();
     // A guest that cannot observe a stop ends at once, as a process without a SIGTERM handler
@@ -208,16 +208,27 @@ async fn stop_ends_plain_guests_at_once_and_gives_listening_ones_the_timeout() {
         );
         assert!(s.message.contains("cannot observe a stop request"), "{name}: {}", s.message);
     }
-    // A guest that listens on a socket can observe the stop: it gets the timeout, and one that
-    // does not end by then is killed (137).
+    // A guest that listens on a socket can observe the stop: its listeners are closed (its
+    // accept fails), and a server that ends then exits by itself, long before its timeout.
     let server = pod.create(net_config("server", &["serve", "7070"])).await.unwrap();
     pod.start(&server).await;
     wait_log(&mut pod.rt, &server, "listening", Duration::from_secs(10)).await.unwrap();
-    pod.rt.stop_container(cri::StopContainerRequest { container_id: server.clone(), timeout: 1 }).await.unwrap();
+    let asked = std::time::Instant::now();
+    pod.rt.stop_container(cri::StopContainerRequest { container_id: server.clone(), timeout: 20 }).await.unwrap();
     let s = status(&mut pod.rt, &server).await.unwrap();
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"), "{}\n{}", s.message, pod.server.server_log());
+    assert!(asked.elapsed() < Duration::from_secs(30), "ended by itself, not at the timeout");
+    wait_log(&mut pod.rt, &server, "listener closed", Duration::from_secs(10)).await.unwrap();
+    // One that ignores its closed listener gets the timeout, then is killed (137).
+    let stubborn = pod.create(net_config("stubborn", &["serve", "7071", "stubborn"])).await.unwrap();
+    pod.start(&stubborn).await;
+    wait_log(&mut pod.rt, &stubborn, "listening", Duration::from_secs(10)).await.unwrap();
+    pod.rt.stop_container(cri::StopContainerRequest { container_id: stubborn.clone(), timeout: 1 }).await.unwrap();
+    let s = status(&mut pod.rt, &stubborn).await.unwrap();
     assert_eq!((s.exit_code, s.reason.as_str()), (137, "Error"));
     assert!(s.message.contains("still running 1s after the stop request"), "{}", s.message);
     assert!(s.finished_at - s.started_at >= 1_000_000_000, "the server had its timeout");
+    wait_log(&mut pod.rt, &stubborn, "listener closed", Duration::from_secs(10)).await.unwrap();
     // A timeout of 0 kills at once.
     let looper = pod.create(tool("looper-0", "tool", &["loop"])).await.unwrap();
     pod.start(&looper).await;

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "net.h"
 
@@ -134,14 +135,25 @@ static int listen_on(int port, wasi_sockets_tcp_own_tcp_socket_t *sock) {
     return 0;
 }
 
-// The next connection on the listening socket S.
+// Set by `serve PORT stubborn`: a closed listener is ignored (the server runs on).
+static int stubborn;
+
+// The next connection on the listening socket S. When the listener is closed (the
+// runtime does that at a stop), the server ends with 0, as a server does at SIGTERM, or a
+// stubborn one ignores it and sleeps on.
 static wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t accept_on(
     wasi_sockets_tcp_borrow_tcp_socket_t s) {
     wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn;
     wasi_sockets_tcp_error_code_t err;
     while (!wasi_sockets_tcp_method_tcp_socket_accept(s, &conn, &err)) {
-        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) exit(fail("accept", err));
-        block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
+        if (err == WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) {
+            block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
+            continue;
+        }
+        printf("listener closed (accept: error code %d)\n", err);
+        fflush(stdout);
+        if (!stubborn) exit(0);
+        for (;;) sleep(3600);
     }
     return conn;
 }
@@ -328,7 +340,10 @@ static int udp_echo(int port) {
 }
 
 int main(int argc, char **argv) {
-    if (argc >= 3 && !strcmp(argv[1], "serve")) return serve(atoi(argv[2]));
+    if (argc >= 3 && !strcmp(argv[1], "serve")) {
+        stubborn = argc >= 4 && !strcmp(argv[3], "stubborn");
+        return serve(atoi(argv[2]));
+    }
     if (argc >= 3 && !strcmp(argv[1], "udp-echo")) return udp_echo(atoi(argv[2]));
     if (argc >= 4 && !strcmp(argv[1], "grpc-health")) return grpc_health(atoi(argv[2]), atoi(argv[3]));
     if (argc >= 5 && !strcmp(argv[1], "connect")) return connect_to(argv[2], atoi(argv[3]), argv[4]);

@@ -12,6 +12,7 @@
 
 pub mod cni;
 pub mod dns;
+pub mod listeners;
 pub mod lookup;
 pub mod netlink;
 pub mod netns;

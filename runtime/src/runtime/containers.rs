@@ -243,14 +243,22 @@ impl Runtime {
         // Wasm has no signals: a guest is like a process without a SIGTERM handler, which dies
         // at once on SIGTERM (143), unless it can observe the stop: a wasi:http handler drains,
         // a guest that listens on a socket has its stop signalled. Those get the timeout.
+        let mut listeners = None;
         let mut done = {
             let mut state = self.state();
+            let sandbox =
+                state.containers.get(id).ok_or_else(|| Error::container_not_found(id))?.record.sandbox_id.clone();
+            let ns = state.nets.get(&sandbox).and_then(|n| n.ns.clone());
             let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
-            let observes =
-                matches!(entry.program, Some(Program::Http(_))) || entry.meter.listening.load(Ordering::Relaxed);
+            let http = matches!(entry.program, Some(Program::Http(_)));
+            let listening = !http && entry.meter.listening.load(Ordering::Relaxed);
+            let observes = http || listening;
             match &mut entry.live {
                 Some(live) if entry.record.state == ContainerState::Running => {
-                    live.stop.send_replace(true);
+                    if !live.stop.send_replace(true) && listening && timeout_secs > 0 {
+                        let ports = entry.meter.listen_ports.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        listeners = Some((ns, ports));
+                    }
                     if !observes
                         && timeout_secs > 0
                         && let Some(kill) = live.kill.take()
@@ -272,6 +280,16 @@ impl Runtime {
                 _ => return Ok(()),
             }
         };
+        // A server's listeners close, as a process's do when it is asked to stop: its accept
+        // fails, and one that handles that can finish within the timeout.
+        if let Some((ns, ports)) = listeners {
+            let closed = tokio::task::spawn_blocking(move || crate::net::listeners::close(ns.as_ref(), ports)).await;
+            match closed {
+                Ok(Ok(n)) => tracing::info!(container = %id, listeners = n, "listeners closed at the stop"),
+                Ok(Err(e)) => tracing::warn!(container = %id, error = %e, "close the listeners at the stop"),
+                Err(e) => tracing::warn!(container = %id, error = %e, "close the listeners at the stop"),
+            }
+        }
         let grace = Duration::from_secs(timeout_secs.max(0) as u64);
         let ended = timeout_secs > 0 && tokio::time::timeout(grace, done.wait_for(|d| *d)).await.is_ok();
         if !ended {
