@@ -277,6 +277,8 @@ impl PodManager {
         for u in done {
             if let Some(mut m) = self.pods.remove(&u) {
                 m.lifecycle = m.lifecycle.finish();
+                // What it referred to (watches, tokens) is no longer needed for it.
+                self.node.objects.forget(&u);
                 tracing::info!(pod = %format!("{}/{}", m.namespace, m.name), uid = %u, "pod terminated");
             }
         }

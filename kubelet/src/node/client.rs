@@ -62,6 +62,8 @@ pub async fn connect(path: &Path, cfg: &NodeConfig, managed: &Path) -> Result<No
     tls.resumption = rustls::client::Resumption::disabled();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
+    // kube's connect timeout; keepalive finds a peer that vanished under an idle watch.
+    http.set_connect_timeout(config.connect_timeout);
     http.set_keepalive(Some(Duration::from_secs(30)));
     let connector = GuardedConnector { http, conns: certificate.conns.clone() };
     let https = hyper_rustls::HttpsConnectorBuilder::new()

@@ -1,9 +1,11 @@
 //! What pods read from the API server: the ConfigMaps and Secrets their env, volumes and pull
-//! secrets name, and their service account tokens (TokenRequest, bound to the pod). Each is
-//! fetched by name, as the Node authorizer allows a node to read only what its pods refer to,
-//! and kept briefly, so a changed ConfigMap reaches a mounted volume at the next sync.
+//! secrets name, and their service account tokens (TokenRequest, bound to the pod). Each
+//! ConfigMap and Secret is watched by name while a pod refers to it (the kubelet's Watch
+//! change-detection strategy; the Node authorizer lets a node list and watch what its pods
+//! refer to, with a `metadata.name` field selector), so a changed ConfigMap reaches a mounted
+//! volume at the next sync and a steady node sends no reads.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,12 +19,13 @@ use k8s_openapi::api::core::v1::{
 use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
+use tokio::sync::watch;
 
-use super::api_code;
 use crate::worker::Objects;
 
-/// How long a fetched ConfigMap or Secret is trusted before the next sync reads it again.
-const FRESH: Duration = Duration::from_secs(3);
+/// How long a sync waits for a new watch's first listing (a watch refused until the Node
+/// authorizer has the pod's edge to the object is retried; the pod sees it missing meanwhile).
+const FIRST_LISTING: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
@@ -30,6 +33,7 @@ enum Kind {
     Secret,
 }
 
+#[derive(Clone)]
 enum Obj {
     ConfigMap(ConfigMap),
     Secret(Secret),
@@ -38,8 +42,15 @@ enum Obj {
 /// (kind, namespace, name).
 type ObjectKey = (Kind, String, String);
 
-/// The object (None: not found) and when it was read.
-type Fetched = (Option<Obj>, Instant);
+/// A watched object as last seen: None until the first listing, then the object if it exists.
+type Seen = Option<Option<Obj>>;
+
+/// One ConfigMap or Secret watched for the pods that refer to it.
+struct Watched {
+    pods: HashSet<String>,
+    seen: watch::Receiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
 
 struct Token {
     token: String,
@@ -51,7 +62,7 @@ pub struct ApiObjects {
     client: kube::Client,
     /// Every Service (watched), for the pods' Service variables.
     services: reflector::Store<Service>,
-    cache: Mutex<HashMap<ObjectKey, Fetched>>,
+    watched: Mutex<HashMap<ObjectKey, Watched>>,
     /// (pod UID, audience, expirationSeconds) -> token.
     tokens: Mutex<HashMap<(String, String, i64), Token>>,
     /// (namespace, claim) -> the bound volume's directory, or why there is none.
@@ -118,7 +129,7 @@ impl ApiObjects {
         let api: Api<Service> = Api::all(client.clone());
         let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
         tokio::spawn(stream.for_each(|_| std::future::ready(())));
-        ApiObjects { client, services, cache: Mutex::default(), tokens: Mutex::default(), claims: Mutex::default() }
+        ApiObjects { client, services, watched: Mutex::default(), tokens: Mutex::default(), claims: Mutex::default() }
     }
 
     /// Waits until the Services have been listed once: the kubelet builds no pod's
@@ -127,39 +138,33 @@ impl ApiObjects {
         let _ = self.services.wait_until_ready().await;
     }
 
-    fn stale(&self, key: &ObjectKey) -> bool {
-        lock(&self.cache).get(key).is_none_or(|(_, at)| at.elapsed() >= FRESH)
+    /// The watch of an object for pod `uid`, started if it is the first to refer to it.
+    fn watch(&self, kind: Kind, ns: &str, name: &str, uid: &str) -> watch::Receiver<Seen> {
+        let key = (kind, ns.to_string(), name.to_string());
+        let mut watched = lock(&self.watched);
+        let w = watched.entry(key).or_insert_with(|| {
+            let (tx, seen) = watch::channel(None);
+            let task = match kind {
+                Kind::ConfigMap => tokio::spawn(watch_one(
+                    Api::namespaced(self.client.clone(), ns),
+                    name.to_string(),
+                    tx,
+                    Obj::ConfigMap,
+                )),
+                Kind::Secret => {
+                    tokio::spawn(watch_one(Api::namespaced(self.client.clone(), ns), name.to_string(), tx, Obj::Secret))
+                }
+            };
+            Watched { pods: HashSet::new(), seen, task }
+        });
+        w.pods.insert(uid.to_string());
+        w.seen.clone()
     }
 
-    async fn fetch(&self, kind: Kind, ns: &str, name: &str) {
-        let key = (kind, ns.to_string(), name.to_string());
-        if !self.stale(&key) {
-            return;
-        }
-        let got = match kind {
-            Kind::ConfigMap => {
-                Api::<ConfigMap>::namespaced(self.client.clone(), ns).get_opt(name).await.map(|o| o.map(Obj::ConfigMap))
-            }
-            Kind::Secret => {
-                Api::<Secret>::namespaced(self.client.clone(), ns).get_opt(name).await.map(|o| o.map(Obj::Secret))
-            }
-        };
-        match got {
-            Ok(obj) => {
-                lock(&self.cache).insert(key, (obj, Instant::now()));
-            }
-            // Forbidden until the Node authorizer's graph has the pod's edge to it: read as
-            // missing for now, and again at the next sync.
-            Err(e) => {
-                tracing::debug!(kind = ?kind, object = %format!("{ns}/{name}"), code = ?api_code(&e), error = %e, "fetch failed");
-                let mut cache = lock(&self.cache);
-                let entry = cache.entry(key).or_insert((None, Instant::now()));
-                // A known copy is kept through an outage.
-                if entry.0.is_none() {
-                    entry.1 = Instant::now();
-                }
-            }
-        }
+    fn seen(&self, kind: Kind, ns: &str, name: &str) -> Option<Obj> {
+        let watched = lock(&self.watched);
+        let w = watched.get(&(kind, ns.to_string(), name.to_string()))?;
+        w.seen.borrow().clone().flatten()
     }
 
     async fn fetch_token(&self, pod: &Pod, audience: &str, expiration: i64) {
@@ -234,24 +239,47 @@ impl ApiObjects {
         .await;
         lock(&self.claims).insert(key, result);
     }
+}
 
-    /// Forgets the tokens of a pod that is gone.
-    pub fn forget_pod(&self, uid: &str) {
-        lock(&self.tokens).retain(|(u, _, _), _| u != uid);
+/// Follows one object: its listing, changes and deletion, into `seen`. Errors (a watch the
+/// Node authorizer refuses for now, an API server outage) are retried with back-off, the copy
+/// last seen kept meanwhile.
+async fn watch_one<K>(api: Api<K>, name: String, seen: watch::Sender<Seen>, wrap: fn(K) -> Obj)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut listing = None;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => listing = None,
+            Ok(watcher::Event::InitApply(o)) => listing = Some(wrap(o)),
+            Ok(watcher::Event::InitDone) => {
+                seen.send_replace(Some(listing.take()));
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                seen.send_replace(Some(Some(wrap(o))));
+            }
+            Ok(watcher::Event::Delete(_)) => {
+                seen.send_replace(Some(None));
+            }
+            Err(e) => tracing::debug!(object = %name, error = %e, "watch failed (retrying)"),
+        }
     }
 }
 
 impl Objects for ApiObjects {
     fn config_map(&self, ns: &str, name: &str) -> Option<ConfigMap> {
-        match lock(&self.cache).get(&(Kind::ConfigMap, ns.to_string(), name.to_string())) {
-            Some((Some(Obj::ConfigMap(c)), _)) => Some(c.clone()),
+        match self.seen(Kind::ConfigMap, ns, name) {
+            Some(Obj::ConfigMap(c)) => Some(c),
             _ => None,
         }
     }
 
     fn secret(&self, ns: &str, name: &str) -> Option<Secret> {
-        match lock(&self.cache).get(&(Kind::Secret, ns.to_string(), name.to_string())) {
-            Some((Some(Obj::Secret(s)), _)) => Some(s.clone()),
+        match self.seen(Kind::Secret, ns, name) {
+            Some(Obj::Secret(s)) => Some(s),
             _ => None,
         }
     }
@@ -275,12 +303,12 @@ impl Objects for ApiObjects {
     fn refresh<'a>(&'a self, pod: &'a Pod) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+            let uid = pod.metadata.uid.as_deref().unwrap_or_default();
             let (cms, secrets, tokens) = references(pod);
-            for c in &cms {
-                self.fetch(Kind::ConfigMap, ns, c).await;
-            }
-            for s in &secrets {
-                self.fetch(Kind::Secret, ns, s).await;
+            let objects = cms.iter().map(|c| (Kind::ConfigMap, c)).chain(secrets.iter().map(|s| (Kind::Secret, s)));
+            for (kind, name) in objects {
+                let mut seen = self.watch(kind, ns, name, uid);
+                let _ = tokio::time::timeout(FIRST_LISTING, seen.wait_for(Option::is_some)).await;
             }
             for (audience, expiration) in &tokens {
                 self.fetch_token(pod, audience, *expiration).await;
@@ -291,6 +319,17 @@ impl Objects for ApiObjects {
                 }
             }
         })
+    }
+
+    fn forget(&self, uid: &str) {
+        lock(&self.tokens).retain(|(u, _, _), _| u != uid);
+        lock(&self.watched).retain(|_, w| {
+            w.pods.remove(uid);
+            if w.pods.is_empty() {
+                w.task.abort();
+            }
+            !w.pods.is_empty()
+        });
     }
 }
 

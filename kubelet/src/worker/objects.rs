@@ -28,6 +28,8 @@ pub trait Objects: Send + Sync {
     fn refresh<'a>(&'a self, _pod: &'a Pod) -> futures_util::future::BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+    /// The pod with this UID is gone: what was kept for it alone can go.
+    fn forget(&self, _pod_uid: &str) {}
 }
 
 /// Objects from a fixed list (`wasmlet run`'s manifests).
