@@ -242,7 +242,9 @@ impl Runtime {
     pub async fn stop_container(&self, id: &str, timeout_secs: i64) -> Result<()> {
         // Wasm has no signals: a guest is like a process without a SIGTERM handler, which dies
         // at once on SIGTERM (143), unless it can observe the stop: a wasi:http handler drains,
-        // a guest that listens on a socket has its stop signalled. Those get the timeout.
+        // a guest that listens on a socket has its listeners closed. Those get the timeout,
+        // counted from the request.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs.max(0) as u64);
         let mut listeners = None;
         let mut done = {
             let mut state = self.state();
@@ -290,8 +292,7 @@ impl Runtime {
                 Err(e) => tracing::warn!(container = %id, error = %e, "close the listeners at the stop"),
             }
         }
-        let grace = Duration::from_secs(timeout_secs.max(0) as u64);
-        let ended = timeout_secs > 0 && tokio::time::timeout(grace, done.wait_for(|d| *d)).await.is_ok();
+        let ended = timeout_secs > 0 && tokio::time::timeout_at(deadline, done.wait_for(|d| *d)).await.is_ok();
         if !ended {
             // Whichever stop runs out of time first kills; a shorter later stop is not held up
             // by a longer earlier one.
