@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod credentials;
 pub mod env;
 pub mod images;
+pub mod logs;
 pub mod model;
 pub mod probe;
 pub mod quantity;
