@@ -26,12 +26,20 @@ pub fn k8s_bin() -> Option<PathBuf> {
     dir.join("kube-apiserver").exists().then_some(dir)
 }
 
-/// Runs `openssl ARGS` in `dir`; an error with its stderr if it fails.
-pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+/// Runs `openssl ARGS` in `dir`: its standard output, or an error with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new("openssl").args(args).current_dir(dir).output().context("run openssl")?;
     if !out.status.success() {
         bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A self-signed certificate for `subject`, valid `days`, with its key: `key` and `crt` in `dir`.
+pub fn self_signed(dir: &Path, subject: &str, days: u32, key: &str, crt: &str) -> Result<()> {
+    let days = days.to_string();
+    let args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", &days, "-subj", subject];
+    openssl(dir, &[&args[..], &["-keyout", key, "-out", crt]].concat())?;
     Ok(())
 }
 
@@ -67,7 +75,8 @@ fn certificate(dir: &Path, name: &str, subject: &str, server_names: Option<&str>
             "-out",
             &crt,
         ],
-    )
+    )?;
+    Ok(())
 }
 
 /// A kubeconfig for the API server at `port` with the client certificate `NAME.crt`.
@@ -141,24 +150,7 @@ impl ControlPlane {
     fn start(bin: PathBuf) -> Result<ControlPlane> {
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().to_path_buf();
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=wasmlet-test-ca",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-            ],
-        )?;
+        self_signed(&dir, "/CN=wasmlet-test-ca", 2, "ca.key", "ca.crt")?;
         certificate(
             &dir,
             "apiserver",

@@ -465,23 +465,12 @@ fn bad_kubeconfigs_and_credentials_and_a_late_api_server() -> Result<()> {
     // Credentials the API server does not know: retried, and said once, not at every retry.
     let mut stranger = WasmletNode::prepare(cp, "wasm-node-stranger", &[], FAST)?;
     let cert_dir = tempfile::tempdir()?;
-    wasmlet_tests::cluster::openssl(
+    wasmlet_tests::cluster::self_signed(
         cert_dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/O=system:nodes/CN=system:node:wasm-node-stranger",
-            "-keyout",
-            "k.pem",
-            "-out",
-            "c.pem",
-        ],
+        "/O=system:nodes/CN=system:node:wasm-node-stranger",
+        1,
+        "k.pem",
+        "c.pem",
     )?;
     let text = std::fs::read_to_string(&stranger.kubeconfig)?;
     let node_cert = cp.dir.join("node-wasm-node-stranger.crt").display().to_string();
@@ -615,9 +604,9 @@ subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:node
     wait_node_ready(cp, &node)?;
     let pem = node.root().join("pki").join("kubelet-client-current.pem");
     let end = |path: &std::path::Path| -> Result<String> {
-        let out =
-            std::process::Command::new("openssl").args(["x509", "-noout", "-enddate", "-in"]).arg(path).output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        let dir = path.parent().unwrap_or(path);
+        let pem = path.display().to_string();
+        Ok(wasmlet_tests::cluster::openssl(dir, &["x509", "-noout", "-enddate", "-in", &pem])?.trim().to_string())
     };
     let first_end = end(&pem)?;
     assert!(first_end.starts_with("notAfter="), "{first_end} ({})", pem.display());

@@ -86,11 +86,7 @@ pub async fn bootstrap(bootstrap_path: &Path, kubeconfig: &Path, cert_dir: &Path
     if kubeconfig.exists() {
         return Ok(());
     }
-    let file = kube::config::Kubeconfig::read_from(bootstrap_path)
-        .map_err(|e| Error::Config(format!("bootstrap kubeconfig {}: {e}", bootstrap_path.display())))?;
-    let config = kube::Config::from_custom_kubeconfig(file.clone(), &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| Error::Config(format!("bootstrap kubeconfig {}: {e}", bootstrap_path.display())))?;
+    let (file, config) = super::client::load(bootstrap_path, "bootstrap kubeconfig").await?;
     let client = kube::Client::try_from(config)
         .map_err(|e| Error::Config(format!("bootstrap kubeconfig {}: {e}", bootstrap_path.display())))?;
     let text = issue(&client, name).await?;

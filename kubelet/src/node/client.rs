@@ -34,6 +34,18 @@ pub struct NodeClient {
     pub certificate: Option<Arc<ClientCertificate>>,
 }
 
+/// The kubeconfig at `path` (`what` names it in errors: "kubeconfig", "bootstrap
+/// kubeconfig"), and the client configuration of its current context.
+pub async fn load(path: &Path, what: &str) -> Result<(kube::config::Kubeconfig, kube::Config), Error> {
+    let fail = |e: &dyn std::fmt::Display| Error::Config(format!("{what} {}: {e}", path.display()));
+    let file =
+        kube::config::Kubeconfig::read_from(path).map_err(|e| fail(&format!("cannot be read as a kubeconfig: {e}")))?;
+    let config = kube::Config::from_custom_kubeconfig(file.clone(), &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| fail(&e))?;
+    Ok((file, config))
+}
+
 fn bad(path: &Path) -> impl Fn(kube::Error) -> Error + '_ {
     move |e| Error::Config(format!("kubeconfig {}: {e}", path.display()))
 }
@@ -42,11 +54,7 @@ fn bad(path: &Path) -> impl Fn(kube::Error) -> Error + '_ {
 /// and kubeAPIBurst. When its credentials are the certificate at `managed` (TLS
 /// bootstrapping's), the client presents whatever certificate rotation last put there.
 pub async fn connect(path: &Path, cfg: &NodeConfig, managed: &Path) -> Result<NodeClient, Error> {
-    let file = kube::config::Kubeconfig::read_from(path)
-        .map_err(|e| Error::Config(format!("kubeconfig {}: cannot be read as a kubeconfig: {e}", path.display())))?;
-    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| Error::Config(format!("kubeconfig {}: {e}", path.display())))?;
+    let (_, config) = load(path, "kubeconfig").await?;
     let throttle = ThrottleLayer::new(cfg.kube_api_qps, cfg.kube_api_burst);
     let auth = &config.auth_info;
     let ours = |p: &Option<String>| p.as_deref().map(Path::new) == Some(managed);
@@ -254,7 +262,15 @@ impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Guarded<T> {
         }
         let polled = Pin::new(&mut me.inner).poll_read(cx, buf);
         if polled.is_pending() {
-            me.conns.wakers.lock().unwrap_or_else(|e| e.into_inner()).insert(me.id, cx.waker().clone());
+            let mut wakers = me.conns.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            match wakers.get_mut(&me.id) {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                Some(w) => w.clone_from(cx.waker()),
+                None => {
+                    wakers.insert(me.id, cx.waker().clone());
+                }
+            }
+            drop(wakers);
             // Closed between the check and the registration: not woken, so answer now.
             if me.closed() {
                 return Poll::Ready(Err(aborted()));
