@@ -53,6 +53,15 @@ fn code(e: &Error) -> tonic::Code {
     }
 }
 
+/// Maps a streaming server refusal to its gRPC status.
+fn stream_status(e: wasmlet_streaming::Error) -> Status {
+    match e {
+        wasmlet_streaming::Error::TooManyRequests(_) => Status::resource_exhausted(e.to_string()),
+        wasmlet_streaming::Error::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
@@ -62,12 +71,25 @@ fn invalid(msg: impl Into<String>) -> Status {
 #[derive(Clone)]
 pub struct CriServer {
     runtime: Runtime,
+    streaming: wasmlet_streaming::Server,
 }
 
 impl CriServer {
-    /// A server over `runtime`.
-    pub fn new(runtime: Runtime) -> CriServer {
-        CriServer { runtime }
+    /// A server over `runtime`, whose Exec, Attach and PortForward answer URLs on `streaming`.
+    pub fn new(runtime: Runtime, streaming: wasmlet_streaming::Server) -> CriServer {
+        CriServer { runtime, streaming }
+    }
+
+    /// Checks that a container exists and runs (before its exec or attach URL is handed out).
+    fn running(&self, id: &str) -> std::result::Result<(), Status> {
+        if id.is_empty() {
+            return Err(invalid("missing required container_id"));
+        }
+        let c = self.runtime.container(id).map_err(status)?;
+        if c.state != ContainerState::Running {
+            return Err(Status::failed_precondition(format!("container {id} is not running")));
+        }
+        Ok(())
     }
 
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(Runtime) -> Result<T> + Send + 'static) -> Result<T> {
@@ -689,22 +711,62 @@ impl RuntimeService for CriServer {
         Ok(Response::new(cri::ExecSyncResponse { stdout: out.stdout, stderr: out.stderr, exit_code: out.exit_code }))
     }
 
-    async fn exec(&self, _: Request<cri::ExecRequest>) -> std::result::Result<Response<cri::ExecResponse>, Status> {
-        unimplemented("Exec needs the streaming server, which wasmlet does not serve yet; use ExecSync")
+    #[tracing::instrument(skip_all, fields(container = %req.get_ref().container_id))]
+    async fn exec(&self, req: Request<cri::ExecRequest>) -> std::result::Result<Response<cri::ExecResponse>, Status> {
+        let r = req.into_inner();
+        self.running(&r.container_id)?;
+        let url = self
+            .streaming
+            .exec_url(wasmlet_streaming::ExecRequest {
+                container_id: r.container_id,
+                cmd: r.cmd,
+                tty: r.tty,
+                stdin: r.stdin,
+                stdout: r.stdout,
+                stderr: r.stderr,
+            })
+            .map_err(stream_status)?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
+    #[tracing::instrument(skip_all, fields(container = %req.get_ref().container_id))]
     async fn attach(
         &self,
-        _: Request<cri::AttachRequest>,
+        req: Request<cri::AttachRequest>,
     ) -> std::result::Result<Response<cri::AttachResponse>, Status> {
-        unimplemented("Attach needs the streaming server, which wasmlet does not serve yet")
+        self.running(&req.get_ref().container_id)?;
+        unimplemented(
+            "Attach is not served yet: a wasm container's own stdin and output cannot be attached to; use Exec",
+        )
     }
 
+    #[tracing::instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]
     async fn port_forward(
         &self,
-        _: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> std::result::Result<Response<cri::PortForwardResponse>, Status> {
-        unimplemented("PortForward needs the streaming server and pod networking, which wasmlet does not serve yet")
+        let r = req.into_inner();
+        if r.pod_sandbox_id.is_empty() {
+            return Err(invalid("missing required pod_sandbox_id"));
+        }
+        let sandbox = self.runtime.sandbox(&r.pod_sandbox_id).map_err(status)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(Status::failed_precondition(format!("pod sandbox {} is not ready", r.pod_sandbox_id)));
+        }
+        let mut ports = Vec::with_capacity(r.port.len());
+        for p in r.port {
+            ports.push(
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| invalid(format!("port {p} is not a TCP port")))?,
+            );
+        }
+        let url = self
+            .streaming
+            .port_forward_url(wasmlet_streaming::PortForwardRequest { sandbox_id: r.pod_sandbox_id, ports })
+            .map_err(stream_status)?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(

@@ -102,6 +102,9 @@ pub struct GuestSpec {
     /// A wasi:http server's listener, bound in the pod's namespace before StartContainer
     /// answers (so a started server accepts at once, and a taken port fails the start).
     pub http_listener: Option<Arc<std::net::TcpListener>>,
+    /// A streaming session's streams (exec, attach): they replace stdout and stderr, and give
+    /// the guest a stdin.
+    pub session: Option<crate::stdio::SessionIo>,
 }
 
 /// Counters a running guest updates, read by the stats RPCs; the memory limit may be changed
@@ -120,6 +123,16 @@ pub struct GuestMeter {
     pub listening: AtomicBool,
     /// The ports it listens on (those known when it listened), closed at a stop.
     pub listen_ports: std::sync::Mutex<Vec<u16>>,
+    /// The container an exec'd instance belongs to: its CPU time and memory count there too,
+    /// and the container's memory limit covers them, as a cgroup covers a process's children.
+    pub counted_in: Option<Arc<GuestMeter>>,
+}
+
+impl GuestMeter {
+    /// The meter of an instance exec'd in the container metered by `container`.
+    pub fn exec_in(container: Arc<GuestMeter>) -> GuestMeter {
+        GuestMeter { counted_in: Some(container), ..GuestMeter::default() }
+    }
 }
 
 /// How a guest ended, before it is mapped to CRI exit codes and reasons.
@@ -200,6 +213,18 @@ impl Limiter {
     }
 }
 
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        // An exec'd instance's memory leaves its container's count with it.
+        if let Some(parent) = &self.meter.counted_in {
+            let mine = self.meter.memory_bytes.load(Ordering::Relaxed);
+            let _ = parent
+                .memory_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(mine)));
+        }
+    }
+}
+
 impl ResourceLimiter for Limiter {
     fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         let limit = self.meter.memory_limit.load(Ordering::Relaxed);
@@ -208,6 +233,16 @@ impl ResourceLimiter for Limiter {
         if limit != 0 && after > limit {
             self.meter.oom.store(true, Ordering::Relaxed);
             return Err(wasmtime::Error::msg(format!("memory limit of {limit} bytes exceeded")));
+        }
+        if let Some(parent) = &self.meter.counted_in {
+            let grown = after.saturating_sub(used);
+            let limit = parent.memory_limit.load(Ordering::Relaxed);
+            let total = parent.memory_bytes.load(Ordering::Relaxed) + grown;
+            if limit != 0 && total > limit {
+                self.meter.oom.store(true, Ordering::Relaxed);
+                return Err(wasmtime::Error::msg(format!("the container's memory limit of {limit} bytes exceeded")));
+            }
+            parent.memory_bytes.fetch_add(grown, Ordering::Relaxed);
         }
         self.meter.memory_bytes.store(after, Ordering::Relaxed);
         Ok(true)
@@ -517,6 +552,17 @@ pub(crate) fn build_wasi(spec: &GuestSpec, meter: &Arc<GuestMeter>) -> std::resu
     // with std::thread::sleep, which holds the executor thread (every guest on it, and the
     // kill of this one) for the whole sleep.
     b.allow_blocking_current_thread(false);
+    if let Some(s) = &spec.session {
+        if let Some(i) = &s.stdin {
+            b.stdin(i.clone());
+        }
+        if let Some(o) = &s.stdout {
+            b.stdout(o.clone());
+        }
+        if let Some(e) = &s.stderr {
+            b.stderr(e.clone());
+        }
+    }
     if !matches!(spec.net, GuestNet::None) {
         // Sockets are created in the namespace of the polling thread: the pod's.
         // Every address is allowed; a listen is noted, as it makes the guest one that can
@@ -556,7 +602,11 @@ impl<F: Future> Future for Metered<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let started = Instant::now();
         let r = self.inner.as_mut().poll(cx);
-        self.meter.cpu_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let spent = started.elapsed().as_nanos() as u64;
+        self.meter.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+        if let Some(parent) = &self.meter.counted_in {
+            parent.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+        }
         r
     }
 }
@@ -578,6 +628,7 @@ mod tests {
             dns: None,
             stop: None,
             http_listener: None,
+            session: None,
         }
     }
 

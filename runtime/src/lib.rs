@@ -12,6 +12,8 @@ pub mod net;
 mod podfiles;
 mod runtime;
 pub mod server;
+pub mod stdio;
+mod streaming;
 
 pub use error::{Error, Result};
 pub use runtime::{

@@ -55,13 +55,19 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves RuntimeService and ImageService on `listener` until `shutdown` resolves.
+/// Serves RuntimeService and ImageService on `listener` until `shutdown` resolves, and the
+/// streaming server (exec, attach, port-forward) on the runtime's stream address.
 pub async fn serve(
     runtime: Runtime,
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    let server = CriServer::new(runtime);
+) -> io::Result<()> {
+    let cfg = wasmlet_streaming::Config { addr: runtime.stream_address(), ..Default::default() };
+    let backend = std::sync::Arc::new(crate::streaming::StreamBackend(runtime.clone()));
+    let streaming = wasmlet_streaming::Server::start(cfg.clone(), backend)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("streaming server on {}: {e}", cfg.addr)))?;
+    let server = CriServer::new(runtime, streaming);
     let runtime_service = RuntimeServiceServer::new(server.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -73,4 +79,5 @@ pub async fn serve(
         .add_service(image_service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
+        .map_err(io::Error::other)
 }

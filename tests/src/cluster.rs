@@ -201,6 +201,8 @@ impl ControlPlane {
                 format!("--kubelet-client-certificate={}", d("apiserver-kubelet-client.crt")),
                 format!("--kubelet-client-key={}", d("apiserver-kubelet-client.key")),
                 format!("--kubelet-certificate-authority={}", d("ca.crt")),
+                // The nodes here are all 127.0.0.1; their host names resolve nowhere.
+                "--kubelet-preferred-address-types=InternalIP".into(),
             ],
             &dir.join("apiserver.log"),
         )?);
@@ -359,6 +361,8 @@ pub struct WasmletNode {
     pub name: String,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
+    /// The node API's port (a free one: many nodes share this machine).
+    pub port: u16,
     child: Option<Child>,
     /// More `wasmlet node` arguments.
     pub extra: Vec<String>,
@@ -378,8 +382,27 @@ impl WasmletNode {
     pub fn prepare(cp: &ControlPlane, name: &str, images: &[(&Path, &str)], config: &str) -> Result<WasmletNode> {
         let dir = tempfile::tempdir()?;
         let kubeconfig = cp.node_kubeconfig(name)?;
-        let n =
-            WasmletNode { name: name.into(), dir, kubeconfig, child: None, extra: Vec::new(), config: config.into() };
+        // A serving certificate from the cluster CA, which the API server checks
+        // (--kubelet-certificate-authority).
+        certificate(
+            &cp.dir,
+            &format!("serving-{name}"),
+            &format!("/CN={name}"),
+            Some(&format!("IP:127.0.0.1,DNS:{name}")),
+        )?;
+        for ext in ["crt", "key"] {
+            std::fs::copy(cp.dir.join(format!("serving-{name}.{ext}")), dir.path().join(format!("serving.{ext}")))?;
+        }
+        let port = crate::free_port();
+        let n = WasmletNode {
+            name: name.into(),
+            dir,
+            kubeconfig,
+            port,
+            child: None,
+            extra: Vec::new(),
+            config: config.into(),
+        };
         for (file, tag) in images {
             n.import(file, tag)?;
         }
@@ -413,7 +436,11 @@ impl WasmletNode {
             .arg(&self.kubeconfig)
             .arg("--hostname-override")
             .arg(&self.name)
-            .args(["--node-ip", "127.0.0.1", "--root"])
+            .args(["--node-ip", "127.0.0.1", "--port", &self.port.to_string(), "--tls-cert-file"])
+            .arg(self.dir.path().join("serving.crt"))
+            .arg("--tls-private-key-file")
+            .arg(self.dir.path().join("serving.key"))
+            .arg("--root")
             .arg(self.root())
             .arg("--config")
             .arg(&config)

@@ -107,7 +107,7 @@ fn node_registers_ready_renews_its_lease_and_goes_not_ready_when_it_stops() -> R
         addresses.contains("InternalIP") && addresses.contains("127.0.0.1") && addresses.contains("Hostname"),
         "{addresses}"
     );
-    assert_eq!(n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"], 10250);
+    assert_eq!(n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"], node.port);
     for kind in ["MemoryPressure", "DiskPressure", "PIDPressure"] {
         assert_eq!(node_condition(&n, kind).as_deref(), Some("False"), "{kind}");
     }
@@ -895,5 +895,146 @@ fn a_pod_whose_image_is_not_wasm_ends_in_err_image_pull() -> Result<()> {
         events.contains("Failed to pull image") && events.contains(&image) && events.contains("not a wasm image"),
         "{events}"
     );
+    Ok(())
+}
+
+/// `kubectl ARGS` as the admin with `input` on its stdin.
+fn kubectl_with_input(cp: &ControlPlane, args: &[&str], input: &[u8]) -> Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(cp.bin.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&cp.admin)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().expect("piped").write_all(input)?;
+    Ok(child.wait_with_output()?)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `curl` to the node API directly, with a bearer token or none; the HTTP status.
+fn node_api_status(node: &WasmletNode, path: &str, token: Option<&str>) -> Result<String> {
+    let mut c = std::process::Command::new("curl");
+    c.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c.arg(format!("https://127.0.0.1:{}{path}", node.port)).output()?;
+    Ok(text(&out.stdout))
+}
+
+#[test]
+fn kubectl_logs_exec_and_port_forward_reach_the_node_api() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let node = WasmletNode::start(cp, "wasm-node-api", &[(tool_module(), "tool:1"), (&web(), "web:1")], FAST)?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("api")?;
+    let pod = |name: &str, image: &str, args: &str, restart: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: {n}\n  restartPolicy: {restart}\n  tolerations: [{{operator: Exists}}]\n  containers: [{{name: c, image: {image}, args: {args}}}]\n",
+            n = node.name
+        )
+    };
+    cp.apply(&ns, &pod("sleeper", "tool:1", "[sleep, \"600\"]", "Always"))?;
+    cp.apply(&ns, &pod("short", "tool:1", "[sleep, \"3\"]", "Never"))?;
+    cp.apply(&ns, &pod("crasher", "tool:1", "[exit, \"1\"]", "Always"))?;
+    cp.apply(&ns, &pod("web", "web:1", "[]", "Always"))?;
+    cp.wait("pods running", Duration::from_secs(60), || {
+        let all = pods(cp, &ns, "")?;
+        let running = |n: &str| all.iter().any(|p| p["metadata"]["name"] == n && p["status"]["phase"] == "Running");
+        Ok(running("sleeper") && running("web"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+
+    // kubectl logs and its options.
+    let logs = |args: &[&str]| -> Result<String> {
+        let mut all = vec!["logs", "-n", &ns];
+        all.extend_from_slice(args);
+        cp.kubectl_ok(&all)
+    };
+    assert_eq!(logs(&["sleeper"])?, "sleeping 600 s\n");
+    let stamped = logs(&["sleeper", "--timestamps"])?;
+    assert!(stamped.starts_with("20") && stamped.ends_with(" sleeping 600 s\n"), "{stamped}");
+    assert_eq!(logs(&["sleeper", "--tail=1"])?, "sleeping 600 s\n");
+    assert_eq!(logs(&["sleeper", "--tail=0"])?, "");
+    assert_eq!(logs(&["sleeper", "--limit-bytes=5"])?, "sleep");
+    assert_eq!(logs(&["sleeper", "--since=1h"])?, "sleeping 600 s\n");
+    // -f follows the log until the container ends.
+    let followed = logs(&["short", "-f"])?;
+    assert_eq!(followed, "sleeping 3 s\nslept\n");
+    // --previous: the log of the container before the restart.
+    cp.wait("crasher restarted", Duration::from_secs(60), || {
+        let p = cp.get_json(&["get", "pod", "-n", &ns, "crasher"])?;
+        Ok(p["status"]["containerStatuses"][0]["restartCount"].as_i64().unwrap_or(0) >= 1)
+    })?;
+    assert_eq!(logs(&["crasher", "--previous"])?, "exiting with 1\n");
+    let e = cp.kubectl(&["logs", "-n", &ns, "sleeper", "--previous"])?;
+    assert!(!e.status.success() && text(&e.stderr).contains("previous terminated container"), "{e:?}");
+
+    // kubectl exec: stdout and stderr apart, the exit code as kubectl reports it, stdin.
+    let out = cp.kubectl(&["exec", "-n", &ns, "sleeper", "--", "tool", "stderr", "oops"])?;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!((text(&out.stdout).as_str(), text(&out.stderr).as_str()), ("to stdout\n", "oops\n"));
+    let out = cp.kubectl(&["exec", "-n", &ns, "sleeper", "--", "tool", "exit", "3"])?;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(text(&out.stderr).contains("command terminated with exit code 3"), "{out:?}");
+    let out = kubectl_with_input(cp, &["exec", "-i", "-n", &ns, "sleeper", "--", "tool", "stdin"], b"typed in")?;
+    assert_eq!(text(&out.stdout), "typed in", "{out:?}");
+    let out = cp.kubectl(&["exec", "-n", &ns, "sleeper", "--", "/no/such"])?;
+    assert!(!out.status.success() && text(&out.stderr).contains("no such file or directory"), "{out:?}");
+
+    // kubectl port-forward carries HTTP to the wasm server.
+    let local = wasmlet_tests::free_port();
+    let mut pf = std::process::Command::new(cp.bin.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&cp.admin)
+        .args(["port-forward", "-n", &ns, "pod/web", &format!("{local}:8080")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut answer = String::new();
+    let got = cp.wait("an answer through kubectl port-forward", Duration::from_secs(30), || {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", local)) else { return Ok(false) };
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /ready HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        answer.clear();
+        let _ = s.read_to_string(&mut answer);
+        Ok(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"))
+    });
+    let _ = pf.kill();
+    let pf_out = pf.wait_with_output()?;
+    got.map_err(|e| anyhow::anyhow!("{e}: {answer:?} {}\n{}", text(&pf_out.stderr), node.log()))?;
+
+    // The node API itself: anonymous refused, a token without the rights refused, one with
+    // nodes/proxy let in.
+    assert_eq!(node_api_status(&node, "/healthz", None)?, "401");
+    cp.kubectl_ok(&["create", "serviceaccount", "-n", &ns, "nobody"])?;
+    cp.kubectl_ok(&["create", "serviceaccount", "-n", &ns, "prober"])?;
+    let role = format!("node-proxy-{ns}");
+    cp.kubectl_ok(&["create", "clusterrole", &role, "--verb=get,create", "--resource=nodes/proxy"])?;
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        &role,
+        &format!("--clusterrole={role}"),
+        &format!("--serviceaccount={ns}:prober"),
+    ])?;
+    let nobody = cp.kubectl_ok(&["create", "token", "-n", &ns, "nobody"])?;
+    let prober = cp.kubectl_ok(&["create", "token", "-n", &ns, "prober"])?;
+    assert_eq!(node_api_status(&node, "/healthz", Some(nobody.trim()))?, "403");
+    assert_eq!(node_api_status(&node, "/healthz", Some("not-a-token"))?, "401");
+    cp.wait("RBAC lets the prober in", Duration::from_secs(30), || {
+        Ok(node_api_status(&node, "/healthz", Some(prober.trim()))? == "200")
+    })?;
+    assert_eq!(node_api_status(&node, &format!("/containerLogs/{ns}/sleeper/c"), Some(prober.trim()))?, "200");
+    // Through the API server, a user without the rights is refused.
+    let no_rights = cp.kubectl(&["--as", "system:serviceaccount:default:nobody", "logs", "-n", &ns, "sleeper"])?;
+    assert!(!no_rights.status.success() && text(&no_rights.stderr).contains("forbidden"), "{no_rights:?}");
     Ok(())
 }

@@ -41,13 +41,13 @@ async fn runtime_answers_what_a_kubelet_checks() {
     .unwrap();
 
     for (what, code) in [
-        (rt.exec(cri::ExecRequest::default()).await.err(), Code::Unimplemented),
-        (rt.attach(cri::AttachRequest::default()).await.err(), Code::Unimplemented),
-        (rt.port_forward(cri::PortForwardRequest::default()).await.err(), Code::Unimplemented),
+        (rt.exec(cri::ExecRequest::default()).await.err(), Code::InvalidArgument),
+        (rt.attach(cri::AttachRequest::default()).await.err(), Code::InvalidArgument),
+        (rt.port_forward(cri::PortForwardRequest::default()).await.err(), Code::InvalidArgument),
         (rt.checkpoint_container(cri::CheckpointContainerRequest::default()).await.err(), Code::Unimplemented),
     ] {
         let e = what.expect("must refuse");
-        assert_eq!(e.code(), code);
+        assert_eq!(e.code(), code, "{e:?}");
         assert!(e.message().len() > 20, "says why: {}", e.message());
     }
     let d = rt.list_metric_descriptors(cri::ListMetricDescriptorsRequest {}).await.unwrap().into_inner();

@@ -188,6 +188,31 @@ static int serve(int port) {
     }
 }
 
+// Counts what each connection sends until the client ends its side, answers the count and
+// closes (a bulk-transfer sink, for throughput measurements).
+static int sink(int port) {
+    wasi_sockets_tcp_own_tcp_socket_t sock;
+    if (listen_on(port, &sock)) return 1;
+    wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
+    for (;;) {
+        wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_own_output_stream_t conn = accept_on(s);
+        unsigned long long total = 0;
+        for (;;) {
+            net_list_u8_t chunk;
+            wasi_io_streams_stream_error_t err;
+            if (!wasi_io_streams_method_input_stream_blocking_read(wasi_io_streams_borrow_input_stream(conn.f1), 65536,
+                                                                   &chunk, &err))
+                break;
+            total += chunk.len;
+            net_list_u8_free(&chunk);
+        }
+        char reply[32];
+        int n = snprintf(reply, sizeof reply, "%llu\n", total);
+        write_all(conn.f2, reply, (size_t)n);
+        close_conn(conn);
+    }
+}
+
 // Exactly N bytes from IN into BUF: 1, or 0 at the end of the stream.
 static int read_exact(wasi_io_streams_own_input_stream_t in, uint8_t *buf, size_t n) {
     size_t got = 0;
@@ -345,6 +370,7 @@ int main(int argc, char **argv) {
         return serve(atoi(argv[2]));
     }
     if (argc >= 3 && !strcmp(argv[1], "udp-echo")) return udp_echo(atoi(argv[2]));
+    if (argc >= 3 && !strcmp(argv[1], "sink")) return sink(atoi(argv[2]));
     if (argc >= 4 && !strcmp(argv[1], "grpc-health")) return grpc_health(atoi(argv[2]), atoi(argv[3]));
     if (argc >= 5 && !strcmp(argv[1], "connect")) return connect_to(argv[2], atoi(argv[3]), argv[4]);
     if (argc >= 3 && !strcmp(argv[1], "lookup")) {
@@ -354,6 +380,6 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) print_ip(&addrs[i]);
         return 0;
     }
-    fprintf(stderr, "usage: net serve PORT | udp-echo PORT | grpc-health PORT N | connect HOST PORT MSG | lookup NAME\n");
+    fprintf(stderr, "usage: net serve PORT | sink PORT | udp-echo PORT | grpc-health PORT N | connect HOST PORT MSG | lookup NAME\n");
     return 2;
 }

@@ -12,7 +12,7 @@ extern char **environ;
 
 static int usage(void) {
     fprintf(stderr, "usage: tool hello|echo ARGS|env|cat PATH|write PATH TEXT|exit N|trap|loop|"
-                    "sleep SECS|long N|stderr TEXT|grow MIB|ls DIR\n");
+                    "sleep SECS|long N|stderr TEXT|grow MIB|stdin|count|isatty\n");
     return 2;
 }
 
@@ -91,6 +91,25 @@ int main(int argc, char **argv) {
             sum += blocks[i][i];
         }
         printf("grew %d MiB\n", (int)sum);
+    } else if (!strcmp(cmd, "stdin")) {
+        // Copies stdin to stdout; how much it read goes to stderr.
+        static char buf[65536];
+        size_t n;
+        long long total = 0;
+        while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) {
+            fwrite(buf, 1, n, stdout);
+            total += n;
+        }
+        fflush(stdout);
+        fprintf(stderr, "read %lld bytes\n", total);
+    } else if (!strcmp(cmd, "count")) {
+        static char buf[65536];
+        size_t n;
+        long long total = 0;
+        while ((n = fread(buf, 1, sizeof buf, stdin)) > 0) total += n;
+        printf("read %lld bytes\n", total);
+    } else if (!strcmp(cmd, "isatty")) {
+        printf("stdin=%d stdout=%d stderr=%d\n", isatty(0), isatty(1), isatty(2));
     } else if (!strcmp(cmd, "partial")) {
         printf("no newline at the end");
     } else {

@@ -43,9 +43,10 @@ pub fn hostname() -> String {
 /// each side spends can be told apart.
 pub struct LocalNode {
     pub node: Arc<Node>,
-    socket: PathBuf,
+    /// The in-process CRI socket.
+    pub socket: PathBuf,
     stop_server: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
     threads: tokio::runtime::Runtime,
 }
 

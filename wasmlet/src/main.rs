@@ -84,6 +84,15 @@ enum Command {
         /// The node's InternalIP [default: the host name's first non-loopback IPv4 address].
         #[arg(long)]
         node_ip: Option<String>,
+        /// The node API's port (the config's `port`, 10250 by default).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The node API's serving certificate (PEM; the config's `tlsCertFile`).
+        #[arg(long, requires = "tls_private_key_file")]
+        tls_cert_file: Option<PathBuf>,
+        /// Its key (PEM; the config's `tlsPrivateKeyFile`).
+        #[arg(long, requires = "tls_cert_file")]
+        tls_private_key_file: Option<PathBuf>,
         #[arg(long, env = "WASMLET_CONFIG")]
         config: Option<PathBuf>,
         #[arg(long, env = "WASMLET_ROOT")]
@@ -143,6 +152,8 @@ struct Config {
     network: wasmlet_runtime::net::NetworkOptions,
     /// Per-pod scratch files.
     run_dir: Option<PathBuf>,
+    /// Where the CRI streaming server (exec, attach, port-forward) listens.
+    stream_address: Option<std::net::SocketAddr>,
     /// The node's settings, named as KubeletConfiguration names them.
     #[serde(default)]
     node: wasmlet_kubelet::node::NodeConfig,
@@ -160,6 +171,10 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # Per-pod scratch files (the pods' /etc files, their pinned network namespaces): best on a
 # tmpfs. Default: a directory of its own under /dev/shm, else <root>/run.
 # run_dir = "/run/wasmlet/pods"
+
+# Where the CRI streaming server listens: Exec, Attach and PortForward answer single-use URLs
+# on it. Default: a free port on 127.0.0.1 (reachable by a kubelet on this machine only).
+# stream_address = "127.0.0.1:10010"
 
 # Registries, by host as image references spell it. Mirrors are tried in order before the
 # registry itself ("http://" for plain HTTP); images keep their canonical names. Loopback
@@ -197,6 +212,15 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # kubeAPIBurst = 100
 # port = 10250
 # rotateCertificates = true
+# The node API (logs, exec, port-forward through the API server): where it listens, its
+# serving certificate (default: a self-signed one made at each start), and the CA of the
+# client certificates it accepts (default: the cluster's CA, from the kubeconfig). Bearer
+# tokens are checked with a TokenReview; every request is authorized with a
+# SubjectAccessReview on the Node's subresources; anonymous requests are refused.
+# address = "0.0.0.0"
+# tlsCertFile = "/var/lib/wasmlet/pki/kubelet.crt"
+# tlsPrivateKeyFile = "/var/lib/wasmlet/pki/kubelet.key"
+# authentication = { x509 = { clientCAFile = "/etc/kubernetes/pki/ca.crt" } }
 "#;
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
@@ -377,11 +401,19 @@ fn run() -> Result<()> {
             pod_manifest_path,
             hostname_override,
             node_ip,
+            port,
+            tls_cert_file,
+            tls_private_key_file,
             config,
             root,
         } => {
             let file = load_config(config.as_deref())?;
-            let node = file.node.clone();
+            let mut node = file.node.clone();
+            // Flags win over the file.
+            node.port = port.unwrap_or(node.port);
+            if tls_cert_file.is_some() {
+                (node.tls_cert_file, node.tls_private_key_file) = (tls_cert_file, tls_private_key_file);
+            }
             let (root, run_dir, runtime) = runtime_setup(file, root, uid, &[]);
             rt.block_on(node_cmd::run(
                 node_cmd::NodeArgs {
@@ -439,7 +471,12 @@ fn runtime_setup(
     let registries = wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(insecure_registries);
     let root = root.or(file.root).unwrap_or_else(default_root);
     let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
-    let options = wasmlet_runtime::RuntimeOptions { registries, network: file.network, run_dir: Some(run_dir.clone()) };
+    let options = wasmlet_runtime::RuntimeOptions {
+        registries,
+        network: file.network,
+        run_dir: Some(run_dir.clone()),
+        stream_address: file.stream_address,
+    };
     (root, run_dir, options)
 }
 

@@ -43,6 +43,52 @@ fn node_ip(flag: Option<&str>, host: &str) -> Result<String> {
     Ok(found.map_or_else(|| "127.0.0.1".to_string(), |ip| ip.to_string()))
 }
 
+/// Starts the node's HTTPS API (logs, exec, port-forward) on `address:port`.
+async fn node_api(
+    cfg: &NodeConfig,
+    client: kube::Client,
+    kubeconfig: &std::path::Path,
+    socket: &std::path::Path,
+    name: &str,
+    ip: &str,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use anyhow::Context;
+    use wasmlet_kubelet::node::server;
+    let (cert, key) = match (&cfg.tls_cert_file, &cfg.tls_private_key_file) {
+        (Some(c), Some(k)) => (
+            std::fs::read(c).with_context(|| format!("tlsCertFile {}", c.display()))?,
+            std::fs::read(k).with_context(|| format!("tlsPrivateKeyFile {}", k.display()))?,
+        ),
+        _ => {
+            let (c, k) = server::self_signed(name, ip)?;
+            (c.into_bytes(), k.into_bytes())
+        }
+    };
+    // Client certificates chain to the clientCAFile, else to the cluster's CA.
+    let client_cas: Vec<Vec<u8>> = match &cfg.authentication.x509.client_ca_file {
+        Some(f) => {
+            let pem = std::fs::read(f).with_context(|| format!("clientCAFile {}", f.display()))?;
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .map(|c| c.map(|c| c.to_vec()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("clientCAFile {}: {e}", f.display()))?
+        }
+        None => wasmlet_kubelet::node::client::load(kubeconfig, "kubeconfig").await?.1.root_cert.unwrap_or_default(),
+    };
+    let tls = server::tls_config(&cert, &key, &client_cas)?;
+    let addr = std::net::SocketAddr::new(cfg.address.parse()?, cfg.port);
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("node API on {addr}"))?;
+    let channel = cri_proto::connect_unix(socket).await.context("connect the node API to the CRI")?;
+    let srv = Arc::new(server::NodeServer {
+        client,
+        cri: wasmlet_kubelet::cri::Cri::new(channel),
+        node_name: name.to_string(),
+    });
+    tracing::info!(address = %addr, "node API listening");
+    Ok(tokio::spawn(server::serve(listener, tls, srv)))
+}
+
 pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     if a.kubeconfig.is_none() && a.pod_manifest_path.is_none() {
         bail!("wasmlet node needs --kubeconfig (join a cluster), --pod-manifest-path (static pods), or both");
@@ -99,6 +145,8 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
             wasmlet_kubelet::node::api::NodeAdmitter::start(client.clone(), &a.config, &agent.facts).await,
         ));
         tasks.push(tokio::spawn(agent.clone().run_status()));
+        let kubeconfig = a.kubeconfig.as_deref().expect("a client comes from a kubeconfig");
+        tasks.push(node_api(&a.config, client.clone(), kubeconfig, &local.socket, &name, &ip).await?);
         tasks.push(tokio::spawn(agent.clone().run_lease()));
         // No pod's environment is built before the Services are known.
         if let Some(o) = &api_objects {

@@ -52,6 +52,32 @@ pub struct NodeConfig {
     /// Rotate the client certificate TLS bootstrapping issued before it expires (on by
     /// default, as kubeadm configures kubelets).
     pub rotate_certificates: bool,
+    /// The address the node API listens on.
+    pub address: String,
+    /// The node API's serving certificate and key (PEM files); without them a self-signed one
+    /// is made at each start.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_private_key_file: Option<std::path::PathBuf>,
+    /// Who may call the node API.
+    pub authentication: Authentication,
+}
+
+/// KubeletConfiguration's `authentication`: client certificates signed by the client CA (by
+/// default the cluster's CA, from the kubeconfig), and bearer tokens checked with the API
+/// server (TokenReview). Anonymous requests are refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct Authentication {
+    pub x509: X509,
+}
+
+/// Client certificate authentication.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct X509 {
+    /// PEM bundle of the CAs client certificates must chain to.
+    #[serde(rename = "clientCAFile")]
+    pub client_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -73,6 +99,10 @@ impl Default for NodeConfig {
             kube_api_burst: 100,
             port: 10250,
             rotate_certificates: true,
+            address: "0.0.0.0".into(),
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            authentication: Authentication::default(),
         }
     }
 }
@@ -101,6 +131,12 @@ impl NodeConfig {
         }
         if self.kube_api_qps <= 0.0 || self.kube_api_burst == 0 {
             return Err("kubeAPIQPS and kubeAPIBurst must be positive".into());
+        }
+        self.address
+            .parse::<std::net::IpAddr>()
+            .map_err(|_| format!("address: {:?} is not an IP address", self.address))?;
+        if self.tls_cert_file.is_some() != self.tls_private_key_file.is_some() {
+            return Err("tlsCertFile and tlsPrivateKeyFile go together".into());
         }
         for ip in &self.cluster_dns {
             ip.parse::<std::net::IpAddr>().map_err(|_| format!("clusterDNS: {ip:?} is not an IP address"))?;

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod mirror;
 pub mod objects;
+pub mod server;
 pub mod status;
 pub mod throttle;
 

@@ -96,6 +96,9 @@ pub struct RuntimeOptions {
     pub network: NetworkOptions,
     /// Where per-pod scratch files go (`/etc` files, namespace pins); None: [`default_run_dir`].
     pub run_dir: Option<PathBuf>,
+    /// Where the streaming server (exec, attach, port-forward URLs) listens; None: a free port
+    /// on 127.0.0.1.
+    pub stream_address: Option<std::net::SocketAddr>,
 }
 
 /// A directory on tmpfs for `root`'s per-pod scratch files when `/dev/shm` is there (creating
@@ -288,6 +291,11 @@ impl Runtime {
     /// Where state lives.
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// Where the streaming server listens.
+    pub fn stream_address(&self) -> std::net::SocketAddr {
+        self.inner.options.stream_address.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

@@ -14,6 +14,29 @@ use super::spec::*;
 use super::{PodNet, Runtime, State};
 
 impl Runtime {
+    /// A TCP connection to `port` on a ready sandbox's loopback, made from inside its network
+    /// (port forwarding). The error reads as Go's dialer words it.
+    pub async fn connect_in_pod(&self, sandbox_id: &str, port: u16) -> Result<tokio::net::TcpStream> {
+        let net = {
+            let state = self.state();
+            if !state.sandboxes.contains_key(sandbox_id) {
+                return Err(Error::sandbox_not_found(sandbox_id));
+            }
+            state.guest_net(sandbox_id)?
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let dial = move || std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10));
+        let connected = tokio::task::spawn_blocking(move || match net {
+            GuestNet::Pod(ns) => ns.run_inside(dial),
+            GuestNet::Host | GuestNet::None => dial(),
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("dial task: {e}")))?;
+        let tcp = connected.map_err(|e| Error::FailedPrecondition(dial_error(addr, &e)))?;
+        tcp.set_nonblocking(true).map_err(|e| Error::Internal(format!("socket: {e}")))?;
+        tokio::net::TcpStream::from_std(tcp).map_err(|e| Error::Internal(format!("socket: {e}")))
+    }
+
     /// Where a pod's DNS queries go out: from its own namespace when it has routes (cni mode),
     /// else from the host's, on wasmlet's behalf.
     pub(super) fn dns_route(&self, net: &GuestNet) -> (tokio::runtime::Handle, Option<Arc<NetNs>>) {
@@ -209,4 +232,18 @@ impl Runtime {
             let _ = f.await;
         }
     }
+}
+
+/// A dial error in Go's words (`dial tcp4 127.0.0.1:80: connect: connection refused`), which
+/// is what clients of a kubelet expect to read.
+fn dial_error(addr: std::net::SocketAddr, e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    let what = match e.kind() {
+        K::ConnectionRefused => "connect: connection refused".to_string(),
+        K::TimedOut => "i/o timeout".to_string(),
+        K::HostUnreachable => "connect: no route to host".to_string(),
+        K::NetworkUnreachable => "connect: network is unreachable".to_string(),
+        _ => format!("connect: {e}"),
+    };
+    format!("dial tcp4 {addr}: {what}")
 }

@@ -78,7 +78,7 @@ pub(super) fn guest_spec(
         dns.netns = dns_route.1.clone();
         Arc::new(dns)
     });
-    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns, stop: None, http_listener: None })
+    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns, stop: None, http_listener: None, session: None })
 }
 
 /// A mount with its host path resolved.
@@ -173,17 +173,63 @@ pub(super) fn log_file(sandbox: &SandboxSpec, spec: &ContainerSpec) -> Result<Op
     Ok(Some(Path::new(&sandbox.log_directory).join(rel)))
 }
 
-/// The host file behind `guest_path` if it is a `.wasm` file inside one of the preopens.
-pub(super) fn wasm_in_container(preopens: &[Preopen], guest_path: &str) -> Option<PathBuf> {
-    if !guest_path.ends_with(".wasm") || !guest_path.starts_with('/') {
-        return None;
-    }
+/// PATH when the container sets none (the kubelet's and runc's default).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The host file behind an absolute guest path, if it is inside one of the preopens (a symlink
+/// that leads out of its mount does not count).
+fn host_file(preopens: &[Preopen], guest_path: &str) -> Option<PathBuf> {
     let guest = Path::new(guest_path);
     let best = preopens.iter().filter(|p| guest.starts_with(&p.guest)).max_by_key(|p| p.guest.len())?;
     let rel = guest.strip_prefix(&best.guest).ok()?;
+    let root = fs::canonicalize(&best.host).ok()?;
     let host = fs::canonicalize(best.host.join(rel)).ok()?;
-    // A symlink that leads out of the mount does not count.
-    (host.starts_with(&best.host) && host.is_file()).then_some(host)
+    host.starts_with(&root).then_some(host)
+}
+
+fn is_wasm(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && magic == *b"\0asm"
+}
+
+/// What an exec's `cmd[0]` names, resolved as a process's would be in the container's
+/// filesystem (its image and mounts): a path (with a `/`, relative ones from the working
+/// directory) must be a wasm module or component there; a name is looked for along the
+/// container's PATH, as NAME or NAME.wasm. `Ok(None)`: a name found nowhere, so the container's
+/// own program runs with `argv = cmd` (how a multi-call binary sees its name).
+pub(super) fn resolve_command(
+    preopens: &[Preopen],
+    env: &[(String, String)],
+    cwd: Option<&str>,
+    cmd0: &str,
+) -> std::result::Result<Option<PathBuf>, String> {
+    if cmd0.contains('/') {
+        let guest = if cmd0.starts_with('/') {
+            cmd0.to_string()
+        } else {
+            format!("{}/{cmd0}", cwd.unwrap_or("/").trim_end_matches('/'))
+        };
+        let Some(host) = host_file(preopens, &guest) else {
+            return Err(format!("{cmd0:?}: no such file or directory"));
+        };
+        if !host.is_file() {
+            return Err(format!("{cmd0:?} is not a file (cannot execute it)"));
+        }
+        if !is_wasm(&host) {
+            return Err(format!("{cmd0:?} is not a wasm module or component (cannot execute it)"));
+        }
+        return Ok(Some(host));
+    }
+    let path = env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    for dir in path.split(':').filter(|d| d.starts_with('/')) {
+        for name in [cmd0.to_string(), format!("{cmd0}.wasm")] {
+            let guest = format!("{}/{name}", dir.trim_end_matches('/'));
+            if let Some(host) = host_file(preopens, &guest).filter(|h| h.is_file() && is_wasm(h)) {
+                return Ok(Some(host));
+            }
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -217,19 +263,32 @@ mod tests {
     }
 
     #[test]
-    fn exec_wasm_lookup_stays_inside_mounts() {
+    fn exec_commands_resolve_as_a_process_would() {
         let dir = tempfile::tempdir().unwrap();
         let mount = dir.path().join("m");
-        fs::create_dir(&mount).unwrap();
-        fs::write(mount.join("tool.wasm"), b"x").unwrap();
-        fs::write(dir.path().join("outside.wasm"), b"x").unwrap();
+        fs::create_dir_all(mount.join("bin")).unwrap();
+        fs::write(mount.join("tool.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        fs::write(mount.join("bin/sh"), b"\0asm\x01\0\0\0").unwrap();
+        fs::write(mount.join("bin/ls.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        fs::write(mount.join("bin/script"), b"#!/bin/sh\n").unwrap();
+        fs::write(dir.path().join("outside.wasm"), b"\0asm\x01\0\0\0").unwrap();
         std::os::unix::fs::symlink(dir.path().join("outside.wasm"), mount.join("link.wasm")).unwrap();
-        let preopens =
-            vec![Preopen { host: fs::canonicalize(&mount).unwrap(), guest: "/data".into(), read_only: true }];
-        assert!(wasm_in_container(&preopens, "/data/tool.wasm").is_some());
-        assert!(wasm_in_container(&preopens, "/data/link.wasm").is_none());
-        assert!(wasm_in_container(&preopens, "/data/../outside.wasm").is_none());
-        assert!(wasm_in_container(&preopens, "/other/tool.wasm").is_none());
-        assert!(wasm_in_container(&preopens, "tool.wasm").is_none());
+        let preopens = vec![Preopen { host: mount.clone(), guest: "/".into(), read_only: true }];
+        let r = |cmd: &str| resolve_command(&preopens, &[], Some("/bin"), cmd);
+        let host = |p: &str| Some(fs::canonicalize(mount.join(p)).unwrap());
+        assert_eq!(r("/tool.wasm").unwrap(), host("tool.wasm"));
+        assert_eq!(r("/bin/sh").unwrap(), host("bin/sh"), "a wasm file needs no suffix");
+        assert_eq!(r("sh").unwrap(), host("bin/sh"), "names are looked for along PATH");
+        assert_eq!(r("ls").unwrap(), host("bin/ls.wasm"), "as NAME or NAME.wasm");
+        assert_eq!(r("./sh").unwrap(), host("bin/sh"), "relative paths from the working directory");
+        assert_eq!(r("tool").unwrap(), None, "a name found nowhere runs the container's own program");
+        assert_eq!(r("script").unwrap(), None, "what is not wasm is not a command");
+        assert!(r("/bin/script").unwrap_err().contains("is not a wasm module or component"));
+        assert!(r("/no/such").unwrap_err().contains("no such file or directory"));
+        assert!(r("/link.wasm").unwrap_err().contains("no such file"), "a symlink out of the mount");
+        assert!(r("/../outside.wasm").unwrap_err().contains("no such file"));
+        assert!(r("/bin").unwrap_err().contains("is not a file"));
+        let env = vec![("PATH".to_string(), "/nowhere".to_string())];
+        assert_eq!(resolve_command(&preopens, &env, None, "sh").unwrap(), None, "the container's PATH is used");
     }
 }

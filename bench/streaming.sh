@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The streaming benchmark (docs/benchmarks.md): builds the release wasmlet, unpacks crictl from
+# ../shared/k8s, then runs tests/benches/streaming.rs: exec round trips (wasmlet's Exec over
+# SPDY, fork+exec of /bin/echo, crictl exec) and 100 MB through crictl port-forward against a
+# direct connection, in one run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ../shared/k8s/install.sh "$PWD/target/k8s" >/dev/null
+export WASMLET_K8S_BIN="$PWD/target/k8s"
+cargo build --release -q -p wasmlet
+cargo bench -q -p wasmlet-tests --bench streaming

@@ -1,0 +1,24 @@
+//! The runtime behind the CRI streaming server: exec sessions as new instances in a
+//! container's context, port forwarding from inside a pod's network.
+
+use wasmlet_streaming::{AttachRequest, Backend, ExecRequest, Stdio};
+
+use crate::Runtime;
+
+/// [`Backend`] over a [`Runtime`].
+pub struct StreamBackend(pub Runtime);
+
+#[async_trait::async_trait]
+impl Backend for StreamBackend {
+    async fn exec(&self, req: &ExecRequest, io: Stdio) -> Result<i32, String> {
+        self.0.exec_session(&req.container_id, &req.cmd, io).await.map_err(|e| e.to_string())
+    }
+
+    async fn attach(&self, req: &AttachRequest, _io: Stdio) -> Result<(), String> {
+        Err(format!("container {}: attach is not served yet", req.container_id))
+    }
+
+    async fn port_forward(&self, sandbox_id: &str, port: u16) -> Result<tokio::net::TcpStream, String> {
+        self.0.connect_in_pod(sandbox_id, port).await.map_err(|e| e.to_string())
+    }
+}

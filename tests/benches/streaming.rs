@@ -1,0 +1,194 @@
+//! Streaming benchmark (run by `bash bench/streaming.sh`, which builds the release binary and
+//! unpacks crictl first), in one run:
+//! - exec round trip of `tool hello` in a running wasm container: the CRI Exec call, the
+//!   upgrade to SPDY, the streams, the new instance, its output and the exit status, with an
+//!   in-process SPDY client; beside it, fork+exec+wait of `/bin/echo` here, the floor of what
+//!   a process-based runtime (runc, containerd) pays before its own overhead; and `crictl
+//!   exec` end to end (crictl's own start included);
+//! - port-forward throughput: 100 MB through `crictl port-forward` to a wasm sink in the
+//!   pod, and the same 100 MB on a direct connection to it.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wasmlet_streaming::spdy::{Connection, Role};
+use wasmlet_tests::*;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1000.0
+}
+
+/// One exec of `cmd` over SPDY, as crictl does it; the stdout it returned.
+async fn exec_once(rt: &mut RuntimeClient, id: &str, cmd: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .url;
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(host).await?;
+    tcp.set_nodelay(true)?;
+    tcp.write_all(
+        format!(
+            "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut b).await? == 0 {
+            anyhow::bail!("no upgrade");
+        }
+        head.push(b[0]);
+    }
+    let (c, _) = Connection::start(tcp, Role::Client);
+    let mut error = c.open(vec![("streamtype".into(), "error".into())]).await?;
+    let mut stdout = c.open(vec![("streamtype".into(), "stdout".into())]).await?;
+    let mut out = Vec::new();
+    while let Some(d) = stdout.rx.recv().await {
+        out.extend_from_slice(&d);
+    }
+    let mut status = Vec::new();
+    while let Some(d) = error.rx.recv().await {
+        status.extend_from_slice(&d);
+    }
+    anyhow::ensure!(status.ends_with(br#""status":"Success"}"#), "exec failed: {}", String::from_utf8_lossy(&status));
+    c.close().await;
+    Ok(out)
+}
+
+/// Sends `total` bytes to the sink at 127.0.0.1:`port`, ends its side and reads the count back.
+fn transfer(port: u16, total: usize) -> anyhow::Result<Duration> {
+    let chunk = vec![b'w'; 256 * 1024];
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        s.write_all(&chunk[..n])?;
+        sent += n;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let took = start.elapsed();
+    anyhow::ensure!(reply.trim() == total.to_string(), "the sink counted {reply:?}, not {total}");
+    Ok(took)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(());
+    }
+    let runs = env("RUNS", 200);
+    let megabytes = env("MEGABYTES", 100);
+    let crictl =
+        wasmlet_tests::cluster::k8s_bin().expect("crictl: bash ../shared/k8s/install.sh target/k8s").join("crictl");
+    let server = Server::start().await?;
+    server.import(tool_module(), "tool")?;
+    server.import(net_component(), "net")?;
+    let mut rt = server.runtime().await;
+    let mut cfg = sandbox_config(&server, "bench-streaming");
+    host_network(&mut cfg);
+    let sb = run_sandbox(&mut rt, &cfg).await?;
+    let sleeper = start(&mut rt, &sb, &cfg, container_config("sleeper", "tool", &["sleep", "100000"])).await;
+    wait_log(&mut rt, &sleeper, "sleeping", Duration::from_secs(30)).await?;
+    let port = free_port();
+    let sink = start(&mut rt, &sb, &cfg, net_config("sink", &["sink", &port.to_string()])).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "the sink {sink} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Exec round trips.
+    for _ in 0..10 {
+        exec_once(&mut rt, &sleeper, &["tool", "hello"]).await?;
+    }
+    let mut wasm = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = exec_once(&mut rt, &sleeper, &["tool", "hello"]).await?;
+        wasm.push(t.elapsed());
+        anyhow::ensure!(out == b"hello from wasm\n", "{out:?}");
+    }
+    let mut fork = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = Command::new("/bin/echo").arg("hello").output()?;
+        fork.push(t.elapsed());
+        anyhow::ensure!(out.status.success());
+    }
+    let endpoint = format!("unix://{}", server.socket().display());
+    let crictl_runs = runs.min(50);
+    let mut via_crictl = Vec::with_capacity(crictl_runs);
+    for _ in 0..crictl_runs {
+        let t = Instant::now();
+        let out = Command::new(&crictl)
+            .args(["--runtime-endpoint", &endpoint, "exec", &sleeper, "tool", "hello"])
+            .stderr(Stdio::null())
+            .output()?;
+        via_crictl.push(t.elapsed());
+        anyhow::ensure!(out.stdout == b"hello from wasm\n", "{out:?}");
+    }
+    println!("exec round trip of `tool hello` / `echo hello`, {runs} runs (crictl: {crictl_runs}):");
+    println!("| what | p50 ms | p99 ms |");
+    println!("|---|---|---|");
+    for (what, v) in [
+        ("wasmlet Exec over SPDY (in-process client)", &mut wasm),
+        ("fork+exec+wait of /bin/echo (a process runtime's floor)", &mut fork),
+        ("crictl exec end to end (crictl's own start included)", &mut via_crictl),
+    ] {
+        println!("| {what} | {:.2} | {:.2} |", percentile(v, 0.5), percentile(v, 0.99));
+    }
+
+    // Port-forward throughput against a direct connection.
+    let total = megabytes << 20;
+    let local = free_port();
+    let mut pf = Command::new(&crictl)
+        .args(["--runtime-endpoint", &endpoint, "port-forward", &sb, &format!("{local}:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", local)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "crictl port-forward never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mb = total as f64 / 1e6;
+    let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        direct.push(transfer(port, total)?);
+        forwarded.push(transfer(local, total)?);
+    }
+    let _ = pf.kill();
+    let _ = pf.wait();
+    let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
+    let (d, f) = (best(&direct), best(&forwarded));
+    println!();
+    println!("{megabytes} MiB into a wasm sink in the pod (best of 3):");
+    println!("| path | seconds | MB/s |");
+    println!("|---|---|---|");
+    println!("| direct connection to the pod | {:.3} | {:.0} |", d.as_secs_f64(), mb / d.as_secs_f64());
+    println!("| crictl port-forward (SPDY) | {:.3} | {:.0} |", f.as_secs_f64(), mb / f.as_secs_f64());
+    println!("port-forward / direct: {:.2}", d.as_secs_f64() / f.as_secs_f64());
+    Ok(())
+}
