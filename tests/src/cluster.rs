@@ -356,6 +356,27 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.exists())
 }
 
+/// A node address that is not loopback (the API server's node proxy refuses to proxy to
+/// loopback), on a bridge of its own on this machine that [`local_address`] makes: traffic to
+/// it stays here. Every node's serving certificate names it.
+pub const NODE_API_IP: &str = "10.253.0.1";
+
+/// Puts `ip`/32 on a bridge of its own (this kernel has no dummy links); idempotent; needs
+/// root, as the cluster tests do.
+pub fn local_address(ip: &str) -> Result<()> {
+    let run = |args: &[&str]| Command::new("ip").args(args).output().context("run ip");
+    let _ = run(&["link", "add", "wasmlet-api0", "type", "bridge"])?;
+    for args in
+        [vec!["addr", "replace", &format!("{ip}/32"), "dev", "wasmlet-api0"], vec!["link", "set", "wasmlet-api0", "up"]]
+    {
+        let out = run(&args)?;
+        if !out.status.success() {
+            bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
 /// A `wasmlet node` process joined to the control plane, on a root of its own.
 pub struct WasmletNode {
     pub name: String,
@@ -363,6 +384,8 @@ pub struct WasmletNode {
     pub kubeconfig: PathBuf,
     /// The node API's port (a free one: many nodes share this machine).
     pub port: u16,
+    /// Its InternalIP (127.0.0.1 unless a test sets another before `spawn`).
+    pub ip: String,
     child: Option<Child>,
     /// More `wasmlet node` arguments.
     pub extra: Vec<String>,
@@ -388,7 +411,7 @@ impl WasmletNode {
             &cp.dir,
             &format!("serving-{name}"),
             &format!("/CN={name}"),
-            Some(&format!("IP:127.0.0.1,DNS:{name}")),
+            Some(&format!("IP:127.0.0.1,IP:{NODE_API_IP},DNS:{name}")),
         )?;
         for ext in ["crt", "key"] {
             std::fs::copy(cp.dir.join(format!("serving-{name}.{ext}")), dir.path().join(format!("serving.{ext}")))?;
@@ -399,6 +422,7 @@ impl WasmletNode {
             dir,
             kubeconfig,
             port,
+            ip: "127.0.0.1".into(),
             child: None,
             extra: Vec::new(),
             config: config.into(),
@@ -436,7 +460,7 @@ impl WasmletNode {
             .arg(&self.kubeconfig)
             .arg("--hostname-override")
             .arg(&self.name)
-            .args(["--node-ip", "127.0.0.1", "--port", &self.port.to_string(), "--tls-cert-file"])
+            .args(["--node-ip", &self.ip, "--port", &self.port.to_string(), "--tls-cert-file"])
             .arg(self.dir.path().join("serving.crt"))
             .arg("--tls-private-key-file")
             .arg(self.dir.path().join("serving.key"))

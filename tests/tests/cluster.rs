@@ -924,14 +924,18 @@ fn node_api_status(node: &WasmletNode, path: &str, token: Option<&str>) -> Resul
     if let Some(t) = token {
         c.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
-    let out = c.arg(format!("https://127.0.0.1:{}{path}", node.port)).output()?;
+    let out = c.arg(format!("https://{}:{}{path}", node.ip, node.port)).output()?;
     Ok(text(&out.stdout))
 }
 
 #[test]
 fn kubectl_logs_exec_and_port_forward_reach_the_node_api() -> Result<()> {
     let Some(cp) = ControlPlane::shared() else { return Ok(()) };
-    let node = WasmletNode::start(cp, "wasm-node-api", &[(tool_module(), "tool:1"), (&web(), "web:1")], FAST)?;
+    // The API server's node proxy (get --raw .../proxy/...) refuses loopback addresses.
+    wasmlet_tests::cluster::local_address(wasmlet_tests::cluster::NODE_API_IP)?;
+    let mut node = WasmletNode::prepare(cp, "wasm-node-api", &[(tool_module(), "tool:1"), (&web(), "web:1")], FAST)?;
+    node.ip = wasmlet_tests::cluster::NODE_API_IP.into();
+    node.spawn()?;
     wait_node_ready(cp, &node)?;
     let ns = cp.namespace("api")?;
     let pod = |name: &str, image: &str, args: &str, restart: &str| {
@@ -1011,6 +1015,31 @@ fn kubectl_logs_exec_and_port_forward_reach_the_node_api() -> Result<()> {
     let pf_out = pf.wait_with_output()?;
     got.map_err(|e| anyhow::anyhow!("{e}: {answer:?} {}\n{}", text(&pf_out.stderr), node.log()))?;
 
+    // Resource figures through the API server's node proxy, as metrics-server reads them.
+    let raw = |path: &str| cp.kubectl_ok(&["get", "--raw", &format!("/api/v1/nodes/{}/proxy{path}", node.name)]);
+    let summary: Value = serde_json::from_str(&raw("/stats/summary")?)?;
+    assert_eq!(summary["node"]["nodeName"], node.name.as_str());
+    assert!(summary["node"]["cpu"]["usageCoreNanoSeconds"].as_u64().unwrap_or(0) > 0, "{summary}");
+    let sleeper = summary["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["podRef"]["name"] == "sleeper" && p["podRef"]["namespace"] == ns.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("no sleeper in {summary}"));
+    assert_eq!(sleeper["containers"][0]["name"], "c");
+    assert!(sleeper["memory"]["workingSetBytes"].as_u64().unwrap_or(0) > 0, "{sleeper}");
+    let running: Value = serde_json::from_str(&raw("/runningpods/")?)?;
+    assert!(running["items"].as_array().into_iter().flatten().any(|p| p["metadata"]["name"] == "sleeper"), "{running}");
+    let bound: Value = serde_json::from_str(&raw("/pods")?)?;
+    assert_eq!(bound["kind"], "PodList");
+    assert!(bound["items"].as_array().into_iter().flatten().any(|p| p["metadata"]["name"] == "web"), "{bound}");
+    let configz: Value = serde_json::from_str(&raw("/configz")?)?;
+    assert_eq!(configz["kubeletconfig"]["port"], node.port);
+    let metrics = raw("/metrics/resource")?;
+    let line = format!("container_cpu_usage_seconds_total{{container=\"c\",namespace=\"{ns}\",pod=\"sleeper\"}} ");
+    assert!(metrics.contains(&line) && metrics.contains("node_memory_working_set_bytes "), "{metrics}");
+
     // The node API itself: anonymous refused, a token without the rights refused, one with
     // nodes/proxy let in.
     assert_eq!(node_api_status(&node, "/healthz", None)?, "401");
@@ -1033,6 +1062,8 @@ fn kubectl_logs_exec_and_port_forward_reach_the_node_api() -> Result<()> {
         Ok(node_api_status(&node, "/healthz", Some(prober.trim()))? == "200")
     })?;
     assert_eq!(node_api_status(&node, &format!("/containerLogs/{ns}/sleeper/c"), Some(prober.trim()))?, "200");
+    // nodes/proxy is not nodes/stats.
+    assert_eq!(node_api_status(&node, "/stats/summary", Some(prober.trim()))?, "403");
     // Through the API server, a user without the rights is refused.
     let no_rights = cp.kubectl(&["--as", "system:serviceaccount:default:nobody", "logs", "-n", &ns, "sleeper"])?;
     assert!(!no_rights.status.success() && text(&no_rights.stderr).contains("forbidden"), "{no_rights:?}");

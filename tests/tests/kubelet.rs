@@ -16,6 +16,7 @@ struct Run {
     seen: Vec<String>,
     _dir: tempfile::TempDir,
     root: PathBuf,
+    config: PathBuf,
 }
 
 fn setup(manifest: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
@@ -80,7 +81,8 @@ impl Run {
                 let _ = tx2.send(format!("stderr: {l}"));
             }
         });
-        Run { child, lines: rx, seen: Vec::new(), _dir: dir, root }
+        let config = config.clone();
+        Run { child, lines: rx, seen: Vec::new(), _dir: dir, root, config }
     }
 
     /// Waits for a line matching `pred`; panics with everything seen after `limit`.
@@ -133,6 +135,25 @@ impl Run {
 
     fn output(&self) -> String {
         self.seen.join("\n")
+    }
+
+    /// `wasmlet exec ARGS` against this run, with `input` on its stdin.
+    fn exec(&self, args: &[&str], input: &[u8]) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new(wasmlet_bin())
+            .arg("exec")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
     }
 
     fn logs(&self, pod: &str, container: &str, previous: bool) -> String {
@@ -794,4 +815,36 @@ spec:
     let pid = rustix::process::Pid::from_raw(node.child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     assert_eq!(node.finish(limit), 0, "{}", node.output());
+}
+
+#[test]
+fn wasmlet_exec_runs_commands_in_a_running_pod() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: shell}
+spec:
+  containers:
+  - {name: app, image: "tool:1", args: [sleep, "600"]}
+  - {name: side, image: "tool:1", args: [sleep, "600"]}
+"#,
+    );
+    run.wait_status("shell", Duration::from_secs(30), |ready, s, _| ready == "2/2" && s == "Running");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let out = run.exec(&["shell", "-c", "app", "--", "tool", "stderr", "oops"], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!((text(&out.stdout).as_str(), text(&out.stderr).as_str()), ("to stdout\n", "oops\n"));
+    let out = run.exec(&["shell", "-c", "side", "--", "tool", "exit", "7"], b"");
+    assert_eq!(out.status.code(), Some(7), "the command's exit code is wasmlet exec's: {out:?}");
+    let out = run.exec(&["shell", "-c", "app", "-i", "--", "tool", "stdin"], b"piped in");
+    assert_eq!(text(&out.stdout), "piped in", "{out:?}");
+    let out = run.exec(&["shell", "--", "tool", "hello"], b"");
+    assert!(!out.status.success() && text(&out.stderr).contains("several containers (app, side)"), "{out:?}");
+    let out = run.exec(&["nosuch", "--", "tool"], b"");
+    assert!(!out.status.success() && text(&out.stderr).contains("no running container of pod \"nosuch\""), "{out:?}");
+    let out = run.exec(&["shell", "-c", "app", "--", "/no/such"], b"");
+    assert!(!out.status.success() && text(&out.stderr).contains("no such file or directory"), "{out:?}");
+    run.interrupt();
+    run.finish(Duration::from_secs(30));
 }

@@ -1,6 +1,7 @@
 //! `wasmlet`: the node agent binary.
 
 mod client;
+mod exec_cmd;
 mod local_node;
 mod node_cmd;
 mod progress;
@@ -93,6 +94,26 @@ enum Command {
         /// Its key (PEM; the config's `tlsPrivateKeyFile`).
         #[arg(long, requires = "tls_cert_file")]
         tls_private_key_file: Option<PathBuf>,
+        #[arg(long, env = "WASMLET_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "WASMLET_ROOT")]
+        root: Option<PathBuf>,
+    },
+    /// Run a command in a container of a pod that `wasmlet run` runs (as `kubectl exec`).
+    Exec {
+        pod: String,
+        /// Container name (needed when the pod has several).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Pass stdin to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Give the command a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// The command and its arguments (after --).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
         #[arg(long, env = "WASMLET_CONFIG")]
         config: Option<PathBuf>,
         #[arg(long, env = "WASMLET_ROOT")]
@@ -429,6 +450,12 @@ fn run() -> Result<()> {
                 },
                 shutdown_signal(),
             ))
+        }
+        Command::Exec { pod, container, stdin, tty, command, config, root } => {
+            let (_, run_dir, _) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
+            let args = exec_cmd::ExecArgs { pod: &pod, container: container.as_deref(), stdin, tty, cmd: command };
+            let code = rt.block_on(exec_cmd::exec(&run_dir, args))?;
+            std::process::exit(code)
         }
         Command::Logs { pod, container, follow, previous, root } => {
             let root = root.unwrap_or_else(default_root);

@@ -84,6 +84,8 @@ async fn node_api(
         client,
         cri: wasmlet_kubelet::cri::Cri::new(channel),
         node_name: name.to_string(),
+        started: std::time::SystemTime::now(),
+        config: cfg.clone(),
     });
     tracing::info!(address = %addr, "node API listening");
     Ok(tokio::spawn(server::serve(listener, tls, srv)))

@@ -39,6 +39,10 @@ pub struct NodeServer {
     pub client: kube::Client,
     pub cri: Cri,
     pub node_name: String,
+    /// When the node started (the summary's node startTime).
+    pub started: SystemTime,
+    /// The node's settings (`/configz`).
+    pub config: super::NodeConfig,
 }
 
 /// Who made a request.
@@ -137,6 +141,12 @@ fn cert_user(der: &CertificateDer<'_>) -> Option<User> {
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
+    r
+}
+
+fn json(v: &serde_json::Value) -> Response<Body> {
+    let mut r = full(StatusCode::OK, v.to_string());
+    r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("a valid header"));
     r
 }
 
@@ -258,6 +268,11 @@ impl NodeServer {
         let pairs = query_pairs(req.uri().query().unwrap_or(""));
         let result = match parts.as_slice() {
             ["healthz"] => Ok(text(StatusCode::OK, "ok")),
+            ["stats", "summary"] => self.stats_summary().await,
+            ["configz"] => Ok(json(&serde_json::json!({"kubeletconfig": self.config}))),
+            ["pods"] => self.pods().await,
+            ["runningpods"] => self.running_pods().await,
+            ["metrics", "resource"] => self.metrics_resource().await,
             ["containerLogs", ns, pod, container] => self.logs(ns, pod, container, &pairs).await,
             [verb @ ("exec" | "attach"), ns, pod, container] | [verb @ ("exec" | "attach"), ns, pod, _, container] => {
                 let (verb, ns, pod, container) =
@@ -271,6 +286,85 @@ impl NodeServer {
             _ => Ok(text(StatusCode::NOT_FOUND, "404 page not found")),
         };
         result.unwrap_or_else(|(status, msg)| text(status, &msg))
+    }
+
+    /// The pods bound to this node, as a PodList.
+    async fn pods(&self) -> Result<Response<Body>, (StatusCode, String)> {
+        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::all(self.client.clone());
+        let lp = kube::api::ListParams::default().fields(&format!("spec.nodeName={}", self.node_name));
+        let list = api.list(&lp).await.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let items = serde_json::to_value(&list.items).unwrap_or_default();
+        Ok(json(&serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})))
+    }
+
+    /// The pods the runtime runs, as the kubelet's /runningpods lists them: names, uids and
+    /// their running containers.
+    async fn running_pods(&self) -> Result<Response<Body>, (StatusCode, String)> {
+        let (sandboxes, containers) = self.cri_lists().await?;
+        let items: Vec<serde_json::Value> = sandboxes
+            .iter()
+            .filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32)
+            .map(|s| {
+                let m = s.metadata.clone().unwrap_or_default();
+                let cs: Vec<serde_json::Value> = containers
+                    .iter()
+                    .filter(|c| c.pod_sandbox_id == s.id && c.state == cri::ContainerState::ContainerRunning as i32)
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+                            "image": c.image.as_ref().map(|i| i.image.clone()).unwrap_or_default(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "metadata": {"name": m.name, "namespace": m.namespace, "uid": m.uid},
+                    "spec": {"containers": cs},
+                    "status": {},
+                })
+            })
+            .collect();
+        Ok(json(&serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})))
+    }
+
+    /// Every sandbox and container the runtime has.
+    async fn cri_lists(&self) -> Result<(Vec<cri::PodSandbox>, Vec<cri::Container>), (StatusCode, String)> {
+        let mut rt = self.cri.rt.clone();
+        let sandboxes = rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }).await.map_err(grpc)?;
+        let containers = rt.list_containers(cri::ListContainersRequest { filter: None }).await.map_err(grpc)?;
+        Ok((sandboxes.into_inner().items, containers.into_inner().containers))
+    }
+
+    /// The ready pods' figures, from the CRI.
+    async fn pod_stats(&self) -> Result<Vec<super::stats::PodStat>, (StatusCode, String)> {
+        let (sandboxes, containers) = self.cri_lists().await?;
+        let mut rt = self.cri.rt.clone();
+        let stats = rt
+            .list_container_stats(cri::ListContainerStatsRequest { filter: None })
+            .await
+            .map_err(grpc)?
+            .into_inner()
+            .stats;
+        Ok(super::stats::pods(&sandboxes, &containers, &stats))
+    }
+
+    async fn stats_summary(&self) -> Result<Response<Body>, (StatusCode, String)> {
+        let pods = self.pod_stats().await?;
+        let nanos = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        let node = super::stats::node_usage();
+        let body = super::stats::summary(&self.node_name, nanos(self.started), nanos(SystemTime::now()), &node, &pods);
+        let mut r = full(StatusCode::OK, body.to_string());
+        r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("a valid header"));
+        Ok(r)
+    }
+
+    async fn metrics_resource(&self) -> Result<Response<Body>, (StatusCode, String)> {
+        let pods = self.pod_stats().await?;
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        let body = super::stats::resource_metrics(now, &super::stats::node_usage(), &pods);
+        let mut r = full(StatusCode::OK, body);
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("a valid header"));
+        Ok(r)
     }
 
     async fn token_user(&self, headers: &HeaderMap) -> Result<Option<User>, kube::Error> {
