@@ -34,6 +34,7 @@ fn engine_run(c: &mut Criterion) {
                 dns: None,
                 stop: None,
                 http_listener: None,
+                stdin: None,
                 session: None,
             };
             rt.block_on(engine.run(&program, spec, Arc::new(GuestMeter::default())))

@@ -734,10 +734,19 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::AttachRequest>,
     ) -> std::result::Result<Response<cri::AttachResponse>, Status> {
-        self.running(&req.get_ref().container_id)?;
-        unimplemented(
-            "Attach is not served yet: a wasm container's own stdin and output cannot be attached to; use Exec",
-        )
+        let r = req.into_inner();
+        self.running(&r.container_id)?;
+        let url = self
+            .streaming
+            .attach_url(wasmlet_streaming::AttachRequest {
+                container_id: r.container_id,
+                tty: r.tty,
+                stdin: r.stdin,
+                stdout: r.stdout,
+                stderr: r.stderr,
+            })
+            .map_err(stream_status)?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     #[tracing::instrument(skip_all, fields(sandbox = %req.get_ref().pod_sandbox_id))]

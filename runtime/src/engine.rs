@@ -102,8 +102,9 @@ pub struct GuestSpec {
     /// A wasi:http server's listener, bound in the pod's namespace before StartContainer
     /// answers (so a started server accepts at once, and a taken port fails the start).
     pub http_listener: Option<Arc<std::net::TcpListener>>,
-    /// A streaming session's streams (exec, attach): they replace stdout and stderr, and give
-    /// the guest a stdin.
+    /// fd 0 of a container with `stdin` (attach sessions write to it); else it reads as empty.
+    pub stdin: Option<Arc<crate::stdio::Term<wasmtime_wasi::cli::AsyncStdinStream>>>,
+    /// An exec session's streams: they replace stdout and stderr, and give the guest a stdin.
     pub session: Option<crate::stdio::SessionIo>,
 }
 
@@ -552,6 +553,9 @@ pub(crate) fn build_wasi(spec: &GuestSpec, meter: &Arc<GuestMeter>) -> std::resu
     // with std::thread::sleep, which holds the executor thread (every guest on it, and the
     // kill of this one) for the whole sleep.
     b.allow_blocking_current_thread(false);
+    if let Some(i) = &spec.stdin {
+        b.stdin(i.clone());
+    }
     if let Some(s) = &spec.session {
         if let Some(i) = &s.stdin {
             b.stdin(i.clone());
@@ -628,6 +632,7 @@ mod tests {
             dns: None,
             stop: None,
             http_listener: None,
+            stdin: None,
             session: None,
         }
     }

@@ -1,4 +1,5 @@
-//! Guest stdout/stderr: CRI log files and capped in-memory capture (for ExecSync).
+//! Guest stdout/stderr: CRI log files and capped in-memory capture (for ExecSync), and the
+//! taps attached clients read a container's output from.
 //!
 //! A CRI log record is `<RFC3339Nano UTC> <stdout|stderr> <P|F> <text>\n`. A guest's output is
 //! cut at newlines; a line longer than [`MAX_LINE`] is written as `P` pieces followed by an `F`
@@ -88,6 +89,10 @@ pub struct GuestOutput {
     stream: Stream,
     target: Target,
     pending: Arc<Mutex<Vec<u8>>>,
+    /// Attached clients (a container's output; none for exec).
+    taps: Option<Taps>,
+    /// The guest sees a terminal (a container with `tty`).
+    terminal: bool,
 }
 
 impl GuestOutput {
@@ -107,7 +112,19 @@ impl GuestOutput {
     }
 
     fn new(stream: Stream, target: Target) -> GuestOutput {
-        GuestOutput { stream, target, pending: Arc::new(Mutex::new(Vec::new())) }
+        GuestOutput { stream, target, pending: Arc::new(Mutex::new(Vec::new())), taps: None, terminal: false }
+    }
+
+    /// Also hands every write to the clients attached to `taps`.
+    pub fn tapped(mut self, taps: Taps) -> GuestOutput {
+        self.taps = Some(taps);
+        self
+    }
+
+    /// Tells the guest whether this stream is a terminal.
+    pub fn terminal(mut self, tty: bool) -> GuestOutput {
+        self.terminal = tty;
+        self
     }
 
     /// The bytes captured so far (empty for other targets).
@@ -119,6 +136,9 @@ impl GuestOutput {
     }
 
     fn write(&self, bytes: &[u8]) {
+        if let Some(taps) = &self.taps {
+            taps.send(bytes);
+        }
         match &self.target {
             Target::Discard => {}
             Target::Capture(buf, limit) => {
@@ -136,8 +156,12 @@ impl GuestOutput {
         }
     }
 
-    /// Writes out a pending unterminated line as a full record: the guest has ended.
+    /// Writes out a pending unterminated line as a full record and lets attached clients go:
+    /// the guest has ended.
     pub fn finish(&self) {
+        if let Some(taps) = &self.taps {
+            taps.close();
+        }
         if let Target::Log(log) = &self.target {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             if !pending.is_empty() {
@@ -193,7 +217,44 @@ fn push_record(out: &mut Vec<u8>, ts: &str, stream: Stream, tag: char, text: &[u
 
 impl IsTerminal for GuestOutput {
     fn is_terminal(&self) -> bool {
-        false
+        self.terminal
+    }
+}
+
+/// How many chunks an attached client may fall behind before it misses output. A slow client
+/// never holds the guest up (its output still reaches the log in full).
+const TAP_QUEUE: usize = 256;
+
+/// The clients attached to one container stream. Clones share them.
+#[derive(Clone, Default)]
+pub struct Taps(Arc<Mutex<Vec<tokio::sync::mpsc::Sender<Bytes>>>>);
+
+impl Taps {
+    /// A new client: it gets what is written from now on, and `None` once the guest has ended.
+    pub fn subscribe(&self) -> tokio::sync::mpsc::Receiver<Bytes> {
+        let (tx, rx) = tokio::sync::mpsc::channel(TAP_QUEUE);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+        rx
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        let mut taps = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if taps.is_empty() {
+            return;
+        }
+        let chunk = Bytes::copy_from_slice(bytes);
+        taps.retain(|tx| match tx.try_send(chunk.clone()) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(bytes = chunk.len(), "an attached client falls behind: output dropped for it");
+                true
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+
+    fn close(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 

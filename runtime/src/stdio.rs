@@ -17,6 +17,12 @@ pub struct Term<S> {
     tty: bool,
 }
 
+impl<S> Term<S> {
+    pub fn new(inner: S, tty: bool) -> Term<S> {
+        Term { inner, tty }
+    }
+}
+
 impl<S> IsTerminal for Term<S> {
     fn is_terminal(&self) -> bool {
         self.tty

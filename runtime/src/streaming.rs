@@ -1,5 +1,6 @@
 //! The runtime behind the CRI streaming server: exec sessions as new instances in a
-//! container's context, port forwarding from inside a pod's network.
+//! container's context, attach to a container's own streams, port forwarding from inside a
+//! pod's network.
 
 use wasmlet_streaming::{AttachRequest, Backend, ExecRequest, Stdio};
 
@@ -14,8 +15,8 @@ impl Backend for StreamBackend {
         self.0.exec_session(&req.container_id, &req.cmd, io).await.map_err(|e| e.to_string())
     }
 
-    async fn attach(&self, req: &AttachRequest, _io: Stdio) -> Result<(), String> {
-        Err(format!("container {}: attach is not served yet", req.container_id))
+    async fn attach(&self, req: &AttachRequest, io: Stdio) -> Result<(), String> {
+        self.0.attach_session(&req.container_id, io).await.map_err(|e| e.to_string())
     }
 
     async fn port_forward(&self, sandbox_id: &str, port: u16) -> Result<tokio::net::TcpStream, String> {

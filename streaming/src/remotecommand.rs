@@ -203,9 +203,20 @@ impl Status {
 }
 
 /// What the session runs.
+#[derive(Debug, Clone)]
 pub(crate) enum Call {
     Exec(ExecRequest),
     Attach(AttachRequest),
+}
+
+impl Call {
+    /// The streams the request asked for.
+    pub(crate) fn options(&self) -> Options {
+        match self {
+            Call::Exec(r) => Options { stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, tty: r.tty },
+            Call::Attach(r) => Options { stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, tty: r.tty },
+        }
+    }
 }
 
 /// Runs the session: pumps the streams, calls the backend, reports the status, closes. When the

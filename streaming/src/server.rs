@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 
 use crate::channels::{self, negotiate};
-use crate::remotecommand::{self, Call, Options, SPDY_EXEC_PROTOCOLS};
+use crate::remotecommand::{self, Call, SPDY_EXEC_PROTOCOLS};
 use crate::{AttachRequest, Backend, Error, ExecRequest, PortForwardRequest, portforward, spdy};
 
 /// Streaming server settings (the kubelet's streaming.Config defaults).
@@ -48,18 +48,16 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone)]
 enum Cached {
-    Exec(ExecRequest),
-    Attach(AttachRequest),
+    Session(Call),
     PortForward(PortForwardRequest),
 }
 
 impl Cached {
     fn path(&self) -> &'static str {
         match self {
-            Cached::Exec(_) => "exec",
-            Cached::Attach(_) => "attach",
+            Cached::Session(Call::Exec(_)) => "exec",
+            Cached::Session(Call::Attach(_)) => "attach",
             Cached::PortForward(_) => "portforward",
         }
     }
@@ -128,7 +126,7 @@ impl Server {
             return Err(Error::InvalidRequest(format!("exec in container {}: empty command", req.container_id)));
         }
         check_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
-        self.insert(Cached::Exec(req))
+        self.insert(Cached::Session(Call::Exec(req)))
     }
 
     /// The URL for an Attach request.
@@ -137,7 +135,7 @@ impl Server {
             return Err(Error::InvalidRequest("missing required container_id".into()));
         }
         check_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
-        self.insert(Cached::Attach(req))
+        self.insert(Cached::Session(Call::Attach(req)))
     }
 
     /// The URL for a PortForward request.
@@ -270,8 +268,8 @@ fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     portforward::serve_spdy(conn, incoming, backend, pf.sandbox_id, timeout).await
                 }
                 Cached::PortForward(pf) => portforward::serve_ws(ws, &protocol, ports, backend, pf.sandbox_id).await,
-                other => {
-                    let (opts, call) = session_of(other);
+                Cached::Session(call) => {
+                    let opts = call.options();
                     let s = remotecommand::ws_session(ws, &protocol, opts).await;
                     remotecommand::run(s, backend, call).await;
                 }
@@ -322,8 +320,8 @@ fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let timeout = inner.cfg.stream_creation_timeout;
         match cached {
             Cached::PortForward(pf) => portforward::serve_spdy(conn, incoming, backend, pf.sandbox_id, timeout).await,
-            other => {
-                let (opts, call) = session_of(other);
+            Cached::Session(call) => {
+                let opts = call.options();
                 match remotecommand::spdy_session(conn.clone(), incoming, &protocol, opts, timeout).await {
                     Ok(s) => remotecommand::run(s, backend, call).await,
                     Err(e) => {
@@ -335,14 +333,4 @@ fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
     });
     resp
-}
-
-fn session_of(c: Cached) -> (Options, Call) {
-    match c {
-        Cached::Exec(r) => (Options { stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, tty: r.tty }, Call::Exec(r)),
-        Cached::Attach(r) => {
-            (Options { stdin: r.stdin, stdout: r.stdout, stderr: r.stderr, tty: r.tty }, Call::Attach(r))
-        }
-        Cached::PortForward(_) => unreachable!("port forwards are not remote command sessions"),
-    }
 }

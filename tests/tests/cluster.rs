@@ -929,7 +929,7 @@ fn node_api_status(node: &WasmletNode, path: &str, token: Option<&str>) -> Resul
 }
 
 #[test]
-fn kubectl_logs_exec_and_port_forward_reach_the_node_api() -> Result<()> {
+fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> {
     let Some(cp) = ControlPlane::shared() else { return Ok(()) };
     // The API server's node proxy (get --raw .../proxy/...) refuses loopback addresses.
     wasmlet_tests::cluster::local_address(wasmlet_tests::cluster::NODE_API_IP)?;
@@ -948,10 +948,13 @@ fn kubectl_logs_exec_and_port_forward_reach_the_node_api() -> Result<()> {
     cp.apply(&ns, &pod("short", "tool:1", "[sleep, \"3\"]", "Never"))?;
     cp.apply(&ns, &pod("crasher", "tool:1", "[exit, \"1\"]", "Always"))?;
     cp.apply(&ns, &pod("web", "web:1", "[]", "Always"))?;
+    let typist = pod("typist", "tool:1", "[stdin]", "Never")
+        .replace("args: [stdin]", "args: [stdin], stdin: true, stdinOnce: true");
+    cp.apply(&ns, &typist)?;
     cp.wait("pods running", Duration::from_secs(60), || {
         let all = pods(cp, &ns, "")?;
         let running = |n: &str| all.iter().any(|p| p["metadata"]["name"] == n && p["status"]["phase"] == "Running");
-        Ok(running("sleeper") && running("web"))
+        Ok(running("sleeper") && running("web") && running("typist"))
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
 
@@ -991,6 +994,13 @@ fn kubectl_logs_exec_and_port_forward_reach_the_node_api() -> Result<()> {
     assert_eq!(text(&out.stdout), "typed in", "{out:?}");
     let out = cp.kubectl(&["exec", "-n", &ns, "sleeper", "--", "/no/such"])?;
     assert!(!out.status.success() && text(&out.stderr).contains("no such file or directory"), "{out:?}");
+
+    // kubectl attach: what it types reaches the container's stdin (stdinOnce: its end closes
+    // it, and `tool stdin` ends), the container's output comes back.
+    let out = kubectl_with_input(cp, &["attach", "-i", "-n", &ns, "typist", "-c", "c"], b"typed to attach\n")?;
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stdout).contains("typed to attach\n"), "{out:?}");
+    assert!(text(&out.stderr).contains("read 16 bytes"), "{out:?}");
 
     // kubectl port-forward carries HTTP to the wasm server.
     let local = wasmlet_tests::free_port();

@@ -1,6 +1,6 @@
 //! The CRI streaming server against crictl (a Go client: SPDY through moby/spdystream, and
 //! WebSocket), on the real server with real wasm: exec with stdin, stdout, stderr, exit codes
-//! and a tty; port-forward to a wasm server; single-use URLs; bad commands.
+//! and a tty; attach to a container's stdin and output; port-forward to a wasm server; single-use URLs; bad commands.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -63,9 +63,19 @@ impl Pod {
 
     /// `crictl exec ARGS` with `stdin` as its standard input.
     fn exec(&self, args: &[&str], stdin: &[u8]) -> Output {
+        self.run("exec", args, stdin)
+    }
+
+    /// `crictl attach ARGS` with `stdin` as its standard input.
+    fn attach(&self, args: &[&str], stdin: &[u8]) -> Output {
+        self.run("attach", args, stdin)
+    }
+
+    /// `crictl COMMAND ARGS` with `stdin` as its standard input.
+    fn run(&self, command: &str, args: &[&str], stdin: &[u8]) -> Output {
         let mut child = self
             .crictl()
-            .arg("exec")
+            .arg(command)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -136,6 +146,38 @@ async fn crictl_exec_over_spdy_and_websocket() {
     let out = pod.exec(&["nosuchcontainer", "tool"], b"");
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("not found"), "{out:?}");
+}
+
+#[tokio::test]
+async fn crictl_attach_reaches_a_containers_stdin_and_output() {
+    let Some(mut pod) = Pod::new("attach").await else { return };
+    for transport in ["spdy", "websocket"] {
+        // stdinOnce: what the session types reaches the container, and its end closes the
+        // container's stdin, so `tool stdin` ends; its output reaches the session and the log.
+        let mut cfg = container_config(&format!("once-{transport}"), "tool", &["stdin"]);
+        cfg.stdin = true;
+        cfg.stdin_once = true;
+        let id = start(&mut pod.rt, &pod.sandbox, &pod.config, cfg).await;
+        let out = pod.attach(&["--transport", transport, "-i", &id], b"typed into attach\n");
+        assert!(out.status.success(), "{transport}: {out:?}");
+        assert_eq!(text(&out.stdout), "typed into attach\n", "{transport}: {out:?}");
+        assert!(text(&out.stderr).contains("read 18 bytes"), "{transport}: {out:?}");
+        let status = wait_exited(&mut pod.rt, &id, WAIT).await.unwrap();
+        assert_eq!(status.exit_code, 0, "{transport}");
+        let log = read_log(std::path::Path::new(&status.log_path)).unwrap();
+        assert_eq!(texts(&log, "stdout"), ["typed into attach"], "{transport}");
+    }
+    // Output only: a session joins a running container, gets what it writes from then on,
+    // and ends when the container does.
+    let id = start(&mut pod.rt, &pod.sandbox, &pod.config, container_config("later", "tool", &["sleep", "2"])).await;
+    wait_log(&mut pod.rt, &id, "sleeping", WAIT).await.unwrap();
+    let out = pod.attach(&[&id], b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout), "slept\n", "{out:?}");
+    // A stopped container cannot be attached to.
+    let out = pod.attach(&[&id], b"");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(text(&out.stderr).contains("not running"), "{out:?}");
 }
 
 #[tokio::test]

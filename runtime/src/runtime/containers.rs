@@ -14,6 +14,7 @@ use crate::model::*;
 use crate::podfiles;
 use crate::{Error, Result};
 
+use super::attach::Attachable;
 use super::spec::*;
 use super::{Entry, EventKind, Inner, Live, Runtime, START_ERROR_EXIT_CODE, Usage, new_id, now_nanos};
 
@@ -120,11 +121,11 @@ impl Runtime {
             (entry.record.clone(), entry.program.clone(), hostname, net)
         };
         let prepared = net.and_then(|net| self.prepare_start(&record, program, &hostname, net)).and_then(
-            |(program, mut spec, log)| {
+            |(program, mut spec, log, attach)| {
                 if matches!(program, Program::Http(_)) {
                     spec.http_listener = crate::http::bind(&spec)?;
                 }
-                Ok((program, spec, log))
+                Ok((program, spec, log, attach))
             },
         );
         let mut state = self.state();
@@ -133,7 +134,7 @@ impl Runtime {
         if entry.record.state != ContainerState::Running {
             return Ok(());
         }
-        let (program, spec, log) = match prepared {
+        let (program, spec, log, attach) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 let status = ExitStatus {
@@ -180,7 +181,7 @@ impl Runtime {
             let _ = done_tx.send(true);
         });
         if let Some(entry) = state.containers.get_mut(id) {
-            entry.live = Some(Live { kill: Some(kill_tx), stop: stop_tx, done: done_rx, log });
+            entry.live = Some(Live { kill: Some(kill_tx), stop: stop_tx, done: done_rx, log, attach });
         }
         tracing::info!(container = %id, "container started");
         self.emit(&record, EventKind::Started);
@@ -194,7 +195,7 @@ impl Runtime {
         program: Option<Program>,
         hostname: &str,
         net: GuestNet,
-    ) -> Result<(Program, GuestSpec, Option<Arc<LogFile>>)> {
+    ) -> Result<(Program, GuestSpec, Option<Arc<LogFile>>, Attachable)> {
         let program = match program {
             Some(p) => p,
             // After a restart: the compiled-code cache has it, so this does not compile.
@@ -213,12 +214,16 @@ impl Runtime {
         };
         let pod_dir = podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, &rec.sandbox_id);
         let dns = self.dns_route(&net);
-        let (stdout, stderr) = (output(Stream::Stdout), output(Stream::Stderr));
+        let (attach, stdin) = Attachable::new(rec.spec.stdin, rec.spec.stdin_once, rec.spec.tty);
+        let tty = rec.spec.tty;
+        let stdout = output(Stream::Stdout).tapped(attach.stdout.clone()).terminal(tty);
+        let stderr = output(Stream::Stderr).tapped(attach.stderr.clone()).terminal(tty);
         let mut spec = guest_spec(rec, &pod_dir, &dns, hostname, net, stdout, stderr)?;
+        spec.stdin = stdin;
         if spec.args.is_empty() {
             spec.args.push(rec.spec.metadata.name.clone());
         }
-        Ok((program, spec, log))
+        Ok((program, spec, log, attach))
     }
 
     pub(super) fn record_exit(&self, id: &str, status: ExitStatus) {

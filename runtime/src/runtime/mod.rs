@@ -27,6 +27,7 @@ use crate::model::*;
 use crate::net::{Cidr, Ipam, NetNs, NetworkMode, NetworkOptions};
 use crate::{Error, Result};
 
+mod attach;
 mod containers;
 mod exec;
 mod images;
@@ -210,6 +211,7 @@ struct Live {
     stop: watch::Sender<bool>,
     done: watch::Receiver<bool>,
     log: Option<Arc<LogFile>>,
+    attach: attach::Attachable,
 }
 
 impl Runtime {

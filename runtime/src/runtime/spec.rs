@@ -78,7 +78,20 @@ pub(super) fn guest_spec(
         dns.netns = dns_route.1.clone();
         Arc::new(dns)
     });
-    Ok(GuestSpec { args, env, preopens, cwd, stdout, stderr, net, dns, stop: None, http_listener: None, session: None })
+    Ok(GuestSpec {
+        args,
+        env,
+        preopens,
+        cwd,
+        stdout,
+        stderr,
+        net,
+        dns,
+        stop: None,
+        http_listener: None,
+        stdin: None,
+        session: None,
+    })
 }
 
 /// A mount with its host path resolved.
