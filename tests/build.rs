@@ -3,7 +3,8 @@
 //! preview 1 adapter; `workloads/net.c`, a command that uses wasi:sockets through C bindings
 //! that wit-bindgen generates here for `workloads/wit/net.wit`, made a component the same way;
 //! `workloads/http.c`, a wasi:http handler built the same way against `workloads/wit/http.wit`
-//! and made a component with the proxy adapter.
+//! and made a component with the proxy adapter; `workloads/box.c`, the conformance userland
+//! (sh, echo, sleep, ...), a preview 1 module.
 //! The test command installs clang, lld and wasi-libc when missing.
 
 use std::path::{Path, PathBuf};
@@ -18,17 +19,23 @@ fn main() {
     componentize(&module, &component_path);
     println!("cargo:rustc-env=WORKLOAD_TOOL={}", module.display());
     println!("cargo:rustc-env=WORKLOAD_TOOL_COMPONENT={}", component_path.display());
+    // The conformance userland: a preview 1 module, as only preview 1 exits with any code (a
+    // component's wasi:cli/exit says success or failure).
+    let userland = out.join("box.wasm");
+    compile_c(&[Path::new("workloads/box.c")], &[], &[], &userland);
+    println!("cargo:rustc-env=WORKLOAD_BOX={}", userland.display());
 
     // One `cargo metadata` for both: it tells where the crates shipping the WIT are.
     let metadata = cargo_metadata();
-    let net = bindings_workload(&out, &metadata, "net", "wasmtime-wasi-48.", "src/p2/wit/deps", &[], COMMAND);
+    let net_bindings = bindings(&out, &metadata, "net", "wasmtime-wasi-48.", "src/p2/wit/deps");
+    let net = bound_workload(&out, "net", "net", &net_bindings, &[], COMMAND);
     println!("cargo:rustc-env=WORKLOAD_NET={}", net.display());
-    let http = bindings_workload(
+    let http_bindings = bindings(&out, &metadata, "http", "wasmtime-wasi-http-48.", "wit/deps");
+    let http = bound_workload(
         &out,
-        &metadata,
         "http",
-        "wasmtime-wasi-http-48.",
-        "wit/deps",
+        "http",
+        &http_bindings,
         &["-mexec-model=reactor"],
         wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_PROXY_ADAPTER,
     );
@@ -37,29 +44,26 @@ fn main() {
 
 const COMMAND: &[u8] = wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER;
 
-/// `workloads/<world>.c` built against C bindings for `workloads/wit/<world>.wit` (whose WIT
-/// dependencies come from the crate `krate`, directory `deps`), with `flags`, made a component
-/// with `adapter`. Returns the component's path.
-fn bindings_workload(
-    out: &Path,
-    metadata: &str,
-    world: &str,
-    krate: &str,
-    deps: &str,
-    flags: &[&str],
-    adapter: &[u8],
-) -> PathBuf {
-    let bindings = out.join(format!("{world}-bindings"));
-    generate_c_bindings(out, world, &wit_deps(metadata, krate, deps), &bindings);
-    let module = out.join(format!("{world}.wasm"));
-    let source = PathBuf::from(format!("workloads/{world}.c"));
+/// C bindings for the world `workloads/wit/<world>.wit`, whose WIT dependencies come from the
+/// crate `krate`, directory `deps`. Returns their directory.
+fn bindings(out: &Path, metadata: &str, world: &str, krate: &str, deps: &str) -> PathBuf {
+    let dir = out.join(format!("{world}-bindings"));
+    generate_c_bindings(out, world, &wit_deps(metadata, krate, deps), &dir);
+    dir
+}
+
+/// `workloads/<name>.c` built against the C bindings of `world` in `dir`, with `flags`, made a
+/// component with `adapter`. Returns the component's path.
+fn bound_workload(out: &Path, name: &str, world: &str, dir: &Path, flags: &[&str], adapter: &[u8]) -> PathBuf {
+    let module = out.join(format!("{name}.wasm"));
+    let source = PathBuf::from(format!("workloads/{name}.c"));
     compile_c(
-        &[&source, &bindings.join(format!("{world}.c")), &bindings.join(format!("{world}_component_type.o"))],
-        &[&bindings],
+        &[&source, &dir.join(format!("{world}.c")), &dir.join(format!("{world}_component_type.o"))],
+        &[dir],
         flags,
         &module,
     );
-    let component = out.join(format!("{world}.component.wasm"));
+    let component = out.join(format!("{name}.component.wasm"));
     componentize_with(&module, &component, adapter);
     component
 }

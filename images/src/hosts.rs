@@ -6,6 +6,9 @@
 //! mirrors = ["http://127.0.0.1:5000", "https://mirror.example"]
 //! [registries."plain.lan:5000"]
 //! insecure = true
+//! [registries."registry.k8s.io"]          # an air-gapped node: the mirror only
+//! mirrors = ["http://127.0.0.1:5000"]
+//! mirrors_only = true
 //! ```
 //!
 //! Images keep their canonical names (`registry.example/app:1`) whichever endpoint served them.
@@ -34,6 +37,9 @@ pub struct HostConfig {
     /// Reach the registry itself over plain HTTP.
     #[serde(default)]
     pub insecure: bool,
+    /// Never reach the registry itself, only its mirrors (ignored without mirrors).
+    #[serde(default)]
+    pub mirrors_only: bool,
 }
 
 /// One place to pull from.
@@ -65,6 +71,9 @@ impl RegistryHosts {
                     .collect()
             })
             .unwrap_or_default();
+        if config.is_some_and(|c| c.mirrors_only) && !out.is_empty() {
+            return out;
+        }
         let insecure = config.is_some_and(|c| c.insecure) || is_loopback(registry);
         out.push(Endpoint { host: registry.to_string(), insecure });
         out
@@ -123,6 +132,10 @@ mod tests {
         let flagged = RegistryHosts::default().with_insecure(&["reg.lan".into()]);
         assert_eq!(flagged.endpoints("reg.lan"), [e("reg.lan", true)]);
         assert!(toml::from_str::<RegistryHosts>("[registries.x]\nmirror = []").is_err(), "typos are refused");
+        let only: RegistryHosts =
+            toml::from_str("[registries.a]\nmirrors = [\"http://127.0.0.1:5\"]\nmirrors_only = true\n[registries.b]\nmirrors_only = true").unwrap();
+        assert_eq!(only.endpoints("a"), [e("127.0.0.1:5", true)]);
+        assert_eq!(only.endpoints("b"), [e("b", false)], "no mirrors: the registry itself");
     }
 
     #[test]

@@ -276,6 +276,20 @@ impl WasmEngine {
         let mut module_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| format!("link wasi preview 1: {e:#}"))?;
+        // A process exits with whatever status a byte holds (a shell's 127 for a command not
+        // found); wasmtime-wasi's proc_exit refuses 126 and more, which would make those
+        // exits traps.
+        module_linker.allow_shadowing(true);
+        module_linker
+            .func_wrap(
+                "wasi_snapshot_preview1",
+                "proc_exit",
+                |_: wasmtime::Caller<'_, P1State>, status: i32| -> wasmtime::Result<()> {
+                    Err(I32Exit(status & 0xff).into())
+                },
+            )
+            .map_err(|e| format!("link proc_exit: {e:#}"))?;
+        module_linker.allow_shadowing(false);
         let mut component_linker = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)
             .map_err(|e| format!("link wasi preview 2: {e:#}"))?;

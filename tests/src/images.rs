@@ -20,6 +20,37 @@ pub fn tar_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// The programs of the conformance userland, each a link to `/bin/box.wasm`.
+pub const USERLAND: &[&str] = &["sh", "echo", "sleep", "top", "cat", "ls", "hostname", "pgrep", "true", "false", "env"];
+
+/// A layer with the conformance userland (`workloads/box.c`) as `/bin/box.wasm` and its
+/// programs as `/bin/<name>` links to it, as a busybox image has them, and the socket workload
+/// (`workloads/net.c`) as `/bin/net.wasm`, run as `/bin/httpd.wasm` a web server on port 80.
+pub fn userland_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, file) in [("bin/box.wasm", crate::box_module()), ("bin/net.wasm", crate::net_component())] {
+        let wasm = std::fs::read(file).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(wasm.len() as u64);
+        h.set_mode(0o755);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, wasm.as_slice()).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_mode(0o777);
+    h.set_entry_type(tar::EntryType::Symlink);
+    b.append_link(&mut h, "bin/httpd.wasm", "net.wasm").unwrap();
+    for name in USERLAND {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_entry_type(tar::EntryType::Symlink);
+        b.append_link(&mut h, format!("bin/{name}"), "box.wasm").unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
 /// The bytes gzipped.
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

@@ -42,6 +42,42 @@ pub fn http_component() -> &'static Path {
     Path::new(env!("WORKLOAD_HTTP"))
 }
 
+/// The conformance userland (`workloads/box.c`): sh, echo, sleep, top, cat, ls, hostname,
+/// pgrep, true, false and env in one preview 1 module, picked by argv[0].
+pub fn box_module() -> &'static Path {
+    Path::new(env!("WORKLOAD_BOX"))
+}
+
+/// A CNI config directory in `dir` with one network on `bridge` over `subnet` (Debian's
+/// `plugin`, bridge for a working one, and host-local addresses), and a wasmlet config file
+/// using it (its path).
+pub fn cni_config(dir: &Path, bridge: &str, subnet: &str, plugin: &str) -> std::path::PathBuf {
+    let conf = dir.join("net.d");
+    std::fs::create_dir_all(&conf).unwrap();
+    let list = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "wasmlet-test",
+        "plugins": [{
+            "type": plugin,
+            "bridge": bridge,
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": dir.join("ipam")},
+        }],
+    });
+    std::fs::write(conf.join("10-test.conflist"), serde_json::to_vec(&list).unwrap()).unwrap();
+    let file = dir.join("wasmlet.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[network]\nmode = \"cni\"\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\", \"/opt/cni/bin\"]\n",
+            conf.display()
+        ),
+    )
+    .unwrap();
+    file
+}
+
 /// A TCP port free on the host's loopback right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")

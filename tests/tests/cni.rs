@@ -3,42 +3,12 @@
 //! other and the host, and StopPodSandbox gives everything back.
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use wasmlet_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A CNI config directory with one bridge network on `bridge` over 10.`a`.`b`.0/24, and a
-/// wasmlet config using it.
-fn cni_config(dir: &Path, bridge: &str, subnet: &str, plugin: &str) -> std::path::PathBuf {
-    let conf = dir.join("net.d");
-    std::fs::create_dir_all(&conf).unwrap();
-    let list = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "wasmlet-test",
-        "plugins": [{
-            "type": plugin,
-            "bridge": bridge,
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": dir.join("ipam")},
-        }],
-    });
-    std::fs::write(conf.join("10-test.conflist"), serde_json::to_vec(&list).unwrap()).unwrap();
-    let file = dir.join("wasmlet.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[network]\nmode = \"cni\"\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\", \"/opt/cni/bin\"]\n",
-            conf.display()
-        ),
-    )
-    .unwrap();
-    file
-}
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()

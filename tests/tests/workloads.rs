@@ -275,6 +275,9 @@ async fn exec_sync_output_exit_codes_and_timeout() {
     assert_eq!((r.stdout.as_slice(), r.stderr.as_slice()), (&b"to stdout\n"[..], &b"oops\n"[..]));
     let r = exec(&["tool", "exit", "9"], 5).await.unwrap();
     assert_eq!(r.exit_code, 9);
+    // Any status a byte holds, as a process's (wasmtime-wasi alone refuses 126 and more).
+    let r = exec(&["tool", "exit", "200"], 5).await.unwrap();
+    assert_eq!(r.exit_code, 200, "{}", String::from_utf8_lossy(&r.stderr));
     let r = exec(&["tool", "trap"], 5).await.unwrap();
     assert_eq!(r.exit_code, 134);
     assert!(String::from_utf8_lossy(&r.stderr).contains("wasm trap"));
@@ -329,4 +332,64 @@ async fn memory_limit_ends_the_container_as_oom_killed() {
     let (s, log) = pod.run(tool("fine", "tool", &["grow", "16"])).await;
     assert_eq!(s.exit_code, 0);
     assert_eq!(texts(&log, "stdout"), ["grew 16 MiB"]);
+}
+
+/// The conformance userland (`workloads/box.c`), the programs critest's images hold: its
+/// shell's grammar, and the programs it runs in the same instance.
+#[tokio::test]
+async fn the_conformance_userland_runs_shell_scripts() {
+    let mut pod = Pod::new("userland").await;
+    pod.server.import(box_module(), "box").unwrap();
+    let data = pod.server.dir.path().join("data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::write(data.join("b.txt"), "bee\n").unwrap();
+    std::fs::write(data.join(".hidden"), "").unwrap();
+    let mut cfg = container_config("shell", "box", &[]);
+    // Its stdin stays open: `sh` waits for commands, as busybox's does in a pod.
+    cfg.command = vec!["sh".into()];
+    cfg.stdin = true;
+    cfg.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: data.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let id = pod.create(cfg).await.unwrap();
+    pod.start(&id).await;
+    let mut rt = pod.rt.clone();
+    let sh = |script: &str| {
+        let req = cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: 10,
+        };
+        let mut rt = rt.clone();
+        async move {
+            let r = rt.exec_sync(req).await.unwrap().into_inner();
+            (String::from_utf8(r.stdout).unwrap(), String::from_utf8(r.stderr).unwrap(), r.exit_code)
+        }
+    };
+    let ok = |out: &str| (out.to_string(), String::new(), 0);
+    assert_eq!(sh("echo -n a; echo b c").await, ok("ab c\n"));
+    assert_eq!(sh("true && echo and; false && echo no; false || echo or; true || echo no").await, ok("and\nor\n"));
+    assert_eq!(sh("false; echo $?; exit 7").await, ("1\n".into(), String::new(), 7));
+    assert_eq!(sh("n=x; while true; do echo \"in $n\"; exit 0; done").await, ok("in x\n"));
+    assert_eq!(sh("until false; do echo once; break_out=1; exit 3; done").await.2, 3);
+    assert_eq!(sh("if false; then echo no; else echo 'else $n'; fi").await, ok("else $n\n"));
+    assert_eq!(sh("ls -A /data; ls /data; cat /data/b.txt").await, ok(".hidden\nb.txt\nsub\nb.txt\nsub\nbee\n"));
+    assert_eq!(sh("hostname").await, ok("userland\n"));
+    assert_eq!(sh("pgrep sleep || echo none; sleep 0.1").await, ok("none\n"));
+    let (_, err, code) = sh("nosuch arg").await;
+    assert_eq!((err.as_str(), code), ("sh: nosuch: not found\n", 127));
+    let (_, err, code) = sh("while true; do echo").await;
+    assert!(err.contains("unexpected end of file") && code == 2, "{err} {code}");
+    let (_, err, code) = sh("cat /data/missing").await;
+    assert!(err.contains("/data/missing") && code == 1, "{err} {code}");
+    // Programs by name through PATH-less exec (the container's own program, argv[0] picks).
+    let r = rt
+        .exec_sync(cri::ExecSyncRequest { container_id: id.clone(), cmd: vec!["echo".into(), "hi".into()], timeout: 5 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stdout, b"hi\n");
 }

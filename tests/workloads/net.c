@@ -8,6 +8,7 @@
 //   lookup NAME       prints NAME's addresses, one per line
 //   udp-echo PORT     UDP server on 0.0.0.0:PORT; answers each datagram with
 //                     "<HOSTNAME> echoes <bytes>"
+//   (run as httpd) HTTP on port 80, its command line logged first
 //   grpc-health PORT N
 //                     gRPC health server over h2c on 0.0.0.0:PORT: answers every call
 //                     (grpc.health.v1.Health/Check) NOT_SERVING N times, then SERVING
@@ -364,7 +365,20 @@ static int udp_echo(int port) {
     }
 }
 
+// Run as httpd (the conformance images' web server, argv[0] .../httpd[.wasm]): serves HTTP on
+// port 80, after logging its command line as Apache's httpd does when it starts.
+static int httpd(int argc, char **argv) {
+    printf("httpd: started; command line: 'httpd");
+    for (int i = 1; i < argc; i++) printf(" %s", argv[i]);
+    printf("'\n");
+    fflush(stdout);
+    return serve(80);
+}
+
 int main(int argc, char **argv) {
+    const char *me = argc ? strrchr(argv[0], '/') : NULL;
+    me = me ? me + 1 : (argc ? argv[0] : "");
+    if (!strcmp(me, "httpd") || !strcmp(me, "httpd.wasm")) return httpd(argc, argv);
     if (argc >= 3 && !strcmp(argv[1], "serve")) {
         stubborn = argc >= 4 && !strcmp(argv[3], "stubborn");
         return serve(atoi(argv[2]));

@@ -202,6 +202,7 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # registries are always reached over plain HTTP.
 # [registries."registry.example"]
 # mirrors = ["http://127.0.0.1:5000"]
+# mirrors_only = true          # never the registry itself (an air-gapped node)
 # [registries."plain.lan:5000"]
 # insecure = true
 
