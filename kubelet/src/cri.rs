@@ -15,6 +15,7 @@ use cri::runtime_service_client::RuntimeServiceClient;
 use cri_proto::v1 as cri;
 use tonic::transport::Channel;
 
+use super::metrics;
 use super::model::{Instance, Observed, Sandbox, State};
 
 pub const POD_NAME: &str = "io.kubernetes.pod.name";
@@ -78,8 +79,46 @@ pub type Runtime = Arc<dyn RuntimeClient>;
 /// A CRI client (runtime and image services on one channel).
 #[derive(Clone)]
 pub struct Cri {
-    pub rt: RuntimeServiceClient<Channel>,
-    pub img: ImageServiceClient<Channel>,
+    pub rt: RuntimeServiceClient<Timed>,
+    pub img: ImageServiceClient<Timed>,
+}
+
+/// A channel to the runtime that times every CRI call into the kubelet's runtime operation
+/// metrics (kubelet_runtime_operations_*), whichever part of the kubelet makes it.
+#[derive(Clone)]
+pub struct Timed(Channel);
+
+type Call = http::Request<tonic::body::Body>;
+
+impl tower::Service<Call> for Timed {
+    type Response = <Channel as tower::Service<Call>>::Response;
+    type Error = <Channel as tower::Service<Call>>::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Call) -> Self::Future {
+        let op = metrics::operation_type(req.uri().path());
+        let started = std::time::Instant::now();
+        let call = self.0.call(req);
+        Box::pin(async move {
+            let r = call.await;
+            // A failed unary call answers with its grpc-status in the headers.
+            let failed = match &r {
+                Ok(resp) => resp.headers().get("grpc-status").is_some_and(|s| s != "0"),
+                Err(_) => true,
+            };
+            let l = [("operation_type", op.as_str())];
+            metrics::inc(&metrics::RUNTIME_OPERATIONS, &l);
+            metrics::observe(&metrics::RUNTIME_OPERATIONS_DURATION, &l, started.elapsed());
+            if failed {
+                metrics::inc(&metrics::RUNTIME_OPERATIONS_ERRORS, &l);
+            }
+            r
+        })
+    }
 }
 
 fn at(nanos: i64) -> Option<SystemTime> {
@@ -105,7 +144,7 @@ pub struct SandboxNetwork {
 
 impl Cri {
     pub fn new(channel: Channel) -> Cri {
-        Cri { rt: RuntimeServiceClient::new(channel.clone()), img: ImageServiceClient::new(channel) }
+        Cri { rt: RuntimeServiceClient::new(Timed(channel.clone())), img: ImageServiceClient::new(Timed(channel)) }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod env;
 pub mod images;
 pub mod logs;
+pub mod metrics;
 pub mod model;
 pub mod probe;
 pub mod quantity;

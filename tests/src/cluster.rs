@@ -346,6 +346,17 @@ impl ControlPlane {
         kubeconfig(&self.dir, &format!("node-{name}"), self.port)
     }
 
+    /// A serving certificate from the cluster CA for node `name`, which the API server checks
+    /// (--kubelet-certificate-authority): `serving-NAME.crt` and `.key` in `dir`.
+    pub fn serving_certificate(&self, name: &str) -> Result<()> {
+        certificate(
+            &self.dir,
+            &format!("serving-{name}"),
+            &format!("/CN={name}"),
+            Some(&format!("IP:127.0.0.1,IP:{NODE_API_IP},DNS:{name}")),
+        )
+    }
+
     /// The CA certificate.
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.crt")
@@ -405,14 +416,7 @@ impl WasmletNode {
     pub fn prepare(cp: &ControlPlane, name: &str, images: &[(&Path, &str)], config: &str) -> Result<WasmletNode> {
         let dir = tempfile::tempdir()?;
         let kubeconfig = cp.node_kubeconfig(name)?;
-        // A serving certificate from the cluster CA, which the API server checks
-        // (--kubelet-certificate-authority).
-        certificate(
-            &cp.dir,
-            &format!("serving-{name}"),
-            &format!("/CN={name}"),
-            Some(&format!("IP:127.0.0.1,IP:{NODE_API_IP},DNS:{name}")),
-        )?;
+        cp.serving_certificate(name)?;
         for ext in ["crt", "key"] {
             std::fs::copy(cp.dir.join(format!("serving-{name}.{ext}")), dir.path().join(format!("serving.{ext}")))?;
         }
@@ -605,5 +609,72 @@ impl WasmletNode {
             .replace(&format!("127.0.0.1:{}", cp.port), &format!("127.0.0.1:{port}"));
         std::fs::write(&self.kubeconfig, text)?;
         Ok(())
+    }
+}
+
+/// The upstream kubelet (../shared/k8s) joined to the control plane as node `name`, driving
+/// the CRI runtime at `socket` (a `wasmlet cri`), on a root of its own.
+pub struct StockKubelet {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    /// Its HTTPS port (the API server reaches it at [`NODE_API_IP`]).
+    pub port: u16,
+    child: Child,
+}
+
+impl StockKubelet {
+    pub fn start(cp: &ControlPlane, name: &str, socket: &Path) -> Result<StockKubelet> {
+        local_address(NODE_API_IP)?;
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        let kubeconfig = cp.node_kubeconfig(name)?;
+        cp.serving_certificate(name)?;
+        let port = crate::free_port();
+        // This machine's cgroup v1, as ../shared/k8s/README.md says; no evictions (the disks
+        // of a test machine may be fuller than the kubelet's defaults like).
+        let config = format!(
+            "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+             failCgroupV1: false\ncgroupsPerQOS: false\nenforceNodeAllocatable: []\ncgroupDriver: cgroupfs\n\
+             failSwapOn: false\naddress: {NODE_API_IP}\nport: {port}\nreadOnlyPort: 0\nhealthzPort: 0\n\
+             containerRuntimeEndpoint: unix://{socket}\npodLogsDir: {logs}\n\
+             tlsCertFile: {ca_dir}/serving-{name}.crt\ntlsPrivateKeyFile: {ca_dir}/serving-{name}.key\n\
+             authentication:\n  anonymous: {{enabled: false}}\n  webhook: {{enabled: true}}\n  x509: {{clientCAFile: {ca}}}\n\
+             authorization: {{mode: Webhook}}\n\
+             evictionHard: {{memory.available: \"1Ki\", nodefs.available: \"1%\", imagefs.available: \"1%\"}}\n\
+             imageGCHighThresholdPercent: 100\nimageGCLowThresholdPercent: 99\n\
+             syncFrequency: 5s\nnodeStatusUpdateFrequency: 2s\n",
+            socket = socket.display(),
+            logs = d.join("pods").display(),
+            ca_dir = cp.dir.display(),
+            ca = cp.ca().display(),
+        );
+        std::fs::write(d.join("kubelet.yaml"), config)?;
+        let log = std::fs::File::create(d.join("kubelet.log"))?;
+        let child = Command::new(cp.bin.join("kubelet"))
+            .arg(format!("--config={}", d.join("kubelet.yaml").display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--hostname-override={name}"))
+            .arg(format!("--node-ip={NODE_API_IP}"))
+            .arg(format!("--root-dir={}", d.join("root").display()))
+            .arg(format!("--cert-dir={}", d.join("pki").display()))
+            .arg("--v=2")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start the kubelet")?;
+        Ok(StockKubelet { name: name.into(), dir, port, child })
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kubelet.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for StockKubelet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

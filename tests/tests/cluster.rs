@@ -900,11 +900,15 @@ fn a_pod_whose_image_is_not_wasm_ends_in_err_image_pull() -> Result<()> {
 
 /// `kubectl ARGS` as the admin with `input` on its stdin.
 fn kubectl_with_input(cp: &ControlPlane, args: &[&str], input: &[u8]) -> Result<std::process::Output> {
+    let mut c = std::process::Command::new(cp.bin.join("kubectl"));
+    c.arg("--kubeconfig").arg(&cp.admin).args(args);
+    with_input(c, input)
+}
+
+/// Runs `c` with `input` on its stdin; its output.
+fn with_input(mut c: std::process::Command, input: &[u8]) -> Result<std::process::Output> {
     use std::io::Write;
-    let mut child = std::process::Command::new(cp.bin.join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&cp.admin)
-        .args(args)
+    let mut child = c
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -947,7 +951,9 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
     cp.apply(&ns, &pod("sleeper", "tool:1", "[sleep, \"600\"]", "Always"))?;
     cp.apply(&ns, &pod("short", "tool:1", "[sleep, \"3\"]", "Never"))?;
     cp.apply(&ns, &pod("crasher", "tool:1", "[exit, \"1\"]", "Always"))?;
-    cp.apply(&ns, &pod("web", "web:1", "[]", "Always"))?;
+    let web_pod = pod("web", "web:1", "[]", "Always")
+        .replace("args: []", "args: [], readinessProbe: {httpGet: {path: /ready, port: 8080}, periodSeconds: 1}");
+    cp.apply(&ns, &web_pod)?;
     let typist = pod("typist", "tool:1", "[stdin]", "Never")
         .replace("args: [stdin]", "args: [stdin], stdin: true, stdinOnce: true");
     cp.apply(&ns, &typist)?;
@@ -1004,26 +1010,8 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
 
     // kubectl port-forward carries HTTP to the wasm server.
     let local = wasmlet_tests::free_port();
-    let mut pf = std::process::Command::new(cp.bin.join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&cp.admin)
-        .args(["port-forward", "-n", &ns, "pod/web", &format!("{local}:8080")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let mut answer = String::new();
-    let got = cp.wait("an answer through kubectl port-forward", Duration::from_secs(30), || {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", local)) else { return Ok(false) };
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /ready HTTP/1.0\r\nHost: x\r\n\r\n")?;
-        answer.clear();
-        let _ = s.read_to_string(&mut answer);
-        Ok(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"))
-    });
-    let _ = pf.kill();
-    let pf_out = pf.wait_with_output()?;
-    got.map_err(|e| anyhow::anyhow!("{e}: {answer:?} {}\n{}", text(&pf_out.stderr), node.log()))?;
+    get_through(cp, kubectl_port_forward(cp, &ns, "web", local, 8080), local, "/ready")
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
 
     // Resource figures through the API server's node proxy, as metrics-server reads them.
     let raw = |path: &str| cp.kubectl_ok(&["get", "--raw", &format!("/api/v1/nodes/{}/proxy{path}", node.name)]);
@@ -1049,6 +1037,26 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
     let metrics = raw("/metrics/resource")?;
     let line = format!("container_cpu_usage_seconds_total{{container=\"c\",namespace=\"{ns}\",pod=\"sleeper\"}} ");
     assert!(metrics.contains(&line) && metrics.contains("node_memory_working_set_bytes "), "{metrics}");
+    // The kubelet's own metrics, by its names, and the prober's.
+    let metrics = raw("/metrics")?;
+    for needle in [
+        format!("kubelet_node_name{{node=\"{}\"}} 1\n", node.name),
+        "\nkubelet_running_containers{container_state=\"running\"} ".into(),
+        "\nkubelet_started_pods_total ".into(),
+        "\nkubelet_started_containers_total{container_type=\"container\"} ".into(),
+        "\nkubelet_pod_start_duration_seconds_count ".into(),
+        "\nkubelet_pod_start_sli_duration_seconds_bucket{le=\"+Inf\"} ".into(),
+        "\nkubelet_runtime_operations_total{operation_type=\"run_podsandbox\"} ".into(),
+        "\nkubelet_runtime_operations_duration_seconds_bucket{operation_type=\"create_container\",le=\"+Inf\"} ".into(),
+        "# TYPE kubelet_running_pods gauge\nkubelet_running_pods ".into(),
+    ] {
+        assert!(metrics.contains(&needle), "{needle:?} not in\n{metrics}");
+    }
+    let probes = raw("/metrics/probes")?;
+    let needle = format!(
+        "prober_probe_total{{probe_type=\"Readiness\",container=\"c\",pod=\"web\",namespace=\"{ns}\",result=\"successful\""
+    );
+    assert!(probes.contains(&needle), "{needle} not in\n{probes}");
 
     // The node API itself: anonymous refused, a token without the rights refused, one with
     // nodes/proxy let in.
@@ -1072,10 +1080,127 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
         Ok(node_api_status(&node, "/healthz", Some(prober.trim()))? == "200")
     })?;
     assert_eq!(node_api_status(&node, &format!("/containerLogs/{ns}/sleeper/c"), Some(prober.trim()))?, "200");
-    // nodes/proxy is not nodes/stats.
+    // nodes/proxy is not nodes/stats, nor nodes/metrics.
     assert_eq!(node_api_status(&node, "/stats/summary", Some(prober.trim()))?, "403");
+    assert_eq!(node_api_status(&node, "/metrics", Some(prober.trim()))?, "403");
     // Through the API server, a user without the rights is refused.
     let no_rights = cp.kubectl(&["--as", "system:serviceaccount:default:nobody", "logs", "-n", &ns, "sleeper"])?;
     assert!(!no_rights.status.success() && text(&no_rights.stderr).contains("forbidden"), "{no_rights:?}");
+    Ok(())
+}
+
+/// crictl against the CRI socket at `socket`, with `input` on its stdin.
+fn crictl(cp: &ControlPlane, socket: &std::path::Path, args: &[&str], input: &[u8]) -> Result<std::process::Output> {
+    let mut c = std::process::Command::new(cp.bin.join("crictl"));
+    c.arg("--runtime-endpoint").arg(format!("unix://{}", socket.display())).args(["--timeout", "20s"]).args(args);
+    with_input(c, input)
+}
+
+/// `kubectl port-forward` of pod `pod` in `ns` from 127.0.0.1:`local` to `remote`.
+fn kubectl_port_forward(cp: &ControlPlane, ns: &str, pod: &str, local: u16, remote: u16) -> std::process::Command {
+    let mut c = std::process::Command::new(cp.bin.join("kubectl"));
+    c.arg("--kubeconfig").arg(&cp.admin);
+    c.args(["port-forward", "-n", ns, &format!("pod/{pod}"), &format!("{local}:{remote}")]);
+    c
+}
+
+/// Runs a port forward (`forward`, which listens on 127.0.0.1:`local`) until an HTTP GET of
+/// `path` through it answers 200, then ends it.
+fn get_through(cp: &ControlPlane, mut forward: std::process::Command, local: u16, path: &str) -> Result<()> {
+    let mut child = forward.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn()?;
+    let got = get_200(cp, local, path);
+    let _ = child.kill();
+    let out = child.wait_with_output()?;
+    got.map_err(|e| anyhow::anyhow!("{e}: {}", text(&out.stderr)))
+}
+
+/// An HTTP/1.0 GET of `path` on 127.0.0.1:`port`, retried until it answers 200 (a port
+/// forward takes a moment to listen).
+fn get_200(cp: &ControlPlane, port: u16, path: &str) -> Result<()> {
+    let mut answer = String::new();
+    cp.wait(&format!("200 from 127.0.0.1:{port}{path}"), Duration::from_secs(30), || {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return Ok(false) };
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())?;
+        answer.clear();
+        let _ = s.read_to_string(&mut answer);
+        Ok(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: last answer {answer:?}"))
+}
+
+#[test]
+fn a_stock_kubelet_streams_through_wasmlets_cri() -> Result<()> {
+    use wasmlet_tests::cluster::StockKubelet;
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let tokio = tokio::runtime::Runtime::new()?;
+    let server = tokio.block_on(wasmlet_tests::Server::start())?;
+    server.import(tool_module(), "tool:1")?;
+    server.import(&web(), "web:1")?;
+    let socket = server.socket();
+    let kubelet = StockKubelet::start(cp, "stock-kubelet", &socket)?;
+    cp.wait("the stock kubelet's node Ready", Duration::from_secs(90), || {
+        let Some(n) = cp.get_opt_json(&["get", "node", &kubelet.name])? else { return Ok(false) };
+        Ok(node_condition(&n, "Ready").as_deref() == Some("True"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", kubelet.log()))?;
+    let ns = cp.namespace("stock")?;
+    let pod = |name: &str, image: &str, container: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: {n}\n  restartPolicy: Never\n  containers: [{{name: c, image: {image}, imagePullPolicy: Never, {container}}}]\n",
+            n = kubelet.name
+        )
+    };
+    cp.apply(&ns, &pod("sleeper", "tool:1", "args: [sleep, \"600\"]"))?;
+    cp.apply(&ns, &pod("web", "web:1", "ports: [{containerPort: 8080}]"))?;
+    for typist in ["typist", "typist-crictl"] {
+        cp.apply(&ns, &pod(typist, "tool:1", "args: [stdin], stdin: true, stdinOnce: true"))?;
+    }
+    cp.wait("the stock kubelet's pods running", Duration::from_secs(60), || {
+        let all = pods(cp, &ns, "")?;
+        Ok(all.len() == 4 && all.iter().all(|p| p["status"]["phase"] == "Running"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", kubelet.log(), server.server_log()))?;
+
+    // The kubelet's own streaming: kubectl reaches its /exec, /attach and /portForward through
+    // the API server, and the kubelet proxies them to wasmlet's streaming server.
+    let out = cp.kubectl(&["exec", "-n", &ns, "sleeper", "--", "tool", "stderr", "oops"])?;
+    assert!(out.status.success(), "{out:?}\n{}", kubelet.log());
+    assert_eq!((text(&out.stdout).as_str(), text(&out.stderr).as_str()), ("to stdout\n", "oops\n"));
+    let out = cp.kubectl(&["exec", "-n", &ns, "sleeper", "--", "tool", "exit", "3"])?;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = kubectl_with_input(cp, &["attach", "-i", "-n", &ns, "typist", "-c", "c"], b"typed to attach\n")?;
+    assert!(text(&out.stdout).contains("typed to attach\n"), "{out:?}");
+    let local = wasmlet_tests::free_port();
+    get_through(cp, kubectl_port_forward(cp, &ns, "web", local, 8080), local, "/ready")?;
+
+    // crictl on the same socket, on the kubelet's containers and sandboxes.
+    let id_of = |pod: &str| -> Result<String> {
+        let out = crictl(cp, &socket, &["ps", "-q", "--label", &format!("io.kubernetes.pod.name={pod}")], b"")?;
+        Ok(text(&out.stdout).trim().to_string())
+    };
+    let sleeper = id_of("sleeper")?;
+    // -it wants a terminal of crictl's own: script(1) gives it one.
+    let cmd = format!(
+        "{} --runtime-endpoint unix://{} exec -it {sleeper} tool isatty",
+        cp.bin.join("crictl").display(),
+        socket.display()
+    );
+    let out = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).output()?;
+    assert!(text(&out.stdout).contains("stdin=1 stdout=1 stderr=1"), "{out:?}");
+    let out = crictl(cp, &socket, &["attach", "-i", &id_of("typist-crictl")?], b"typed to crictl\n")?;
+    assert!(out.status.success() && text(&out.stdout) == "typed to crictl\n", "{out:?}");
+    let sandbox = {
+        let out = crictl(cp, &socket, &["pods", "-q", "--name", "web"], b"")?;
+        text(&out.stdout).trim().to_string()
+    };
+    let local = wasmlet_tests::free_port();
+    let mut forward = std::process::Command::new(cp.bin.join("crictl"));
+    forward.arg("--runtime-endpoint").arg(format!("unix://{}", socket.display()));
+    forward.args(["port-forward", &sandbox, &format!("{local}:8080")]);
+    get_through(cp, forward, local, "/ready")?;
+    cp.kubectl_ok(&["delete", "namespace", &ns, "--wait=false"])?;
+    cp.kubectl_ok(&["delete", "node", &kubelet.name, "--wait=false"])?;
     Ok(())
 }

@@ -150,6 +150,14 @@ fn json(v: &serde_json::Value) -> Response<Body> {
     r
 }
 
+/// A 200 in the Prometheus text format.
+fn prometheus(body: String) -> Response<Body> {
+    let mut r = full(StatusCode::OK, body);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("a valid header"));
+    r
+}
+
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
     let mut r = full(status, format!("{msg}\n"));
     r.headers_mut().insert(header::CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("a valid header"));
@@ -273,6 +281,8 @@ impl NodeServer {
             ["pods"] => self.pods().await,
             ["runningpods"] => self.running_pods().await,
             ["metrics", "resource"] => self.metrics_resource().await,
+            ["metrics"] => self.metrics().await,
+            ["metrics", "probes"] => Ok(prometheus(crate::metrics::render(crate::metrics::PROBER, &[]))),
             ["containerLogs", ns, pod, container] => self.logs(ns, pod, container, &pairs).await,
             [verb @ ("exec" | "attach"), ns, pod, container] | [verb @ ("exec" | "attach"), ns, pod, _, container] => {
                 let (verb, ns, pod, container) =
@@ -360,11 +370,33 @@ impl NodeServer {
     async fn metrics_resource(&self) -> Result<Response<Body>, (StatusCode, String)> {
         let pods = self.pod_stats().await?;
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
-        let body = super::stats::resource_metrics(now, &super::stats::node_usage(), &pods);
-        let mut r = full(StatusCode::OK, body);
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8".parse().expect("a valid header"));
-        Ok(r)
+        Ok(prometheus(super::stats::resource_metrics(now, &super::stats::node_usage(), &pods)))
+    }
+
+    /// The kubelet's own metrics: what was recorded, and what runs now (from the CRI).
+    async fn metrics(&self) -> Result<Response<Body>, (StatusCode, String)> {
+        use crate::metrics::{NODE_NAME, RUNNING_CONTAINERS, RUNNING_PODS, Sample};
+        let (sandboxes, containers) = self.cri_lists().await?;
+        let ready = sandboxes.iter().filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32).count();
+        let states = [
+            (cri::ContainerState::ContainerCreated, "created"),
+            (cri::ContainerState::ContainerRunning, "running"),
+            (cri::ContainerState::ContainerExited, "exited"),
+            (cri::ContainerState::ContainerUnknown, "unknown"),
+        ];
+        let by_state = states
+            .iter()
+            .map(|(state, name)| Sample {
+                labels: vec![("container_state", name.to_string())],
+                value: containers.iter().filter(|c| c.state == *state as i32).count() as f64,
+            })
+            .collect();
+        let gauges = [
+            (&NODE_NAME, vec![Sample { labels: vec![("node", self.node_name.clone())], value: 1.0 }]),
+            (&RUNNING_PODS, vec![Sample { labels: vec![], value: ready as f64 }]),
+            (&RUNNING_CONTAINERS, by_state),
+        ];
+        Ok(prometheus(crate::metrics::render(crate::metrics::KUBELET, &gauges)))
     }
 
     async fn token_user(&self, headers: &HeaderMap) -> Result<Option<User>, kube::Error> {

@@ -194,6 +194,12 @@ impl Worker {
             return Err(SyncError { reason: "RunContainerError".into(), message });
         }
         self.event(Some(&c.name), Kind::Normal, "Started", format!("Started container {}", c.name));
+        let kind = if super::field_path(&self.pod, &c.name).starts_with("spec.initContainers") {
+            "init_container"
+        } else {
+            "container"
+        };
+        crate::metrics::inc(&crate::metrics::STARTED_CONTAINERS, &[("container_type", kind)]);
         self.ensure_probes(&c);
         if let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) {
             let target = Target { net: self.net.clone(), container_id: id.clone() };

@@ -68,6 +68,7 @@ pub fn spawn(node: Arc<Node>, pod: Pod) -> PodHandle {
         wake: Arc::new(Notify::new()),
         sync_errors: HashMap::new(),
         start_time: None,
+        first_seen: Some((Instant::now(), Duration::ZERO)),
         status: None,
         net: SandboxNetwork::default(),
         net_of: None,
@@ -97,6 +98,9 @@ struct Worker {
     wake: Arc<Notify>,
     sync_errors: HashMap<String, SyncError>,
     start_time: Option<SystemTime>,
+    /// When the worker first saw the pod, and how long its image pulls took, for the pod
+    /// start metrics; `None` once the pod has run.
+    first_seen: Option<(Instant, Duration)>,
     status: Option<k8s_openapi::api::core::v1::PodStatus>,
     /// The pod's network (IP, namespace) as probes and hooks dial it, and the sandbox it was
     /// read from: read again when the sandbox changes, whoever created it.
@@ -281,6 +285,13 @@ impl Worker {
             deadline_exceeded: self.deadline,
             now: clock::now(),
         });
+        if s.phase.as_deref() == Some("Running")
+            && let Some((seen, pulling)) = self.first_seen.take()
+        {
+            let took = seen.elapsed();
+            crate::metrics::observe(&crate::metrics::POD_START, &[], took);
+            crate::metrics::observe(&crate::metrics::POD_START_SLI, &[], took.saturating_sub(pulling));
+        }
         if self.status.as_ref() != Some(&s) {
             let mut pod = self.pod.clone();
             pod.status = Some(s.clone());

@@ -123,7 +123,9 @@ impl ProbeTask {
             match tick {
                 Tick::Stop => return,
                 Tick::Run if run_now => {
+                    let started = std::time::Instant::now();
                     let (outcome, output) = self.run_with_retries(&view.target, timing.timeout).await;
+                    self.count(outcome, started.elapsed());
                     match outcome {
                         Outcome::Failure => self.event(
                             Kind::Warning,
@@ -147,6 +149,23 @@ impl ProbeTask {
             }
             let _ = &name;
         }
+    }
+
+    /// prober_probe_total and prober_probe_duration_seconds, labelled as the kubelet's.
+    fn count(&self, outcome: Outcome, took: Duration) {
+        let (ns, pod, uid, _) = &self.pod;
+        let result = match outcome {
+            Outcome::Success | Outcome::Warning => "successful",
+            Outcome::Failure => "failed",
+            Outcome::Unknown => "unknown",
+        };
+        let probe_type = self.kind.title();
+        let base =
+            [("probe_type", probe_type), ("container", self.container.name.as_str()), ("pod", pod), ("namespace", ns)];
+        crate::metrics::observe(&crate::metrics::PROBE_DURATION, &base, took);
+        let mut all = base.to_vec();
+        all.extend([("result", result), ("pod_uid", uid.as_str())]);
+        crate::metrics::inc(&crate::metrics::PROBES, &all);
     }
 
     fn publish(&self, w: &probe::Worker) {

@@ -115,6 +115,9 @@ impl Worker {
                 self.event(Some(&c.name), Kind::Normal, "Pulling", format!("Pulling image \"{shown}\""));
                 match self.node.pulls.pull(self.node.cri.as_ref(), &image, keyring.lookup(&image)).await {
                     Ok((r, times)) => {
+                        if let Some((_, pulling)) = self.first_seen.as_mut() {
+                            *pulling += times.including_waiting;
+                        }
                         let size = self.node.cri.image_status(&image).await.ok().flatten().map_or(0, |p| p.1);
                         // Go's durations, truncated to the millisecond.
                         let ms = |d: Duration| actions::go_duration(Duration::from_millis(d.as_millis() as u64));

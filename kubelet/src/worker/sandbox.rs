@@ -92,7 +92,11 @@ impl Worker {
             self.event(None, Kind::Warning, w.reason, w.message);
         }
         std::fs::create_dir_all(self.node.logs_dir(&self.pod)).map_err(|e| e.to_string())?;
-        let id = self.node.cri.run_sandbox(config).await.map_err(|s| s.message().to_string())?;
+        crate::metrics::inc(&crate::metrics::STARTED_PODS, &[]);
+        let id = self.node.cri.run_sandbox(config).await.map_err(|s| {
+            crate::metrics::inc(&crate::metrics::STARTED_PODS_ERRORS, &[]);
+            s.message().to_string()
+        })?;
         self.net = self.node.cri.sandbox_network(&id).await.map_err(|s| s.message().to_string())?;
         self.net_of = Some(id.clone());
         // The kubelet-managed /etc/hosts, mounted into every container.
