@@ -27,20 +27,9 @@ pub struct Target {
     pub container_id: String,
 }
 
-/// A dial error as Go's net package words it (`dial tcp 10.88.0.2:80: connect: connection
-/// refused`), since probe messages end up in events users compare with other nodes'.
+/// A dial error as Go's prober words it.
 fn dial_error(addr: SocketAddr, e: &std::io::Error) -> String {
-    let what = match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => "connect: connection refused".to_string(),
-        std::io::ErrorKind::TimedOut => "i/o timeout".to_string(),
-        std::io::ErrorKind::HostUnreachable => "connect: no route to host".to_string(),
-        std::io::ErrorKind::NetworkUnreachable => "connect: network is unreachable".to_string(),
-        _ => {
-            let text = e.to_string();
-            text.split(" (os error").next().unwrap_or(&text).to_lowercase()
-        }
-    };
-    format!("dial tcp {addr}: {what}")
+    wasmlet_streaming::go_dial_error("tcp", addr, e)
 }
 
 /// A socket connected to `addr` from inside the namespace at `netns` (or from here).

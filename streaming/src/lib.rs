@@ -100,6 +100,24 @@ impl Out {
     }
 }
 
+/// A failed TCP dial in Go's words (`dial tcp4 127.0.0.1:80: connect: connection refused`),
+/// which is what clients of a kubelet read (port-forward errors, probe output). `network` is
+/// Go's: `tcp`, `tcp4`.
+pub fn go_dial_error(network: &str, addr: std::net::SocketAddr, e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    let what = match e.kind() {
+        K::ConnectionRefused => "connect: connection refused".to_string(),
+        K::TimedOut => "i/o timeout".to_string(),
+        K::HostUnreachable => "connect: no route to host".to_string(),
+        K::NetworkUnreachable => "connect: network is unreachable".to_string(),
+        _ => {
+            let text = e.to_string();
+            text.split(" (os error").next().unwrap_or(&text).to_lowercase()
+        }
+    };
+    format!("dial {network} {addr}: {what}")
+}
+
 /// What the streaming server asks of the runtime. A session's future is dropped when its client
 /// goes away: dropping must stop what it started.
 #[async_trait::async_trait]

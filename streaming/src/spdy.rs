@@ -686,6 +686,49 @@ async fn read_loop<R: AsyncRead>(
     let _ = closed.send(true);
 }
 
+
+/// Sends an HTTP/1.1 request for the streaming URL `url` (`http://host:port/path`) with
+/// `headers` (an upgrade's) and reads the answer's head; the head, status line first, and the
+/// connection, whatever the status.
+pub async fn request_upgrade(url: &str, headers: &[(&str, &str)]) -> Result<(String, tokio::net::TcpStream), Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| Error::InvalidRequest(format!("{url}: not an http:// streaming URL")))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut tcp = tokio::net::TcpStream::connect(host).await?;
+    tcp.set_nodelay(true)?;
+    let mut req = format!("POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    tcp.write_all(req.as_bytes()).await?;
+    // Byte by byte: what follows the head is the new protocol's.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut b).await? == 0 || head.len() > 16 * 1024 {
+            return Err(Error::Closed);
+        }
+        head.push(b[0]);
+    }
+    Ok((String::from_utf8_lossy(&head).into_owned(), tcp))
+}
+
+/// Dials the streaming URL `url` and upgrades to SPDY/3.1 with the subprotocol `protocol`
+/// (`v4.channel.k8s.io`, `portforward.k8s.io`): a client connection and the streams the
+/// server opens.
+pub async fn dial(url: &str, protocol: &str) -> Result<(Connection, mpsc::Receiver<Stream>), Error> {
+    let headers = [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", protocol)];
+    let (head, tcp) = request_upgrade(url, &headers).await?;
+    if !head.starts_with("HTTP/1.1 101") {
+        let status = head.lines().next().unwrap_or_default();
+        return Err(Error::Protocol(format!("the streaming server refused the upgrade: {status}")));
+    }
+    Ok(Connection::start(tcp, Role::Client))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

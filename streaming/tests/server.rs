@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -108,26 +108,9 @@ fn exec(cmd: &[&str], stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Exe
     }
 }
 
-/// Sends the upgrade request and returns the status line and the connection.
+/// Sends the upgrade request and returns the answer's head and the connection.
 async fn upgrade(url: &str, extra: &[(&str, &str)]) -> (String, TcpStream) {
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut tcp = TcpStream::connect(host).await.unwrap();
-    let mut req = format!("POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n");
-    for (k, v) in extra {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if tcp.read(&mut b).await.unwrap() == 0 {
-            break;
-        }
-        head.push(b[0]);
-    }
-    (String::from_utf8(head).unwrap(), tcp)
+    spdy::request_upgrade(url, extra).await.unwrap()
 }
 
 const SPDY_V4: &[(&str, &str)] =

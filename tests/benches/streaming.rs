@@ -12,8 +12,6 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wasmlet_streaming::spdy::{Connection, Role};
 use wasmlet_tests::*;
 
 fn env(name: &str, default: usize) -> usize {
@@ -38,26 +36,7 @@ async fn exec_once(rt: &mut RuntimeClient, id: &str, cmd: &[&str]) -> anyhow::Re
         .await?
         .into_inner()
         .url;
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut tcp = tokio::net::TcpStream::connect(host).await?;
-    tcp.set_nodelay(true)?;
-    tcp.write_all(
-        format!(
-            "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if tcp.read(&mut b).await? == 0 {
-            anyhow::bail!("no upgrade");
-        }
-        head.push(b[0]);
-    }
-    let (c, _) = Connection::start(tcp, Role::Client);
+    let (c, _) = wasmlet_streaming::spdy::dial(&url, "v4.channel.k8s.io").await?;
     let mut error = c.open(vec![("streamtype".into(), "error".into())]).await?;
     let mut stdout = c.open(vec![("streamtype".into(), "stdout".into())]).await?;
     let mut out = Vec::new();

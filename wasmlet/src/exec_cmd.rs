@@ -10,7 +10,7 @@ use bytes::Bytes;
 use cri_proto::v1 as cri;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wasmlet_kubelet::cri::{CONTAINER_NAME, POD_NAME};
-use wasmlet_streaming::spdy::{Connection, Role, Stream};
+use wasmlet_streaming::spdy::{Connection, Stream};
 
 /// What `wasmlet exec` was asked.
 pub struct ExecArgs<'a> {
@@ -97,28 +97,7 @@ pub async fn exec(run_dir: &Path, a: ExecArgs<'_>) -> Result<i32> {
         ..Default::default()
     };
     let url = rt.exec(req).await.map_err(|e| anyhow!("exec: {}", e.message()))?.into_inner().url;
-    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow!("unexpected streaming URL {url}"))?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut tcp = tokio::net::TcpStream::connect(host).await.with_context(|| format!("connect to {host}"))?;
-    tcp.set_nodelay(true)?;
-    let upgrade = format!(
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
-         X-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
-    );
-    tcp.write_all(upgrade.as_bytes()).await?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if tcp.read(&mut b).await? == 0 || head.len() > 16 * 1024 {
-            bail!("the streaming server closed the connection during the upgrade");
-        }
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    if !head.starts_with("HTTP/1.1 101") {
-        bail!("the streaming server refused the upgrade: {}", head.lines().next().unwrap_or_default());
-    }
-    let (c, _) = Connection::start(tcp, Role::Client);
+    let (c, _) = wasmlet_streaming::spdy::dial(&url, "v4.channel.k8s.io").await?;
     let mut error = open(&c, "error").await?;
     if a.stdin {
         let s = open(&c, "stdin").await?;

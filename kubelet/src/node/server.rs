@@ -189,32 +189,7 @@ pub fn attributes(method: &Method, path: &str) -> (&'static str, &'static str) {
 
 /// Decoded `k=v` pairs of a query string.
 fn query_pairs(q: &str) -> Vec<(String, String)> {
-    let decode = |s: &str| -> String {
-        let b = s.replace('+', " ");
-        let bytes = b.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%'
-                && i + 2 < bytes.len()
-                && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16)
-            {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-            out.push(bytes[i]);
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    q.split('&')
-        .filter(|s| !s.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
 }
 
 fn flag(pairs: &[(String, String)], names: &[&str]) -> bool {

@@ -32,7 +32,7 @@ impl Runtime {
         })
         .await
         .map_err(|e| Error::Internal(format!("dial task: {e}")))?;
-        let tcp = connected.map_err(|e| Error::FailedPrecondition(dial_error(addr, &e)))?;
+        let tcp = connected.map_err(|e| Error::FailedPrecondition(wasmlet_streaming::go_dial_error("tcp4", addr, &e)))?;
         tcp.set_nonblocking(true).map_err(|e| Error::Internal(format!("socket: {e}")))?;
         tokio::net::TcpStream::from_std(tcp).map_err(|e| Error::Internal(format!("socket: {e}")))
     }
@@ -232,18 +232,4 @@ impl Runtime {
             let _ = f.await;
         }
     }
-}
-
-/// A dial error in Go's words (`dial tcp4 127.0.0.1:80: connect: connection refused`), which
-/// is what clients of a kubelet expect to read.
-fn dial_error(addr: std::net::SocketAddr, e: &std::io::Error) -> String {
-    use std::io::ErrorKind as K;
-    let what = match e.kind() {
-        K::ConnectionRefused => "connect: connection refused".to_string(),
-        K::TimedOut => "i/o timeout".to_string(),
-        K::HostUnreachable => "connect: no route to host".to_string(),
-        K::NetworkUnreachable => "connect: network is unreachable".to_string(),
-        _ => format!("connect: {e}"),
-    };
-    format!("dial tcp4 {addr}: {what}")
 }
