@@ -353,9 +353,10 @@ pub async fn run(node: Arc<Node>, manifests: Manifests, o: RunOptions) -> Result
     Ok(if failed && interrupted.is_none() { 1 } else { 0 })
 }
 
-/// `wasmlet logs POD [-c C] [-f]`: the newest log of a pod's container, from the kubelet's log
-/// directories under the root.
-pub async fn logs(root: &Path, pod: &str, container: Option<&str>, follow: bool, previous: bool) -> Result<()> {
+/// `wasmlet logs`: what `o` selects (kubectl's --tail, --since, --since-time, --timestamps,
+/// --limit-bytes, -p) of the log of a container of a pod that ran under `root`; with follow,
+/// goes on as the log grows and into the next instance's log after a restart.
+pub async fn logs(root: &Path, pod: &str, container: Option<&str>, o: &crate::logs::LogOptions) -> Result<()> {
     let base = root.join("kubelet").join("logs");
     let mut dirs: Vec<(SystemTime, PathBuf)> = std::fs::read_dir(&base)
         .with_context(|| format!("no pods have run under {}", root.display()))?
@@ -381,30 +382,45 @@ pub async fn logs(root: &Path, pod: &str, container: Option<&str>, follow: bool,
     };
     let cdir = dir.join(&container);
     let newest = |skip: usize| container_logs(&cdir).into_iter().rev().nth(skip);
-    let Some(mut file) = newest(usize::from(previous)) else {
-        bail!("container \"{container}\" in pod \"{pod}\" has no {}log", if previous { "previous " } else { "" })
+    let Some(mut file) = newest(usize::from(o.previous)) else {
+        bail!("container \"{container}\" in pod \"{pod}\" has no {}log", if o.previous { "previous " } else { "" })
     };
-    let mut tail = LogTail::default();
+    let follow = o.follow && !o.previous;
+    let limit = o.limit_bytes.unwrap_or(u64::MAX);
+    let (mut offset, mut sent, mut pending) = (0u64, 0u64, Vec::new());
+    // Only the first read is tailed; the rest is what comes after it.
+    let mut opts = o.clone();
     loop {
-        let lines = tail.read(&file);
-        let mut out = std::io::stdout().lock();
-        for line in &lines {
-            let _ = writeln!(out, "{line}");
-        }
-        if !follow {
-            if !tail.partial.is_empty() {
-                let _ = writeln!(out, "{}", tail.partial);
+        use std::io::{Read, Seek};
+        if let Ok(mut f) = std::fs::File::open(&file) {
+            let mut chunk = Vec::new();
+            if f.seek(std::io::SeekFrom::Start(offset)).is_ok() && f.read_to_end(&mut chunk).is_ok() {
+                offset += chunk.len() as u64;
+                pending.extend_from_slice(&chunk);
             }
+        }
+        // Only whole records: a writer may be half-way through the last one.
+        if let Some(end) = pending.iter().rposition(|b| *b == b'\n') {
+            let whole: Vec<u8> = pending.drain(..=end).collect();
+            let (out, _) = crate::logs::select(
+                &whole,
+                &crate::logs::LogOptions { limit_bytes: Some(limit - sent), ..opts.clone() },
+            );
+            sent += out.len() as u64;
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(&out);
+            let _ = stdout.flush();
+        }
+        opts.tail_lines = None;
+        if !follow || sent >= limit {
             return Ok(());
         }
-        let _ = out.flush();
-        drop(out);
         // A restart writes the next N.log: follow it.
         if let Some(next) = newest(0)
             && next != file
         {
             file = next;
-            tail = LogTail::default();
+            (offset, pending) = (0, Vec::new());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

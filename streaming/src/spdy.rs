@@ -686,7 +686,6 @@ async fn read_loop<R: AsyncRead>(
     let _ = closed.send(true);
 }
 
-
 /// Sends an HTTP/1.1 request for the streaming URL `url` (`http://host:port/path`) with
 /// `headers` (an upgrade's) and reads the answer's head; the head, status line first, and the
 /// connection, whatever the status.

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use wasmlet_tests::{RegistryServer, http_component, net_component, push_as, tool_module, wasmlet_bin};
+use wasmlet_tests::{RegistryServer, free_port, http_component, net_component, push_as, tool_module, wasmlet_bin};
 
 /// A `wasmlet run` process with its own root, and its output lines as they come.
 struct Run {
@@ -139,9 +139,14 @@ impl Run {
 
     /// `wasmlet exec ARGS` against this run, with `input` on its stdin.
     fn exec(&self, args: &[&str], input: &[u8]) -> std::process::Output {
+        self.wasmlet("exec", args, input)
+    }
+
+    /// `wasmlet COMMAND --root R --config C ARGS` with `input` on its stdin.
+    fn wasmlet(&self, command: &str, args: &[&str], input: &[u8]) -> std::process::Output {
         use std::io::Write;
         let mut child = Command::new(wasmlet_bin())
-            .arg("exec")
+            .arg(command)
             .arg("--root")
             .arg(&self.root)
             .arg("--config")
@@ -845,6 +850,80 @@ spec:
     assert!(!out.status.success() && text(&out.stderr).contains("no running container of pod \"nosuch\""), "{out:?}");
     let out = run.exec(&["shell", "-c", "app", "--", "/no/such"], b"");
     assert!(!out.status.success() && text(&out.stderr).contains("no such file or directory"), "{out:?}");
+    run.interrupt();
+    run.finish(Duration::from_secs(30));
+}
+
+#[test]
+fn wasmlet_attach_port_forward_and_logs_with_kubectls_flags() {
+    let mut run = Run::start(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: io}
+spec:
+  restartPolicy: Never
+  containers:
+  - {name: typist, image: "tool:1", args: [stdin], stdin: true, stdinOnce: true}
+  - {name: web, image: "net:1", args: [serve, "8080"]}
+  - {name: printer, image: "tool:1", args: [echo, one, two]}
+"#,
+    );
+    // The printer has run and ended; the other two run.
+    run.wait_status("io", Duration::from_secs(30), |ready, _, _| ready == "2/3");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    // attach: the container's stdin and output.
+    let out = run.wasmlet("attach", &["io", "-c", "typist", "-i"], b"typed to attach\n");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout), "typed to attach\n");
+    // port-forward to the server on the pod's loopback.
+    let local = free_port();
+    let mut pf = Command::new(wasmlet_bin())
+        .args(["port-forward", "io", &format!("{local}:8080"), "--root"])
+        .arg(&run.root)
+        .arg("--config")
+        .arg(&run.config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        use std::io::{Read, Write};
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+            c.write_all(b"through the forward").unwrap();
+            let mut a = String::new();
+            let _ = c.read_to_string(&mut a);
+            if !a.is_empty() {
+                break a;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no answer through wasmlet port-forward");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = pf.kill();
+    let pf_out = pf.wait_with_output().unwrap();
+    assert_eq!(answer, "io got through the forward", "{}", text(&pf_out.stderr));
+    assert!(text(&pf_out.stdout).contains(&format!("Forwarding from 127.0.0.1:{local} -> 8080")));
+    // logs, with kubectl's flags.
+    let logs = |args: &[&str]| {
+        let mut cmd = Command::new(wasmlet_bin());
+        cmd.args(["logs", "io", "-c", "printer", "--root"]).arg(&run.root).args(args);
+        cmd.output().unwrap()
+    };
+    let all = "argv[0]=printer\nargv[1]=echo\nargv[2]=one\nargv[3]=two\n";
+    assert_eq!(text(&logs(&[]).stdout), all);
+    assert_eq!(text(&logs(&["--tail", "2"]).stdout), "argv[2]=one\nargv[3]=two\n");
+    assert_eq!(text(&logs(&["--tail", "0"]).stdout), "");
+    assert_eq!(text(&logs(&["--limit-bytes", "5"]).stdout), "argv[");
+    assert_eq!(text(&logs(&["--since", "1h"]).stdout), all);
+    assert_eq!(text(&logs(&["--since-time", "2999-01-01T00:00:00Z"]).stdout), "");
+    let stamped = text(&logs(&["--timestamps", "--tail", "1"]).stdout);
+    assert!(stamped.starts_with("20") && stamped.ends_with("Z argv[3]=two\n"), "{stamped}");
+    let bad = logs(&["--since", "soon"]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("--since \"soon\""), "{bad:?}");
+    let bad = logs(&["--since", "1h", "--since-time", "2026-01-01T00:00:00Z"]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("at most one of sinceTime or sinceSeconds"), "{bad:?}");
     run.interrupt();
     run.finish(Duration::from_secs(30));
 }

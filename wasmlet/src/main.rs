@@ -1,17 +1,17 @@
 //! `wasmlet`: the node agent binary.
 
 mod client;
-mod exec_cmd;
 mod local_node;
 mod node_cmd;
 mod progress;
+mod stream_cmd;
 
 use std::path::PathBuf;
 
 use local_node::{Identity, LocalNode};
 use wasmlet_kubelet::run;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use wasmlet_images::ImageStore;
 
@@ -101,19 +101,25 @@ enum Command {
     },
     /// Run a command in a container of a pod that `wasmlet run` runs (as `kubectl exec`).
     Exec {
-        pod: String,
-        /// Container name (needed when the pod has several).
-        #[arg(short = 'c', long)]
-        container: Option<String>,
-        /// Pass stdin to the command.
-        #[arg(short = 'i', long)]
-        stdin: bool,
-        /// Give the command a terminal.
-        #[arg(short = 't', long)]
-        tty: bool,
+        #[command(flatten)]
+        session: Session,
         /// The command and its arguments (after --).
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Join the own streams of a container of a pod that `wasmlet run` runs (as `kubectl
+    /// attach`): its output, and with -i its stdin (the container needs `stdin: true`), until
+    /// it ends.
+    Attach {
+        #[command(flatten)]
+        session: Session,
+    },
+    /// Forward local ports to a pod that `wasmlet run` runs (as `kubectl port-forward`):
+    /// `[LOCAL:]REMOTE`, LOCAL on 127.0.0.1 (`:REMOTE`: any free port).
+    PortForward {
+        pod: String,
+        #[arg(required = true)]
+        ports: Vec<String>,
         #[arg(long, env = "WASMLET_CONFIG")]
         config: Option<PathBuf>,
         #[arg(long, env = "WASMLET_ROOT")]
@@ -131,6 +137,21 @@ enum Command {
         /// The previous instance's log.
         #[arg(short = 'p', long)]
         previous: bool,
+        /// Lines of the log to show, from its end (-1: all).
+        #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+        tail: i64,
+        /// Only what was logged in this past duration (5s, 2m, 1h30m).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only what was logged at or after this RFC 3339 time.
+        #[arg(long)]
+        since_time: Option<String>,
+        /// Each line with the time it was logged.
+        #[arg(long)]
+        timestamps: bool,
+        /// At most this many bytes.
+        #[arg(long)]
+        limit_bytes: Option<i64>,
         #[arg(long, env = "WASMLET_ROOT")]
         root: Option<PathBuf>,
     },
@@ -149,6 +170,25 @@ enum Command {
         #[command(subcommand)]
         command: PodCommand,
     },
+}
+
+/// Which container of a `wasmlet run` pod an exec or attach session joins, and how.
+#[derive(clap::Args)]
+struct Session {
+    pod: String,
+    /// Container name (needed when the pod has several).
+    #[arg(short = 'c', long)]
+    container: Option<String>,
+    /// Pass stdin.
+    #[arg(short = 'i', long)]
+    stdin: bool,
+    /// A terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    #[arg(long, env = "WASMLET_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "WASMLET_ROOT")]
+    root: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -452,15 +492,38 @@ fn run() -> Result<()> {
                 shutdown_signal(),
             ))
         }
-        Command::Exec { pod, container, stdin, tty, command, config, root } => {
+        Command::Exec { session, command } => std::process::exit(rt.block_on(remote(session, command, uid))?),
+        Command::Attach { session } => std::process::exit(rt.block_on(remote(session, Vec::new(), uid))?),
+        Command::PortForward { pod, ports, config, root } => {
             let (_, run_dir, _) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
-            let args = exec_cmd::ExecArgs { pod: &pod, container: container.as_deref(), stdin, tty, cmd: command };
-            let code = rt.block_on(exec_cmd::exec(&run_dir, args))?;
-            std::process::exit(code)
+            let pairs = ports.iter().map(|p| stream_cmd::parse_port_pair(p)).collect::<Result<Vec<_>>>()?;
+            rt.block_on(stream_cmd::port_forward(&run_dir, &pod, &pairs))
         }
-        Command::Logs { pod, container, follow, previous, root } => {
+        Command::Logs { pod, container, follow, previous, tail, since, since_time, timestamps, limit_bytes, root } => {
             let root = root.unwrap_or_else(default_root);
-            rt.block_on(run::logs(&root, &pod, container.as_deref(), follow, previous))
+            // The options as kubectl sends them to a kubelet, checked the same way.
+            let mut pairs = vec![("follow", follow.to_string()), ("previous", previous.to_string())];
+            pairs.push(("timestamps", timestamps.to_string()));
+            if tail >= 0 {
+                pairs.push(("tailLines", tail.to_string()));
+            }
+            if let Some(d) = since {
+                let secs =
+                    go_duration_secs(&d).ok_or_else(|| anyhow!("--since {d:?}: not a duration (5s, 2m, 1h30m)"))?;
+                pairs.push(("sinceSeconds", secs.to_string()));
+            }
+            if let Some(t) = since_time {
+                pairs.push(("sinceTime", t));
+            }
+            if let Some(n) = limit_bytes {
+                pairs.push(("limitBytes", n.to_string()));
+            }
+            let o = wasmlet_kubelet::logs::LogOptions::from_query(
+                pairs.iter().map(|(k, v)| (*k, v.as_str())),
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| anyhow!("wasmlet logs {pod}: {e}"))?;
+            rt.block_on(run::logs(&root, &pod, container.as_deref(), &o))
         }
         Command::Config { command: ConfigCommand::Default } => {
             print!("{DEFAULT_CONFIG}");
@@ -472,6 +535,48 @@ fn run() -> Result<()> {
             std::process::exit(code)
         }
     }
+}
+
+/// `wasmlet exec` (a command) or `attach` (none); the exit code.
+async fn remote(s: Session, command: Vec<String>, uid: u32) -> Result<i32> {
+    let (_, run_dir, _) = runtime_setup(load_config(s.config.as_deref())?, s.root, uid, &[]);
+    let attach = command.is_empty();
+    let args = stream_cmd::ExecArgs {
+        pod: &s.pod,
+        container: s.container.as_deref(),
+        stdin: s.stdin,
+        tty: s.tty,
+        cmd: command,
+    };
+    if attach { stream_cmd::attach(&run_dir, args).await } else { stream_cmd::exec(&run_dir, args).await }
+}
+
+/// A Go duration (`1h30m`, `5s`, `250ms`) in whole seconds, rounded up as kubectl rounds
+/// --since.
+fn go_duration_secs(text: &str) -> Option<u64> {
+    let mut nanos = 0f64;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3.6e12,
+            "m" => 6e10,
+            "s" => 1e9,
+            "ms" => 1e6,
+            "us" | "µs" => 1e3,
+            "ns" => 1.0,
+            _ => return None,
+        };
+        nanos += number * scale;
+        rest = &rest[unit_len..];
+    }
+    Some((nanos / 1e9).ceil() as u64)
 }
 
 async fn serve(root: PathBuf, socket: Option<PathBuf>, options: wasmlet_runtime::RuntimeOptions) -> Result<()> {
@@ -586,4 +691,20 @@ async fn image(command: ImageCommand) -> Result<()> {
         },
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::go_duration_secs;
+
+    #[test]
+    fn since_durations_as_kubectl_reads_them() {
+        assert_eq!(go_duration_secs("5s"), Some(5));
+        assert_eq!(go_duration_secs("1h30m"), Some(5400));
+        assert_eq!(go_duration_secs("1.5s"), Some(2), "rounded up");
+        assert_eq!(go_duration_secs("250ms"), Some(1));
+        assert_eq!(go_duration_secs("5"), None, "a unit is needed");
+        assert_eq!(go_duration_secs("5x"), None);
+        assert_eq!(go_duration_secs(""), None);
+    }
 }

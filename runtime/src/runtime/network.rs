@@ -32,7 +32,8 @@ impl Runtime {
         })
         .await
         .map_err(|e| Error::Internal(format!("dial task: {e}")))?;
-        let tcp = connected.map_err(|e| Error::FailedPrecondition(wasmlet_streaming::go_dial_error("tcp4", addr, &e)))?;
+        let tcp =
+            connected.map_err(|e| Error::FailedPrecondition(wasmlet_streaming::go_dial_error("tcp4", addr, &e)))?;
         tcp.set_nonblocking(true).map_err(|e| Error::Internal(format!("socket: {e}")))?;
         tokio::net::TcpStream::from_std(tcp).map_err(|e| Error::Internal(format!("socket: {e}")))
     }
