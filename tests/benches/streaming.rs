@@ -72,6 +72,17 @@ fn transfer(port: u16, total: usize) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
+/// User and system CPU seconds the process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the name and state.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list") {
@@ -154,9 +165,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let mb = total as f64 / 1e6;
     let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
+    // Who spends the CPU of the forwarded transfers: wasmlet (SPDY, the copy into the pod, the
+    // wasm sink) or crictl (client-go's SPDY).
+    let (mut wasmlet_cpu, mut crictl_cpu) = (0.0, 0.0);
     for _ in 0..3 {
         direct.push(transfer(port, total)?);
+        let (w0, c0) = (cpu_seconds(server.pid()), cpu_seconds(pf.id()));
         forwarded.push(transfer(local, total)?);
+        wasmlet_cpu += cpu_seconds(server.pid()) - w0;
+        crictl_cpu += cpu_seconds(pf.id()) - c0;
     }
     let _ = pf.kill();
     let _ = pf.wait();
@@ -169,5 +186,11 @@ async fn main() -> anyhow::Result<()> {
     println!("| direct connection to the pod | {:.3} | {:.0} |", d.as_secs_f64(), mb / d.as_secs_f64());
     println!("| crictl port-forward (SPDY) | {:.3} | {:.0} |", f.as_secs_f64(), mb / f.as_secs_f64());
     println!("port-forward / direct: {:.2}", d.as_secs_f64() / f.as_secs_f64());
+    let spent: f64 = forwarded.iter().map(Duration::as_secs_f64).sum();
+    println!(
+        "CPU during the forwarded transfers: wasmlet {:.0}% of one core, crictl {:.0}%",
+        100.0 * wasmlet_cpu / spent,
+        100.0 * crictl_cpu / spent
+    );
     Ok(())
 }

@@ -937,7 +937,9 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
     let Some(cp) = ControlPlane::shared() else { return Ok(()) };
     // The API server's node proxy (get --raw .../proxy/...) refuses loopback addresses.
     wasmlet_tests::cluster::local_address(wasmlet_tests::cluster::NODE_API_IP)?;
-    let mut node = WasmletNode::prepare(cp, "wasm-node-api", &[(tool_module(), "tool:1"), (&web(), "web:1")], FAST)?;
+    let web = web();
+    let images = [(tool_module(), "tool:1"), (web.as_path(), "web:1"), (wasmlet_tests::box_module(), "box:1")];
+    let mut node = WasmletNode::prepare(cp, "wasm-node-api", &images, FAST)?;
     node.ip = wasmlet_tests::cluster::NODE_API_IP.into();
     node.spawn()?;
     wait_node_ready(cp, &node)?;
@@ -954,13 +956,16 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
     let web_pod = pod("web", "web:1", "[]", "Always")
         .replace("args: []", "args: [], readinessProbe: {httpGet: {path: /ready, port: 8080}, periodSeconds: 1}");
     cp.apply(&ns, &web_pod)?;
+    // The conformance userland's shell, waiting on its stdin.
+    let shell = pod("shell", "box:1", "[sh]", "Always").replace("args: [sh]", "args: [sh], stdin: true");
+    cp.apply(&ns, &shell)?;
     let typist = pod("typist", "tool:1", "[stdin]", "Never")
         .replace("args: [stdin]", "args: [stdin], stdin: true, stdinOnce: true");
     cp.apply(&ns, &typist)?;
     cp.wait("pods running", Duration::from_secs(60), || {
         let all = pods(cp, &ns, "")?;
         let running = |n: &str| all.iter().any(|p| p["metadata"]["name"] == n && p["status"]["phase"] == "Running");
-        Ok(running("sleeper") && running("web") && running("typist"))
+        Ok(running("sleeper") && running("web") && running("typist") && running("shell"))
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
 
@@ -1000,6 +1005,34 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
     assert_eq!(text(&out.stdout), "typed in", "{out:?}");
     let out = cp.kubectl(&["exec", "-n", &ns, "sleeper", "--", "/no/such"])?;
     assert!(!out.status.success() && text(&out.stderr).contains("no such file or directory"), "{out:?}");
+
+    // kubectl exec -it into the shell: a terminal of the size kubectl's is (COLUMNS), what is
+    // typed echoed, lines ended with CR LF, the exit code. script(1) gives kubectl a terminal;
+    // the typing waits until kubectl has put it in raw mode.
+    let cmd = format!(
+        "stty cols 123 rows 45; {} --kubeconfig {} exec -it -n {ns} shell -- sh",
+        cp.bin.join("kubectl").display(),
+        cp.admin.display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut typing = child.stdin.take().expect("piped");
+    let typist = std::thread::spawn(move || {
+        use std::io::Write;
+        std::thread::sleep(Duration::from_secs(3));
+        let _ = typing.write_all(b"echo cols=$COLUMNS lines=$LINES\rexit 3\r");
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let out = child.wait_with_output()?;
+    let _ = typist.join();
+    let screen = text(&out.stdout);
+    assert!(screen.contains("echo cols=$COLUMNS lines=$LINES\r\n"), "the typing is echoed: {screen:?}");
+    assert!(screen.contains("cols=123 lines=45\r\n"), "{screen:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
 
     // kubectl attach: what it types reaches the container's stdin (stdinOnce: its end closes
     // it, and `tool stdin` ends), the container's output comes back.

@@ -132,6 +132,27 @@ async fn crictl_exec_over_spdy_and_websocket() {
         assert!(text(&out.stdout).contains("stdin=1 stdout=1 stderr=1"), "{transport}: {out:?}");
         let out = pod.exec(&["--transport", transport, &c, "tool", "isatty"], b"");
         assert!(text(&out.stdout).contains("stdin=0 stdout=0 stderr=0"), "{transport}: {out:?}");
+        // ^C on the terminal ends the command as SIGINT ends a process (130).
+        let cmd = format!(
+            "{} --runtime-endpoint unix://{} exec --transport {transport} -it {c} tool sleep 100",
+            pod.crictl.display(),
+            pod.server.socket().display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut keys = child.stdin.take().unwrap();
+        let typing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = keys.write_all(b"\x03");
+        });
+        let out = child.wait_with_output().unwrap();
+        typing.join().unwrap();
+        let screen = text(&out.stdout);
+        assert!(screen.contains("^C") && screen.contains("exit code 130"), "{transport}: {screen:?}");
     }
     // A component container, and a command that cannot be run: the error reaches the client.
     let cc = pod.sleeper("sleeper-c", "toolc").await;

@@ -1,9 +1,10 @@
-// The conformance userland: one wasi:cli/command that is many programs, picked by the name it
-// runs as (the last part of argv[0], without ".wasm"), or by its first argument when it runs
-// as "box". It is what critest's images hold: sh, echo, sleep, top, cat, ls, hostname, pgrep,
-// true, false and env. (Their web server is net.c's `serve`, a program of its own: a C program
-// that mixes wit-bindgen bindings with preview 1 calls such as path_open or poll_oneoff traps
-// with "cannot leave component instance" at the first list an import returns.)
+// The conformance userland: one preview 1 command that is many programs, picked by the name
+// it runs as (the last part of argv[0], without ".wasm"), or by its first argument when that
+// name is none of theirs (run as "box", or as a container named otherwise). It is what
+// critest's images hold: sh, echo, sleep, top, cat, ls, hostname, pgrep, true, false and env.
+// (Their web server is net.c run as httpd, a program of its own: a C program that mixes
+// wit-bindgen bindings with preview 1 calls such as path_open or poll_oneoff traps with
+// "cannot leave component instance" at the first list an import returns.)
 //
 // sh runs `-c SCRIPT`, a script file, or the commands it reads from stdin (no prompt). It knows
 // words with '...' and "..." quoting, $NAME, ${NAME} and $?; `;`, newlines, `&&`, `||`;
@@ -564,12 +565,14 @@ static int sh_main(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
-    const char *me = argc ? base_name(argv[0]) : "box";
-    if (argc > 1 && (!strcmp(me, "box") || !strcmp(me, "box.wasm"))) {
+    // Run as box, or under a name that is none of its programs' (a container's argv[0] may be
+    // its name): the first argument picks the program.
+    const struct applet *a = argc ? find_applet(argv[0]) : NULL;
+    if (!a && argc > 1) {
         argv++;
         argc--;
+        a = find_applet(argv[0]);
     }
-    const struct applet *a = argc ? find_applet(argv[0]) : NULL;
     if (!a) {
         fprintf(stderr, "box: %s: applet not found (sh echo sleep top cat ls hostname pgrep true false env)\n",
                 argc ? argv[0] : "");

@@ -16,6 +16,9 @@ use crate::{Error, Result};
 use super::spec::*;
 use super::{EXEC_OUTPUT_LIMIT, ExecOutput, Runtime};
 
+/// What a shell reports for a command ended by ^C (128 + SIGINT).
+const INTERRUPTED_EXIT_CODE: i32 = 130;
+
 /// An exec ready to run in a container's context.
 struct Prepared {
     program: Program,
@@ -70,13 +73,37 @@ impl Runtime {
 
     /// Runs `cmd` in a running container's context with a streaming session's streams, and
     /// returns its exit code. Dropping the future stops the instance.
-    pub async fn exec_session(&self, id: &str, cmd: &[String], io: wasmlet_streaming::Stdio) -> Result<i32> {
+    pub async fn exec_session(&self, id: &str, cmd: &[String], mut io: wasmlet_streaming::Stdio) -> Result<i32> {
         let mut prepared = self
             .prepare_exec(id, cmd, GuestOutput::discard(Stream::Stdout), GuestOutput::discard(Stream::Stderr))
             .await?;
-        prepared.spec.session = Some(SessionIo::new(io));
+        // A wasm guest cannot ask its terminal's size: it gets the first one the client sends
+        // as COLUMNS and LINES, as a shell would set them (later resizes cannot reach it).
+        if io.tty
+            && let Some(rx) = io.resize.as_mut()
+            && let Ok(Some(size)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
+        {
+            let env = &mut prepared.spec.env;
+            env.retain(|(k, _)| k != "COLUMNS" && k != "LINES");
+            env.push(("COLUMNS".into(), size.width.to_string()));
+            env.push(("LINES".into(), size.height.to_string()));
+        }
+        let (session, interrupted) = SessionIo::new(io);
+        prepared.spec.session = Some(session);
         let mut task = AbortOnDrop(self.spawn_exec(prepared));
-        let outcome = wait(&mut task).await?;
+        let interrupted = async {
+            if let Some(rx) = interrupted
+                && rx.await.is_ok()
+            {
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        let outcome = tokio::select! {
+            outcome = wait(&mut task) => outcome?,
+            // ^C on the terminal: the command ends as a process killed by SIGINT does.
+            _ = interrupted => Outcome::Exited(INTERRUPTED_EXIT_CODE),
+        };
         let status = ExitStatus::from_outcome(&outcome);
         if let Outcome::StartFailed(msg) = &outcome {
             return Err(Error::InvalidArgument(format!("exec {:?} in container {id}: {msg}", cmd[0])));
