@@ -344,25 +344,55 @@ pub fn encode(frame: &Frame, z: &mut Deflater, out: &mut BytesMut) {
     }
 }
 
-/// Reads one frame; `None` at a clean end of the connection.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, z: &mut Inflater) -> Result<Option<Frame>, Error> {
-    let mut head = [0u8; 8];
-    match r.read_exact(&mut head).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(Error::Io(e)),
+/// Reads frames from a byte stream into one buffer: a data frame's payload is a slice of it,
+/// not a copy.
+pub struct FrameReader<R> {
+    r: R,
+    buf: BytesMut,
+}
+
+/// How much is read at once (a frame that is larger gets room for all of it).
+const READ_CHUNK: usize = 128 * 1024;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(r: R) -> FrameReader<R> {
+        FrameReader { r, buf: BytesMut::with_capacity(READ_CHUNK) }
     }
+
+    /// The next frame; `None` at a clean end of the connection.
+    pub async fn next(&mut self, z: &mut Inflater) -> Result<Option<Frame>, Error> {
+        loop {
+            if self.buf.len() >= 8 {
+                let len = u32::from_be_bytes([0, self.buf[5], self.buf[6], self.buf[7]]) as usize;
+                if len > MAX_FRAME {
+                    return Err(Error::Protocol(format!("SPDY frame of {len} bytes is over the {MAX_FRAME} limit")));
+                }
+                if self.buf.len() >= 8 + len {
+                    let mut frame = self.buf.split_to(8 + len);
+                    let head = frame.split_to(8);
+                    return decode(&head, frame.freeze(), z).map(Some);
+                }
+                self.buf.reserve((8 + len - self.buf.len()).max(READ_CHUNK));
+            } else {
+                self.buf.reserve(READ_CHUNK);
+            }
+            if self.r.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::Protocol(format!("the connection ended inside a frame ({} bytes)", self.buf.len())));
+            }
+        }
+    }
+}
+
+/// A frame from its 8-byte head and its payload.
+fn decode(head: &[u8], payload: Bytes, z: &mut Inflater) -> Result<Frame, Error> {
     let word = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
     let flags = head[4];
-    let len = u32::from_be_bytes([0, head[5], head[6], head[7]]) as usize;
-    if len > MAX_FRAME {
-        return Err(Error::Protocol(format!("SPDY frame of {len} bytes is over the {MAX_FRAME} limit")));
-    }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
     let fin = flags & FLAG_FIN != 0;
     if word & 0x8000_0000 == 0 {
-        return Ok(Some(Frame::Data { id: word & 0x7fff_ffff, data: Bytes::from(payload), fin }));
+        return Ok(Frame::Data { id: word & 0x7fff_ffff, data: payload, fin });
     }
     let version = ((word >> 16) & 0x7fff) as u16;
     if version != VERSION {
@@ -405,7 +435,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, z: &mut Inflater) -> Re
         SETTINGS | WINDOW_UPDATE => Frame::Ignored(kind),
         other => Frame::Ignored(other),
     };
-    Ok(Some(frame))
+    Ok(frame)
 }
 
 /// Which end of the connection we are: it decides the parity of the stream and ping ids we own.
@@ -608,13 +638,13 @@ async fn read_loop<R: AsyncRead>(
     streams: mpsc::Sender<Stream>,
     closed: Arc<watch::Sender<bool>>,
 ) {
-    let mut read = tokio::io::BufReader::with_capacity(64 * 1024, read);
+    let mut read = FrameReader::new(read);
     let mut z = Inflater::default();
     let mut last_peer_id = 0u32;
     let peer_parity = if role == Role::Server { 1 } else { 0 };
     let mut going_away = false;
     loop {
-        let frame = match read_frame(&mut read, &mut z).await {
+        let frame = match read.next(&mut z).await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {
@@ -765,10 +795,10 @@ mod tests {
         for f in &frames {
             encode(f, &mut z, &mut buf);
         }
-        let mut r = &buf[..];
+        let mut r = FrameReader::new(&buf[..]);
         let mut inflate = Inflater::default();
         let mut back = Vec::new();
-        while let Some(f) = read_frame(&mut r, &mut inflate).await.unwrap() {
+        while let Some(f) = r.next(&mut inflate).await.unwrap() {
             back.push(f);
         }
         assert_eq!(back, frames);
@@ -778,17 +808,18 @@ mod tests {
     async fn bad_frames_are_errors_not_panics() {
         let mut z = Inflater::default();
         // A control frame of version 2.
-        let mut r: &[u8] = &[0x80, 2, 0, 1, 0, 0, 0, 0];
-        assert!(matches!(read_frame(&mut r, &mut z).await, Err(Error::Protocol(_))));
+        let mut next = async |bytes: &'static [u8]| FrameReader::new(bytes).next(&mut z).await;
+        assert!(matches!(next(&[0x80, 2, 0, 1, 0, 0, 0, 0]).await, Err(Error::Protocol(_))));
         // A frame longer than the limit.
-        let mut r: &[u8] = &[0, 0, 0, 1, 0, 0xff, 0xff, 0xff];
-        assert!(matches!(read_frame(&mut r, &mut z).await, Err(Error::Protocol(_))));
+        assert!(matches!(next(&[0, 0, 0, 1, 0, 0xff, 0xff, 0xff]).await, Err(Error::Protocol(_))));
         // A SYN_STREAM whose header block is not zlib.
-        let mut r: &[u8] = &[0x80, 3, 0, 1, 0, 0, 0, 14, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
-        assert!(matches!(read_frame(&mut r, &mut z).await, Err(Error::Protocol(_))));
-        // Cut short mid-frame.
-        let mut r: &[u8] = &[0, 0, 0, 1, 0, 0, 0, 9, 1];
-        assert!(read_frame(&mut r, &mut z).await.is_err());
+        let not_zlib = &[0x80, 3, 0, 1, 0, 0, 0, 14, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
+        assert!(matches!(next(not_zlib).await, Err(Error::Protocol(_))));
+        // Cut short mid-frame, and mid-head.
+        assert!(next(&[0, 0, 0, 1, 0, 0, 0, 9, 1]).await.is_err());
+        assert!(next(&[0, 0, 0]).await.is_err());
+        // A clean end.
+        assert!(matches!(next(&[]).await, Ok(None)));
     }
 
     #[tokio::test]

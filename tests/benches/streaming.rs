@@ -72,6 +72,38 @@ fn transfer(port: u16, total: usize) -> anyhow::Result<Duration> {
     Ok(took)
 }
 
+/// The same transfer through wasmlet's port forwarding with an in-process SPDY client (what
+/// the server side costs, without client-go's): a CRI PortForward, the upgrade, one error and
+/// one data stream as client-go opens them.
+async fn transfer_spdy(rt: &mut RuntimeClient, sandbox: &str, port: u16, total: usize) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let req = cri::PortForwardRequest { pod_sandbox_id: sandbox.to_string(), port: vec![i32::from(port)] };
+    let url = rt.port_forward(req).await?.into_inner().url;
+    let (conn, _) = wasmlet_streaming::spdy::dial(&url, "portforward.k8s.io").await?;
+    let headers = |kind: &str| -> Vec<(String, String)> {
+        vec![("streamtype".into(), kind.into()), ("port".into(), port.to_string()), ("requestid".into(), "0".into())]
+    };
+    let _error = conn.open(headers("error")).await?;
+    let mut data = conn.open(headers("data")).await?;
+    let chunk = bytes::Bytes::from(vec![b'w'; 256 * 1024]);
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.len().min(total - sent);
+        data.tx.send(chunk.slice(..n)).await?;
+        sent += n;
+    }
+    data.tx.finish().await?;
+    let mut reply = Vec::new();
+    while let Some(d) = data.rx.recv().await {
+        reply.extend_from_slice(&d);
+    }
+    let took = start.elapsed();
+    conn.close().await;
+    let reply = String::from_utf8_lossy(&reply);
+    anyhow::ensure!(reply.trim() == total.to_string(), "the sink counted {reply:?}, not {total}");
+    Ok(took)
+}
+
 /// User and system CPU seconds the process `pid` has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -164,7 +196,7 @@ async fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mb = total as f64 / 1e6;
-    let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
+    let (mut direct, mut forwarded, mut in_process) = (Vec::new(), Vec::new(), Vec::new());
     // Who spends the CPU of the forwarded transfers: wasmlet (SPDY, the copy into the pod, the
     // wasm sink) or crictl (client-go's SPDY).
     let (mut wasmlet_cpu, mut crictl_cpu) = (0.0, 0.0);
@@ -174,18 +206,28 @@ async fn main() -> anyhow::Result<()> {
         forwarded.push(transfer(local, total)?);
         wasmlet_cpu += cpu_seconds(server.pid()) - w0;
         crictl_cpu += cpu_seconds(pf.id()) - c0;
+        in_process.push(transfer_spdy(&mut rt, &sb, port, total).await?);
     }
     let _ = pf.kill();
     let _ = pf.wait();
     let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
-    let (d, f) = (best(&direct), best(&forwarded));
+    let (d, f, i) = (best(&direct), best(&forwarded), best(&in_process));
     println!();
     println!("{megabytes} MiB into a wasm sink in the pod (best of 3):");
     println!("| path | seconds | MB/s |");
     println!("|---|---|---|");
     println!("| direct connection to the pod | {:.3} | {:.0} |", d.as_secs_f64(), mb / d.as_secs_f64());
     println!("| crictl port-forward (SPDY) | {:.3} | {:.0} |", f.as_secs_f64(), mb / f.as_secs_f64());
-    println!("port-forward / direct: {:.2}", d.as_secs_f64() / f.as_secs_f64());
+    println!(
+        "| wasmlet's port forwarding, in-process SPDY client | {:.3} | {:.0} |",
+        i.as_secs_f64(),
+        mb / i.as_secs_f64()
+    );
+    println!(
+        "port-forward / direct: crictl {:.2}, in-process client {:.2}",
+        d.as_secs_f64() / f.as_secs_f64(),
+        d.as_secs_f64() / i.as_secs_f64()
+    );
     let spent: f64 = forwarded.iter().map(Duration::as_secs_f64).sum();
     println!(
         "CPU during the forwarded transfers: wasmlet {:.0}% of one core, crictl {:.0}%",
