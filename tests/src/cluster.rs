@@ -400,6 +400,9 @@ pub struct WasmletNode {
     child: Option<Child>,
     /// More `wasmlet node` arguments.
     pub extra: Vec<String>,
+    /// Pass the CA-signed serving certificate files (`--tls-cert-file`); off, the node makes
+    /// or asks for its own.
+    pub serving_files: bool,
     config: String,
 }
 
@@ -429,6 +432,7 @@ impl WasmletNode {
             ip: "127.0.0.1".into(),
             child: None,
             extra: Vec::new(),
+            serving_files: true,
             config: config.into(),
         };
         for (file, tag) in images {
@@ -464,10 +468,17 @@ impl WasmletNode {
             .arg(&self.kubeconfig)
             .arg("--hostname-override")
             .arg(&self.name)
-            .args(["--node-ip", &self.ip, "--port", &self.port.to_string(), "--tls-cert-file"])
-            .arg(self.dir.path().join("serving.crt"))
-            .arg("--tls-private-key-file")
-            .arg(self.dir.path().join("serving.key"))
+            .args(["--node-ip", &self.ip, "--port", &self.port.to_string()])
+            .args(if self.serving_files {
+                vec![
+                    "--tls-cert-file".into(),
+                    self.dir.path().join("serving.crt").into_os_string(),
+                    "--tls-private-key-file".into(),
+                    self.dir.path().join("serving.key").into_os_string(),
+                ]
+            } else {
+                Vec::new()
+            })
             .arg("--root")
             .arg(self.root())
             .arg("--config")

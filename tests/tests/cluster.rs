@@ -1237,3 +1237,49 @@ fn a_stock_kubelet_streams_through_wasmlets_cri() -> Result<()> {
     cp.kubectl_ok(&["delete", "node", &kubelet.name, "--wait=false"])?;
     Ok(())
 }
+
+#[test]
+fn the_node_api_serves_with_a_certificate_from_the_kubelet_serving_signer() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    wasmlet_tests::cluster::local_address(wasmlet_tests::cluster::NODE_API_IP)?;
+    let config = format!("{FAST}serverTLSBootstrap = true\n");
+    let mut node = WasmletNode::prepare(cp, "wasm-node-serving", &[], &config)?;
+    node.ip = wasmlet_tests::cluster::NODE_API_IP.into();
+    node.serving_files = false;
+    node.spawn()?;
+    wait_node_ready(cp, &node)?;
+    // The node asks for its serving certificate, as itself, from the kubelet-serving signer.
+    let user = format!("system:node:{}", node.name);
+    let mut csr = String::new();
+    cp.wait("the node's serving CSR", Duration::from_secs(30), || {
+        let list = cp.get_json(&["get", "csr"])?;
+        let found = list["items"].as_array().into_iter().flatten().find(|c| {
+            c["spec"]["signerName"] == "kubernetes.io/kubelet-serving" && c["spec"]["username"] == user.as_str()
+        });
+        csr = found.and_then(|c| c["metadata"]["name"].as_str()).unwrap_or_default().to_string();
+        Ok(!csr.is_empty())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    // Until it is approved there is nothing to serve with: TLS handshakes fail.
+    let url = format!("https://{}:{}/healthz", node.ip, node.port);
+    let curl = |ca: bool| -> Result<String> {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"]);
+        if ca {
+            c.arg("--cacert").arg(cp.ca());
+        } else {
+            c.arg("-k");
+        }
+        Ok(text(&c.arg(&url).output()?.stdout))
+    };
+    assert_eq!(curl(false)?, "000", "no certificate yet");
+    cp.kubectl_ok(&["certificate", "approve", &csr])?;
+    // Approved and signed: the node serves with it, and it chains to the cluster's CA (anonymous
+    // is still refused), so the API server, which checks it, proxies to the node.
+    cp.wait("the issued serving certificate in use", Duration::from_secs(30), || Ok(curl(true)? == "401"))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    let health = cp.kubectl_ok(&["get", "--raw", &format!("/api/v1/nodes/{}/proxy/healthz", node.name)])?;
+    assert_eq!(health.trim(), "ok");
+    assert!(node.root().join("pki/kubelet-server-current.pem").exists());
+    Ok(())
+}

@@ -43,25 +43,41 @@ fn node_ip(flag: Option<&str>, host: &str) -> Result<String> {
     Ok(found.map_or_else(|| "127.0.0.1".to_string(), |ip| ip.to_string()))
 }
 
-/// Starts the node's HTTPS API (logs, exec, port-forward) on `address:port`.
+/// Starts the node's HTTPS API (logs, exec, port-forward) on `address:port`, and with
+/// serverTLSBootstrap the task that keeps its certificate issued.
 async fn node_api(
     cfg: &NodeConfig,
     client: kube::Client,
     kubeconfig: &std::path::Path,
     socket: &std::path::Path,
-    name: &str,
-    ip: &str,
-) -> Result<tokio::task::JoinHandle<()>> {
+    cert_dir: &std::path::Path,
+    (name, ip): (&str, &str),
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
     use anyhow::Context;
     use wasmlet_kubelet::node::server;
-    let (cert, key) = match (&cfg.tls_cert_file, &cfg.tls_private_key_file) {
-        (Some(c), Some(k)) => (
+    let serving = match (&cfg.tls_cert_file, &cfg.tls_private_key_file) {
+        (Some(c), Some(k)) => server::Serving::Fixed(
             std::fs::read(c).with_context(|| format!("tlsCertFile {}", c.display()))?,
             std::fs::read(k).with_context(|| format!("tlsPrivateKeyFile {}", k.display()))?,
         ),
+        _ if cfg.server_tls_bootstrap => {
+            use wasmlet_kubelet::node::serving;
+            let cert = Arc::new(serving::ServingCertificate::load(&serving::serving_pem(cert_dir)));
+            let mut ips: Vec<std::net::IpAddr> = ip.parse().into_iter().collect();
+            if let Ok(a) = cfg.address.parse::<std::net::IpAddr>()
+                && !a.is_unspecified()
+                && !ips.contains(&a)
+            {
+                ips.push(a);
+            }
+            let purpose = wasmlet_kubelet::node::bootstrap::Purpose::Serving { ips, names: vec![name.to_string()] };
+            tasks.push(tokio::spawn(serving::keep(cert.clone(), client.clone(), name.to_string(), purpose)));
+            server::Serving::Issued(cert)
+        }
         _ => {
             let (c, k) = server::self_signed(name, ip)?;
-            (c.into_bytes(), k.into_bytes())
+            server::Serving::Fixed(c.into_bytes(), k.into_bytes())
         }
     };
     // Client certificates chain to the clientCAFile, else to the cluster's CA.
@@ -76,7 +92,7 @@ async fn node_api(
         }
         None => wasmlet_kubelet::node::client::load(kubeconfig, "kubeconfig").await?.1.root_cert.unwrap_or_default(),
     };
-    let tls = server::tls_config(&cert, &key, &client_cas)?;
+    let tls = server::tls_config(serving, &client_cas)?;
     let addr = std::net::SocketAddr::new(cfg.address.parse()?, cfg.port);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("node API on {addr}"))?;
     let channel = cri_proto::connect_unix(socket).await.context("connect the node API to the CRI")?;
@@ -88,7 +104,8 @@ async fn node_api(
         config: cfg.clone(),
     });
     tracing::info!(address = %addr, "node API listening");
-    Ok(tokio::spawn(server::serve(listener, tls, srv)))
+    tasks.push(tokio::spawn(server::serve(listener, tls, srv)));
+    Ok(tasks)
 }
 
 pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
@@ -148,7 +165,7 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         ));
         tasks.push(tokio::spawn(agent.clone().run_status()));
         let kubeconfig = a.kubeconfig.as_deref().expect("a client comes from a kubeconfig");
-        tasks.push(node_api(&a.config, client.clone(), kubeconfig, &local.socket, &name, &ip).await?);
+        tasks.extend(node_api(&a.config, client.clone(), kubeconfig, &local.socket, &cert_dir, (&name, &ip)).await?);
         tasks.push(tokio::spawn(agent.clone().run_lease()));
         // No pod's environment is built before the Services are known.
         if let Some(o) = &api_objects {

@@ -17,17 +17,52 @@ use super::{Complaint, Error, Retry};
 
 /// The signer of kubelet client certificates.
 pub const SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+/// The signer of kubelet serving certificates (serverTLSBootstrap).
+pub const SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
+
+/// What a certificate is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purpose {
+    /// The node's client certificate, to the API server.
+    Client,
+    /// The node API's serving certificate, for these addresses and names.
+    Serving { ips: Vec<std::net::IpAddr>, names: Vec<String> },
+}
+
+impl Purpose {
+    fn signer(&self) -> &'static str {
+        match self {
+            Purpose::Client => SIGNER,
+            Purpose::Serving { .. } => SERVING_SIGNER,
+        }
+    }
+
+    /// The usages the signer allows (the key is ECDSA: no key encipherment).
+    fn usages(&self) -> Vec<String> {
+        let last = if *self == Purpose::Client { "client auth" } else { "server auth" };
+        vec!["digital signature".into(), last.into()]
+    }
+}
 
 /// Where the client certificate and key are stored (one PEM file, mode 0600).
 pub fn client_pem(cert_dir: &Path) -> PathBuf {
     cert_dir.join("kubelet-client-current.pem")
 }
 
-/// A new key and the PEM CSR for node `name` (CN system:node:NAME, O system:nodes).
-pub fn request(name: &str) -> Result<(String, String), Error> {
+/// A new key and the PEM CSR for node `name` (CN system:node:NAME, O system:nodes), with the
+/// subject alternative names a serving certificate needs.
+pub fn request(name: &str, purpose: &Purpose) -> Result<(String, String), Error> {
     let bad = |e: rcgen::Error| Error::Config(format!("make the certificate request: {e}"));
     let key = rcgen::KeyPair::generate().map_err(bad)?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(bad)?;
+    if let Purpose::Serving { ips, names } = purpose {
+        for ip in ips {
+            params.subject_alt_names.push(rcgen::SanType::IpAddress(*ip));
+        }
+        for n in names {
+            params.subject_alt_names.push(rcgen::SanType::DnsName(n.clone().try_into().map_err(bad)?));
+        }
+    }
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(rcgen::DnType::OrganizationName, "system:nodes");
     params.distinguished_name.push(rcgen::DnType::CommonName, format!("system:node:{name}"));
@@ -89,7 +124,7 @@ pub async fn bootstrap(bootstrap_path: &Path, kubeconfig: &Path, cert_dir: &Path
     let (file, config) = super::client::load(bootstrap_path, "bootstrap kubeconfig").await?;
     let client = kube::Client::try_from(config)
         .map_err(|e| Error::Config(format!("bootstrap kubeconfig {}: {e}", bootstrap_path.display())))?;
-    let text = issue(&client, name).await?;
+    let text = issue(&client, name, &Purpose::Client).await?;
     let pem = client_pem(cert_dir);
     write_private(&pem, &text)?;
     write_private(kubeconfig, &node_kubeconfig(&file, &pem)?)?;
@@ -97,19 +132,20 @@ pub async fn bootstrap(bootstrap_path: &Path, kubeconfig: &Path, cert_dir: &Path
     Ok(())
 }
 
-/// Asks for a client certificate for node `name` through `client` (bootstrap credentials,
-/// or the node's own when it rotates): a new key, a CSR for the kubelet client signer, and
-/// the wait until it is approved and signed (retrying while the API server does not answer).
-/// The certificate and key, as PEM.
-pub async fn issue(client: &kube::Client, name: &str) -> Result<String, Error> {
-    let (key, csr) = request(name)?;
+/// Asks for a certificate for node `name` through `client` (bootstrap credentials, or the
+/// node's own when it rotates or wants a serving certificate): a new key, a CSR for the
+/// purpose's signer, and the wait until it is approved and signed (retrying while the API
+/// server does not answer). The certificate and key, as PEM.
+pub async fn issue(client: &kube::Client, name: &str, purpose: &Purpose) -> Result<String, Error> {
+    let (key, csr) = request(name, purpose)?;
+    let signer = purpose.signer();
     let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
     let object = CertificateSigningRequest {
         metadata: ObjectMeta { generate_name: Some("node-csr-".into()), ..Default::default() },
         spec: CertificateSigningRequestSpec {
             request: ByteString(csr.into_bytes()),
-            signer_name: SIGNER.into(),
-            usages: Some(vec!["digital signature".into(), "client auth".into()]),
+            signer_name: signer.into(),
+            usages: Some(purpose.usages()),
             ..Default::default()
         },
         status: None,
@@ -119,12 +155,12 @@ pub async fn issue(client: &kube::Client, name: &str) -> Result<String, Error> {
     let created = loop {
         match csrs.create(&PostParams::default(), &object).await {
             Ok(c) => break c,
-            Err(e) => complaint.failed("request a client certificate", &e),
+            Err(e) => complaint.failed(&format!("request a certificate from {signer}"), &e),
         }
         tokio::time::sleep(retry.delay()).await;
     };
     let csr_name = created.metadata.name.clone().unwrap_or_default();
-    tracing::info!(csr = %csr_name, signer = SIGNER, "asked for a client certificate; waiting for it to be approved and signed");
+    tracing::info!(csr = %csr_name, signer, "asked for a certificate; waiting for it to be approved and signed");
     let certificate = loop {
         match csrs.get(&csr_name).await {
             Ok(c) => {
@@ -158,9 +194,29 @@ mod tests {
 
     #[test]
     fn the_request_names_the_node_and_the_kubeconfig_its_certificate() {
-        let (key, csr) = request("edge-1").unwrap();
+        let (key, csr) = request("edge-1", &Purpose::Client).unwrap();
         assert!(key.contains("PRIVATE KEY"));
         assert!(csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        // A serving request names the node's addresses and names.
+        let serving = Purpose::Serving { ips: vec!["10.0.0.7".parse().unwrap()], names: vec!["edge-1".into()] };
+        let (_, csr) = request("edge-1", &serving).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        use x509_parser::prelude::FromDer;
+        let der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap();
+        let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(der.as_ref()).unwrap();
+        let sans: Vec<String> = parsed
+            .requested_extensions()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| match e {
+                x509_parser::extensions::ParsedExtension::SubjectAlternativeName(s) => Some(s),
+                _ => None,
+            })
+            .flat_map(|s| s.general_names.iter().map(|n| n.to_string()))
+            .collect();
+        assert_eq!(sans, ["IPAddress(0a:00:00:07)", "DNSName(edge-1)"], "10.0.0.7 and the name");
+        assert_eq!(serving.usages(), ["digital signature", "server auth"]);
+        assert_eq!(serving.signer(), "kubernetes.io/kubelet-serving");
         let bootstrap: kube::config::Kubeconfig = serde_yaml::from_str(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://10.0.0.1:6443\", certificate-authority: /etc/ca.crt}\nusers:\n- name: u\n  user: {token: abcdef.0123456789abcdef}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
         )

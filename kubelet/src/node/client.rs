@@ -93,10 +93,10 @@ pub async fn connect(path: &Path, cfg: &NodeConfig, managed: &Path) -> Result<No
 }
 
 /// A certificate and key in use, and its validity.
-struct Current {
-    key: Arc<CertifiedKey>,
-    not_before: SystemTime,
-    not_after: SystemTime,
+pub(crate) struct Current {
+    pub(crate) key: Arc<CertifiedKey>,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
 }
 
 /// The node's client certificate: presented to the API server from here, replaced by rotation.
@@ -112,8 +112,9 @@ impl std::fmt::Debug for ClientCertificate {
     }
 }
 
-fn parse(what: &Path, text: &[u8]) -> Result<Current, Error> {
-    let bad = |why: String| Error::Config(format!("client certificate {}: {why}", what.display()));
+/// A PEM certificate chain and key.
+pub(crate) fn parse(what: &Path, text: &[u8]) -> Result<Current, Error> {
+    let bad = |why: String| Error::Config(format!("certificate {}: {why}", what.display()));
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(text).collect::<Result<_, _>>().map_err(|e| bad(e.to_string()))?;
     let first = chain.first().ok_or_else(|| bad("no certificate in it".into()))?;
@@ -175,31 +176,49 @@ const ISSUE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Rotates `certificate` before it expires, for as long as the node runs; `client` presents
 /// it (the request is made with the node's own credentials).
 pub async fn rotate(certificate: Arc<ClientCertificate>, client: kube::Client, node_name: String) {
+    let purpose = bootstrap::Purpose::Client;
+    keep_fresh(
+        "client certificate",
+        || Some(certificate.validity()),
+        || async { certificate.replace(&bootstrap::issue(&client, &node_name, &purpose).await?) },
+    )
+    .await
+}
+
+/// Keeps a certificate fresh for as long as the node runs: waits for its rotation deadline
+/// (at once when there is none yet), then `renew`s it (which asks for one and puts it in
+/// place), backing off after a failure.
+pub(crate) async fn keep_fresh<F, Fut>(what: &str, validity: impl Fn() -> Option<(SystemTime, SystemTime)>, renew: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
     let mut failures = 0u32;
     loop {
-        let (not_before, not_after) = certificate.validity();
-        let deadline = rotation_deadline(not_before, not_after, rand::random::<f64>());
-        let at = |t: SystemTime| k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default();
-        tracing::info!(expires = %at(not_after), rotation = %at(deadline), "client certificate");
-        // Slept in steps, so that a clock that jumps is noticed.
-        while let Ok(left) = deadline.duration_since(SystemTime::now()) {
-            tokio::time::sleep(left.min(Duration::from_secs(600))).await;
+        let had = validity().is_some();
+        if let Some((not_before, not_after)) = validity() {
+            let deadline = rotation_deadline(not_before, not_after, rand::random::<f64>());
+            let at =
+                |t: SystemTime| k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default();
+            tracing::info!(expires = %at(not_after), rotation = %at(deadline), "{what}");
+            // Slept in steps, so that a clock that jumps is noticed.
+            while let Ok(left) = deadline.duration_since(SystemTime::now()) {
+                tokio::time::sleep(left.min(Duration::from_secs(600))).await;
+            }
         }
-        let issued = tokio::time::timeout(ISSUE_TIMEOUT, bootstrap::issue(&client, &node_name)).await;
-        let result = match issued {
-            Ok(Ok(text)) => certificate.replace(&text),
-            Ok(Err(e)) => Err(e),
+        let result = match tokio::time::timeout(ISSUE_TIMEOUT, renew()).await {
+            Ok(r) => r,
             Err(_) => Err(Error::Config(format!("no certificate issued within {ISSUE_TIMEOUT:?}"))),
         };
         match result {
             Ok(()) => {
                 failures = 0;
-                tracing::info!(pem = %certificate.pem.display(), "client certificate rotated");
+                tracing::info!("{what} {}", if had { "rotated" } else { "issued" });
             }
             Err(e) => {
                 failures += 1;
                 let wait = Duration::from_secs(5 << failures.min(6));
-                tracing::error!(error = %e, retry_in = ?wait, "client certificate rotation failed");
+                tracing::error!(error = %e, retry_in = ?wait, "{what}: no new one");
                 tokio::time::sleep(wait).await;
             }
         }

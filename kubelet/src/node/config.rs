@@ -58,6 +58,10 @@ pub struct NodeConfig {
     /// is made at each start.
     pub tls_cert_file: Option<std::path::PathBuf>,
     pub tls_private_key_file: Option<std::path::PathBuf>,
+    /// Ask the cluster for the serving certificate (a `kubernetes.io/kubelet-serving`
+    /// CertificateSigningRequest, approved by someone or an approver) and rotate it.
+    #[serde(rename = "serverTLSBootstrap")]
+    pub server_tls_bootstrap: bool,
     /// Who may call the node API.
     pub authentication: Authentication,
 }
@@ -102,6 +106,7 @@ impl Default for NodeConfig {
             address: "0.0.0.0".into(),
             tls_cert_file: None,
             tls_private_key_file: None,
+            server_tls_bootstrap: false,
             authentication: Authentication::default(),
         }
     }
@@ -137,6 +142,9 @@ impl NodeConfig {
             .map_err(|_| format!("address: {:?} is not an IP address", self.address))?;
         if self.tls_cert_file.is_some() != self.tls_private_key_file.is_some() {
             return Err("tlsCertFile and tlsPrivateKeyFile go together".into());
+        }
+        if self.server_tls_bootstrap && self.tls_cert_file.is_some() {
+            return Err("serverTLSBootstrap asks the cluster for the serving certificate: give no tlsCertFile".into());
         }
         for ip in &self.cluster_dns {
             ip.parse::<std::net::IpAddr>().map_err(|_| format!("clusterDNS: {ip:?} is not an IP address"))?;

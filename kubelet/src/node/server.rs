@@ -68,13 +68,18 @@ pub fn self_signed(node_name: &str, ip: &str) -> Result<(String, String), Error>
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// The TLS settings: the serving certificate and key (PEM), and the CAs client certificates
-/// must chain to (a client without a certificate may still present a bearer token).
-pub fn tls_config(cert_pem: &[u8], key_pem: &[u8], client_cas: &[Vec<u8>]) -> Result<rustls::ServerConfig, Error> {
+/// Where the serving certificate comes from.
+pub enum Serving {
+    /// A certificate and key (PEM): tlsCertFile and tlsPrivateKeyFile, or self-signed.
+    Fixed(Vec<u8>, Vec<u8>),
+    /// Issued by the cluster, and replaced as it rotates (serverTLSBootstrap).
+    Issued(Arc<super::serving::ServingCertificate>),
+}
+
+/// The TLS settings: the serving certificate, and the CAs client certificates must chain to
+/// (a client without a certificate may still present a bearer token).
+pub fn tls_config(serving: Serving, client_cas: &[Vec<u8>]) -> Result<rustls::ServerConfig, Error> {
     let bad = |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("node API TLS: {what}: {e}"));
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| bad("certificate", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad("key", &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for der in client_cas {
@@ -92,7 +97,16 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8], client_cas: &[Vec<u8>]) -> Re
             .map_err(|e| bad("client verifier", &e))?;
         builder.with_client_cert_verifier(verifier)
     };
-    let mut cfg = builder.with_single_cert(chain, key).map_err(|e| bad("certificate and key", &e))?;
+    let mut cfg = match serving {
+        Serving::Fixed(cert_pem, key_pem) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad("certificate", &e))?;
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| bad("key", &e))?;
+            builder.with_single_cert(chain, key).map_err(|e| bad("certificate and key", &e))?
+        }
+        Serving::Issued(c) => builder.with_cert_resolver(c),
+    };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -732,7 +746,7 @@ mod tests {
     #[test]
     fn a_self_signed_certificate_serves() {
         let (cert, key) = self_signed("node-1", "127.0.0.1").unwrap();
-        tls_config(cert.as_bytes(), key.as_bytes(), &[]).unwrap();
-        assert!(tls_config(b"junk", key.as_bytes(), &[]).is_err());
+        tls_config(Serving::Fixed(cert.clone().into_bytes(), key.clone().into_bytes()), &[]).unwrap();
+        assert!(tls_config(Serving::Fixed(b"junk".to_vec(), key.into_bytes()), &[]).is_err());
     }
 }
