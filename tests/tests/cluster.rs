@@ -1116,9 +1116,25 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
     // nodes/proxy is not nodes/stats, nor nodes/metrics.
     assert_eq!(node_api_status(&node, "/stats/summary", Some(prober.trim()))?, "403");
     assert_eq!(node_api_status(&node, "/metrics", Some(prober.trim()))?, "403");
-    // Through the API server, a user without the rights is refused.
-    let no_rights = cp.kubectl(&["--as", "system:serviceaccount:default:nobody", "logs", "-n", &ns, "sleeper"])?;
-    assert!(!no_rights.status.success() && text(&no_rights.stderr).contains("forbidden"), "{no_rights:?}");
+    // Through the API server, a user without the rights is refused each of them.
+    let nodes_proxy = |p: &str| format!("/api/v1/nodes/{}/proxy{p}", node.name);
+    let local = wasmlet_tests::free_port().to_string();
+    for args in [
+        vec!["logs", "-n", &ns, "sleeper"],
+        vec!["exec", "-n", &ns, "sleeper", "--", "tool", "hello"],
+        vec!["attach", "-n", &ns, "typist", "-c", "c"],
+        vec!["port-forward", "-n", &ns, "pod/web", &local],
+        vec!["get", "--raw", &nodes_proxy("/stats/summary")],
+        vec!["get", "--raw", &nodes_proxy("/metrics")],
+    ] {
+        let mut all = vec!["--as", "system:serviceaccount:default:nobody"];
+        all.extend_from_slice(&args);
+        let no_rights = cp.kubectl(&all)?;
+        assert!(
+            !no_rights.status.success() && text(&no_rights.stderr).contains("forbidden"),
+            "{args:?}: {no_rights:?}"
+        );
+    }
     Ok(())
 }
 

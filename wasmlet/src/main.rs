@@ -282,6 +282,9 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # address = "0.0.0.0"
 # tlsCertFile = "/var/lib/wasmlet/pki/kubelet.crt"
 # tlsPrivateKeyFile = "/var/lib/wasmlet/pki/kubelet.key"
+# Or ask the cluster for it (a kubernetes.io/kubelet-serving CSR, to be approved), rotated
+# before it expires:
+# serverTLSBootstrap = true
 # authentication = { x509 = { clientCAFile = "/etc/kubernetes/pki/ca.crt" } }
 "#;
 
