@@ -185,6 +185,47 @@ pub fn select(content: &[u8], o: &LogOptions) -> (Vec<u8>, usize) {
     (out, skipped)
 }
 
+/// What the options select of a log read piece by piece as it grows (`kubectl logs -f`):
+/// whole records only (a writer may be half-way through the last one), tailLines taken from
+/// the first piece alone, limitBytes counted across all of them.
+pub struct Selector {
+    opts: LogOptions,
+    pending: Vec<u8>,
+    sent: u64,
+    limit: u64,
+}
+
+impl Selector {
+    pub fn new(o: &LogOptions) -> Selector {
+        Selector { opts: o.clone(), pending: Vec::new(), sent: 0, limit: o.limit_bytes.unwrap_or(u64::MAX) }
+    }
+
+    /// What the next piece read from the file adds to the output.
+    pub fn feed(&mut self, piece: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(piece);
+        let mut out = Vec::new();
+        if let Some(end) = self.pending.iter().rposition(|b| *b == b'\n') {
+            let whole: Vec<u8> = self.pending.drain(..=end).collect();
+            let opts = LogOptions { limit_bytes: Some(self.limit - self.sent), ..self.opts.clone() };
+            out = select(&whole, &opts).0;
+            self.sent += out.len() as u64;
+        }
+        // Only the first piece is tailed; the rest is what comes after it.
+        self.opts.tail_lines = None;
+        out
+    }
+
+    /// limitBytes is used up: nothing more will come out.
+    pub fn full(&self) -> bool {
+        self.sent >= self.limit
+    }
+
+    /// Drops a record begun and not finished (the file it was in is left for another).
+    pub fn drop_partial(&mut self) {
+        self.pending.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +308,24 @@ not a record\n\
             let e = LogOptions::from_query(pairs.clone(), now).unwrap_err();
             assert!(e.starts_with(want), "{pairs:?}: {e}");
         }
+    }
+
+    #[test]
+    fn a_selector_follows_a_growing_log() {
+        let o = LogOptions { tail_lines: Some(1), limit_bytes: Some(12), ..Default::default() };
+        let mut s = Selector::new(&o);
+        // The first piece is tailed; a record cut short waits for its end.
+        let first =
+            s.feed(b"2026-12-01T10:00:00Z stdout F one\n2026-12-01T10:00:01Z stdout F two\n2026-12-01T10:00:02Z std");
+        assert_eq!(first, b"two\n");
+        // Later pieces are not tailed; limitBytes counts across them.
+        assert_eq!(s.feed(b"out F three\n2026-12-01T10:00:03Z stdout F four\n"), b"three\nfo", "12 bytes in all");
+        assert!(s.full());
+        assert!(s.feed(b"2026-12-01T10:00:04Z stdout F five\n").is_empty());
+        let mut s = Selector::new(&LogOptions::default());
+        assert!(s.feed(b"2026-12-01T10:00:00Z stdout F half").is_empty());
+        s.drop_partial();
+        assert_eq!(s.feed(b"2026-12-01T10:00:05Z stdout F next\n"), b"next\n");
+        assert!(!s.full());
     }
 }

@@ -386,33 +386,25 @@ pub async fn logs(root: &Path, pod: &str, container: Option<&str>, o: &crate::lo
         bail!("container \"{container}\" in pod \"{pod}\" has no {}log", if o.previous { "previous " } else { "" })
     };
     let follow = o.follow && !o.previous;
-    let limit = o.limit_bytes.unwrap_or(u64::MAX);
-    let (mut offset, mut sent, mut pending) = (0u64, 0u64, Vec::new());
-    // Only the first read is tailed; the rest is what comes after it.
-    let mut opts = o.clone();
+    let mut offset = 0u64;
+    let mut selector = crate::logs::Selector::new(o);
     loop {
         use std::io::{Read, Seek};
-        if let Ok(mut f) = std::fs::File::open(&file) {
+        // What was written since the last read (a missing file reads as empty).
+        let chunk = (|| {
+            let mut f = std::fs::File::open(&file)?;
+            f.seek(std::io::SeekFrom::Start(offset))?;
             let mut chunk = Vec::new();
-            if f.seek(std::io::SeekFrom::Start(offset)).is_ok() && f.read_to_end(&mut chunk).is_ok() {
-                offset += chunk.len() as u64;
-                pending.extend_from_slice(&chunk);
-            }
-        }
-        // Only whole records: a writer may be half-way through the last one.
-        if let Some(end) = pending.iter().rposition(|b| *b == b'\n') {
-            let whole: Vec<u8> = pending.drain(..=end).collect();
-            let (out, _) = crate::logs::select(
-                &whole,
-                &crate::logs::LogOptions { limit_bytes: Some(limit - sent), ..opts.clone() },
-            );
-            sent += out.len() as u64;
-            let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(&out);
-            let _ = stdout.flush();
-        }
-        opts.tail_lines = None;
-        if !follow || sent >= limit {
+            f.read_to_end(&mut chunk).map(|_| chunk)
+        })()
+        .unwrap_or_default();
+        offset += chunk.len() as u64;
+        let out = selector.feed(&chunk);
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(&out);
+        let _ = stdout.flush();
+        drop(stdout);
+        if !follow || selector.full() {
             return Ok(());
         }
         // A restart writes the next N.log: follow it.
@@ -420,7 +412,8 @@ pub async fn logs(root: &Path, pod: &str, container: Option<&str>, o: &crate::lo
             && next != file
         {
             file = next;
-            (offset, pending) = (0, Vec::new());
+            offset = 0;
+            selector.drop_partial();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

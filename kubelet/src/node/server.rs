@@ -648,21 +648,16 @@ async fn stream_log(
     let mut file = tokio::fs::File::open(path).await?;
     let mut content = Vec::new();
     file.read_to_end(&mut content).await?;
-    // Only whole lines; the rest waits for its newline.
-    let cut = content.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    let (out, _) = crate::logs::select(&content[..cut], o);
-    let mut sent = out.len() as u64;
+    let mut selector = crate::logs::Selector::new(o);
+    let out = selector.feed(&content);
     if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
         return Ok(());
     }
-    let limit = o.limit_bytes.unwrap_or(u64::MAX);
-    if !follow || sent >= limit {
+    if !follow || selector.full() {
         return Ok(());
     }
-    let mut pending = content[cut..].to_vec();
     let mut offset = content.len() as u64;
     let mut ino = file.metadata().await?.ino();
-    let rest = LogOptions { tail_lines: None, ..o.clone() };
     let mut rt = cri.rt.clone();
     let mut checks = 0u32;
     loop {
@@ -688,18 +683,12 @@ async fn stream_log(
         } else {
             false
         };
-        pending.extend_from_slice(&chunk);
-        if let Some(i) = pending.iter().rposition(|b| *b == b'\n') {
-            let whole: Vec<u8> = pending.drain(..=i).collect();
-            let opts = LogOptions { limit_bytes: Some(limit - sent), ..rest.clone() };
-            let (out, _) = crate::logs::select(&whole, &opts);
-            sent += out.len() as u64;
-            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
-                return Ok(());
-            }
-            if sent >= limit {
-                return Ok(());
-            }
+        let out = selector.feed(&chunk);
+        if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+            return Ok(());
+        }
+        if selector.full() {
+            return Ok(());
         }
         if rotated && chunk.is_empty() {
             // The old file is read to its end: go on with the new one.
