@@ -78,6 +78,22 @@ pub fn cni_config(dir: &Path, bridge: &str, subnet: &str, plugin: &str) -> std::
     file
 }
 
+/// Runs `command` with `input` on its stdin (written from a thread of its own, so that a large
+/// input cannot deadlock against the child's output) and returns its output.
+pub fn output_with_input(command: &mut Command, input: &[u8]) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let data = input.to_vec();
+    // A child that ends before reading it all closes the pipe: not an error here.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output();
+    let _ = feeder.join();
+    out
+}
+
 /// A TCP port free on the host's loopback right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")

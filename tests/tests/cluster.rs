@@ -902,19 +902,7 @@ fn a_pod_whose_image_is_not_wasm_ends_in_err_image_pull() -> Result<()> {
 fn kubectl_with_input(cp: &ControlPlane, args: &[&str], input: &[u8]) -> Result<std::process::Output> {
     let mut c = std::process::Command::new(cp.bin.join("kubectl"));
     c.arg("--kubeconfig").arg(&cp.admin).args(args);
-    with_input(c, input)
-}
-
-/// Runs `c` with `input` on its stdin; its output.
-fn with_input(mut c: std::process::Command, input: &[u8]) -> Result<std::process::Output> {
-    use std::io::Write;
-    let mut child = c
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child.stdin.take().expect("piped").write_all(input)?;
-    Ok(child.wait_with_output()?)
+    Ok(wasmlet_tests::output_with_input(&mut c, input)?)
 }
 
 fn text(b: &[u8]) -> String {
@@ -1142,7 +1130,7 @@ fn kubectl_logs_exec_attach_and_port_forward_reach_the_node_api() -> Result<()> 
 fn crictl(cp: &ControlPlane, socket: &std::path::Path, args: &[&str], input: &[u8]) -> Result<std::process::Output> {
     let mut c = std::process::Command::new(cp.bin.join("crictl"));
     c.arg("--runtime-endpoint").arg(format!("unix://{}", socket.display())).args(["--timeout", "20s"]).args(args);
-    with_input(c, input)
+    Ok(wasmlet_tests::output_with_input(&mut c, input)?)
 }
 
 /// `kubectl port-forward` of pod `pod` in `ns` from 127.0.0.1:`local` to `remote`.

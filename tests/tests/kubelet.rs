@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use wasmlet_tests::{RegistryServer, free_port, http_component, net_component, push_as, tool_module, wasmlet_bin};
+use wasmlet_tests::{
+    RegistryServer, free_port, http_component, net_component, output_with_input, push_as, tool_module, wasmlet_bin,
+};
 
 /// A `wasmlet run` process with its own root, and its output lines as they come.
 struct Run {
@@ -144,21 +146,9 @@ impl Run {
 
     /// `wasmlet COMMAND --root R --config C ARGS` with `input` on its stdin.
     fn wasmlet(&self, command: &str, args: &[&str], input: &[u8]) -> std::process::Output {
-        use std::io::Write;
-        let mut child = Command::new(wasmlet_bin())
-            .arg(command)
-            .arg("--root")
-            .arg(&self.root)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        child.wait_with_output().unwrap()
+        let mut c = Command::new(wasmlet_bin());
+        c.arg(command).arg("--root").arg(&self.root).arg("--config").arg(&self.config).args(args);
+        output_with_input(&mut c, input).unwrap()
     }
 
     fn logs(&self, pod: &str, container: &str, previous: bool) -> String {

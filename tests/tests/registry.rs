@@ -114,16 +114,7 @@ async fn bad_pulls_leave_the_store_unchanged() {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(bytes)?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let out = output_with_input(&mut std::process::Command::new("sha256sum"), bytes).unwrap();
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
 

@@ -73,23 +73,7 @@ impl Pod {
 
     /// `crictl COMMAND ARGS` with `stdin` as its standard input.
     fn run(&self, command: &str, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = self
-            .crictl()
-            .arg(command)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        let data = stdin.to_vec();
-        let feeder = std::thread::spawn(move || {
-            let _ = input.write_all(&data);
-        });
-        let out = child.wait_with_output().unwrap();
-        feeder.join().unwrap();
-        out
+        output_with_input(self.crictl().arg(command).args(args), stdin).unwrap()
     }
 }
 
