@@ -81,7 +81,8 @@ async fn open(c: &Connection, kind: &str) -> Result<Stream> {
     c.open(vec![("streamtype".into(), kind.into())]).await.with_context(|| format!("open the {kind} stream"))
 }
 
-/// Copies a stream to our stdout or stderr.
+/// Copies what the peer sends on a stream to `to` (our stdout or stderr, a local connection),
+/// then ends `to`.
 fn drain(mut s: Stream, mut to: impl tokio::io::AsyncWrite + Unpin + Send + 'static) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(d) = s.rx.recv().await {
@@ -90,6 +91,28 @@ fn drain(mut s: Stream, mut to: impl tokio::io::AsyncWrite + Unpin + Send + 'sta
             }
             let _ = to.flush().await;
         }
+        let _ = to.shutdown().await;
+    })
+}
+
+/// Sends what `from` gives (our stdin, a local connection) on a stream, then finishes it.
+fn feed(
+    tx: wasmlet_streaming::spdy::StreamSender,
+    mut from: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.finish().await;
     })
 }
 
@@ -133,22 +156,7 @@ async fn session(url: &str, a: &ExecArgs<'_>) -> Result<i32> {
     let (c, _) = wasmlet_streaming::spdy::dial(url, "v4.channel.k8s.io").await?;
     let mut error = open(&c, "error").await?;
     if a.stdin {
-        let s = open(&c, "stdin").await?;
-        tokio::spawn(async move {
-            let mut input = tokio::io::stdin();
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match input.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if s.tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = s.tx.finish().await;
-        });
+        feed(open(&c, "stdin").await?.tx, tokio::io::stdin());
     }
     let out = drain(open(&c, "stdout").await?, tokio::io::stdout());
     let err = if a.tty { None } else { Some(drain(open(&c, "stderr").await?, tokio::io::stderr())) };
@@ -243,24 +251,10 @@ async fn forward_one(conn: &Connection, tcp: tokio::net::TcpStream, port: u16, i
         ]
     };
     let mut error = conn.open(headers("error")).await.context("open the error stream")?;
-    let mut data = conn.open(headers("data")).await.context("open the data stream")?;
-    let (mut rd, mut wr) = tcp.into_split();
-    let tx = data.tx.clone();
-    let up = tokio::spawn(async move {
-        let mut buf = vec![0u8; 32 * 1024];
-        while let Ok(n) = rd.read(&mut buf).await {
-            if n == 0 || tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
-                break;
-            }
-        }
-        let _ = tx.finish().await;
-    });
-    while let Some(d) = data.rx.recv().await {
-        if wr.write_all(&d).await.is_err() {
-            break;
-        }
-    }
-    let _ = wr.shutdown().await;
+    let data = conn.open(headers("data")).await.context("open the data stream")?;
+    let (rd, wr) = tcp.into_split();
+    let up = feed(data.tx.clone(), rd);
+    let _ = drain(data, wr).await;
     up.abort();
     let mut message = Vec::new();
     while let Ok(Some(d)) = tokio::time::timeout(std::time::Duration::from_millis(100), error.rx.recv()).await {
