@@ -94,6 +94,11 @@ pub fn output_with_input(command: &mut Command, input: &[u8]) -> std::io::Result
     out
 }
 
+/// Whether the tests run as root (CNI networks and bridges need it).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
 /// A TCP port free on the host's loopback right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -166,7 +171,7 @@ impl Server {
     /// Starts a server as the unprivileged user `nobody` (65534), as a user on a laptop would
     /// run it. The caller must be root (CI is); `None` otherwise.
     pub async fn start_unprivileged() -> Result<Option<Server>> {
-        if !rustix::process::geteuid().is_root() {
+        if !is_root() {
             return Ok(None);
         }
         use std::os::unix::fs::PermissionsExt;

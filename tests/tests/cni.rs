@@ -10,10 +10,6 @@ use wasmlet_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
 fn ask(addr: &str, msg: &str) -> String {
     let mut c = std::net::TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();

@@ -70,10 +70,6 @@ fn config(made: &Made) -> Value {
     }
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
 #[tokio::test]
 async fn critest_conformance() {
     if !is_root() {
