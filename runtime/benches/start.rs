@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use wasmlet_runtime::engine::{GuestMeter, GuestNet, GuestSpec, WasmEngine};
+use wasmlet_runtime::engine::{GuestMeter, GuestSpec, WasmEngine};
 use wasmlet_runtime::logs::{GuestOutput, Stream};
 use wasmlet_runtime::model::{ContainerMetadata, ContainerSpec, ImageSpec, SandboxMetadata, SandboxSpec};
 use wasmlet_runtime::{EventKind, Runtime};
@@ -23,20 +23,11 @@ fn engine_run(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     c.bench_function("instantiate and run hello (preview 1 module)", |b| {
         b.iter(|| {
-            let spec = GuestSpec {
-                args: vec!["hello".into()],
-                env: vec![],
-                preopens: vec![],
-                cwd: None,
-                stdout: GuestOutput::discard(Stream::Stdout),
-                stderr: GuestOutput::discard(Stream::Stderr),
-                net: GuestNet::None,
-                dns: None,
-                stop: None,
-                http_listener: None,
-                stdin: None,
-                session: None,
-            };
+            let spec = GuestSpec::new(
+                vec!["hello".into()],
+                GuestOutput::discard(Stream::Stdout),
+                GuestOutput::discard(Stream::Stderr),
+            );
             rt.block_on(engine.run(&program, spec, Arc::new(GuestMeter::default())))
         })
     });

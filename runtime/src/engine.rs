@@ -12,11 +12,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wasmlet_images::{CompiledCache, CompiledProgram};
 use wasmtime::component::ResourceTable;
@@ -34,7 +32,7 @@ use crate::{Error, Result};
 
 /// How often the epoch advances: the longest a guest runs before yielding, and the longest a
 /// kill waits for a guest that is computing.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// A program linked and ready to instantiate (pre-instantiated once per image).
 #[derive(Clone)]
@@ -108,6 +106,26 @@ pub struct GuestSpec {
     pub session: Option<crate::stdio::SessionIo>,
 }
 
+impl GuestSpec {
+    /// A guest given only its arguments and output: no environment, files, network or stdin.
+    pub fn new(args: Vec<String>, stdout: GuestOutput, stderr: GuestOutput) -> GuestSpec {
+        GuestSpec {
+            args,
+            env: vec![],
+            preopens: vec![],
+            cwd: None,
+            stdout,
+            stderr,
+            net: GuestNet::None,
+            dns: None,
+            stop: None,
+            http_listener: None,
+            stdin: None,
+            session: None,
+        }
+    }
+}
+
 /// Counters a running guest updates, read by the stats RPCs; the memory limit may be changed
 /// while it runs (UpdateContainerResources).
 #[derive(Debug, Default)]
@@ -127,12 +145,19 @@ pub struct GuestMeter {
     /// The container an exec'd instance belongs to: its CPU time and memory count there too,
     /// and the container's memory limit covers them, as a cgroup covers a process's children.
     pub counted_in: Option<Arc<GuestMeter>>,
+    /// The container's CPU quota and shares (used on its root meter only).
+    pub cpu: crate::cpu::Cpu,
 }
 
 impl GuestMeter {
     /// The meter of an instance exec'd in the container metered by `container`.
     pub fn exec_in(container: Arc<GuestMeter>) -> GuestMeter {
         GuestMeter { counted_in: Some(container), ..GuestMeter::default() }
+    }
+
+    /// The container's meter: this one, or the one it is counted in.
+    pub fn root(self: &Arc<Self>) -> &Arc<GuestMeter> {
+        self.counted_in.as_ref().unwrap_or(self)
     }
 }
 
@@ -428,37 +453,34 @@ impl WasmEngine {
         let m = meter.clone();
         let dns = spec.dns.clone();
         let netns = spec.net.netns();
-        let metered = Metered {
-            inner: Box::pin(async move {
-                let mut wasi = match build_wasi(&spec, &m) {
-                    Ok(w) => w,
-                    Err(e) => return Outcome::StartFailed(e),
-                };
-                let limiter = Limiter { meter: m.clone() };
-                let result = match program {
-                    Program::Http(pre) => {
-                        let port = crate::http::port(&spec, 8080);
-                        return match crate::http::serve(engine, pre, spec, m.clone(), port).await {
-                            Ok(()) => Outcome::Exited(0),
-                            Err(e) => Outcome::StartFailed(e),
-                        };
-                    }
-                    Program::Module(pre) => {
-                        let mut store = Store::new(&engine, P1State { wasi: wasi.build_p1(), limiter });
-                        prepare(&mut store, |s| &mut s.limiter);
-                        run_module(&mut store, &pre).await
-                    }
-                    Program::Component(pre) => {
-                        let state = P2State::new(wasi.build(), limiter, dns);
-                        let mut store = Store::new(&engine, state);
-                        prepare(&mut store, |s| &mut s.limiter);
-                        run_component(&mut store, &pre).await
-                    }
-                };
-                classify(result, &m)
-            }),
-            meter,
-        };
+        let metered = crate::cpu::Metered::new(meter, async move {
+            let mut wasi = match build_wasi(&spec, &m) {
+                Ok(w) => w,
+                Err(e) => return Outcome::StartFailed(e),
+            };
+            let limiter = Limiter { meter: m.clone() };
+            let result = match program {
+                Program::Http(pre) => {
+                    let port = crate::http::port(&spec, 8080);
+                    return match crate::http::serve(engine, pre, spec, m.clone(), port).await {
+                        Ok(()) => Outcome::Exited(0),
+                        Err(e) => Outcome::StartFailed(e),
+                    };
+                }
+                Program::Module(pre) => {
+                    let mut store = Store::new(&engine, P1State { wasi: wasi.build_p1(), limiter });
+                    prepare(&mut store, |s| &mut s.limiter);
+                    run_module(&mut store, &pre).await
+                }
+                Program::Component(pre) => {
+                    let state = P2State::new(wasi.build(), limiter, dns);
+                    let mut store = Store::new(&engine, state);
+                    prepare(&mut store, |s| &mut s.limiter);
+                    run_component(&mut store, &pre).await
+                }
+            };
+            classify(result, &m)
+        });
         async move {
             match netns {
                 Some(ns) => crate::net::InNetns::new(ns, metered)
@@ -470,9 +492,11 @@ impl WasmEngine {
     }
 }
 
-/// Instances the pooling allocator keeps slots for (core instances, memories, tables): about
-/// 16 TB of address space reserved, nothing resident until used.
-const POOL_SLOTS: u32 = 4000;
+/// Instances the pooling allocator keeps slots for (core instances, memories, tables, async
+/// stacks): 10,000 idle pods, each a running guest, with room for their exec'd, probe and
+/// per-request instances. About 50 TB of address space is reserved (of x86-64's 128), nothing
+/// resident until used.
+pub const POOL_SLOTS: u32 = 12_000;
 
 /// The engine: epoch interruption, and the pooling allocator (instances from pre-reserved
 /// slots, memories reset with `madvise` instead of mapped and unmapped each time) where the
@@ -484,10 +508,20 @@ fn new_engine() -> std::result::Result<Engine, String> {
     pool.total_core_instances(POOL_SLOTS)
         .total_memories(POOL_SLOTS)
         .total_tables(POOL_SLOTS)
-        .total_component_instances(POOL_SLOTS / 2)
+        .total_stacks(POOL_SLOTS)
+        .total_component_instances(POOL_SLOTS)
         .max_core_instances_per_component(50)
         .max_memories_per_component(50)
         .max_tables_per_component(50)
+        // Limits sized for real code, not wasmtime's defaults (1 MiB of instance state, which
+        // a 40,000-function module exceeds; 20,000 table elements; one memory and one table a
+        // module). The instance sizes are checks, not reservations; a table slot reserves
+        // its elements' 8 bytes each of address space.
+        .max_core_instance_size(64 << 20)
+        .max_component_instance_size(128 << 20)
+        .table_elements(1 << 20)
+        .max_tables_per_module(8)
+        .max_memories_per_module(4)
         // Each slot freed costs a madvise and a TLB shootdown on every core; batching them and
         // resetting the first pages of a memory with memset instead keeps an instance per
         // request (wasi:http, probes) cheap.
@@ -523,7 +557,10 @@ type RunResult = std::result::Result<i32, (wasmtime::Error, bool)>;
 pub(crate) fn prepare<T: 'static>(store: &mut Store<T>, limiter: fn(&mut T) -> &mut Limiter) {
     store.limiter(move |s| limiter(s) as &mut dyn ResourceLimiter);
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+    store.epoch_deadline_callback(|_| {
+        crate::cpu::preempted();
+        Ok(UpdateDeadline::Yield(1))
+    });
 }
 
 async fn run_module(store: &mut Store<P1State>, pre: &InstancePre<P1State>) -> RunResult {
@@ -608,47 +645,13 @@ pub(crate) fn build_wasi(spec: &GuestSpec, meter: &Arc<GuestMeter>) -> std::resu
     Ok(b)
 }
 
-/// Adds the time spent in each poll of the guest's future to its meter: the guest's CPU time,
-/// host calls included.
-struct Metered<F> {
-    inner: Pin<Box<F>>,
-    meter: Arc<GuestMeter>,
-}
-
-impl<F: Future> Future for Metered<F> {
-    type Output = F::Output;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let started = Instant::now();
-        let r = self.inner.as_mut().poll(cx);
-        let spent = started.elapsed().as_nanos() as u64;
-        self.meter.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
-        if let Some(parent) = &self.meter.counted_in {
-            parent.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::logs::Stream;
 
     fn spec(out: &GuestOutput) -> GuestSpec {
-        GuestSpec {
-            args: vec!["t".into()],
-            env: vec![],
-            preopens: vec![],
-            cwd: None,
-            stdout: out.clone(),
-            stderr: GuestOutput::discard(Stream::Stderr),
-            net: GuestNet::None,
-            dns: None,
-            stop: None,
-            http_listener: None,
-            stdin: None,
-            session: None,
-        }
+        GuestSpec::new(vec!["t".into()], out.clone(), GuestOutput::discard(Stream::Stderr))
     }
 
     fn engine() -> (tempfile::TempDir, WasmEngine) {
@@ -704,10 +707,91 @@ mod tests {
         }
     }
 
+    /// CPU cores `meter`'s guest used over `window`, from its meter.
+    async fn cores_used(meter: &GuestMeter, window: Duration) -> f64 {
+        let (t0, c0) = (std::time::Instant::now(), meter.cpu_nanos.load(Ordering::Relaxed));
+        tokio::time::sleep(window).await;
+        let used = meter.cpu_nanos.load(Ordering::Relaxed) - c0;
+        used as f64 / t0.elapsed().as_nanos() as f64
+    }
+
+    const SPIN: &str = r#"(module (func (export "_start") (loop $l (br $l))))"#;
+
+    #[tokio::test]
+    async fn a_cpu_quota_holds_a_spinning_guest_and_changes_while_it_runs() {
+        let (_d, e) = engine();
+        let spin = program(&e, SPIN);
+        let out = GuestOutput::discard(Stream::Stdout);
+        let meter = Arc::new(GuestMeter::default());
+        meter.cpu.set(20_000, 100_000, 0);
+        let run = e.spawn(e.run(&spin, spec(&out), meter.clone()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let used = cores_used(&meter, Duration::from_millis(1000)).await;
+        assert!((0.17..=0.23).contains(&used), "a 200m quota used {used:.3} cores");
+        // UpdateContainerResources: a tenth of a core from now.
+        meter.cpu.set(10_000, 100_000, 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let used = cores_used(&meter, Duration::from_millis(1000)).await;
+        assert!((0.08..=0.12).contains(&used), "a 100m quota used {used:.3} cores");
+        let stat = meter.cpu.throttling();
+        assert!(stat.throttled_periods >= 15 && stat.throttled_periods <= stat.periods, "{stat:?}");
+        run.abort();
+    }
+
+    #[tokio::test]
+    async fn busy_guests_split_saturated_cores_by_their_shares() {
+        let (_d, e) = engine();
+        let spin = program(&e, SPIN);
+        let out = GuestOutput::discard(Stream::Stdout);
+        // Twice as many spinning guests as cores: half with requests.cpu 500m, half 1500m.
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let meters: Vec<_> = (0..2 * n)
+            .map(|i| {
+                let m = Arc::new(GuestMeter::default());
+                m.cpu.set(0, 0, if i % 2 == 0 { 512 } else { 1536 });
+                m
+            })
+            .collect();
+        let runs: Vec<_> = meters.iter().map(|m| e.spawn(e.run(&spin, spec(&out), m.clone()))).collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before: Vec<u64> = meters.iter().map(|m| m.cpu_nanos.load(Ordering::Relaxed)).collect();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let used: Vec<u64> = meters.iter().zip(before).map(|(m, b)| m.cpu_nanos.load(Ordering::Relaxed) - b).collect();
+        let light: u64 = used.iter().step_by(2).sum();
+        let heavy: u64 = used.iter().skip(1).step_by(2).sum();
+        let ratio = heavy as f64 / light as f64;
+        assert!((2.2..=4.0).contains(&ratio), "1500m against 500m got {ratio:.2} times the CPU: {used:?}");
+        for r in runs {
+            r.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_module_of_forty_thousand_functions_runs() {
+        let (_d, e) = engine();
+        let n = 40_000;
+        let mut wat = String::from("(module (type $f (func (result i32))) (table 40000 funcref)\n");
+        for i in 0..n {
+            wat.push_str(&format!("(func $f{i} (result i32) i32.const {i})\n"));
+        }
+        wat.push_str("(elem (i32.const 0) func");
+        for i in 0..n {
+            wat.push_str(&format!(" $f{i}"));
+        }
+        wat.push_str(")\n(memory 1) (memory 1)\n");
+        wat.push_str(
+            r#"(func (export "_start") (if (i32.ne (call_indirect (type $f) (i32.const 39999)) (i32.const 39999))
+                 (then unreachable))))"#,
+        );
+        let p = program(&e, &wat);
+        let out = GuestOutput::discard(Stream::Stdout);
+        assert_eq!(e.run(&p, spec(&out), Arc::new(GuestMeter::default())).await, Outcome::Exited(0));
+    }
+
     #[tokio::test]
     async fn a_spinning_guest_yields_and_can_be_dropped() {
         let (_d, e) = engine();
-        let spin = program(&e, r#"(module (func (export "_start") (loop $l (br $l))))"#);
+        let spin = program(&e, SPIN);
         let out = GuestOutput::discard(Stream::Stdout);
         let meter = Arc::new(GuestMeter::default());
         let run = e.spawn(e.run(&spin, spec(&out), meter.clone()));

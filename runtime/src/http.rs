@@ -77,7 +77,7 @@ pub async fn serve(
         spec.preopens.clear();
         spec.cwd = None;
     }
-    let server = Arc::new(Server { engine, pre, spec, meter });
+    let server = Arc::new(Server { engine, pre, spec, meter: meter.clone() });
     // Connections end with the server: the set aborts them when dropped.
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -110,6 +110,9 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "wasi:http connection");
             }
         };
+        // Parsing and writing HTTP is work done for the guest: it is charged to it, and waits
+        // for its quota and its turn at a core as the guest's own code does.
+        let connection = crate::cpu::Metered::new(meter.clone(), connection);
         // The guest's own sockets, if it opens any while handling, must be the pod's too.
         match netns {
             Some(ns) => connections.spawn(async move {
@@ -145,8 +148,11 @@ impl Server {
         &self,
         req: hyper::Request<hyper::body::Incoming>,
     ) -> Result<hyper::Response<HyperOutgoingBody>, String> {
-        let mut wasi = build_wasi(&self.spec, &self.meter)?;
-        let limiter = Limiter::new(self.meter.clone());
+        // Each request's instance is counted in the container, as an exec'd one is: its
+        // memory while it lives, its CPU for good.
+        let meter = Arc::new(GuestMeter::exec_in(self.meter.clone()));
+        let mut wasi = build_wasi(&self.spec, &meter)?;
+        let limiter = Limiter::new(meter.clone());
         let state = P2State::new(wasi.build(), limiter, self.spec.dns.clone());
         let mut store = Store::new(&self.engine, state);
         prepare(&mut store, |s| s.limiter());
@@ -155,8 +161,8 @@ impl Server {
         let out = store.data_mut().http().new_response_outparam(tx).map_err(|e| e.to_string())?;
         let proxy = self.pre.instantiate_async(&mut store).await.map_err(|e| format!("instantiate: {e:#}"))?;
         // The guest keeps running (streaming the body) after it has set the response.
-        let task =
-            tokio::spawn(async move { proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await });
+        let handle = async move { proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await };
+        let task = tokio::spawn(crate::cpu::Metered::new(meter, handle));
         match rx.await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(code)) => Err(format!("the handler answered with an error: {code:?}")),

@@ -1,6 +1,7 @@
 //! wasmlet's runtime: pod sandboxes and WebAssembly containers on one shared wasmtime engine,
 //! and the CRI v1 server over them.
 
+pub mod cpu;
 pub mod cri;
 pub mod engine;
 mod error;

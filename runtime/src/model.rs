@@ -142,6 +142,29 @@ pub struct Resources {
     pub memory_swap_limit_in_bytes: i64,
 }
 
+impl Resources {
+    /// Refuses what the kernel's cgroup controls would refuse, naming the field and the range.
+    pub fn check(&self) -> Result<(), String> {
+        let r = self;
+        if r.cpu_quota < -1 || (1..1000).contains(&r.cpu_quota) {
+            return Err(format!("cpu_quota {} us: it must be at least 1000 us, or 0 or -1 for none", r.cpu_quota));
+        }
+        if r.cpu_period != 0 && !(1000..=1_000_000).contains(&r.cpu_period) {
+            return Err(format!("cpu_period {} us: it must be from 1000 to 1000000 us, or 0 for 100000", r.cpu_period));
+        }
+        if r.cpu_shares < 0 {
+            return Err(format!("cpu_shares {}: it cannot be negative", r.cpu_shares));
+        }
+        if r.memory_limit_in_bytes < -1 {
+            return Err(format!(
+                "memory_limit_in_bytes {}: it must be positive, or 0 or -1 for none",
+                r.memory_limit_in_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a container was asked to be.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerSpec {

@@ -14,16 +14,6 @@ use std::time::{Duration, Instant};
 
 use wasmlet_tests::*;
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(v: &mut [Duration], p: f64) -> f64 {
-    v.sort();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i].as_secs_f64() * 1000.0
-}
-
 /// One exec of `cmd` over SPDY, as crictl does it; the stdout it returned.
 async fn exec_once(rt: &mut RuntimeClient, id: &str, cmd: &[&str]) -> anyhow::Result<Vec<u8>> {
     let url = rt
@@ -120,8 +110,8 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
     }
-    let runs = env("RUNS", 200);
-    let megabytes = env("MEGABYTES", 100);
+    let runs = bench_env("RUNS", 200);
+    let megabytes = bench_env("MEGABYTES", 100);
     let crictl =
         wasmlet_tests::cluster::k8s_bin().expect("crictl: bash ../shared/k8s/install.sh target/k8s").join("crictl");
     let server = Server::start().await?;
@@ -179,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
         ("fork+exec+wait of /bin/echo (a process runtime's floor)", &mut fork),
         ("crictl exec end to end (crictl's own start included)", &mut via_crictl),
     ] {
-        println!("| {what} | {:.2} | {:.2} |", percentile(v, 0.5), percentile(v, 0.99));
+        println!("| {what} | {:.2} | {:.2} |", percentile_ms(v, 0.5), percentile_ms(v, 0.99));
     }
 
     // Port-forward throughput against a direct connection.

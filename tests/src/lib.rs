@@ -357,6 +357,53 @@ pub fn host_network(cfg: &mut cri::PodSandboxConfig) {
     });
 }
 
+/// An HTTP/1.0 GET of `path` on 127.0.0.1:`port`: the whole answer.
+pub fn http_get_local(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_nodelay(true)?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: web\r\n\r\n").as_bytes())?;
+    let mut answer = String::new();
+    c.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// A pod `name` whose wasi:http handler (the `http` image, which must be imported) answers on
+/// a free host port: (sandbox id, container id, host port), once it answers.
+pub async fn http_pod(server: &Server, rt: &mut RuntimeClient, name: &str) -> Result<(String, String, u16)> {
+    let port = free_port();
+    let mut cfg = sandbox_config(server, name);
+    cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: port as i32,
+        host_ip: String::new(),
+    }];
+    let sb = run_sandbox(rt, &cfg).await?;
+    let mut web = container_config("web", "http", &[]);
+    web.command.clear();
+    let id = start(rt, &sb, &cfg, web).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !http_get_local(port, "/").is_ok_and(|a| a.starts_with("HTTP/1.0 200")) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "pod {name} never answered\n{}", server.server_log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((sb, id, port))
+}
+
+/// A benchmark's setting: `$name`, else `default`.
+pub fn bench_env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The `p` quantile (0 to 1) of `v`, in milliseconds.
+pub fn percentile_ms(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1000.0
+}
+
 /// Runs a sandbox and returns its id.
 pub async fn run_sandbox(rt: &mut RuntimeClient, config: &cri::PodSandboxConfig) -> Result<String> {
     Ok(rt

@@ -134,8 +134,15 @@ impl Worker {
         .into();
         let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref());
         let limit = |k: &str| limits.and_then(|l| l.get(k)).and_then(|q| Quantity::parse(&q.0).ok());
+        let requests = c.resources.as_ref().and_then(|r| r.requests.as_ref());
+        let request = |k: &str| requests.and_then(|l| l.get(k)).and_then(|q| Quantity::parse(&q.0).ok());
         let memory = limit("memory").map_or(0, |q| q.ceil_units() as i64);
-        let cpu_quota = limit("cpu").map_or(0, |q| q.ceil_millis() as i64 * 100);
+        // As the kubelet's milliCPUToQuota: millicores of the 100 ms period, at least 1 ms.
+        let cpu_quota = limit("cpu").map_or(0, |q| (q.ceil_millis() as i64 * 100).max(1000));
+        // As milliCPUToShares: the request (the API server defaults it to the limit), 2 at
+        // the least (BestEffort).
+        let cpu_millis = request("cpu").or_else(|| limit("cpu")).map_or(0, |q| q.ceil_millis() as i64);
+        let cpu_shares = (cpu_millis * 1024 / 1000).clamp(2, 262_144);
         Ok(cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata { name: c.name.clone(), attempt: restart_count as u32 }),
             image: Some(cri::ImageSpec {
@@ -159,6 +166,7 @@ impl Worker {
                     memory_limit_in_bytes: memory,
                     cpu_period: if cpu_quota > 0 { 100_000 } else { 0 },
                     cpu_quota,
+                    cpu_shares,
                     ..Default::default()
                 }),
                 ..Default::default()

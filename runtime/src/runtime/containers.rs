@@ -32,6 +32,9 @@ impl Runtime {
         if name.is_empty() {
             return Err(Error::InvalidArgument("container metadata needs a name".to_string()));
         }
+        if let Some(r) = &spec.resources {
+            r.check().map_err(|e| Error::InvalidArgument(format!("container {name:?}: resources: {e}")))?;
+        }
         let image = self.find_image(&spec.image.image)?;
         let log_file = log_file(&sandbox.spec, &spec)?;
         let id = new_id();
@@ -90,13 +93,15 @@ impl Runtime {
         };
         let id = record.id.clone();
         let meter = Arc::new(GuestMeter::default());
-        if let Some(limit) = record.spec.resources.as_ref().map(|r| r.memory_limit_in_bytes).filter(|l| *l > 0) {
-            meter.memory_limit.store(limit as u64, Ordering::Relaxed);
+        if let Some(r) = &record.spec.resources {
+            meter.memory_limit.store(r.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
+            meter.cpu.set(r.cpu_quota, r.cpu_period, r.cpu_shares);
         }
         let change = Change::Container(Box::new(record.clone()));
-        state
-            .containers
-            .insert(id.clone(), Entry { record, meter, program: Some(program), live: None, last_sample: None });
+        state.containers.insert(
+            id.clone(),
+            Entry { record, meter, program: Some(program), live: None, cpu_window: Default::default() },
+        );
         if let Err(e) = self.journal(&state, change) {
             state.containers.remove(&id);
             return Err(e);
@@ -349,11 +354,7 @@ impl Runtime {
         let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
         let now = now_nanos();
         let cpu = entry.meter.cpu_nanos.load(Ordering::Relaxed);
-        let nano_cores = entry.last_sample.and_then(|(t, c)| {
-            let dt = (now - t) as u128;
-            (dt > 0).then(|| ((cpu.saturating_sub(c)) as u128 * 1_000_000_000 / dt) as u64)
-        });
-        entry.last_sample = Some((now, cpu));
+        let nano_cores = entry.cpu_window.rate(now, cpu);
         let running = entry.record.state == ContainerState::Running;
         let limit = entry.meter.memory_limit.load(Ordering::Relaxed);
         Ok(Usage {
@@ -365,15 +366,17 @@ impl Runtime {
         })
     }
 
-    /// Changes a container's resources; a new memory limit applies to the running guest's next
-    /// memory growth.
+    /// Changes a container's resources: a new CPU quota or shares apply from the running
+    /// guest's next poll, a new memory limit from its next memory growth.
     pub fn update_resources(&self, id: &str, resources: Resources) -> Result<()> {
+        resources.check().map_err(|e| Error::InvalidArgument(format!("container {id}: resources: {e}")))?;
         let mut state = self.state();
         let entry = state.containers.get_mut(id).ok_or_else(|| Error::container_not_found(id))?;
         if entry.record.state == ContainerState::Exited {
             return Err(Error::FailedPrecondition(format!("container {id} has exited: its resources cannot change")));
         }
         entry.meter.memory_limit.store(resources.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
+        entry.meter.cpu.set(resources.cpu_quota, resources.cpu_period, resources.cpu_shares);
         entry.record.spec.resources = Some(resources);
         let change = Change::Container(Box::new(entry.record.clone()));
         self.journal(&state, change)

@@ -70,7 +70,8 @@ pub struct Usage {
     pub timestamp: i64,
     /// Cumulative CPU time.
     pub cpu_nanos: u64,
-    /// CPU use since the previous reading, in nanoseconds per second; None on the first one.
+    /// CPU use over the last second or so (the same for every reader), in nanoseconds per
+    /// second; None on the first reading.
     pub nano_cores: Option<u64>,
     /// Wasm memory currently allocated.
     pub memory_bytes: u64,
@@ -201,7 +202,7 @@ struct Entry {
     meter: Arc<GuestMeter>,
     program: Option<Program>,
     live: Option<Live>,
-    last_sample: Option<(i64, u64)>,
+    cpu_window: crate::cpu::CpuWindow,
 }
 
 /// A running guest: how to end it and how to learn it has ended.
@@ -359,8 +360,13 @@ impl Runtime {
                 record.exit(now_nanos(), ExitStatus::lost());
                 tracing::warn!(container = %record.id, "container was running when wasmlet stopped; marked exited");
             }
-            let entry =
-                Entry { record, meter: Arc::new(GuestMeter::default()), program: None, live: None, last_sample: None };
+            let entry = Entry {
+                record,
+                meter: Arc::new(GuestMeter::default()),
+                program: None,
+                live: None,
+                cpu_window: Default::default(),
+            };
             let change = Change::Container(Box::new(entry.record.clone()));
             state.containers.insert(entry.record.id.clone(), entry);
             if lost {

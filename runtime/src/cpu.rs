@@ -1,0 +1,501 @@
+//! CPU held inside wasm, as the kernel's CFS holds a cgroup.
+//!
+//! Every poll of a guest's future is timed and charged to its container ([`Metered`]): that
+//! is the CPU the stats report. Two controls act on the polls:
+//!
+//! - **Quota** (limits.cpu, the CFS quota and period): a container that used its quota in the
+//!   current period waits for the next one. An overrun (a poll ends at the next epoch tick,
+//!   not at the quota's last nanosecond) is paid back from the next period, so the average
+//!   holds.
+//! - **Shares** (requests.cpu, the CFS weight): the node's cores are tokens, one per core. A
+//!   poll holds one; when none is free the guest queues, and the token that frees next goes to
+//!   the queued guest with the least weighted CPU time (its virtual runtime: CPU time scaled by
+//!   1024 / shares). Busy guests thus split saturated cores in proportion to their shares,
+//!   and with fewer busy guests than cores each runs unhindered, as under CFS.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::{Duration, Instant};
+
+use crate::engine::GuestMeter;
+
+/// The CFS period when the CRI gives none.
+pub const DEFAULT_PERIOD: Duration = Duration::from_millis(100);
+/// The shares of a container the CRI gives none (the kernel's default cpu.shares).
+const DEFAULT_SHARES: u64 = 1024;
+/// How far behind the busiest a guest that slept may place itself: CFS's half of its
+/// latency target. Without a bound, a guest idle for an hour would own the cores for as long.
+const SLEEPER_CREDIT_NANOS: u64 = 3_000_000;
+
+/// A container's CPU controls and counters (shared by its exec'd and per-request instances).
+#[derive(Debug, Default)]
+pub struct Cpu {
+    /// The quota per period in microseconds; 0: none.
+    quota_micros: AtomicU64,
+    period_micros: AtomicU64,
+    /// 0: the default.
+    shares: AtomicU64,
+    /// CPU nanoseconds scaled by 1024 / shares.
+    vruntime: AtomicU64,
+    bucket: Mutex<Bucket>,
+    periods: AtomicU64,
+    throttled_periods: AtomicU64,
+    throttled_nanos: AtomicU64,
+}
+
+/// What cgroup's cpu.stat says of throttling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThrottleStat {
+    /// Periods in which the container ran.
+    pub periods: u64,
+    /// Periods in which it used its quota and waited.
+    pub throttled_periods: u64,
+    /// Time it spent waiting for a new period.
+    pub throttled_nanos: u64,
+}
+
+impl Cpu {
+    /// Sets the controls from the CRI's figures (quota and period in microseconds; a quota of
+    /// 0 or less is no quota, a period of 0 the default; shares of 0 the default).
+    pub fn set(&self, quota_micros: i64, period_micros: i64, shares: i64) {
+        let period = if period_micros > 0 { period_micros as u64 } else { DEFAULT_PERIOD.as_micros() as u64 };
+        self.period_micros.store(period, Ordering::Relaxed);
+        self.quota_micros.store(quota_micros.max(0) as u64, Ordering::Relaxed);
+        self.shares.store(shares.max(0) as u64, Ordering::Relaxed);
+    }
+
+    fn weight(&self) -> u64 {
+        match self.shares.load(Ordering::Relaxed) {
+            0 => DEFAULT_SHARES,
+            s => s.clamp(2, 262_144),
+        }
+    }
+
+    fn quota(&self) -> Option<(u64, Duration)> {
+        let quota = self.quota_micros.load(Ordering::Relaxed);
+        let period = self.period_micros.load(Ordering::Relaxed).max(1);
+        (quota > 0).then(|| (quota * 1000, Duration::from_micros(period)))
+    }
+
+    /// None when the container may run now; else when its next period starts.
+    fn admit(&self, now: Instant) -> Option<Instant> {
+        let (quota, period) = self.quota()?;
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        match bucket.admit(now, quota, period) {
+            Admission::Run { new_period } => {
+                if new_period {
+                    self.periods.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            Admission::Wait { until, first } => {
+                if first {
+                    self.throttled_periods.fetch_add(1, Ordering::Relaxed);
+                    self.throttled_nanos.fetch_add((until - now).as_nanos() as u64, Ordering::Relaxed);
+                }
+                Some(until)
+            }
+        }
+    }
+
+    fn charge(&self, nanos: u64) {
+        if self.quota().is_some() {
+            self.bucket.lock().unwrap_or_else(|e| e.into_inner()).used += nanos;
+        }
+        self.vruntime.fetch_add(nanos.saturating_mul(DEFAULT_SHARES) / self.weight(), Ordering::Relaxed);
+    }
+
+    /// Throttling so far.
+    pub fn throttling(&self) -> ThrottleStat {
+        ThrottleStat {
+            periods: self.periods.load(Ordering::Relaxed),
+            throttled_periods: self.throttled_periods.load(Ordering::Relaxed),
+            throttled_nanos: self.throttled_nanos.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// CPU used in the current period.
+#[derive(Debug, Default)]
+struct Bucket {
+    start: Option<Instant>,
+    /// Nanoseconds used since `start` (an overrun carried from earlier periods included).
+    used: u64,
+    throttled: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Run {
+        new_period: bool,
+    },
+    /// `first`: the first wait of this period.
+    Wait {
+        until: Instant,
+        first: bool,
+    },
+}
+
+impl Bucket {
+    /// Moves to the period `now` is in (paying an overrun from the periods passed; unused
+    /// quota is not banked), then says whether the quota is left.
+    fn admit(&mut self, now: Instant, quota: u64, period: Duration) -> Admission {
+        let mut new_period = self.start.is_none();
+        let start = *self.start.get_or_insert(now);
+        if now >= start + period {
+            let passed = ((now - start).as_nanos() / period.as_nanos()) as u32;
+            self.start = Some(start + period * passed);
+            self.used = self.used.saturating_sub(quota.saturating_mul(u64::from(passed)));
+            self.throttled = false;
+            new_period = true;
+        }
+        if self.used < quota {
+            return Admission::Run { new_period };
+        }
+        let first = !std::mem::replace(&mut self.throttled, true);
+        Admission::Wait { until: self.start.unwrap_or(now) + period, first }
+    }
+}
+
+/// The node's cores as tokens, handed to queued guests least virtual runtime first.
+struct Cores {
+    state: Mutex<CoresState>,
+}
+
+struct CoresState {
+    free: usize,
+    /// The least virtual runtime seen of a guest that ran; only grows.
+    min_vruntime: u64,
+    /// Queued guests by (virtual runtime, ticket).
+    queued: BTreeMap<(u64, u64), Waker>,
+    /// Tickets handed a token they have not yet taken.
+    granted: HashSet<u64>,
+    next_ticket: u64,
+}
+
+thread_local! {
+    /// This thread is polling a guest that holds a token: a guest polled inside it (none is
+    /// today) runs on that token rather than wait for one it would be queued behind.
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+    /// The guest being polled was preempted at an epoch tick: it is still runnable.
+    static PREEMPTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Called by a store's epoch deadline callback: the guest polled on this thread yields
+/// because its slice ended, not because it waits for anything.
+pub(crate) fn preempted() {
+    PREEMPTED.set(true);
+}
+
+impl Cores {
+    /// The node's: one token per core wasmlet may use.
+    fn node() -> &'static Cores {
+        static CORES: OnceLock<Cores> = OnceLock::new();
+        CORES.get_or_init(|| {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Cores::new(n)
+        })
+    }
+
+    fn new(n: usize) -> Cores {
+        Cores {
+            state: Mutex::new(CoresState {
+                free: n,
+                min_vruntime: 0,
+                queued: BTreeMap::new(),
+                granted: HashSet::new(),
+                next_ticket: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CoresState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ready once `cpu`'s guest holds a token; `ticket` remembers its place across polls.
+    fn acquire(&self, cpu: &Cpu, ticket: &mut Option<(u64, u64)>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if let Some(key) = *ticket {
+            if s.granted.remove(&key.1) {
+                *ticket = None;
+                return Poll::Ready(());
+            }
+            if let Some(w) = s.queued.get_mut(&key) {
+                w.clone_from(cx.waker());
+            }
+            return Poll::Pending;
+        }
+        let floor = s.min_vruntime.saturating_sub(SLEEPER_CREDIT_NANOS);
+        let v = cpu.vruntime.fetch_max(floor, Ordering::Relaxed).max(floor);
+        if s.free > 0 {
+            s.free -= 1;
+            return Poll::Ready(());
+        }
+        let key = (v, s.next_ticket);
+        s.next_ticket += 1;
+        s.queued.insert(key, cx.waker().clone());
+        *ticket = Some(key);
+        Poll::Pending
+    }
+
+    /// Whether a guest preempted with `vruntime` keeps its token: unless a queued guest is
+    /// further behind (which the token then goes to, when it is released).
+    fn keep(&self, vruntime: u64) -> bool {
+        self.lock().queued.first_key_value().is_none_or(|(k, _)| k.0 >= vruntime)
+    }
+
+    /// Gives a token back: to the queued guest with the least virtual runtime, if any.
+    fn release(&self, vruntime: u64) {
+        let mut s = self.lock();
+        let least = s.queued.first_key_value().map_or(vruntime, |(k, _)| k.0.min(vruntime));
+        s.min_vruntime = s.min_vruntime.max(least);
+        match s.queued.pop_first() {
+            Some(((_, ticket), waker)) => {
+                s.granted.insert(ticket);
+                drop(s);
+                waker.wake();
+            }
+            None => s.free += 1,
+        }
+    }
+
+    /// A queued or granted guest went away (killed): its place, or its token, is passed on.
+    fn abandon(&self, key: (u64, u64)) {
+        let mut s = self.lock();
+        if s.queued.remove(&key).is_none() && s.granted.remove(&key.1) {
+            drop(s);
+            self.release(0);
+        }
+    }
+}
+
+/// Gives the token back when the guest's poll ends, panics included, unless it is kept.
+struct Holding<'a> {
+    cpu: &'a Cpu,
+    kept: bool,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        HOLDING.set(false);
+        if !self.kept {
+            Cores::node().release(self.cpu.vruntime.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// A guest's future, timed and charged to its meter at each poll, and run only within its
+/// container's quota and on a core token.
+pub(crate) struct Metered<F> {
+    inner: Pin<Box<F>>,
+    meter: Arc<GuestMeter>,
+    /// Throttled until the next period.
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    ticket: Option<(u64, u64)>,
+    /// It was preempted holding a token and kept it for its next poll.
+    held: bool,
+}
+
+impl<F> Metered<F> {
+    pub(crate) fn new(meter: Arc<GuestMeter>, inner: F) -> Metered<F> {
+        Metered { inner: Box::pin(inner), meter, wait: None, ticket: None, held: false }
+    }
+}
+
+impl<F: Future> Future for Metered<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let root = this.meter.root().clone();
+        let mut holding = if HOLDING.get() {
+            None
+        } else {
+            loop {
+                if let Some(wait) = this.wait.as_mut() {
+                    ready!(wait.as_mut().poll(cx));
+                    this.wait = None;
+                }
+                match root.cpu.admit(Instant::now()) {
+                    Some(until) => {
+                        if std::mem::take(&mut this.held) {
+                            Cores::node().release(root.cpu.vruntime.load(Ordering::Relaxed));
+                        }
+                        this.wait = Some(Box::pin(tokio::time::sleep_until(until.into())));
+                    }
+                    None => break,
+                }
+            }
+            if !std::mem::take(&mut this.held) {
+                ready!(Cores::node().acquire(&root.cpu, &mut this.ticket, cx));
+            }
+            HOLDING.set(true);
+            PREEMPTED.set(false);
+            Some(Holding { cpu: &root.cpu, kept: false })
+        };
+        let started = Instant::now();
+        let r = this.inner.as_mut().poll(cx);
+        let spent = started.elapsed().as_nanos() as u64;
+        this.meter.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+        if let Some(parent) = &this.meter.counted_in {
+            parent.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+        }
+        root.cpu.charge(spent);
+        if let Some(h) = holding.as_mut() {
+            // Preempted, it is polled again at once: it keeps the core unless a guest that
+            // is owed more waits for one. (A guest waiting on I/O gives the core back.)
+            if r.is_pending() && PREEMPTED.replace(false) {
+                h.kept = Cores::node().keep(root.cpu.vruntime.load(Ordering::Relaxed));
+                this.held = h.kept;
+            }
+        }
+        r
+    }
+}
+
+impl<F> Drop for Metered<F> {
+    fn drop(&mut self) {
+        if let Some(key) = self.ticket.take() {
+            Cores::node().abandon(key);
+        }
+        if self.held {
+            Cores::node().release(self.meter.root().cpu.vruntime.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// CPU readings kept so that every reader of "nano-cores now" gets the same answer: a rate
+/// over the newest reading at least a second old, not over whatever the last reader left.
+#[derive(Debug, Default)]
+pub struct CpuWindow {
+    /// (nanoseconds since the epoch, cumulative CPU nanoseconds), oldest first, a second apart.
+    samples: std::collections::VecDeque<(i64, u64)>,
+}
+
+const SAMPLE_EVERY_NANOS: i64 = 1_000_000_000;
+const SAMPLES_KEPT: usize = 12;
+
+impl CpuWindow {
+    /// Nano-cores used up to `now` (when `cpu` was read); None with no earlier reading.
+    pub fn rate(&mut self, now: i64, cpu: u64) -> Option<u64> {
+        let base = self.samples.iter().rev().find(|(t, _)| now - t >= SAMPLE_EVERY_NANOS).or(self.samples.front());
+        let rate = base.and_then(|&(t, c)| {
+            let dt = (now - t) as u128;
+            (dt > 0).then(|| (cpu.saturating_sub(c) as u128 * 1_000_000_000 / dt) as u64)
+        });
+        if self.samples.back().is_none_or(|(t, _)| now - t >= SAMPLE_EVERY_NANOS) {
+            self.samples.push_back((now, cpu));
+            if self.samples.len() > SAMPLES_KEPT {
+                self.samples.pop_front();
+            }
+        }
+        rate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_bucket_runs_within_its_quota_and_pays_an_overrun_back() {
+        let period = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let mut b = Bucket::default();
+        assert_eq!(b.admit(t0, 20 * MS, period), Admission::Run { new_period: true });
+        b.used = 25 * MS;
+        let wait = Admission::Wait { until: t0 + period, first: true };
+        assert_eq!(b.admit(t0 + Duration::from_millis(30), 20 * MS, period), wait);
+        let again = b.admit(t0 + Duration::from_millis(40), 20 * MS, period);
+        assert_eq!(again, Admission::Wait { until: t0 + period, first: false });
+        // The next period starts 5 ms in debt.
+        assert_eq!(b.admit(t0 + period, 20 * MS, period), Admission::Run { new_period: true });
+        assert_eq!(b.used, 5 * MS);
+        // Idle periods pay debt but bank nothing.
+        b.used = 0;
+        assert_eq!(b.admit(t0 + period * 5, 20 * MS, period), Admission::Run { new_period: true });
+        assert_eq!((b.used, b.start), (0, Some(t0 + period * 5)));
+    }
+
+    #[test]
+    fn readers_of_the_cpu_rate_do_not_split_each_others_window() {
+        const S: i64 = 1_000_000_000;
+        let mut w = CpuWindow::default();
+        assert_eq!(w.rate(0, 0), None);
+        // Half a core throughout; two readers, 100 ms apart, each see half a core.
+        assert_eq!(w.rate(S, 500_000_000), Some(500_000_000));
+        assert_eq!(w.rate(S + S / 10, 550_000_000), Some(500_000_000));
+        assert_eq!(w.rate(S + S / 10 + 1000, 550_000_500), Some(500_000_000));
+        // Readings a second or more apart: the window reaches back to the newest one a
+        // second old or more.
+        assert_eq!(w.rate(3 * S, 1_000_000_000), Some(250_000_000));
+        assert_eq!(w.rate(4 * S, 1_000_000_000), Some(0));
+    }
+
+    #[test]
+    fn quota_and_shares_come_from_the_cri_figures() {
+        let cpu = Cpu::default();
+        cpu.set(20_000, 0, 0);
+        assert_eq!(cpu.quota(), Some((20 * MS, DEFAULT_PERIOD)));
+        assert_eq!(cpu.weight(), 1024);
+        cpu.set(-1, 50_000, 512);
+        assert_eq!((cpu.quota(), cpu.weight()), (None, 512));
+        cpu.charge(MS);
+        assert_eq!(cpu.vruntime.load(Ordering::Relaxed), 2 * MS);
+    }
+
+    fn waker() -> (Arc<std::sync::atomic::AtomicUsize>, Waker) {
+        struct Count(Arc<std::sync::atomic::AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (n.clone(), Waker::from(Arc::new(Count(n))))
+    }
+
+    #[test]
+    fn a_freed_core_goes_to_the_guest_furthest_behind() {
+        let cores = Cores::new(1);
+        let (busy, light, late) = (Cpu::default(), Cpu::default(), Cpu::default());
+        busy.vruntime.store(50 * MS, Ordering::Relaxed);
+        light.vruntime.store(10 * MS, Ordering::Relaxed);
+        late.vruntime.store(20 * MS, Ordering::Relaxed);
+        let (woken, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let (mut t_busy, mut t_late, mut t_light) = (None, None, None);
+        assert!(cores.acquire(&busy, &mut t_busy, &mut cx).is_ready());
+        assert!(cores.acquire(&late, &mut t_late, &mut cx).is_pending());
+        assert!(cores.acquire(&light, &mut t_light, &mut cx).is_pending());
+        cores.release(busy.vruntime.load(Ordering::Relaxed));
+        assert_eq!(woken.load(Ordering::Relaxed), 1);
+        assert!(cores.acquire(&late, &mut t_late, &mut cx).is_pending());
+        assert!(cores.acquire(&light, &mut t_light, &mut cx).is_ready());
+        // A killed waiter's grant is passed on, not lost.
+        cores.release(light.vruntime.load(Ordering::Relaxed));
+        cores.abandon(t_late.unwrap());
+        assert!(cores.acquire(&busy, &mut t_busy, &mut cx).is_ready());
+    }
+
+    #[test]
+    fn a_sleeper_gets_bounded_credit() {
+        let cores = Cores::new(1);
+        let (old, idle) = (Cpu::default(), Cpu::default());
+        old.vruntime.store(100 * MS, Ordering::Relaxed);
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut t = None;
+        assert!(cores.acquire(&old, &mut t, &mut cx).is_ready());
+        cores.release(old.vruntime.load(Ordering::Relaxed));
+        assert!(cores.acquire(&idle, &mut t, &mut cx).is_ready());
+        assert_eq!(idle.vruntime.load(Ordering::Relaxed), 100 * MS - SLEEPER_CREDIT_NANOS);
+    }
+}

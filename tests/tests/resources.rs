@@ -1,0 +1,122 @@
+//! Resources held inside wasm, through the real server: a CPU quota on a busy guest (and
+//! changed while it runs), the CPU of wasi:http requests counted in their container, and
+//! resource figures that are refused with the field named.
+
+use std::time::Duration;
+
+use tonic::Code;
+use wasmlet_tests::*;
+
+fn with_cpu(mut c: cri::ContainerConfig, quota: i64, shares: i64) -> cri::ContainerConfig {
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            cpu_quota: quota,
+            cpu_period: 100_000,
+            cpu_shares: shares,
+            ..Default::default()
+        }),
+        security_context: None,
+    });
+    c
+}
+
+/// (timestamp, cumulative CPU nanoseconds) of a container, from ContainerStats.
+async fn cpu_of(rt: &mut RuntimeClient, id: &str) -> (i64, u64) {
+    let s = rt.container_stats(cri::ContainerStatsRequest { container_id: id.to_string() }).await.unwrap();
+    let cpu = s.into_inner().stats.and_then(|s| s.cpu).expect("cpu stats");
+    (cpu.timestamp, cpu.usage_core_nano_seconds.map_or(0, |v| v.value))
+}
+
+/// Cores a container used over `window`, as ContainerStats tells it.
+async fn cores(rt: &mut RuntimeClient, id: &str, window: Duration) -> f64 {
+    let (t0, c0) = cpu_of(rt, id).await;
+    tokio::time::sleep(window).await;
+    let (t1, c1) = cpu_of(rt, id).await;
+    (c1 - c0) as f64 / (t1 - t0) as f64
+}
+
+#[tokio::test]
+async fn a_cpu_limit_holds_a_busy_guest_and_changes_while_it_runs() {
+    let server = Server::start().await.unwrap();
+    server.import(tool_module(), "tool").unwrap();
+    let mut rt = server.runtime().await;
+    let cfg = sandbox_config(&server, "busy");
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    // limits.cpu 200m, as the kubelet asks for it.
+    let busy = start(&mut rt, &sb, &cfg, with_cpu(container_config("spin", "tool", &["loop"]), 20_000, 204)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let used = cores(&mut rt, &busy, Duration::from_millis(2000)).await;
+    assert!((0.18..=0.22).contains(&used), "limits.cpu 200m used {used:.3} cores");
+    // A neighbour pod runs its commands meanwhile.
+    let other = sandbox_config(&server, "neighbour");
+    let sb2 = run_sandbox(&mut rt, &other).await.unwrap();
+    let quiet = start(&mut rt, &sb2, &other, container_config("quiet", "tool", &["sleep", "60"])).await;
+    let req =
+        cri::ExecSyncRequest { container_id: quiet.clone(), cmd: vec!["tool".into(), "hello".into()], timeout: 5 };
+    let out = rt.exec_sync(req).await.unwrap().into_inner();
+    assert_eq!((out.exit_code, String::from_utf8_lossy(&out.stdout).trim()), (0, "hello from wasm"));
+    // UpdateContainerResources: half a core from now on.
+    let half = cri::LinuxContainerResources { cpu_quota: 50_000, cpu_period: 100_000, ..Default::default() };
+    let update = |id: &str, linux: cri::LinuxContainerResources| cri::UpdateContainerResourcesRequest {
+        container_id: id.to_string(),
+        linux: Some(linux),
+        ..Default::default()
+    };
+    rt.update_container_resources(update(&busy, half.clone())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let used = cores(&mut rt, &busy, Duration::from_millis(2000)).await;
+    assert!((0.45..=0.55).contains(&used), "a 500m quota used {used:.3} cores");
+    // Figures the kernel would refuse are refused, the field named; the guest runs on.
+    let tiny = cri::LinuxContainerResources { cpu_quota: 500, ..Default::default() };
+    let e = rt.update_container_resources(update(&busy, tiny)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("cpu_quota 500 us"), "{}", e.message());
+    let e = start_err(&mut rt, &sb, &cfg, with_cpu(container_config("bad", "tool", &["hello"]), 20_000, -5)).await;
+    assert!(e.message().contains("cpu_shares -5"), "{}", e.message());
+    let mut negative = container_config("neg", "tool", &["hello"]);
+    negative.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources { memory_limit_in_bytes: -7, ..Default::default() }),
+        security_context: None,
+    });
+    let e = start_err(&mut rt, &sb, &cfg, negative).await;
+    assert!(e.message().contains("memory_limit_in_bytes -7"), "{}", e.message());
+    // Absurd, but valid: a quota of more cores than the node has is no limit at all.
+    let huge = cri::LinuxContainerResources { cpu_quota: 100_000_000, cpu_period: 100_000, ..Default::default() };
+    rt.update_container_resources(update(&busy, huge)).await.unwrap();
+    // An exited container's resources cannot change.
+    rt.stop_container(cri::StopContainerRequest { container_id: busy.clone(), timeout: 0 }).await.unwrap();
+    let e = rt.update_container_resources(update(&busy, half)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("has exited"), "{}", e.message());
+}
+
+async fn start_err(
+    rt: &mut RuntimeClient,
+    sb: &str,
+    cfg: &cri::PodSandboxConfig,
+    c: cri::ContainerConfig,
+) -> tonic::Status {
+    let e = create(rt, sb, cfg, c).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    e
+}
+
+#[tokio::test]
+async fn the_cpu_of_wasi_http_requests_counts_in_their_container() {
+    let server = Server::start().await.unwrap();
+    server.import(http_component(), "http").unwrap();
+    let mut rt = server.runtime().await;
+    let (_, web, port) = http_pod(&server, &mut rt, "web").await.unwrap();
+    let get = move || http_get_local(port, "/n").map(|a| a.starts_with("HTTP/1.0 200"));
+    let (_, idle0) = cpu_of(&mut rt, &web).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, idle1) = cpu_of(&mut rt, &web).await;
+    let answered =
+        tokio::task::spawn_blocking(move || (0..300).filter(|_| get().is_ok_and(|ok| ok)).count()).await.unwrap();
+    assert_eq!(answered, 300);
+    let (_, busy) = cpu_of(&mut rt, &web).await;
+    // Each request is an instance of the component, and HTTP parsed for it: a millisecond
+    // for 300 of them is far below what they cost, and far above the idle server's.
+    let idle = idle1 - idle0;
+    assert!(busy - idle1 > 1_000_000 && busy - idle1 > 20 * idle, "300 requests: {} ns; idle: {idle} ns", busy - idle1);
+}
