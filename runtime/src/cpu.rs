@@ -31,6 +31,9 @@ const DEFAULT_SHARES: u64 = 1024;
 /// How far behind the busiest a guest that slept may place itself: CFS's half of its
 /// latency target. Without a bound, a guest idle for an hour would own the cores for as long.
 const SLEEPER_CREDIT_NANOS: u64 = 3_000_000;
+/// How far behind the guests that run a queued one must be to preempt them (CFS's wakeup
+/// granularity).
+const WAKEUP_GRANULARITY_NANOS: u64 = 1_000_000;
 
 /// A container's CPU controls and counters (shared by its exec'd and per-request instances).
 #[derive(Debug, Default)]
@@ -176,6 +179,9 @@ struct CoresState {
     /// Tickets handed a token they have not yet taken.
     granted: HashSet<u64>,
     next_ticket: u64,
+    /// The virtual runtime of the guest that last kept its token when preempted: one that is
+    /// computing now, which a guest queueing well behind it preempts.
+    busy_vruntime: u64,
 }
 
 thread_local! {
@@ -184,6 +190,26 @@ thread_local! {
     static HOLDING: Cell<bool> = const { Cell::new(false) };
     /// The guest being polled was preempted at an epoch tick: it is still runnable.
     static PREEMPTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The engines whose running guests a wakeup preempts (one in a wasmlet; tests make many).
+static ENGINES: Mutex<Vec<wasmtime::EngineWeak>> = Mutex::new(Vec::new());
+
+/// Registers `engine`: a guest that queues for a core behind guests with more virtual runtime
+/// preempts them at once (an epoch tick now), as CFS's wakeup preemption does, instead of
+/// waiting for the next tick.
+pub(crate) fn preempts(engine: &wasmtime::Engine) {
+    let mut engines = ENGINES.lock().unwrap_or_else(|e| e.into_inner());
+    engines.retain(|e| e.upgrade().is_some());
+    engines.push(engine.weak());
+}
+
+fn preempt_all() {
+    for e in ENGINES.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        if let Some(e) = e.upgrade() {
+            e.increment_epoch();
+        }
+    }
 }
 
 /// Called by a store's epoch deadline callback: the guest polled on this thread yields
@@ -210,6 +236,7 @@ impl Cores {
                 queued: BTreeMap::new(),
                 granted: HashSet::new(),
                 next_ticket: 0,
+                busy_vruntime: 0,
             }),
         }
     }
@@ -241,13 +268,24 @@ impl Cores {
         s.next_ticket += 1;
         s.queued.insert(key, cx.waker().clone());
         *ticket = Some(key);
+        // Behind guests that ran more than it (it slept, or weighs more): they yield now.
+        let preempt = v.saturating_add(WAKEUP_GRANULARITY_NANOS) < s.busy_vruntime;
+        drop(s);
+        if preempt {
+            preempt_all();
+        }
         Poll::Pending
     }
 
     /// Whether a guest preempted with `vruntime` keeps its token: unless a queued guest is
     /// further behind (which the token then goes to, when it is released).
     fn keep(&self, vruntime: u64) -> bool {
-        self.lock().queued.first_key_value().is_none_or(|(k, _)| k.0 >= vruntime)
+        let mut s = self.lock();
+        let keep = s.queued.first_key_value().is_none_or(|(k, _)| k.0 >= vruntime);
+        if keep {
+            s.busy_vruntime = vruntime;
+        }
+        keep
     }
 
     /// Gives a token back: to the queued guest with the least virtual runtime, if any.

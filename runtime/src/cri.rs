@@ -457,11 +457,13 @@ fn container_stats(rt: &Runtime, r: &ContainerRecord) -> Result<cri::ContainerSt
     })
 }
 
-fn sandbox_stats(rt: &Runtime, s: &SandboxRecord) -> Result<cri::PodSandboxStats> {
+/// A sandbox's stats from those of `records`, its containers.
+fn sandbox_stats(rt: &Runtime, s: &SandboxRecord, records: &[ContainerRecord]) -> Result<cri::PodSandboxStats> {
     let mut containers = Vec::new();
-    for c in rt.containers_where(|c| c.sandbox_id == s.id).iter() {
+    for c in records {
         containers.push(container_stats(rt, c)?);
     }
+    let running = records.iter().filter(|c| c.state == ContainerState::Running).count() as u64;
     let ts = now_nanos();
     let sum = |f: &dyn Fn(&cri::ContainerStats) -> Option<u64>| containers.iter().filter_map(f).sum::<u64>();
     let cpu = sum(&|c| c.cpu.as_ref()?.usage_core_nano_seconds.as_ref().map(|v| v.value));
@@ -489,15 +491,7 @@ fn sandbox_stats(rt: &Runtime, s: &SandboxRecord) -> Result<cri::PodSandboxStats
                 ..Default::default()
             }),
             network: None,
-            process: Some(cri::ProcessUsage {
-                timestamp: ts,
-                process_count: uint(
-                    rt.containers()
-                        .iter()
-                        .filter(|c| c.sandbox_id == s.id && c.state == ContainerState::Running)
-                        .count() as u64,
-                ),
-            }),
+            process: Some(cri::ProcessUsage { timestamp: ts, process_count: uint(running) }),
             containers,
             io: None,
         }),
@@ -808,7 +802,8 @@ impl RuntimeService for CriServer {
         req: Request<cri::PodSandboxStatsRequest>,
     ) -> std::result::Result<Response<cri::PodSandboxStatsResponse>, Status> {
         let s = self.runtime.sandbox(&req.into_inner().pod_sandbox_id).map_err(status)?;
-        let stats = sandbox_stats(&self.runtime, &s).map_err(status)?;
+        let records = self.runtime.containers_where(|c| c.sandbox_id == s.id);
+        let stats = sandbox_stats(&self.runtime, &s, &records).map_err(status)?;
         Ok(Response::new(cri::PodSandboxStatsResponse { stats: Some(stats) }))
     }
 
@@ -1000,10 +995,16 @@ impl CriServer {
         f: Option<cri::PodSandboxStatsFilter>,
     ) -> std::result::Result<Vec<cri::PodSandboxStats>, Status> {
         let f = f.unwrap_or_default();
+        // The containers grouped by sandbox once: not a scan of them all for each sandbox.
+        let mut by_sandbox: HashMap<String, Vec<ContainerRecord>> = HashMap::new();
+        for c in self.runtime.containers() {
+            by_sandbox.entry(c.sandbox_id.clone()).or_default().push(c);
+        }
         let mut out = Vec::new();
         for s in self.runtime.sandboxes() {
             if (f.id.is_empty() || s.id.starts_with(&f.id)) && matches_labels(&f.label_selector, &s.spec.labels) {
-                out.push(sandbox_stats(&self.runtime, &s).map_err(status)?);
+                let records = by_sandbox.get(&s.id).map_or(&[][..], Vec::as_slice);
+                out.push(sandbox_stats(&self.runtime, &s, records).map_err(status)?);
             }
         }
         Ok(out)

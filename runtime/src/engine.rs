@@ -323,17 +323,22 @@ impl WasmEngine {
         crate::net::lookup::add_to_linker(&mut component_linker)
             .map_err(|e| format!("link the pod name lookup: {e:#}"))?;
         let cache = CompiledCache::new(cache_dir, &engine).map_err(|e| e.to_string())?;
+        // A guest's poll lasts up to an epoch tick: the I/O and timer drivers are polled
+        // between any two (tokio's default is every 61), or a woken guest waits for dozens.
         let executor = tokio::runtime::Builder::new_multi_thread()
             .thread_name("wasm-guest")
+            .event_interval(1)
             .enable_all()
             .build()
             .map_err(|e| format!("guest executor: {e}"))?;
         let host_executor = tokio::runtime::Builder::new_multi_thread()
             .thread_name("wasm-guest-host")
             .worker_threads(2)
+            .event_interval(1)
             .enable_all()
             .build()
             .map_err(|e| format!("host-network guest executor: {e}"))?;
+        crate::cpu::preempts(&engine);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), ticker_stop.clone());
         std::thread::Builder::new()

@@ -13,20 +13,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wasmlet_tests::cluster::{ControlPlane, WasmletNode};
-use wasmlet_tests::examples_dir;
+use wasmlet_tests::{examples_dir, rss_mib};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Per pod name: when the watch first saw it, and when it first saw it Running.

@@ -91,17 +91,6 @@ fn cpu_seconds(pid: u32) -> (f64, f64) {
     (runtime, kubelet)
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
 /// CPU cores used over `window` by the runtime's threads and by the kubelet's, and the
 /// resident memory at the end.
 fn measure(child: &Child, window: Duration) -> (f64, f64, f64) {

@@ -87,12 +87,20 @@ async fn main() {
         }
     }
 
-    // Stats at PODS pods, each with one sleeping container.
+    // Stats at PODS pods, each with one sleeping container; wasmlet's memory before and after.
+    let before = rss_mib(server.pid());
     for i in 0..pods {
         let c = sandbox_config(&server, &format!("idle-{i}"));
         let s = run_sandbox(&mut rt, &c).await.unwrap();
         start(&mut rt, &s, &c, container_config("sleep", "tool", &["sleep", "3600"])).await;
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_mib(server.pid());
+    println!();
+    println!(
+        "{pods} idle pods: wasmlet's RSS {before:.1} MiB before, {after:.1} MiB after, {:.1} KiB a pod",
+        (after - before) * 1024.0 / pods as f64
+    );
     let mut list = Vec::new();
     let mut pod_list = Vec::new();
     let mut one = Vec::new();

@@ -392,6 +392,17 @@ pub async fn http_pod(server: &Server, rt: &mut RuntimeClient, name: &str) -> Re
     Ok((sb, id, port))
 }
 
+/// The resident memory of process `pid` in MiB (0 when it cannot be read).
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// A benchmark's setting: `$name`, else `default`.
 pub fn bench_env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

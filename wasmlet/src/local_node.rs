@@ -51,6 +51,15 @@ pub struct LocalNode {
 }
 
 impl LocalNode {
+    /// Rotates the containers' logs by `policy` until the task is aborted.
+    pub async fn log_rotation(
+        &self,
+        policy: wasmlet_kubelet::logrotate::Policy,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        let channel = cri_proto::connect_unix(&self.socket).await.context("connect the log rotation to the CRI")?;
+        Ok(tokio::spawn(wasmlet_kubelet::logrotate::run(Cri::new(channel), policy)))
+    }
+
     pub async fn start(
         root: &Path,
         run_dir: &Path,

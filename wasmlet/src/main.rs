@@ -454,7 +454,9 @@ fn run() -> Result<()> {
                 )
                 .await?;
                 local.collect_leftovers().await;
+                let rotation = local.log_rotation(Default::default()).await?;
                 let code = run::run(local.node.clone(), manifests, run::RunOptions { root, logs, stop_after }).await;
+                rotation.abort();
                 local.stop().await;
                 code
             })?;

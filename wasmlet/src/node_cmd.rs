@@ -196,6 +196,7 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
     } else {
         local.collect_leftovers().await;
     }
+    tasks.push(local.log_rotation(a.config.log_policy()?).await?);
     if let Some(dir) = a.pod_manifest_path.clone() {
         manager.expect(wasmlet_kubelet::pods::Source::File);
         tasks.push(tokio::spawn(static_pods::follow(dir, name.clone(), tx.clone())));

@@ -64,6 +64,10 @@ pub struct NodeConfig {
     pub server_tls_bootstrap: bool,
     /// Who may call the node API.
     pub authentication: Authentication,
+    /// A running container's log is rotated when it reaches this size (a quantity).
+    pub container_log_max_size: String,
+    /// Log files kept per container, the live one counted.
+    pub container_log_max_files: u32,
 }
 
 /// KubeletConfiguration's `authentication`: client certificates signed by the client CA (by
@@ -108,6 +112,8 @@ impl Default for NodeConfig {
             tls_private_key_file: None,
             server_tls_bootstrap: false,
             authentication: Authentication::default(),
+            container_log_max_size: "10Mi".into(),
+            container_log_max_files: 5,
         }
     }
 }
@@ -116,6 +122,21 @@ impl NodeConfig {
     /// The Lease is renewed every quarter of its duration, as the kubelet does.
     pub fn lease_renew_interval(&self) -> Duration {
         Duration::from_secs(u64::from(self.node_lease_duration_seconds.max(1))) / 4
+    }
+
+    /// containerLogMaxSize and containerLogMaxFiles as a rotation policy.
+    pub fn log_policy(&self) -> anyhow::Result<crate::logrotate::Policy> {
+        let size = crate::quantity::Quantity::parse(&self.container_log_max_size)
+            .ok()
+            .map(|q| q.ceil_units())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                anyhow::anyhow!("containerLogMaxSize {:?}: not a positive quantity", self.container_log_max_size)
+            })?;
+        if self.container_log_max_files < 2 {
+            anyhow::bail!("containerLogMaxFiles {}: it must be at least 2", self.container_log_max_files);
+        }
+        Ok(crate::logrotate::Policy { max_size: size as u64, max_files: self.container_log_max_files as usize })
     }
 
     /// What is wrong with the settings, if anything.
