@@ -43,19 +43,8 @@ fn rotated(log: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// The suffix of a file rotated at `at` (UTC, the kubelet's "20060102-150405").
 fn suffix(at: SystemTime) -> String {
-    let secs = at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+    let t = k8s_openapi::jiff::Timestamp::try_from(at).unwrap_or_default();
+    t.strftime("%Y%m%d-%H%M%S").to_string()
 }
 
 /// Rotates `log` if it has reached the policy's size: true when it did. `reopen` asks the
