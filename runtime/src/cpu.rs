@@ -333,6 +333,8 @@ impl Drop for Holding<'_> {
 pub(crate) struct Metered<F> {
     inner: Pin<Box<F>>,
     meter: Arc<GuestMeter>,
+    /// The container's meter, whose quota and shares apply.
+    root: Arc<GuestMeter>,
     /// Throttled until the next period.
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
     ticket: Option<(u64, u64)>,
@@ -342,7 +344,8 @@ pub(crate) struct Metered<F> {
 
 impl<F> Metered<F> {
     pub(crate) fn new(meter: Arc<GuestMeter>, inner: F) -> Metered<F> {
-        Metered { inner: Box::pin(inner), meter, wait: None, ticket: None, held: false }
+        let root = meter.root().clone();
+        Metered { inner: Box::pin(inner), meter, root, wait: None, ticket: None, held: false }
     }
 }
 
@@ -350,7 +353,7 @@ impl<F: Future> Future for Metered<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        let root = this.meter.root().clone();
+        let root = &this.root;
         let mut holding = if HOLDING.get() {
             None
         } else {
@@ -402,7 +405,7 @@ impl<F> Drop for Metered<F> {
             Cores::node().abandon(key);
         }
         if self.held {
-            Cores::node().release(self.meter.root().cpu.vruntime.load(Ordering::Relaxed));
+            Cores::node().release(self.root.cpu.vruntime.load(Ordering::Relaxed));
         }
     }
 }

@@ -155,6 +155,13 @@ impl GuestMeter {
         GuestMeter { counted_in: Some(container), ..GuestMeter::default() }
     }
 
+    /// Applies a container's CRI resources: the memory limit from the next memory growth, the
+    /// CPU quota and shares from the next poll.
+    pub fn set_resources(&self, r: &crate::model::Resources) {
+        self.memory_limit.store(r.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
+        self.cpu.set(r.cpu_quota, r.cpu_period, r.cpu_shares);
+    }
+
     /// The container's meter: this one, or the one it is counted in.
     pub fn root(self: &Arc<Self>) -> &Arc<GuestMeter> {
         self.counted_in.as_ref().unwrap_or(self)

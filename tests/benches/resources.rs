@@ -10,19 +10,15 @@ use std::time::{Duration, Instant};
 
 use wasmlet_tests::*;
 
-fn get(port: u16) -> std::io::Result<String> {
-    http_get_local(port, "/ping")
-}
-
 /// Latencies of `n` GETs, one after another, after 50 warm-up ones.
 fn latencies(port: u16, n: usize) -> Vec<Duration> {
     for _ in 0..50 {
-        get(port).unwrap();
+        http_get(port, "/ping").unwrap();
     }
     (0..n)
         .map(|_| {
             let t = Instant::now();
-            let a = get(port).unwrap();
+            let a = http_get(port, "/ping").unwrap();
             assert!(a.starts_with("HTTP/1.0 200"), "{a}");
             t.elapsed()
         })

@@ -358,7 +358,7 @@ pub fn host_network(cfg: &mut cri::PodSandboxConfig) {
 }
 
 /// An HTTP/1.0 GET of `path` on 127.0.0.1:`port`: the whole answer.
-pub fn http_get_local(port: u16, path: &str) -> std::io::Result<String> {
+pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
     c.set_nodelay(true)?;
@@ -385,7 +385,7 @@ pub async fn http_pod(server: &Server, rt: &mut RuntimeClient, name: &str) -> Re
     web.command.clear();
     let id = start(rt, &sb, &cfg, web).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !http_get_local(port, "/").is_ok_and(|a| a.starts_with("HTTP/1.0 200")) {
+    while !http_get(port, "/").is_ok_and(|a| a.starts_with("HTTP/1.0 200")) {
         anyhow::ensure!(std::time::Instant::now() < deadline, "pod {name} never answered\n{}", server.server_log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

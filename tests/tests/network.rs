@@ -255,15 +255,6 @@ async fn guest_name_lookups_follow_the_pod_dns_config() {
 }
 
 /// GET `path` from `addr` (HTTP/1.0, so the answer ends with the connection).
-fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
-    let mut c = std::net::TcpStream::connect(addr)?;
-    c.set_read_timeout(Some(WAIT))?;
-    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())?;
-    let mut answer = String::new();
-    c.read_to_string(&mut answer)?;
-    Ok(answer)
-}
-
 #[tokio::test]
 async fn a_wasi_http_component_serves_the_pod_port() {
     let server = Server::start().await.unwrap();
@@ -280,8 +271,7 @@ async fn a_wasi_http_component_serves_the_pod_port() {
     let addr = format!("127.0.0.1:{host_port}");
     let deadline = std::time::Instant::now() + WAIT;
     let answer = loop {
-        let a = addr.clone();
-        match tokio::task::spawn_blocking(move || http_get(&a, "/hello?x=1")).await.unwrap() {
+        match tokio::task::spawn_blocking(move || http_get(host_port, "/hello?x=1")).await.unwrap() {
             Ok(answer) if answer.starts_with("HTTP/1.") => break answer,
             other => {
                 assert!(std::time::Instant::now() < deadline, "no answer: {other:?}\n{}", server.server_log());
@@ -308,8 +298,8 @@ async fn a_wasi_http_component_serves_the_pod_port() {
     assert_eq!((s.exit_code, s.reason.as_str()), (128, "StartError"));
     // Many requests, each its own instance.
     for i in 0..20 {
-        let a = addr.clone();
-        let answer = tokio::task::spawn_blocking(move || http_get(&a, &format!("/n/{i}"))).await.unwrap().unwrap();
+        let answer =
+            tokio::task::spawn_blocking(move || http_get(host_port, &format!("/n/{i}"))).await.unwrap().unwrap();
         assert!(answer.ends_with(&format!("/n/{i}")), "{answer}");
     }
     // Exec into a handler needs a .wasm to run: it is not a command.
@@ -333,9 +323,8 @@ async fn a_wasi_http_component_serves_the_pod_port() {
         (s.state, s.exit_code, s.reason.as_str()),
         (cri::ContainerState::ContainerExited as i32, 0, "Completed")
     );
-    let a = addr.clone();
     // The host port is the sandbox's and still accepts; nothing answers behind it.
-    let after = tokio::task::spawn_blocking(move || http_get(&a, "/")).await.unwrap();
+    let after = tokio::task::spawn_blocking(move || http_get(host_port, "/")).await.unwrap();
     assert!(after.as_ref().map_or(true, |a| a.is_empty()), "no longer served: {after:?}");
 }
 

@@ -107,7 +107,7 @@ async fn the_cpu_of_wasi_http_requests_counts_in_their_container() {
     server.import(http_component(), "http").unwrap();
     let mut rt = server.runtime().await;
     let (_, web, port) = http_pod(&server, &mut rt, "web").await.unwrap();
-    let get = move || http_get_local(port, "/n").map(|a| a.starts_with("HTTP/1.0 200"));
+    let get = move || http_get(port, "/n").map(|a| a.starts_with("HTTP/1.0 200"));
     let (_, idle0) = cpu_of(&mut rt, &web).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, idle1) = cpu_of(&mut rt, &web).await;

@@ -196,7 +196,8 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
     } else {
         local.collect_leftovers().await;
     }
-    tasks.push(local.log_rotation(a.config.log_policy()?).await?);
+    let log_policy = a.config.log_policy().map_err(|e| anyhow::anyhow!("config [node]: {e}"))?;
+    tasks.push(local.log_rotation(log_policy).await?);
     if let Some(dir) = a.pod_manifest_path.clone() {
         manager.expect(wasmlet_kubelet::pods::Source::File);
         tasks.push(tokio::spawn(static_pods::follow(dir, name.clone(), tx.clone())));

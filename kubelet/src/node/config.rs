@@ -125,16 +125,15 @@ impl NodeConfig {
     }
 
     /// containerLogMaxSize and containerLogMaxFiles as a rotation policy.
-    pub fn log_policy(&self) -> anyhow::Result<crate::logrotate::Policy> {
+    /// Checked with the other settings by [`NodeConfig::check`], before the node starts.
+    pub fn log_policy(&self) -> Result<crate::logrotate::Policy, String> {
         let size = crate::quantity::Quantity::parse(&self.container_log_max_size)
             .ok()
             .map(|q| q.ceil_units())
             .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                anyhow::anyhow!("containerLogMaxSize {:?}: not a positive quantity", self.container_log_max_size)
-            })?;
+            .ok_or_else(|| format!("containerLogMaxSize {:?}: not a positive quantity", self.container_log_max_size))?;
         if self.container_log_max_files < 2 {
-            anyhow::bail!("containerLogMaxFiles {}: it must be at least 2", self.container_log_max_files);
+            return Err(format!("containerLogMaxFiles {}: it must be at least 2", self.container_log_max_files));
         }
         Ok(crate::logrotate::Policy { max_size: size as u64, max_files: self.container_log_max_files as usize })
     }
@@ -170,6 +169,7 @@ impl NodeConfig {
         for ip in &self.cluster_dns {
             ip.parse::<std::net::IpAddr>().map_err(|_| format!("clusterDNS: {ip:?} is not an IP address"))?;
         }
+        self.log_policy()?;
         Ok(())
     }
 }
@@ -251,6 +251,12 @@ mod tests {
         assert!(e.contains("is not a duration"), "{e}");
         let bad = NodeConfig { cluster_dns: vec!["dns".into()], ..NodeConfig::default() };
         assert!(bad.check().unwrap_err().contains("clusterDNS"));
+        let c: NodeConfig = toml::from_str("containerLogMaxSize = \"1Mi\"\ncontainerLogMaxFiles = 3\n").unwrap();
+        assert_eq!(c.log_policy(), Ok(crate::logrotate::Policy { max_size: 1 << 20, max_files: 3 }));
+        let bad = NodeConfig { container_log_max_size: "big".into(), ..NodeConfig::default() };
+        assert!(bad.check().unwrap_err().contains("containerLogMaxSize \"big\""));
+        let bad = NodeConfig { container_log_max_files: 1, ..NodeConfig::default() };
+        assert!(bad.check().unwrap_err().contains("containerLogMaxFiles 1"));
     }
 
     #[test]

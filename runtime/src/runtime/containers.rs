@@ -94,8 +94,7 @@ impl Runtime {
         let id = record.id.clone();
         let meter = Arc::new(GuestMeter::default());
         if let Some(r) = &record.spec.resources {
-            meter.memory_limit.store(r.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
-            meter.cpu.set(r.cpu_quota, r.cpu_period, r.cpu_shares);
+            meter.set_resources(r);
         }
         let change = Change::Container(Box::new(record.clone()));
         state.containers.insert(
@@ -375,8 +374,7 @@ impl Runtime {
         if entry.record.state == ContainerState::Exited {
             return Err(Error::FailedPrecondition(format!("container {id} has exited: its resources cannot change")));
         }
-        entry.meter.memory_limit.store(resources.memory_limit_in_bytes.max(0) as u64, Ordering::Relaxed);
-        entry.meter.cpu.set(resources.cpu_quota, resources.cpu_period, resources.cpu_shares);
+        entry.meter.set_resources(&resources);
         entry.record.spec.resources = Some(resources);
         let change = Change::Container(Box::new(entry.record.clone()));
         self.journal(&state, change)
