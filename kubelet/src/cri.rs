@@ -71,6 +71,8 @@ pub trait RuntimeClient: Send + Sync {
     /// The IDs of the sandboxes whose containers change, as the runtime reports them; ends
     /// when the runtime's event stream does.
     async fn sandbox_events(&self) -> Result<BoxStream<'static, String>, tonic::Status>;
+    /// Every container's stats (ListContainerStats).
+    async fn container_stats(&self) -> Result<Vec<cri::ContainerStats>, tonic::Status>;
 }
 
 /// The runtime as the pod workers share it.
@@ -322,6 +324,12 @@ impl RuntimeClient for Cri {
             Err(e) => return Some(format!("container runtime is down: {}", e.message())),
         };
         readiness_problem(&status.conditions)
+    }
+
+    async fn container_stats(&self) -> Result<Vec<cri::ContainerStats>, tonic::Status> {
+        let mut rt = self.rt.clone();
+        let r = rt.list_container_stats(cri::ListContainerStatsRequest { filter: None }).await?;
+        Ok(r.into_inner().stats)
     }
 
     async fn sandbox_events(&self) -> Result<BoxStream<'static, String>, tonic::Status> {

@@ -358,6 +358,10 @@ impl RuntimeClient for FakeRuntime {
         None
     }
 
+    async fn container_stats(&self) -> Result<Vec<cri::ContainerStats>, tonic::Status> {
+        Ok(Vec::new())
+    }
+
     async fn sandbox_events(&self) -> Result<BoxStream<'static, String>, tonic::Status> {
         let rx = self.events.subscribe();
         Ok(futures_util::stream::unfold(rx, |mut rx| async move {

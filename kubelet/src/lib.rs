@@ -8,6 +8,7 @@ pub mod admission;
 pub mod backoff;
 pub mod credentials;
 pub mod env;
+pub mod eviction;
 pub mod images;
 pub mod logrotate;
 pub mod logs;

@@ -10,19 +10,20 @@ use std::time::{Duration, SystemTime};
 use crate::cri::Cri;
 use cri_proto::v1 as cri;
 
-/// How often logs are looked at (the kubelet's logMonitorPeriod).
+/// How often logs are looked at by default (the kubelet's containerLogMonitorInterval).
 pub const PERIOD: Duration = Duration::from_secs(10);
 
-/// containerLogMaxSize and containerLogMaxFiles.
+/// containerLogMaxSize, containerLogMaxFiles and containerLogMonitorInterval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     pub max_size: u64,
     pub max_files: usize,
+    pub period: Duration,
 }
 
 impl Default for Policy {
     fn default() -> Policy {
-        Policy { max_size: 10 << 20, max_files: 5 }
+        Policy { max_size: 10 << 20, max_files: 5, period: PERIOD }
     }
 }
 
@@ -82,9 +83,9 @@ where
     Ok(true)
 }
 
-/// Rotates the logs of the runtime's running containers every [`PERIOD`], for good.
+/// Rotates the logs of the runtime's running containers every `policy.period`, for good.
 pub async fn run(cri: Cri, policy: Policy) {
-    let mut tick = tokio::time::interval(PERIOD);
+    let mut tick = tokio::time::interval(policy.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -140,7 +141,7 @@ mod tests {
     async fn a_full_log_is_rotated_and_the_oldest_removed() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("0.log");
-        let policy = Policy { max_size: 100, max_files: 3 };
+        let policy = Policy { max_size: 100, max_files: 3, period: PERIOD };
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_626_645);
         let reopen = |log: PathBuf| move || async move { std::fs::write(log, b"").map_err(|e| e.to_string()) };
         std::fs::write(&log, [b'a'; 99]).unwrap();

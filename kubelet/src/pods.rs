@@ -43,6 +43,11 @@ pub enum PodUpdate {
     /// A pod is gone from its source without a graceful deletion (force-deleted): stopped at
     /// once.
     Remove(Source, String),
+    /// The eviction manager ends a pod as Failed (it stays until its source deletes it).
+    Evict(crate::eviction::Eviction),
+    /// Not an update: asks for the pods running here, not finished (the eviction manager's
+    /// candidates).
+    Running(tokio::sync::oneshot::Sender<Vec<Pod>>),
 }
 
 /// A pod's life as the manager sees it.
@@ -197,6 +202,15 @@ impl PodManager {
                 self.finished.remove(&uid);
                 self.rejected.remove(&uid);
                 self.delete(&uid, Some(0));
+            }
+            PodUpdate::Evict(e) => {
+                if let Some(m) = self.pods.get(&e.uid).filter(|m| m.lifecycle == Lifecycle::Syncing) {
+                    tracing::info!(pod = %format!("{}/{}", m.namespace, m.name), uid = %e.uid, message = %e.message, "evicting the pod");
+                    let _ = m.handle.updates.send(Update::Evict(e));
+                }
+            }
+            PodUpdate::Running(reply) => {
+                let _ = reply.send(self.running());
             }
         }
     }

@@ -33,9 +33,28 @@ pub struct Input<'a> {
     pub start_time: Option<SystemTime>,
     /// The pod is being torn down for good (deleted, or finished), so nothing restarts.
     pub terminal: bool,
-    /// activeDeadlineSeconds passed.
-    pub deadline_exceeded: bool,
+    /// Why the kubelet ended the pod (activeDeadlineSeconds passed, evicted), if it did.
+    pub failed: Option<&'a Failure>,
     pub now: SystemTime,
+}
+
+/// The kubelet ended a running pod as Failed: the status reason and message, and whether the
+/// pod gets the DisruptionTarget condition (an eviction for node pressure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: String,
+    pub message: String,
+    pub disruption: bool,
+}
+
+impl Failure {
+    pub fn deadline() -> Failure {
+        Failure {
+            reason: "DeadlineExceeded".into(),
+            message: "Pod was active on the node longer than the specified deadline".into(),
+            disruption: false,
+        }
+    }
 }
 
 /// The container ID as the API shows it.
@@ -405,10 +424,10 @@ pub fn generate(x: &Input<'_>) -> PodStatus {
         reason = x.old.and_then(|o| o.reason.clone());
         message = x.old.and_then(|o| o.message.clone());
     }
-    if x.deadline_exceeded {
+    if let Some(f) = x.failed {
         phase = "Failed";
-        reason = Some("DeadlineExceeded".into());
-        message = Some("Pod was active on the node longer than the specified deadline".into());
+        reason = Some(f.reason.clone());
+        message = Some(f.message.clone());
     }
     let sandbox_ready = x.observed.sandbox.as_ref().is_some_and(|s| s.ready);
     let all: Vec<ContainerStatus> = init.iter().chain(app.iter()).cloned().collect();
@@ -420,8 +439,12 @@ pub fn generate(x: &Input<'_>) -> PodStatus {
         cready,
         condition("PodScheduled", true, None, None),
     ];
+    let mut ours = vec!["PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled"];
+    if let Some(f) = x.failed.filter(|f| f.disruption) {
+        conditions.push(condition("DisruptionTarget", true, Some("TerminationByKubelet"), Some(f.message.clone())));
+        ours.push("DisruptionTarget");
+    }
     // Keep foreign conditions (readiness gates' own) and the transition times of unchanged ones.
-    let ours = ["PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady", "PodScheduled"];
     let old_conditions = x.old.and_then(|o| o.conditions.clone()).unwrap_or_default();
     for c in &mut conditions {
         let before = old_conditions.iter().find(|o| o.type_ == c.type_);
@@ -473,7 +496,7 @@ mod tests {
             host_ip: "192.0.2.1",
             start_time: Some(t(0)),
             terminal: false,
-            deadline_exceeded: false,
+            failed: None,
             now: t(100),
         })
     }
@@ -594,19 +617,38 @@ mod tests {
             host_ip: "",
             start_time: None,
             terminal: true,
-            deadline_exceeded: false,
+            failed: None,
             now: t(0),
         };
         assert_eq!(generate(&x).phase.as_deref(), Some("Failed"));
         x.terminal = false;
-        x.deadline_exceeded = true;
+        let deadline = Failure::deadline();
+        x.failed = Some(&deadline);
         let s = generate(&x);
         assert_eq!((s.phase.as_deref(), s.reason.as_deref()), (Some("Failed"), Some("DeadlineExceeded")));
         assert_eq!(s.message.as_deref(), Some("Pod was active on the node longer than the specified deadline"));
+        assert!(!s.conditions.iter().flatten().any(|c| c.type_ == "DisruptionTarget"));
+        // Evicted for node pressure: the DisruptionTarget condition says so.
+        let evicted = Failure {
+            reason: "Evicted".into(),
+            message: "The node was low on resource: memory. ".into(),
+            disruption: true,
+        };
+        x.failed = Some(&evicted);
+        let s = generate(&x);
+        assert_eq!((s.phase.as_deref(), s.reason.as_deref()), (Some("Failed"), Some("Evicted")));
+        let c = s
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "DisruptionTarget")
+            .expect("a DisruptionTarget condition");
+        assert_eq!((c.status.as_str(), c.reason.as_deref()), ("True", Some("TerminationByKubelet")));
+        assert_eq!(c.message.as_deref(), Some("The node was low on resource: memory. "));
         // A terminal phase is sticky.
         let old = PodStatus { phase: Some("Succeeded".into()), ..Default::default() };
         let running = observed(vec![inst(&a, 1, State::Running, 0, 5)]);
-        let x = Input { observed: &running, old: Some(&old), deadline_exceeded: false, ..x };
+        let x = Input { observed: &running, old: Some(&old), failed: None, ..x };
         assert_eq!(generate(&x).phase.as_deref(), Some("Succeeded"));
     }
 
@@ -691,7 +733,7 @@ mod tests {
             host_ip: "",
             start_time: None,
             terminal: false,
-            deadline_exceeded: false,
+            failed: None,
             now: t(1),
         });
         assert_eq!(cond(&s, "Ready").0, "True");

@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -40,28 +41,74 @@ impl Stream {
 }
 
 /// A container's CRI log file, shared by its stdout and stderr; reopened on log rotation.
+///
+/// With a bound, the file may grow to it between rotations; past it the guest's writes wait
+/// (its output streams report no room) until the kubelet rotates the file and asks for a
+/// reopen: a guest printing at full speed fills no disk, and only it waits.
 pub struct LogFile {
     path: PathBuf,
     file: Mutex<File>,
+    /// Bytes in the file now (appended since it was opened, and what it held then).
+    size: AtomicU64,
+    bound: Option<u64>,
+    /// Wakes writers waiting for room: the file was reopened.
+    reopened: tokio::sync::Notify,
 }
 
 impl LogFile {
     /// Opens (creating it and its directory if needed) the log file at `path` for appending.
     pub fn open(path: &Path) -> io::Result<LogFile> {
-        Ok(LogFile { path: path.to_path_buf(), file: Mutex::new(open_append(path)?) })
+        LogFile::open_bounded(path, None)
+    }
+
+    /// Like [`LogFile::open`]; writes wait while the file holds `bound` bytes or more.
+    pub fn open_bounded(path: &Path, bound: Option<u64>) -> io::Result<LogFile> {
+        let file = open_append(path)?;
+        let size = file.metadata()?.len();
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+            size: AtomicU64::new(size),
+            bound,
+            reopened: tokio::sync::Notify::new(),
+        })
     }
 
     /// Closes and reopens the file by path, after the kubelet renamed it for rotation.
     pub fn reopen(&self) -> io::Result<()> {
         let fresh = open_append(&self.path)?;
+        let size = fresh.metadata()?.len();
         *self.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.size.store(size, Ordering::Relaxed);
+        self.reopened.notify_waiters();
         Ok(())
+    }
+
+    /// The file holds its bound: writers wait for a rotation.
+    pub fn full(&self) -> bool {
+        self.bound.is_some_and(|b| self.size.load(Ordering::Relaxed) >= b)
+    }
+
+    /// Returns once the file has room.
+    async fn room(&self) {
+        loop {
+            let reopened = self.reopened.notified();
+            tokio::pin!(reopened);
+            reopened.as_mut().enable();
+            if !self.full() {
+                return;
+            }
+            reopened.await;
+        }
     }
 
     fn append(&self, bytes: &[u8]) {
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = f.write_all(bytes) {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot write container log");
+        match f.write_all(bytes) {
+            Ok(()) => {
+                self.size.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot write container log"),
         }
     }
 }
@@ -276,13 +323,20 @@ impl OutputStream for GuestOutput {
         Ok(())
     }
     fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(1024 * 1024)
+        match &self.target {
+            Target::Log(log) if log.full() => Ok(0),
+            _ => Ok(1024 * 1024),
+        }
     }
 }
 
 #[wasmtime_wasi::async_trait]
 impl Pollable for GuestOutput {
-    async fn ready(&mut self) {}
+    async fn ready(&mut self) {
+        if let Target::Log(log) = &self.target {
+            log.room().await;
+        }
+    }
 }
 
 impl tokio::io::AsyncWrite for GuestOutput {
@@ -336,6 +390,32 @@ mod tests {
         // Written in small pieces, the result is the same.
         let pieces: Vec<&[u8]> = input.chunks(1000).collect();
         assert_eq!(records(&pieces), r);
+    }
+
+    #[tokio::test]
+    async fn a_full_log_makes_writers_wait_for_its_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let log = Arc::new(LogFile::open_bounded(&path, Some(100)).unwrap());
+        let mut out = GuestOutput::log(Stream::Stdout, log.clone());
+        assert!(OutputStream::check_write(&mut out).unwrap() > 0);
+        OutputStream::write(&mut out, Bytes::from(vec![b'a'; 200])).unwrap();
+        OutputStream::write(&mut out, Bytes::from_static(b"\n")).unwrap();
+        assert!(log.full());
+        assert_eq!(OutputStream::check_write(&mut out).unwrap(), 0, "no room until a rotation");
+        let mut waiter = out.clone();
+        let waiting = tokio::spawn(async move { Pollable::ready(&mut waiter).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "the writer waits");
+        std::fs::rename(&path, dir.path().join("0.log.1")).unwrap();
+        log.reopen().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert!(OutputStream::check_write(&mut out).unwrap() > 0);
+        // Unbounded logs never wait.
+        let free = Arc::new(LogFile::open(&dir.path().join("1.log")).unwrap());
+        let mut out = GuestOutput::log(Stream::Stdout, free.clone());
+        OutputStream::write(&mut out, Bytes::from(vec![b'b'; 4096])).unwrap();
+        assert!(!free.full() && OutputStream::check_write(&mut out).unwrap() > 0);
     }
 
     #[test]

@@ -541,14 +541,19 @@ pub fn node_condition(node: &Value, kind: &str) -> Option<String> {
 }
 
 impl WasmletNode {
-    /// The pod sandboxes its runtime holds (through its CRI socket in the run directory).
-    pub fn sandboxes(&self) -> Result<Vec<crate::cri::PodSandbox>> {
+    /// The CRI socket its runtime serves in the run directory.
+    pub fn cri_socket(&self) -> Result<PathBuf> {
         let run_dir = wasmlet_runtime::default_run_dir_for(&self.root(), rustix::process::geteuid().as_raw());
-        let socket = std::fs::read_dir(&run_dir)?
+        std::fs::read_dir(&run_dir)?
             .flatten()
             .map(|e| e.path())
             .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("kubelet-")))
-            .context("no CRI socket in the run directory")?;
+            .context("no CRI socket in the run directory")
+    }
+
+    /// The pod sandboxes its runtime holds (through its CRI socket in the run directory).
+    pub fn sandboxes(&self) -> Result<Vec<crate::cri::PodSandbox>> {
+        let socket = self.cri_socket()?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
             let mut c = crate::RuntimeClient::new(cri_proto::connect_unix(&socket).await?);

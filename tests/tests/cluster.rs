@@ -1287,3 +1287,203 @@ fn the_node_api_serves_with_a_certificate_from_the_kubelet_serving_signer() -> R
     assert!(node.root().join("pki/kubelet-server-current.pem").exists());
     Ok(())
 }
+
+fn pod_with(name: &str, node: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: {node}\n  tolerations: [{{operator: Exists}}]\n  restartPolicy: Never\n{spec}"
+    )
+}
+
+fn wait_phase(cp: &ControlPlane, ns: &str, pod: &str, phase: &str, node: &WasmletNode) -> Result<Value> {
+    let mut last = Value::Null;
+    cp.wait(&format!("pod {pod} {phase}"), Duration::from_secs(90), || {
+        last = cp.get_json(&["get", "pod", "-n", ns, pod])?;
+        Ok(last["status"]["phase"] == phase)
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{last}\n{}", node.log()))?;
+    Ok(last["status"].clone())
+}
+
+/// The node's memory, so that what pods may use of it (allocatable) can be set small.
+fn mem_total() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+#[test]
+fn pods_are_evicted_for_their_emptydir_and_under_memory_pressure_by_the_kubelets_ranking() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    // What pods may use of the node's memory: 300Mi (the machine's, less systemReserved and
+    // the 100Mi hard threshold), so a pod holding 250Mi leaves under the threshold.
+    let reserved = mem_total() - (400 << 20);
+    let config = format!(
+        "{FAST}evictionPressureTransitionPeriod = \"5s\"\nsystemReserved = {{ memory = \"{}Ki\" }}\n",
+        reserved / 1024
+    );
+    let node = WasmletNode::start(cp, "wasm-node-evict", &[(tool_module(), "tool:1")], &config)?;
+    let n = wait_node_ready(cp, &node)?;
+    let allocatable = n["status"]["allocatable"]["memory"].as_str().unwrap_or_default().to_string();
+    assert_eq!(allocatable, "300Mi", "{n}");
+    assert_eq!(node_condition(&n, "MemoryPressure").as_deref(), Some("False"));
+    let ns = cp.namespace("evict")?;
+
+    // An emptyDir past its sizeLimit: the pod is evicted at once, with upstream's message.
+    let filler = "  volumes: [{name: scratch, emptyDir: {sizeLimit: 1Mi}}]\n  containers: [{name: c, image: tool:1, args: [fill, /scratch/f, \"2\"], volumeMounts: [{name: scratch, mountPath: /scratch}]}]\n";
+    cp.apply(&ns, &pod_with("filler", &node.name, filler))?;
+    let s = wait_phase(cp, &ns, "filler", "Failed", &node)?;
+    assert_eq!(s["reason"], "Evicted", "{s}");
+    assert_eq!(s["message"], "Usage of EmptyDir volume \"scratch\" exceeds the limit \"1Mi\". ", "{s}");
+
+    // Memory: a Guaranteed pod within its request and a BestEffort one holding 250Mi; the
+    // BestEffort one goes, the other runs on.
+    let guard = "  containers: [{name: c, image: tool:1, args: [sleep, \"600\"], resources: {requests: {memory: 64Mi, cpu: 100m}, limits: {memory: 64Mi, cpu: 100m}}}]\n";
+    cp.apply(&ns, &pod_with("guard", &node.name, guard))?;
+    wait_phase(cp, &ns, "guard", "Running", &node)?;
+    let hog = "  containers: [{name: c, image: tool:1, args: [hold, \"250\"]}]\n";
+    cp.apply(&ns, &pod_with("hog", &node.name, hog))?;
+    // MemoryPressure shows on the Node while the threshold is met and for the transition
+    // period after.
+    let mut pressure_seen = false;
+    cp.wait("MemoryPressure True and hog evicted", Duration::from_secs(90), || {
+        let n = cp.get_json(&["get", "node", &node.name])?;
+        pressure_seen |= node_condition(&n, "MemoryPressure").as_deref() == Some("True");
+        Ok(pressure_seen && cp.get_json(&["get", "pod", "-n", &ns, "hog"])?["status"]["phase"] == "Failed")
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    let s = cp.get_json(&["get", "pod", "-n", &ns, "hog"])?["status"].clone();
+    assert_eq!(s["reason"], "Evicted", "{s}");
+    let message = s["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("The node was low on resource: memory. Threshold quantity: 100Mi, available: ")
+            && message.contains(". Container c was using ")
+            && message.ends_with(", request is 0, has larger consumption of memory. "),
+        "{message}"
+    );
+    let disruption =
+        s["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "DisruptionTarget").cloned();
+    let disruption = disruption.unwrap_or_else(|| panic!("no DisruptionTarget in {s}"));
+    assert_eq!(
+        (disruption["status"].as_str(), disruption["reason"].as_str()),
+        (Some("True"), Some("TerminationByKubelet"))
+    );
+    let events = cp.kubectl_ok(&["get", "events", "-n", &ns, "--field-selector", "reason=Evicted", "-o", "name"])?;
+    assert!(events.lines().count() >= 2, "an Evicted event for each: {events}");
+    // Once the pod is gone and the transition period has passed, the pressure is over.
+    cp.wait("MemoryPressure False again", Duration::from_secs(60), || {
+        let n = cp.get_json(&["get", "node", &node.name])?;
+        Ok(node_condition(&n, "MemoryPressure").as_deref() == Some("False"))
+    })?;
+    let g = cp.get_json(&["get", "pod", "-n", &ns, "guard"])?;
+    assert_eq!(g["status"]["phase"], "Running", "{g}");
+    assert_eq!(g["status"]["containerStatuses"][0]["restartCount"], 0, "{g}");
+    Ok(())
+}
+
+/// The line numbers of `tool spew`'s lines in `text` (CRI records or plain lines).
+fn spew_numbers(text: &str) -> Vec<u64> {
+    text.lines().filter_map(|l| l.split("line ").nth(1)?.get(..9)?.parse().ok()).collect()
+}
+
+fn consecutive(n: &[u64]) -> bool {
+    n.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+#[test]
+fn logs_rotate_under_a_100_mb_writer_and_kubectl_and_crictl_still_read_them() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let config = format!(
+        "{FAST}containerLogMaxSize = \"10Mi\"\ncontainerLogMaxFiles = 3\ncontainerLogMonitorInterval = \"3s\"\n"
+    );
+    let node = WasmletNode::start(cp, "wasm-node-logs", &[(tool_module(), "tool:1")], &config)?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("logs")?;
+    // 1,000,000 lines of 100 bytes, as fast as the guest can write them.
+    let spewer = "  containers: [{name: c, image: tool:1, args: [spew, \"1000000\"]}]\n";
+    cp.apply(&ns, &pod_with("spewer", &node.name, spewer))?;
+    cp.wait("spewer started", Duration::from_secs(60), || {
+        let p = cp.get_json(&["get", "pod", "-n", &ns, "spewer"])?;
+        Ok(p["status"]["containerStatuses"][0]["containerID"].is_string())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    // kubectl logs -f follows the log across every rotation to the end.
+    let mut follow = std::process::Command::new(cp.bin.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&cp.admin)
+        .args(["logs", "-f", "-n", &ns, "spewer"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Read as it comes: a follower left behind would read files already rotated away.
+    let mut stdout = follow.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut v).map(|_| v)
+    });
+    let pod = cp.get_json(&["get", "pod", "-n", &ns, "spewer"])?;
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+    let dir = node.root().join("kubelet/logs").join(format!("{ns}_spewer_{uid}")).join("c");
+    // What the container's logs hold on disk stays bounded while it writes: three files
+    // (containerLogMaxFiles), each at most the log bound (twice containerLogMaxSize).
+    let mut most = 0u64;
+    cp.wait("spewer Succeeded", Duration::from_secs(180), || {
+        let files: Vec<u64> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .collect();
+        assert!(files.len() <= 3, "{} files in {}", files.len(), dir.display());
+        most = most.max(files.iter().sum());
+        Ok(cp.get_json(&["get", "pod", "-n", &ns, "spewer"])?["status"]["phase"] == "Succeeded")
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    assert!(most <= 3 * ((20 << 20) + (64 << 10)), "{most} bytes on disk at most");
+    assert!(node.log().contains("container log rotated"), "{}", node.log());
+
+    // The files kept hold consecutive lines up to the last: nothing lost at a rotation.
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)?.flatten().map(|e| e.path()).collect();
+    files.sort_by_key(|p| (p.file_name() == Some(std::ffi::OsStr::new("0.log")), p.clone()));
+    assert_eq!(files.len(), 3, "{files:?}");
+    let kept: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap_or_default()).collect();
+    let numbers = spew_numbers(&kept);
+    assert!(consecutive(&numbers) && numbers.last() == Some(&999_999), "{} lines kept", numbers.len());
+    assert!(kept.ends_with(" stdout F spewed 1000000 lines\n"), "{}", &kept[kept.len().saturating_sub(200)..]);
+
+    let out = follow.wait_with_output()?;
+    let followed = text(&reader.join().expect("the reader")?);
+    let numbers = spew_numbers(&followed);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        consecutive(&numbers) && numbers.last() == Some(&999_999),
+        "{} lines followed from {:?}",
+        numbers.len(),
+        numbers.first()
+    );
+    assert!(followed.ends_with("spewed 1000000 lines\n"));
+
+    // kubectl logs reads the live file; --tail and crictl logs see its end.
+    let tail = cp.kubectl_ok(&["logs", "-n", &ns, "spewer", "--tail=2"])?;
+    assert!(tail.starts_with("line 000999999 yyy") && tail.ends_with("y\nspewed 1000000 lines\n"), "{tail:?}");
+    let all = cp.kubectl_ok(&["logs", "-n", &ns, "spewer"])?;
+    let numbers = spew_numbers(&all);
+    assert!(
+        consecutive(&numbers) && numbers.last() == Some(&999_999) && numbers.len() < 1_000_000,
+        "{}",
+        numbers.len()
+    );
+    let id = pod["status"]["containerStatuses"][0]["containerID"].as_str().unwrap_or_default();
+    let id = id.trim_start_matches("wasmlet://");
+    let crictl = std::process::Command::new(cp.bin.join("crictl"))
+        .arg("--runtime-endpoint")
+        .arg(format!("unix://{}", node.cri_socket()?.display()))
+        .args(["logs", "--tail", "1", id])
+        .output()?;
+    assert!(crictl.status.success(), "{crictl:?}");
+    assert_eq!(text(&crictl.stdout), "spewed 1000000 lines\n", "{crictl:?}");
+    Ok(())
+}

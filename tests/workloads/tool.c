@@ -12,7 +12,7 @@ extern char **environ;
 
 static int usage(void) {
     fprintf(stderr, "usage: tool hello|echo ARGS|env|cat PATH|write PATH TEXT|exit N|trap|loop|"
-                    "sleep SECS|long N|stderr TEXT|grow MIB|stdin|count|isatty\n");
+                    "sleep SECS|long N|stderr TEXT|grow MIB|hold MIB|fill PATH MIB|spew N|stdin|count|isatty\n");
     return 2;
 }
 
@@ -76,8 +76,9 @@ int main(int argc, char **argv) {
     } else if (!strcmp(cmd, "stderr") && argc >= 3) {
         fprintf(stderr, "%s\n", argv[2]);
         printf("to stdout\n");
-    } else if (!strcmp(cmd, "grow") && argc >= 3) {
-        // Keep every block reachable and read it back so the allocations cannot be elided.
+    } else if ((!strcmp(cmd, "grow") || !strcmp(cmd, "hold")) && argc >= 3) {
+        // Keep every block reachable and read it back so the allocations cannot be elided;
+        // `hold` keeps them until killed.
         static char *blocks[4096];
         int mib = atoi(argv[2]);
         long sum = 0;
@@ -90,7 +91,46 @@ int main(int argc, char **argv) {
             memset(blocks[i], 1, 1 << 20);
             sum += blocks[i][i];
         }
-        printf("grew %d MiB\n", (int)sum);
+        if (!strcmp(cmd, "grow")) {
+            printf("grew %d MiB\n", (int)sum);
+            return 0;
+        }
+        printf("holding %ld MiB\n", sum);
+        fflush(stdout);
+        for (;;) {
+            struct timespec ts = {3600, 0};
+            nanosleep(&ts, NULL);
+        }
+    } else if (!strcmp(cmd, "fill") && argc >= 4) {
+        // Writes MIB to PATH, then waits until killed.
+        FILE *f = fopen(argv[2], "w");
+        if (!f) {
+            fprintf(stderr, "open %s for writing: %s\n", argv[2], strerror(errno));
+            return 1;
+        }
+        static char block[1 << 20];
+        memset(block, 'x', sizeof block);
+        int mib = atoi(argv[3]);
+        for (int i = 0; i < mib; i++) fwrite(block, 1, sizeof block, f);
+        fclose(f);
+        printf("filled %s with %d MiB\n", argv[2], mib);
+        fflush(stdout);
+        for (;;) {
+            struct timespec ts = {3600, 0};
+            nanosleep(&ts, NULL);
+        }
+    } else if (!strcmp(cmd, "spew") && argc >= 3) {
+        // Writes N numbered 100-byte lines to stdout as fast as it can.
+        long n = atol(argv[2]);
+        char line[101];
+        memset(line, 'y', sizeof line);
+        for (long i = 0; i < n; i++) {
+            int k = snprintf(line, sizeof line, "line %09ld ", i);
+            line[k] = 'y';
+            line[99] = '\n';
+            fwrite(line, 1, 100, stdout);
+        }
+        printf("spewed %ld lines\n", n);
     } else if (!strcmp(cmd, "stdin")) {
         // Copies stdin to stdout; how much it read goes to stderr.
         static char buf[65536];

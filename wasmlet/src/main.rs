@@ -215,6 +215,10 @@ struct Config {
     run_dir: Option<PathBuf>,
     /// Where the CRI streaming server (exec, attach, port-forward) listens.
     stream_address: Option<std::net::SocketAddr>,
+    /// The bytes a container's log may hold before it is rotated (a quantity); past it the
+    /// guest's output waits for the rotation. `wasmlet node` and `wasmlet run`: twice
+    /// containerLogMaxSize by default; `wasmlet cri`: no bound unless set.
+    log_bound: Option<String>,
     /// The node's settings, named as KubeletConfiguration names them.
     #[serde(default)]
     node: wasmlet_kubelet::node::NodeConfig,
@@ -236,6 +240,12 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # Where the CRI streaming server listens: Exec, Attach and PortForward answer single-use URLs
 # on it. Default: a free port on 127.0.0.1 (reachable by a kubelet on this machine only).
 # stream_address = "127.0.0.1:10010"
+
+# How much a container's log file may hold before it is rotated; past it the container's
+# output waits for the rotation, so a guest printing at full speed fills no disk. Default for
+# `wasmlet node` and `wasmlet run`: twice [node] containerLogMaxSize; for `wasmlet cri`, none
+# (the kubelet's rotation size is not known to it).
+# log_bound = "20Mi"
 
 # Registries, by host as image references spell it. Mirrors are tried in order before the
 # registry itself ("http://" for plain HTTP); images keep their canonical names. Loopback
@@ -437,11 +447,11 @@ fn run() -> Result<()> {
         Command::Cri { config, root, socket, insecure_registries } => {
             let file = load_config(config.as_deref())?;
             let socket = socket.or(file.socket.clone());
-            let (root, _, options) = runtime_setup(file, root, uid, &insecure_registries);
+            let (root, _, options) = runtime_setup(file, root, uid, &insecure_registries, false)?;
             rt.block_on(serve(root, socket, options))
         }
         Command::Run { files, logs, stop_after, config, root } => {
-            let (root, run_dir, runtime) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
+            let (root, run_dir, runtime) = runtime_setup(load_config(config.as_deref())?, root, uid, &[], true)?;
             let code = rt.block_on(async move {
                 let manifests = run::load(&files)?;
                 let local = LocalNode::start(
@@ -481,7 +491,7 @@ fn run() -> Result<()> {
             if tls_cert_file.is_some() {
                 (node.tls_cert_file, node.tls_private_key_file) = (tls_cert_file, tls_private_key_file);
             }
-            let (root, run_dir, runtime) = runtime_setup(file, root, uid, &[]);
+            let (root, run_dir, runtime) = runtime_setup(file, root, uid, &[], true)?;
             rt.block_on(node_cmd::run(
                 node_cmd::NodeArgs {
                     kubeconfig,
@@ -500,7 +510,7 @@ fn run() -> Result<()> {
         Command::Exec { session, command } => std::process::exit(rt.block_on(remote(session, command, uid))?),
         Command::Attach { session } => std::process::exit(rt.block_on(remote(session, Vec::new(), uid))?),
         Command::PortForward { pod, ports, config, root } => {
-            let (_, run_dir, _) = runtime_setup(load_config(config.as_deref())?, root, uid, &[]);
+            let (_, run_dir, _) = runtime_setup(load_config(config.as_deref())?, root, uid, &[], false)?;
             let pairs = ports.iter().map(|p| stream_cmd::parse_port_pair(p)).collect::<Result<Vec<_>>>()?;
             rt.block_on(stream_cmd::port_forward(&run_dir, &pod, &pairs))
         }
@@ -544,7 +554,7 @@ fn run() -> Result<()> {
 
 /// `wasmlet exec` (a command) or `attach` (none); the exit code.
 async fn remote(s: Session, command: Vec<String>, uid: u32) -> Result<i32> {
-    let (_, run_dir, _) = runtime_setup(load_config(s.config.as_deref())?, s.root, uid, &[]);
+    let (_, run_dir, _) = runtime_setup(load_config(s.config.as_deref())?, s.root, uid, &[], false)?;
     let attach = command.is_empty();
     let args = stream_cmd::ExecArgs {
         pod: &s.pod,
@@ -599,13 +609,28 @@ async fn serve(root: PathBuf, socket: Option<PathBuf>, options: wasmlet_runtime:
 }
 
 /// The root, run directory and runtime options from the config file and the flags (flags win);
-/// `uid` is the real user, which names the default run directory.
+/// `uid` is the real user, which names the default run directory. `rotated`: this process
+/// rotates the logs itself (node, run), so they are bounded by default to twice the rotation
+/// size.
 fn runtime_setup(
     file: Config,
     root: Option<PathBuf>,
     uid: u32,
     insecure_registries: &[String],
-) -> (PathBuf, PathBuf, wasmlet_runtime::RuntimeOptions) {
+    rotated: bool,
+) -> Result<(PathBuf, PathBuf, wasmlet_runtime::RuntimeOptions)> {
+    let log_bound = match &file.log_bound {
+        Some(q) => Some(
+            wasmlet_kubelet::quantity::Quantity::parse(q)
+                .ok()
+                .map(|q| q.ceil_units())
+                .filter(|n| *n >= 64 << 10)
+                .ok_or_else(|| anyhow::anyhow!("config log_bound {q:?}: not a quantity of at least 64Ki"))?
+                as u64,
+        ),
+        None if rotated => file.node.log_policy().ok().map(|p| 2 * p.max_size),
+        None => None,
+    };
     let registries = wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(insecure_registries);
     let root = root.or(file.root).unwrap_or_else(default_root);
     let run_dir = file.run_dir.unwrap_or_else(|| wasmlet_runtime::default_run_dir_for(&root, uid));
@@ -614,8 +639,9 @@ fn runtime_setup(
         network: file.network,
         run_dir: Some(run_dir.clone()),
         stream_address: file.stream_address,
+        log_bound,
     };
-    (root, run_dir, options)
+    Ok((root, run_dir, options))
 }
 
 /// Ctrl-C or SIGTERM.

@@ -154,15 +154,20 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
     let node = local.node.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let mut manager = PodManager::new(node.clone());
+    let eviction = a.config.eviction().map_err(|e| anyhow::anyhow!("config [node]: {e}"))?;
+    let (pressure_tx, pressure) = tokio::sync::watch::channel(Default::default());
     if let Some(client) = &client {
         // The kubelet's hostname label and address follow --hostname-override.
         let facts = wasmlet_kubelet::node::gather_facts(&name, &name, &ip, &a.root);
-        let agent = Arc::new(NodeAgent::new(client.clone(), a.config.clone(), facts, node.cri.clone()));
+        let agent = Arc::new(
+            NodeAgent::new(client.clone(), a.config.clone(), facts, node.cri.clone()).with_pressure(pressure.clone()),
+        );
         tracing::info!(node = %name, ip = %ip, "joining the cluster");
         agent.register().await;
-        manager.admit_with(Arc::new(
-            wasmlet_kubelet::node::api::NodeAdmitter::start(client.clone(), &a.config, &agent.facts).await,
-        ));
+        let mut admitter =
+            wasmlet_kubelet::node::api::NodeAdmitter::start(client.clone(), &a.config, &agent.facts).await;
+        admitter.pressure = pressure.clone();
+        manager.admit_with(Arc::new(admitter));
         tasks.push(tokio::spawn(agent.clone().run_status()));
         let kubeconfig = a.kubeconfig.as_deref().expect("a client comes from a kubeconfig");
         tasks.extend(node_api(&a.config, client.clone(), kubeconfig, &local.socket, &cert_dir, (&name, &ip)).await?);
@@ -198,6 +203,11 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
     }
     let log_policy = a.config.log_policy().map_err(|e| anyhow::anyhow!("config [node]: {e}"))?;
     tasks.push(local.log_rotation(log_policy).await?);
+    let allocatable_memory =
+        wasmlet_kubelet::node::memory_total().unwrap_or(0).saturating_sub(a.config.reserved_memory());
+    let evictions =
+        wasmlet_kubelet::eviction::Node { pods: node.clone(), image_root: a.root.clone(), allocatable_memory };
+    tasks.push(tokio::spawn(wasmlet_kubelet::eviction::run(eviction, evictions, tx.clone(), pressure_tx)));
     if let Some(dir) = a.pod_manifest_path.clone() {
         manager.expect(wasmlet_kubelet::pods::Source::File);
         tasks.push(tokio::spawn(static_pods::follow(dir, name.clone(), tx.clone())));

@@ -115,6 +115,8 @@ pub async fn watch_pods(
 pub struct NodeAdmitter {
     pub info: admission::NodeInfo,
     pub classes: reflector::Store<RuntimeClass>,
+    /// The eviction manager's pressure conditions (pods are refused under pressure).
+    pub pressure: tokio::sync::watch::Receiver<crate::eviction::NodePressure>,
 }
 
 impl NodeAdmitter {
@@ -136,15 +138,16 @@ impl NodeAdmitter {
                 .map(|t| (t.key.clone(), t.value.clone()))
                 .collect(),
             allocatable_millicpu: i128::from(facts.cpus) * 1000,
-            allocatable_memory: i128::from(super::status::allocatable_memory(facts)),
+            allocatable_memory: i128::from(super::status::allocatable_memory(cfg, facts)),
             max_pods: cfg.max_pods as usize,
         };
-        NodeAdmitter { info, classes: reader }
+        NodeAdmitter { info, classes: reader, pressure: tokio::sync::watch::channel(Default::default()).1 }
     }
 }
 
 impl Admitter for NodeAdmitter {
     fn admit(&self, pod: &Pod, others: &[&Pod]) -> Result<(), Refusal> {
+        crate::eviction::admit(pod, *self.pressure.borrow())?;
         let class = model::spec(pod).runtime_class_name.clone().filter(|c| !c.is_empty());
         let handler = match class {
             None => admission::Handler::Default,

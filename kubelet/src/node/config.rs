@@ -68,6 +68,24 @@ pub struct NodeConfig {
     pub container_log_max_size: String,
     /// Log files kept per container, the live one counted.
     pub container_log_max_files: u32,
+    /// How often container logs are looked at for rotation (at least 3s).
+    #[serde(with = "go_duration")]
+    pub container_log_monitor_interval: Duration,
+    /// Hard eviction thresholds by signal (`memory.available = "100Mi"`, `nodefs.available =
+    /// "10%"`); given, they replace the kubelet's defaults.
+    pub eviction_hard: Option<BTreeMap<String, String>>,
+    /// Soft eviction thresholds, each with its grace period in evictionSoftGracePeriod.
+    pub eviction_soft: BTreeMap<String, String>,
+    pub eviction_soft_grace_period: BTreeMap<String, String>,
+    /// The longest grace period a pod evicted for a soft threshold gets.
+    pub eviction_max_pod_grace_period: i64,
+    /// How long MemoryPressure/DiskPressure stay after their threshold stops being met.
+    #[serde(with = "go_duration")]
+    pub eviction_pressure_transition_period: Duration,
+    /// Resources kept for the system and for the node agent (`memory = "1Gi"`): left out of
+    /// the node's allocatable.
+    pub system_reserved: BTreeMap<String, String>,
+    pub kube_reserved: BTreeMap<String, String>,
 }
 
 /// KubeletConfiguration's `authentication`: client certificates signed by the client CA (by
@@ -114,6 +132,14 @@ impl Default for NodeConfig {
             authentication: Authentication::default(),
             container_log_max_size: "10Mi".into(),
             container_log_max_files: 5,
+            container_log_monitor_interval: crate::logrotate::PERIOD,
+            eviction_hard: None,
+            eviction_soft: BTreeMap::new(),
+            eviction_soft_grace_period: BTreeMap::new(),
+            eviction_max_pod_grace_period: 0,
+            eviction_pressure_transition_period: Duration::from_secs(300),
+            system_reserved: BTreeMap::new(),
+            kube_reserved: BTreeMap::new(),
         }
     }
 }
@@ -135,7 +161,46 @@ impl NodeConfig {
         if self.container_log_max_files < 2 {
             return Err(format!("containerLogMaxFiles {}: it must be at least 2", self.container_log_max_files));
         }
-        Ok(crate::logrotate::Policy { max_size: size as u64, max_files: self.container_log_max_files as usize })
+        if self.container_log_monitor_interval < Duration::from_secs(3) {
+            return Err(format!(
+                "containerLogMonitorInterval {:?}: it must be at least 3s",
+                self.container_log_monitor_interval
+            ));
+        }
+        Ok(crate::logrotate::Policy {
+            max_size: size as u64,
+            max_files: self.container_log_max_files as usize,
+            period: self.container_log_monitor_interval,
+        })
+    }
+
+    /// The eviction settings, parsed. Checked by [`NodeConfig::check`].
+    pub fn eviction(&self) -> Result<crate::eviction::Config, String> {
+        let hard = self.eviction_hard.clone().unwrap_or_else(crate::eviction::default_hard);
+        let thresholds = crate::eviction::parse(&hard, &self.eviction_soft, &self.eviction_soft_grace_period)?;
+        Ok(crate::eviction::Config {
+            thresholds,
+            max_pod_grace: self.eviction_max_pod_grace_period,
+            transition: self.eviction_pressure_transition_period,
+        })
+    }
+
+    /// The memory left out of allocatable: systemReserved, kubeReserved and the hard
+    /// memory.available threshold, in bytes.
+    pub fn reserved_memory(&self) -> u64 {
+        let q = |m: &BTreeMap<String, String>| {
+            m.get("memory")
+                .and_then(|v| crate::quantity::Quantity::parse(v).ok())
+                .map_or(0, |q| q.ceil_units().max(0) as u64)
+        };
+        let threshold = self.eviction().ok().and_then(|c| {
+            c.thresholds.into_iter().find(|t| t.signal == crate::eviction::Signal::MemoryAvailable && t.hard())
+        });
+        let threshold = match threshold.map(|t| t.amount) {
+            Some(crate::eviction::Amount::Quantity(b)) => b,
+            _ => 0,
+        };
+        q(&self.system_reserved) + q(&self.kube_reserved) + threshold
     }
 
     /// What is wrong with the settings, if anything.
@@ -170,6 +235,21 @@ impl NodeConfig {
             ip.parse::<std::net::IpAddr>().map_err(|_| format!("clusterDNS: {ip:?} is not an IP address"))?;
         }
         self.log_policy()?;
+        self.eviction()?;
+        for (what, m) in [("systemReserved", &self.system_reserved), ("kubeReserved", &self.kube_reserved)] {
+            for (k, v) in m {
+                if !matches!(k.as_str(), "cpu" | "memory" | "ephemeral-storage" | "pid") {
+                    return Err(format!("{what}: unknown resource {k:?} (cpu, memory, ephemeral-storage, pid)"));
+                }
+                let q = crate::quantity::Quantity::parse(v).map_err(|e| format!("{what} {k}: {e}"))?;
+                if q.ceil_units() < 0 {
+                    return Err(format!("{what} {k}: {v:?} is negative"));
+                }
+            }
+        }
+        if self.eviction_max_pod_grace_period < 0 {
+            return Err("evictionMaxPodGracePeriod must not be negative".into());
+        }
         Ok(())
     }
 }
@@ -252,11 +332,33 @@ mod tests {
         let bad = NodeConfig { cluster_dns: vec!["dns".into()], ..NodeConfig::default() };
         assert!(bad.check().unwrap_err().contains("clusterDNS"));
         let c: NodeConfig = toml::from_str("containerLogMaxSize = \"1Mi\"\ncontainerLogMaxFiles = 3\n").unwrap();
-        assert_eq!(c.log_policy(), Ok(crate::logrotate::Policy { max_size: 1 << 20, max_files: 3 }));
+        assert_eq!(
+            c.log_policy(),
+            Ok(crate::logrotate::Policy { max_size: 1 << 20, max_files: 3, period: Duration::from_secs(10) })
+        );
+        let bad = NodeConfig { container_log_monitor_interval: Duration::from_secs(1), ..NodeConfig::default() };
+        assert!(bad.check().unwrap_err().contains("containerLogMonitorInterval 1s: it must be at least 3s"));
         let bad = NodeConfig { container_log_max_size: "big".into(), ..NodeConfig::default() };
         assert!(bad.check().unwrap_err().contains("containerLogMaxSize \"big\""));
         let bad = NodeConfig { container_log_max_files: 1, ..NodeConfig::default() };
         assert!(bad.check().unwrap_err().contains("containerLogMaxFiles 1"));
+        let c: NodeConfig = toml::from_str(
+            "evictionHard = { \"memory.available\" = \"200Mi\" }\nevictionPressureTransitionPeriod = \"10s\"\nsystemReserved = { memory = \"1Gi\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.eviction().unwrap().transition, Duration::from_secs(10));
+        assert_eq!(c.reserved_memory(), (1 << 30) + (200 << 20));
+        assert_eq!(NodeConfig::default().reserved_memory(), 100 << 20, "the default hard threshold");
+        let bad = NodeConfig {
+            eviction_soft: [("memory.available".to_string(), "1Gi".to_string())].into(),
+            ..NodeConfig::default()
+        };
+        assert!(
+            bad.check().unwrap_err().contains("evictionSoftGracePeriod: none for the soft threshold memory.available")
+        );
+        let bad =
+            NodeConfig { system_reserved: [("gpu".to_string(), "1".to_string())].into(), ..NodeConfig::default() };
+        assert!(bad.check().unwrap_err().contains("systemReserved: unknown resource \"gpu\""));
     }
 
     #[test]

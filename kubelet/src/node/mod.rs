@@ -149,6 +149,7 @@ pub fn gather_facts(name: &str, hostname: &str, internal_ip: &str, root: &std::p
         os_image,
         version: env!("CARGO_PKG_VERSION").into(),
         runtime_problem: None,
+        pressure: Default::default(),
     }
 }
 
@@ -162,11 +163,20 @@ pub struct NodeAgent {
     pub uid: Arc<std::sync::Mutex<String>>,
     /// The Lease as last written: renewed from it without a read, read again on a conflict.
     lease: tokio::sync::Mutex<Option<Lease>>,
+    /// The eviction manager's pressure conditions.
+    pressure: tokio::sync::watch::Receiver<crate::eviction::NodePressure>,
 }
 
 impl NodeAgent {
     pub fn new(client: kube::Client, config: NodeConfig, facts: Facts, cri: Runtime) -> NodeAgent {
-        NodeAgent { client, config, facts, cri, uid: Default::default(), lease: Default::default() }
+        let pressure = tokio::sync::watch::channel(Default::default()).1;
+        NodeAgent { client, config, facts, cri, uid: Default::default(), lease: Default::default(), pressure }
+    }
+
+    /// Reports the pressure conditions `pressure` carries.
+    pub fn with_pressure(mut self, pressure: tokio::sync::watch::Receiver<crate::eviction::NodePressure>) -> NodeAgent {
+        self.pressure = pressure;
+        self
     }
 
     fn nodes(&self) -> Api<Node> {
@@ -194,6 +204,7 @@ impl NodeAgent {
     async fn try_register(&self) -> Result<String, Error> {
         let mut facts = self.facts.clone();
         facts.runtime_problem = self.cri.readiness_problem().await;
+        facts.pressure = *self.pressure.borrow();
         let node = status::node_object(&self.config, &facts, SystemTime::now());
         let name = &self.facts.name;
         match self.nodes().create(&PostParams::default(), &node).await {
@@ -258,6 +269,7 @@ impl NodeAgent {
         };
         let mut facts = self.facts.clone();
         facts.runtime_problem = self.cri.readiness_problem().await;
+        facts.pressure = *self.pressure.borrow();
         let current = node.status.unwrap_or_default();
         let s = status::status(&self.config, &facts, Some(&current), SystemTime::now());
         let due = status::changed(&current, &s)

@@ -34,6 +34,8 @@ pub struct Facts {
     /// The runtime's readiness (CRI Status): None when it answered RuntimeReady and
     /// NetworkReady, else why not, worded as the kubelet words it.
     pub runtime_problem: Option<String>,
+    /// The eviction manager's MemoryPressure and DiskPressure.
+    pub pressure: crate::eviction::NodePressure,
 }
 
 /// The Kubernetes version wasmlet's node behaviour follows, reported as kubeletVersion.
@@ -98,13 +100,10 @@ fn quantity(s: impl Into<String>) -> Quantity {
     Quantity(s.into())
 }
 
-/// Hard eviction threshold for memory (memory.available<100Mi) and the share of the
-/// filesystem kept free (nodefs.available<10%): what allocatable leaves out.
-const EVICTION_MEMORY: u64 = 100 << 20;
-
-/// The memory pods may use: the machine's, less the hard eviction threshold.
-pub fn allocatable_memory(f: &Facts) -> u64 {
-    f.memory_bytes.saturating_sub(EVICTION_MEMORY)
+/// The memory pods may use: the machine's, less systemReserved, kubeReserved and the hard
+/// memory.available threshold.
+pub fn allocatable_memory(cfg: &NodeConfig, f: &Facts) -> u64 {
+    f.memory_bytes.saturating_sub(cfg.reserved_memory())
 }
 
 /// The resources of the node and what pods may use of them.
@@ -121,7 +120,7 @@ pub fn resources(cfg: &NodeConfig, f: &Facts) -> (BTreeMap<String, Quantity>, BT
     let storage = f.ephemeral_storage_bytes - f.ephemeral_storage_bytes / 10;
     let allocatable: BTreeMap<String, Quantity> = [
         ("cpu", quantity(f.cpus.to_string())),
-        ("memory", quantity(format!("{}Ki", allocatable_memory(f) / 1024))),
+        ("memory", quantity(format!("{}Ki", allocatable_memory(cfg, f) / 1024))),
         ("pods", quantity(cfg.max_pods.to_string())),
         ("ephemeral-storage", quantity(storage.to_string())),
     ]
@@ -148,9 +147,24 @@ pub fn conditions(f: &Facts) -> Vec<NodeCondition> {
         None => condition("Ready", true, "KubeletReady", "kubelet is posting ready status"),
         Some(why) => condition("Ready", false, "KubeletNotReady", why),
     };
+    let memory = match f.pressure.memory {
+        false => {
+            condition("MemoryPressure", false, "KubeletHasSufficientMemory", "kubelet has sufficient memory available")
+        }
+        true => condition(
+            "MemoryPressure",
+            true,
+            "KubeletHasInsufficientMemory",
+            "kubelet has insufficient memory available",
+        ),
+    };
+    let disk = match f.pressure.disk {
+        false => condition("DiskPressure", false, "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+        true => condition("DiskPressure", true, "KubeletHasDiskPressure", "kubelet has disk pressure"),
+    };
     vec![
-        condition("MemoryPressure", false, "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
-        condition("DiskPressure", false, "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+        memory,
+        disk,
         condition("PIDPressure", false, "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
         ready,
     ]

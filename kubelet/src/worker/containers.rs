@@ -338,6 +338,13 @@ impl Worker {
         }
     }
 
+    /// Removes the pod's volumes (an evicted pod's emptyDirs: the space is what eviction
+    /// reclaims); its logs stay for `kubectl logs`.
+    pub(super) fn remove_volumes(&self) {
+        let _ = std::fs::remove_dir_all(self.node.pod_dir(&self.uid).join("volumes"));
+        let _ = std::fs::remove_dir_all(self.node.memory_dir(&self.uid));
+    }
+
     /// Removes the pod's containers, sandboxes and files (after deletion).
     pub(super) async fn remove(&mut self, observed: &Observed) {
         for i in &observed.instances {

@@ -39,6 +39,8 @@ pub enum Update {
     Spec(Box<Pod>),
     /// Delete gracefully, with this grace period (None: the pod's terminationGracePeriodSeconds).
     Delete { grace: Option<i64> },
+    /// The eviction manager ends the pod as Failed (reason Evicted); it stays until deleted.
+    Evict(crate::eviction::Eviction),
 }
 
 /// A running pod worker.
@@ -73,7 +75,8 @@ pub fn spawn(node: Arc<Node>, pod: Pod) -> PodHandle {
         net: SandboxNetwork::default(),
         net_of: None,
         terminal: false,
-        deadline: false,
+        failed: None,
+        evict: None,
         out,
         rx,
     };
@@ -108,7 +111,10 @@ struct Worker {
     net_of: Option<String>,
     /// Nothing more will run (completed, failed, or deleted).
     terminal: bool,
-    deadline: bool,
+    /// Why the kubelet ended the pod as Failed (its deadline passed, evicted).
+    failed: Option<status::Failure>,
+    /// An eviction to carry out at the next sync.
+    evict: Option<crate::eviction::Eviction>,
     out: watch::Sender<Pod>,
     rx: mpsc::UnboundedReceiver<Update>,
 }
@@ -193,14 +199,21 @@ impl Worker {
             let mut plan = Plan::default();
             let mut acted = false;
             if !self.terminal {
-                if self.deadline_passed() {
-                    self.deadline = true;
-                    self.event(
-                        None,
-                        Kind::Normal,
-                        "DeadlineExceeded",
-                        "Pod was active on the node longer than the specified deadline".into(),
-                    );
+                if let Some(e) = self.evict.take() {
+                    self.event(None, Kind::Warning, crate::eviction::REASON, e.message.clone());
+                    self.failed = Some(status::Failure {
+                        reason: crate::eviction::REASON.into(),
+                        message: e.message,
+                        disruption: e.pressure,
+                    });
+                    self.terminate(&observed, e.grace, false).await;
+                    // What it held on the node's disk and memory goes with its containers.
+                    self.remove_volumes();
+                    acted = true;
+                } else if self.deadline_passed() {
+                    let f = status::Failure::deadline();
+                    self.event(None, Kind::Normal, &f.reason, f.message.clone());
+                    self.failed = Some(f);
                     self.terminate(&observed, self.grace(), false).await;
                     acted = true;
                 } else {
@@ -234,6 +247,7 @@ impl Worker {
                 u = self.rx.recv() => match u {
                     Some(Update::Spec(p)) => self.respec(*p),
                     Some(Update::Delete { grace }) => deleting = Some(grace.unwrap_or_else(|| self.grace())),
+                    Some(Update::Evict(e)) => self.evict = Some(e),
                     None => deleting = Some(self.grace()),
                 },
                 _ = self.wake.notified() => {}
@@ -282,7 +296,7 @@ impl Worker {
             host_ip: &self.node.host_ip,
             start_time: self.start_time,
             terminal: self.terminal,
-            deadline_exceeded: self.deadline,
+            failed: self.failed.as_ref(),
             now: clock::now(),
         });
         if s.phase.as_deref() == Some("Running")

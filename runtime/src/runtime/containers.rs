@@ -207,7 +207,7 @@ impl Runtime {
         };
         let log = match &rec.log_file {
             Some(path) => Some(Arc::new(
-                LogFile::open(path)
+                LogFile::open_bounded(path, self.inner.options.log_bound)
                     .map_err(|e| Error::FailedPrecondition(format!("open log file {}: {e}", path.display())))?,
             )),
             None => None,

@@ -101,6 +101,10 @@ pub struct RuntimeOptions {
     /// Where the streaming server (exec, attach, port-forward URLs) listens; None: a free port
     /// on 127.0.0.1.
     pub stream_address: Option<std::net::SocketAddr>,
+    /// The bytes a container's log file may hold between rotations; past it the guest's
+    /// output waits until the kubelet rotates the file (ReopenContainerLog). None: no bound,
+    /// for a kubelet whose rotation size the runtime does not know.
+    pub log_bound: Option<u64>,
 }
 
 /// A directory on tmpfs for `root`'s per-pod scratch files when `/dev/shm` is there (creating
