@@ -258,17 +258,18 @@ impl Drop for Limiter {
     }
 }
 
-impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+impl Limiter {
+    /// Counts `grown` more bytes for the guest (and the container it runs in), or refuses them
+    /// past a memory limit.
+    fn charge(&mut self, grown: u64) -> wasmtime::Result<bool> {
         let limit = self.meter.memory_limit.load(Ordering::Relaxed);
         let used = self.meter.memory_bytes.load(Ordering::Relaxed);
-        let after = used - (current as u64).min(used) + desired as u64;
+        let after = used + grown;
         if limit != 0 && after > limit {
             self.meter.oom.store(true, Ordering::Relaxed);
             return Err(wasmtime::Error::msg(format!("memory limit of {limit} bytes exceeded")));
         }
         if let Some(parent) = &self.meter.counted_in {
-            let grown = after.saturating_sub(used);
             let limit = parent.memory_limit.load(Ordering::Relaxed);
             let total = parent.memory_bytes.load(Ordering::Relaxed) + grown;
             if limit != 0 && total > limit {
@@ -280,9 +281,20 @@ impl ResourceLimiter for Limiter {
         self.meter.memory_bytes.store(after, Ordering::Relaxed);
         Ok(true)
     }
+}
 
-    fn table_growing(&mut self, _current: usize, _desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(true)
+/// What a table element holds of the host's memory: a pointer (the pooling allocator
+/// reserves as much per element).
+const TABLE_ELEMENT_BYTES: u64 = 8;
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        self.charge(desired.saturating_sub(current) as u64)
+    }
+
+    /// Tables count as the guest's memory, as the kernel would count their pages.
+    fn table_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        self.charge(desired.saturating_sub(current) as u64 * TABLE_ELEMENT_BYTES)
     }
 }
 
@@ -694,6 +706,25 @@ mod tests {
         let meter = Arc::new(GuestMeter::default());
         assert_eq!(e.run(&p, spec(&out), meter.clone()).await, Outcome::Exited(0));
         assert_eq!(meter.memory_bytes.load(Ordering::Relaxed), 101 * 65536);
+    }
+
+    #[tokio::test]
+    async fn tables_count_against_the_memory_limit() {
+        let (_d, e) = engine();
+        // One page of memory and 100,000 table elements (800,000 bytes), grown by 50,000.
+        let p = program(
+            &e,
+            r#"(module (memory 1) (table 100000 funcref) (func (export "_start")
+                 (drop (table.grow (ref.null func) (i32.const 50000)))))"#,
+        );
+        let out = GuestOutput::discard(Stream::Stdout);
+        let meter = Arc::new(GuestMeter::default());
+        meter.memory_limit.store(512 << 10, Ordering::Relaxed);
+        let outcome = e.run(&p, spec(&out), meter.clone()).await;
+        assert_eq!(outcome, Outcome::OutOfMemory { limit: 512 << 10 });
+        let meter = Arc::new(GuestMeter::default());
+        assert_eq!(e.run(&p, spec(&out), meter.clone()).await, Outcome::Exited(0));
+        assert_eq!(meter.memory_bytes.load(Ordering::Relaxed), 65536 + 150_000 * 8);
     }
 
     #[tokio::test]

@@ -372,6 +372,18 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
 /// A pod `name` whose wasi:http handler (the `http` image, which must be imported) answers on
 /// a free host port: (sandbox id, container id, host port), once it answers.
 pub async fn http_pod(server: &Server, rt: &mut RuntimeClient, name: &str) -> Result<(String, String, u16)> {
+    http_pod_of(server, rt, name, "http", Duration::from_secs(30)).await
+}
+
+/// [`http_pod`] with the handler of `image`, given `limit` to answer (a large component
+/// compiles first).
+pub async fn http_pod_of(
+    server: &Server,
+    rt: &mut RuntimeClient,
+    name: &str,
+    image: &str,
+    limit: Duration,
+) -> Result<(String, String, u16)> {
     let port = free_port();
     let mut cfg = sandbox_config(server, name);
     cfg.port_mappings = vec![cri::PortMapping {
@@ -381,10 +393,10 @@ pub async fn http_pod(server: &Server, rt: &mut RuntimeClient, name: &str) -> Re
         host_ip: String::new(),
     }];
     let sb = run_sandbox(rt, &cfg).await?;
-    let mut web = container_config("web", "http", &[]);
+    let mut web = container_config("web", image, &[]);
     web.command.clear();
     let id = start(rt, &sb, &cfg, web).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + limit;
     while !http_get(port, "/").is_ok_and(|a| a.starts_with("HTTP/1.0 200")) {
         anyhow::ensure!(std::time::Instant::now() < deadline, "pod {name} never answered\n{}", server.server_log());
         tokio::time::sleep(Duration::from_millis(20)).await;
