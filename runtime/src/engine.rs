@@ -310,13 +310,21 @@ pub struct WasmEngine {
     executor: Option<tokio::runtime::Runtime>,
     /// For guests on the host's network: its threads never enter a pod's namespace.
     host_executor: Option<tokio::runtime::Runtime>,
+    /// For the host ports' forwarders: unmetered host work that must not queue behind the
+    /// guests' polls (a millisecond each) at every hop of a request.
+    ports_executor: Option<tokio::runtime::Runtime>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl WasmEngine {
-    /// An engine whose compiled code is cached under `cache_dir`.
+    /// An engine whose compiled code is cached under `cache_dir`, with [`POOL_SLOTS`] slots.
     pub fn new(cache_dir: PathBuf) -> std::result::Result<WasmEngine, String> {
-        let engine = new_engine()?;
+        WasmEngine::with_slots(cache_dir, POOL_SLOTS)
+    }
+
+    /// The same with `slots` pooling-allocator slots (see [`slots_for_pods`]).
+    pub fn with_slots(cache_dir: PathBuf, slots: u32) -> std::result::Result<WasmEngine, String> {
+        let engine = new_engine(slots)?;
         let mut module_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| format!("link wasi preview 1: {e:#}"))?;
@@ -357,6 +365,12 @@ impl WasmEngine {
             .enable_all()
             .build()
             .map_err(|e| format!("host-network guest executor: {e}"))?;
+        let ports_executor = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("wasm-ports")
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("host port executor: {e}"))?;
         crate::cpu::preempts(&engine);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), ticker_stop.clone());
@@ -377,6 +391,7 @@ impl WasmEngine {
             programs: Mutex::new(HashMap::new()),
             executor: Some(executor),
             host_executor: Some(host_executor),
+            ports_executor: Some(ports_executor),
             ticker_stop,
         })
     }
@@ -441,6 +456,16 @@ impl WasmEngine {
         F::Output: Send + 'static,
     {
         self.executor.as_ref().expect("executor lives until drop").spawn(fut)
+    }
+
+    /// Spawns a host port's forwarder on its own executor (its thread moves between pod
+    /// namespaces).
+    pub fn spawn_forwarder<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.ports_executor.as_ref().expect("executor lives until drop").spawn(fut)
     }
 
     /// The pod executor (its threads move between pod namespaces).
@@ -517,23 +542,42 @@ impl WasmEngine {
 }
 
 /// Instances the pooling allocator keeps slots for (core instances, memories, tables, async
-/// stacks): 10,000 idle pods, each a running guest, with room for their exec'd, probe and
-/// per-request instances. About 50 TB of address space is reserved (of x86-64's 128), nothing
-/// resident until used.
+/// stacks) by default: 10,000 idle pods, each a running guest, with room for their exec'd,
+/// probe and per-request instances. About 50 TB of address space is reserved (of x86-64's
+/// 128), nothing resident until used.
 pub const POOL_SLOTS: u32 = 12_000;
+
+/// The most slots the address space allows with room to spare (each reserves about 4 GiB).
+pub const MAX_POOL_SLOTS: u32 = 24_000;
+
+/// The slots for a node of `max_pods` pods: one running guest each and a fifth more for the
+/// exec'd, probe and per-request instances and sidecars, 1,000 at least.
+pub fn slots_for_pods(max_pods: u32) -> u32 {
+    (max_pods.saturating_add(max_pods / 5).saturating_add(200)).clamp(1_000, MAX_POOL_SLOTS)
+}
+
+/// What a pool that ran out of slots says, with the settings that give it more.
+pub(crate) fn slot_hint(message: String) -> String {
+    if message.contains("concurrent") && message.contains("limit") {
+        return format!(
+            "{message} (every pooling-allocator slot is in use: raise `instance_slots`, or [node] maxPods, which sizes it)"
+        );
+    }
+    message
+}
 
 /// The engine: epoch interruption, and the pooling allocator (instances from pre-reserved
 /// slots, memories reset with `madvise` instead of mapped and unmapped each time) where the
 /// host lets a process reserve that much address space; the default allocator otherwise.
-fn new_engine() -> std::result::Result<Engine, String> {
+fn new_engine(slots: u32) -> std::result::Result<Engine, String> {
     let mut config = Config::new();
     config.epoch_interruption(true);
     let mut pool = wasmtime::PoolingAllocationConfig::default();
-    pool.total_core_instances(POOL_SLOTS)
-        .total_memories(POOL_SLOTS)
-        .total_tables(POOL_SLOTS)
-        .total_stacks(POOL_SLOTS)
-        .total_component_instances(POOL_SLOTS)
+    pool.total_core_instances(slots)
+        .total_memories(slots)
+        .total_tables(slots)
+        .total_stacks(slots)
+        .total_component_instances(slots)
         .max_core_instances_per_component(50)
         .max_memories_per_component(50)
         .max_tables_per_component(50)
@@ -556,7 +600,7 @@ fn new_engine() -> std::result::Result<Engine, String> {
     pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
     match Engine::new(&pooled) {
         Ok(engine) => {
-            tracing::debug!(slots = POOL_SLOTS, "pooling instance allocator");
+            tracing::debug!(slots, "pooling instance allocator");
             Ok(engine)
         }
         Err(e) => {
@@ -570,7 +614,9 @@ impl Drop for WasmEngine {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
         // Dropping a runtime blocks, which panics inside async code: let it wind down alone.
-        for executor in [self.executor.take(), self.host_executor.take()].into_iter().flatten() {
+        for executor in
+            [self.executor.take(), self.host_executor.take(), self.ports_executor.take()].into_iter().flatten()
+        {
             executor.shutdown_background();
         }
     }
@@ -613,7 +659,7 @@ fn classify(result: RunResult, meter: &GuestMeter) -> Outcome {
         Err(_) if meter.oom.load(Ordering::Relaxed) => {
             Outcome::OutOfMemory { limit: meter.memory_limit.load(Ordering::Relaxed) }
         }
-        Err((e, true)) => Outcome::StartFailed(format!("{e:#}")),
+        Err((e, true)) => Outcome::StartFailed(slot_hint(format!("{e:#}"))),
         Err((e, false)) => match e.downcast_ref::<wasmtime::Trap>() {
             Some(trap) => Outcome::Trapped(format!("wasm trap: {trap}")),
             None => Outcome::Trapped(format!("{e:#}")),
@@ -706,6 +752,32 @@ mod tests {
         let meter = Arc::new(GuestMeter::default());
         assert_eq!(e.run(&p, spec(&out), meter.clone()).await, Outcome::Exited(0));
         assert_eq!(meter.memory_bytes.load(Ordering::Relaxed), 101 * 65536);
+    }
+
+    #[test]
+    fn slots_follow_the_nodes_max_pods() {
+        assert_eq!(slots_for_pods(110), 1_000);
+        assert_eq!(slots_for_pods(10_000), 12_200);
+        assert_eq!(slots_for_pods(100_000), MAX_POOL_SLOTS);
+        let hint = slot_hint("maximum concurrent core instance limit of 3 reached".into());
+        assert!(hint.contains("raise `instance_slots`, or [node] maxPods"), "{hint}");
+        assert_eq!(slot_hint("other".into()), "other");
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_names_the_setting_that_raises_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = WasmEngine::with_slots(dir.path().to_path_buf(), 1).unwrap();
+        let p = program(&e, r#"(module (memory 1) (func (export "_start") (loop $l (br $l))))"#);
+        let out = GuestOutput::discard(Stream::Stdout);
+        let first = tokio::spawn(e.run(&p, spec(&out), Arc::new(GuestMeter::default())));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!first.is_finished(), "the first guest holds the one slot");
+        match e.run(&p, spec(&out), Arc::new(GuestMeter::default())).await {
+            Outcome::StartFailed(msg) => assert!(msg.contains("raise `instance_slots`, or [node] maxPods"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        first.abort();
     }
 
     #[tokio::test]

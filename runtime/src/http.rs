@@ -159,7 +159,11 @@ impl Server {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let req = store.data_mut().http().new_incoming_request(Scheme::Http, req).map_err(|e| e.to_string())?;
         let out = store.data_mut().http().new_response_outparam(tx).map_err(|e| e.to_string())?;
-        let proxy = self.pre.instantiate_async(&mut store).await.map_err(|e| format!("instantiate: {e:#}"))?;
+        let proxy = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| crate::engine::slot_hint(format!("instantiate: {e:#}")))?;
         // The guest keeps running (streaming the body) after it has set the response.
         let handle = async move { proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await };
         let task = tokio::spawn(crate::cpu::Metered::new(meter, handle));

@@ -1487,3 +1487,84 @@ fn logs_rotate_under_a_100_mb_writer_and_kubectl_and_crictl_still_read_them() ->
     assert_eq!(text(&crictl.stdout), "spewed 1000000 lines\n", "{crictl:?}");
     Ok(())
 }
+
+/// A sample in Prometheus text: the value on the line that starts with `series` (name and
+/// labels), and its timestamp in milliseconds if it has one.
+fn stamped(text: &str, series: &str) -> Option<(f64, Option<i64>)> {
+    let mut f = text.lines().find(|l| l.starts_with(series))?.strip_prefix(series)?.split_whitespace();
+    Some((f.next()?.parse().ok()?, f.next().and_then(|t| t.parse().ok())))
+}
+
+fn sample(text: &str, series: &str) -> Option<f64> {
+    stamped(text, series).map(|(v, _)| v)
+}
+
+#[test]
+fn stats_summary_and_resource_metrics_show_the_guests_known_load() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    // The API server's node proxy refuses loopback addresses.
+    wasmlet_tests::cluster::local_address(wasmlet_tests::cluster::NODE_API_IP)?;
+    let mut node = WasmletNode::prepare(cp, "wasm-node-top", &[(tool_module(), "tool:1")], FAST)?;
+    node.ip = wasmlet_tests::cluster::NODE_API_IP.into();
+    node.spawn()?;
+    wait_node_ready(cp, &node)?;
+    let ns = cp.namespace("top")?;
+    // A CPU-bound guest held to 200m, and one that holds 50 MiB and sleeps.
+    let burner = "  containers: [{name: c, image: tool:1, args: [loop], resources: {limits: {cpu: 200m}}}]\n";
+    let holder = "  containers: [{name: c, image: tool:1, args: [hold, \"50\"]}]\n";
+    cp.apply(&ns, &pod_with("burner", &node.name, burner))?;
+    cp.apply(&ns, &pod_with("holder", &node.name, holder))?;
+    wait_phase(cp, &ns, "burner", "Running", &node)?;
+    wait_phase(cp, &ns, "holder", "Running", &node)?;
+    let raw = |path: &str| cp.kubectl_ok(&["get", "--raw", &format!("/api/v1/nodes/{}/proxy{path}", node.name)]);
+    let pod = |summary: &Value, name: &str| {
+        summary["pods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["podRef"]["name"] == name && p["podRef"]["namespace"] == ns.as_str())
+            .cloned()
+            .unwrap_or_default()
+    };
+    // The rate needs readings a few seconds apart; until then the figure may be missing.
+    let mut summary = Value::Null;
+    cp.wait("a CPU rate for the burner", Duration::from_secs(60), || {
+        summary = serde_json::from_str(&raw("/stats/summary")?)?;
+        Ok(pod(&summary, "burner")["containers"][0]["cpu"]["usageNanoCores"].is_u64())
+    })?;
+    std::thread::sleep(Duration::from_secs(5));
+    let summary: Value = serde_json::from_str(&raw("/stats/summary")?)?;
+    let burner = pod(&summary, "burner");
+    let cores = burner["containers"][0]["cpu"]["usageNanoCores"].as_u64().unwrap_or(0) as f64 / 1e9;
+    assert!((0.18..=0.22).contains(&cores), "the burner uses {cores} cores: {burner}");
+    let pod_cores = burner["cpu"]["usageNanoCores"].as_u64().unwrap_or(0) as f64 / 1e9;
+    assert!((0.18..=0.22).contains(&pod_cores), "{burner}");
+    let holder = pod(&summary, "holder");
+    let ws = holder["containers"][0]["memory"]["workingSetBytes"].as_u64().unwrap_or(0);
+    assert!(((50 << 20)..(52 << 20)).contains(&ws), "the holder's working set: {ws}: {holder}");
+    assert_eq!(holder["memory"]["workingSetBytes"].as_u64(), Some(ws), "{holder}");
+    assert!(summary["node"]["memory"]["workingSetBytes"].as_u64().unwrap_or(0) > ws, "{}", summary["node"]);
+
+    // /metrics/resource, what metrics-server scrapes: the same working set, and CPU seconds
+    // that grow by 0.2 a second.
+    let series =
+        |pod: &str| format!("container_cpu_usage_seconds_total{{container=\"c\",namespace=\"{ns}\",pod=\"{pod}\"}} ");
+    let m0 = raw("/metrics/resource")?;
+    std::thread::sleep(Duration::from_secs(5));
+    let m1 = raw("/metrics/resource")?;
+    // The rate between the two samples' own times, as metrics-server computes it.
+    let (Some((c0, Some(t0))), Some((c1, Some(t1)))) =
+        (stamped(&m0, &series("burner")), stamped(&m1, &series("burner")))
+    else {
+        panic!("no stamped burner samples in\n{m1}")
+    };
+    let rate = (c1 - c0) / ((t1 - t0) as f64 / 1e3);
+    assert!((0.18..=0.22).contains(&rate), "{rate} cores from {c0} to {c1}\n{m1}");
+    let ws_series = format!("container_memory_working_set_bytes{{container=\"c\",namespace=\"{ns}\",pod=\"holder\"}} ");
+    let ws = sample(&m1, &ws_series).unwrap_or(0.0);
+    assert!(((50 << 20) as f64..(52 << 20) as f64).contains(&ws), "{ws}\n{m1}");
+    let pod_ws = format!("pod_memory_working_set_bytes{{namespace=\"{ns}\",pod=\"holder\"}} ");
+    assert_eq!(sample(&m1, &pod_ws), Some(ws), "{m1}");
+    assert!(sample(&m1, "node_cpu_usage_seconds_total ").unwrap_or(0.0) > 0.0, "{m1}");
+    Ok(())
+}

@@ -219,6 +219,9 @@ struct Config {
     /// guest's output waits for the rotation. `wasmlet node` and `wasmlet run`: twice
     /// containerLogMaxSize by default; `wasmlet cri`: no bound unless set.
     log_bound: Option<String>,
+    /// Instances that can run at once (the pooling allocator's slots). Default: sized by
+    /// [node] maxPods for `wasmlet node` and `wasmlet run`, 12,000 for `wasmlet cri`.
+    instance_slots: Option<u32>,
     /// The node's settings, named as KubeletConfiguration names them.
     #[serde(default)]
     node: wasmlet_kubelet::node::NodeConfig,
@@ -246,6 +249,12 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # `wasmlet node` and `wasmlet run`: twice [node] containerLogMaxSize; for `wasmlet cri`, none
 # (the kubelet's rotation size is not known to it).
 # log_bound = "20Mi"
+
+# Instances that can run at once: every running container, exec, probe and wasi:http
+# request takes one of the pooling allocator's slots (about 4 GiB of address space each,
+# nothing resident until used; 24,000 at most). Default: maxPods plus a fifth and 200, 1,000
+# at least, for `wasmlet node` and `wasmlet run`; 12,000 for `wasmlet cri`.
+# instance_slots = 12000
 
 # Registries, by host as image references spell it. Mirrors are tried in order before the
 # registry itself ("http://" for plain HTTP); images keep their canonical names. Loopback
@@ -296,6 +305,19 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # before it expires:
 # serverTLSBootstrap = true
 # authentication = { x509 = { clientCAFile = "/etc/kubernetes/pki/ca.crt" } }
+# Container logs, rotated by size (the live file counted in the files kept):
+# containerLogMaxSize = "10Mi"
+# containerLogMaxFiles = 5
+# containerLogMonitorInterval = "10s"
+# Eviction (the kubelet's defaults; evictionHard, when given, replaces them all). What pods
+# may use (allocatable) leaves out systemReserved, kubeReserved and the hard memory threshold.
+# evictionHard = { "memory.available" = "100Mi", "nodefs.available" = "10%", "nodefs.inodesFree" = "5%", "imagefs.available" = "15%", "imagefs.inodesFree" = "5%" }
+# evictionSoft = { "memory.available" = "500Mi" }
+# evictionSoftGracePeriod = { "memory.available" = "1m30s" }
+# evictionMaxPodGracePeriod = 0
+# evictionPressureTransitionPeriod = "5m0s"
+# systemReserved = { memory = "1Gi" }
+# kubeReserved = { memory = "256Mi" }
 "#;
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config> {
@@ -430,6 +452,9 @@ fn run() -> Result<()> {
     // A server logs what it does; the client commands speak only when something is wrong.
     let default_level = if matches!(cli.command, Command::Cri { .. } | Command::Node { .. }) { "info" } else { "warn" };
     init_tracing(cli.log_format, default_level);
+    if matches!(cli.command, Command::Cri { .. } | Command::Node { .. } | Command::Run { .. }) {
+        raise_fd_limit();
+    }
     // The real user, before a user namespace maps it to 0: it names the scratch directory.
     let uid = rustix::process::geteuid().as_raw();
     if let Command::Cri { config, .. } | Command::Run { config, .. } | Command::Node { config, .. } = &cli.command {
@@ -609,16 +634,22 @@ async fn serve(root: PathBuf, socket: Option<PathBuf>, options: wasmlet_runtime:
 }
 
 /// The root, run directory and runtime options from the config file and the flags (flags win);
-/// `uid` is the real user, which names the default run directory. `rotated`: this process
-/// rotates the logs itself (node, run), so they are bounded by default to twice the rotation
-/// size.
+/// `uid` is the real user, which names the default run directory. `kubelet`: the kubelet side
+/// runs in this process (node, run): it rotates the logs, so they are bounded by default to
+/// twice the rotation size, and its maxPods sizes the instance pool.
 fn runtime_setup(
     file: Config,
     root: Option<PathBuf>,
     uid: u32,
     insecure_registries: &[String],
-    rotated: bool,
+    kubelet: bool,
 ) -> Result<(PathBuf, PathBuf, wasmlet_runtime::RuntimeOptions)> {
+    if let Some(n) = file.instance_slots.filter(|n| !(1..=wasmlet_runtime::engine::MAX_POOL_SLOTS).contains(n)) {
+        anyhow::bail!(
+            "config instance_slots {n}: it must be between 1 and {}",
+            wasmlet_runtime::engine::MAX_POOL_SLOTS
+        );
+    }
     let log_bound = match &file.log_bound {
         Some(q) => Some(
             wasmlet_kubelet::quantity::Quantity::parse(q)
@@ -628,7 +659,7 @@ fn runtime_setup(
                 .ok_or_else(|| anyhow::anyhow!("config log_bound {q:?}: not a quantity of at least 64Ki"))?
                 as u64,
         ),
-        None if rotated => file.node.log_policy().ok().map(|p| 2 * p.max_size),
+        None if kubelet => file.node.log_policy().ok().map(|p| 2 * p.max_size),
         None => None,
     };
     let registries = wasmlet_images::RegistryHosts { registries: file.registries }.with_insecure(insecure_registries);
@@ -640,8 +671,39 @@ fn runtime_setup(
         run_dir: Some(run_dir.clone()),
         stream_address: file.stream_address,
         log_bound,
+        instance_slots: file
+            .instance_slots
+            .or(kubelet.then(|| wasmlet_runtime::engine::slots_for_pods(file.node.max_pods))),
     };
     Ok((root, run_dir, options))
+}
+
+/// Lets the process hold as many files as the system allows, as container runtimes' units do
+/// (LimitNOFILE): every pod holds a few (its log, its namespace), and 10,000 of them pass the
+/// usual soft limit. As root the hard limit is raised to fs.nr_open too.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let have = getrlimit(Resource::Nofile);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|v| v.trim().parse::<u64>().ok());
+    let mut want = have;
+    if rustix::process::geteuid().is_root()
+        && let Some(n) = nr_open
+    {
+        want.maximum = Some(want.maximum.map_or(n, |m| m.max(n)));
+    }
+    want.current = want.maximum;
+    if want.current != have.current || want.maximum != have.maximum {
+        match setrlimit(Resource::Nofile, want) {
+            Ok(()) => tracing::debug!(limit = ?want.current, "open files limit raised"),
+            Err(e) => {
+                // Without privilege only the soft limit can move, up to the hard one.
+                let soft = rustix::process::Rlimit { current: have.maximum, maximum: have.maximum };
+                if let Err(e2) = setrlimit(Resource::Nofile, soft) {
+                    tracing::warn!(error = %e, again = %e2, "cannot raise the open files limit");
+                }
+            }
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM.

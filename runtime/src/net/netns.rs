@@ -28,8 +28,9 @@ pub struct NetNs {
     /// The namespace's inode number: unique among live namespaces.
     id: u64,
     /// An rtnetlink socket opened inside it (sockets stay in the namespace they were made in),
-    /// so it can be configured later from any thread.
-    netlink: Option<netlink::Netlink>,
+    /// so the pod's address can be added later from any thread; closed once used, as a pod
+    /// holds no descriptor it does not need (10,000 pods run within 20,000 open files).
+    netlink: std::sync::Mutex<Option<netlink::Netlink>>,
 }
 
 impl std::fmt::Debug for NetNs {
@@ -48,7 +49,7 @@ impl NetNs {
     pub fn current() -> io::Result<NetNs> {
         let fd = rustix::fs::open("/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
         let id = rustix::fs::fstat(&fd)?.st_ino;
-        Ok(NetNs { fd, id, netlink: None })
+        Ok(NetNs { fd, id, netlink: Default::default() })
     }
 
     /// A new namespace with its loopback up, and `addresses` (IPv4, prefix length) on it.
@@ -70,7 +71,7 @@ impl NetNs {
                 for (addr, prefix) in &addresses {
                     lo.add_address(1, *addr, *prefix)?;
                 }
-                ns.netlink = Some(lo);
+                ns.netlink = std::sync::Mutex::new(Some(lo));
                 Ok(ns)
             })?
             .join()
@@ -109,7 +110,7 @@ impl NetNs {
             return Ok(None);
         }
         let id = rustix::fs::fstat(&fd)?.st_ino;
-        Ok(Some(NetNs { fd, id, netlink: None }))
+        Ok(Some(NetNs { fd, id, netlink: Default::default() }))
     }
 
     /// Removes a pin (the namespace ends when nothing else holds it).
@@ -119,9 +120,11 @@ impl NetNs {
     }
 
     /// Adds `addr/prefix` to the loopback: through the namespace's own rtnetlink socket when it
-    /// has one (no thread needed), else from a short-lived thread inside it.
+    /// still has one (no thread needed; the socket is closed after), else from a short-lived
+    /// thread inside it.
     pub fn add_loopback_address(self: &Arc<Self>, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
-        match &self.netlink {
+        let kept = self.netlink.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match &kept {
             Some(nl) => nl.add_address(1, addr, prefix),
             None => self.run_inside(move || netlink::Netlink::open()?.add_address(1, addr, prefix)),
         }

@@ -109,7 +109,7 @@ pub fn bind(pod: &str, mappings: &[PortMapping]) -> Result<Vec<(PortMapping, Bou
 }
 
 /// Forwards datagrams to `host` to `target` from inside `ns`, and the answers back, until the
-/// returned task is aborted. Spawn it on the pod executor.
+/// returned task is aborted. Spawn it on the forwarders' executor.
 pub async fn forward_udp(ns: Arc<NetNs>, host: std::net::UdpSocket, target: SocketAddr) {
     let host = match tokio::net::UdpSocket::from_std(host) {
         Ok(h) => Arc::new(h),
@@ -157,7 +157,7 @@ pub async fn forward_udp(ns: Arc<NetNs>, host: std::net::UdpSocket, target: Sock
 }
 
 /// Forwards connections to `listener` to `target` from inside `ns`, until the returned task is
-/// aborted. Spawn it on the pod executor.
+/// aborted. Spawn it on the forwarders' executor (`WasmEngine::spawn_forwarder`).
 pub async fn forward(ns: Arc<NetNs>, listener: std::net::TcpListener, target: SocketAddr) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,

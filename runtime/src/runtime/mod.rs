@@ -105,6 +105,8 @@ pub struct RuntimeOptions {
     /// output waits until the kubelet rotates the file (ReopenContainerLog). None: no bound,
     /// for a kubelet whose rotation size the runtime does not know.
     pub log_bound: Option<u64>,
+    /// Pooling-allocator slots (instances that can run at once); None: [`crate::engine::POOL_SLOTS`].
+    pub instance_slots: Option<u32>,
 }
 
 /// A directory on tmpfs for `root`'s per-pod scratch files when `/dev/shm` is there (creating
@@ -231,7 +233,8 @@ impl Runtime {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| Error::Internal(format!("create {}: {e}", root.display())))?;
         let images = ImageStore::open(root.join("images"))?;
-        let engine = WasmEngine::new(root.join("compiled")).map_err(Error::Internal)?;
+        let slots = options.instance_slots.unwrap_or(crate::engine::POOL_SLOTS);
+        let engine = WasmEngine::with_slots(root.join("compiled"), slots).map_err(Error::Internal)?;
         let (journal, snapshot) = Journal::open(&root.join("state.journal"))?;
         let (events, _) = broadcast::channel(1024);
         let mut state = State::default();

@@ -155,8 +155,8 @@ impl Runtime {
         for (m, socket) in ports::bind(name, host_ports)? {
             let target = std::net::SocketAddr::new(ip.into(), m.container_port as u16);
             let task = match socket {
-                ports::Bound::Tcp(l) => self.inner.engine.spawn(ports::forward(ns.clone(), l, target)),
-                ports::Bound::Udp(u) => self.inner.engine.spawn(ports::forward_udp(ns.clone(), u, target)),
+                ports::Bound::Tcp(l) => self.inner.engine.spawn_forwarder(ports::forward(ns.clone(), l, target)),
+                ports::Bound::Udp(u) => self.inner.engine.spawn_forwarder(ports::forward_udp(ns.clone(), u, target)),
             };
             net.forwards.push(task);
         }
