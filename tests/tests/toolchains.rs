@@ -83,13 +83,17 @@ fn python_components(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let version = wit_version()?;
     let build = |app: &str, world: &str| -> Result<PathBuf> {
         let out = dir.join(format!("py-{app}.wasm"));
+        // A copy: componentize-py leaves Python's bytecode cache beside the sources it reads.
+        let src = dir.join(format!("py-{app}"));
+        std::fs::create_dir_all(&src)?;
+        std::fs::copy(workloads().join("python").join(app).join("app.py"), src.join("app.py"))?;
         run(
             &format!("componentize-py {app}"),
             Command::new(venv.join("bin/componentize-py"))
                 .arg("-d")
                 .arg(&wit)
                 .args(["-w", &format!("{world}@{version}"), "componentize", "-p"])
-                .arg(workloads().join("python").join(app))
+                .arg(&src)
                 .args(["app", "-o"])
                 .arg(&out),
         )?;
