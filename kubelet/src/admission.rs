@@ -112,9 +112,10 @@ pub fn affinity_matches(pod: &Pod, node: &NodeInfo) -> bool {
     selector_ok && required.is_none_or(|r| r.node_selector_terms.iter().any(|t| term_matches(t, node)))
 }
 
-fn tolerates(pod: &Pod, key: &str, value: &str) -> bool {
+/// Whether one of the pod's tolerations tolerates the taint `key=value:effect`.
+pub(crate) fn tolerates(pod: &Pod, key: &str, value: &str, effect: &str) -> bool {
     model::spec(pod).tolerations.iter().flatten().any(|t| {
-        let effect_ok = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == "NoExecute");
+        let effect_ok = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == effect);
         let key_ok = t.key.as_deref().is_none_or(|k| k.is_empty() || k == key);
         let value_ok = match t.operator.as_deref().unwrap_or("Equal") {
             "Exists" => true,
@@ -206,7 +207,7 @@ pub fn admit(pod: &Pod, node: &NodeInfo, others: &[&Pod], handler: &Handler) -> 
             "Predicate NodeName failed: node(s) didn't match the requested node name",
         ));
     }
-    if node.no_execute_taints.iter().any(|(k, v)| !tolerates(pod, k, v)) {
+    if node.no_execute_taints.iter().any(|(k, v)| !tolerates(pod, k, v, "NoExecute")) {
         return Err(Refusal::new(
             "TaintToleration",
             "Predicate TaintToleration failed: node(s) had untolerated taint(s)",

@@ -499,12 +499,7 @@ pub fn admit(pod: &Pod, pressure: NodePressure) -> Result<(), crate::admission::
     }
     if pressure.memory && !pressure.disk {
         let best_effort = crate::status::qos_class(model::spec(pod)) == "BestEffort";
-        let tolerates = model::spec(pod).tolerations.iter().flatten().any(|t| {
-            let key = t.key.as_deref().is_none_or(|k| k.is_empty() || k == "node.kubernetes.io/memory-pressure");
-            let effect = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == "NoSchedule");
-            let value = t.operator.as_deref() == Some("Exists") || t.value.as_deref().unwrap_or_default().is_empty();
-            key && effect && value
-        });
+        let tolerates = crate::admission::tolerates(pod, "node.kubernetes.io/memory-pressure", "", "NoSchedule");
         if !best_effort || tolerates {
             return Ok(());
         }
@@ -610,14 +605,8 @@ fn observe(node: &Node, pods: Vec<Pod>, stats: &[cri::ContainerStats]) -> (Obser
             let logs_dir = w.logs_dir(&pod);
             let logs =
                 model::spec(&pod).containers.iter().map(|c| (c.name.clone(), du(&logs_dir.join(&c.name)))).collect();
-            let on_disk: u64 = model::spec(&pod)
-                .volumes
-                .iter()
-                .flatten()
-                .filter(|v| v.empty_dir.as_ref().is_some_and(|e| e.medium.as_deref() != Some("Memory")))
-                .map(|v| volumes.get(&v.name).copied().unwrap_or(0))
-                .sum();
-            let other_disk = du(&pod_dir).saturating_sub(on_disk);
+            // The emptyDirs were counted above: not walked twice.
+            let other_disk = du_except(&pod_dir, &pod_dir.join("volumes").join("kubernetes.io~empty-dir"));
             Candidate { memory: memory.remove(uid.as_str()).unwrap_or_default(), pod, volumes, logs, other_disk }
         })
         .collect();
@@ -654,24 +643,25 @@ pub fn filesystem(path: &Path) -> Option<(Observation, Observation)> {
 /// MemAvailable and MemTotal from /proc/meminfo.
 pub fn memory() -> Option<Observation> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|v| v * 1024)
-    };
-    Some(Observation { available: kib("MemAvailable:")?, capacity: kib("MemTotal:")? })
+    let bytes = |key| crate::node::stats::meminfo_bytes(&text, key);
+    Some(Observation { available: bytes("MemAvailable")?, capacity: bytes("MemTotal")? })
 }
 
-/// The bytes of the files under `dir` (apparent sizes; a directory that is gone holds none).
+/// The bytes of the files under `dir` (apparent sizes; a directory that is gone holds none;
+/// links are not followed).
 pub fn du(dir: &Path) -> u64 {
+    du_except(dir, Path::new(""))
+}
+
+/// [`du`] of `dir` without what is under `skip`.
+fn du_except(dir: &Path, skip: &Path) -> u64 {
     let mut total = 0;
     let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else { continue };
         for e in entries.flatten() {
             let Ok(t) = e.file_type() else { continue };
-            if t.is_dir() {
+            if t.is_dir() && e.path() != skip {
                 stack.push(e.path());
             } else if t.is_file() {
                 total += e.metadata().map_or(0, |m| m.len());
@@ -912,5 +902,6 @@ mod tests {
         std::fs::write(d.path().join("g"), [0u8; 24]).unwrap();
         assert_eq!(du(d.path()), 1024);
         assert_eq!(du(&d.path().join("missing")), 0);
+        assert_eq!(du_except(d.path(), &d.path().join("a")), 24);
     }
 }

@@ -383,13 +383,7 @@ fn bound_pod(name: &str, node: &str, extra_spec: &str) -> String {
 }
 
 fn wait_rejected(cp: &ControlPlane, ns: &str, pod: &str, node: &WasmletNode) -> Result<Value> {
-    let mut last = Value::Null;
-    cp.wait(&format!("pod {pod} rejected"), Duration::from_secs(60), || {
-        last = cp.get_json(&["get", "pod", "-n", ns, pod])?;
-        Ok(last["status"]["phase"] == "Failed")
-    })
-    .map_err(|e| anyhow::anyhow!("{e}\n{last}\n{}", node.log()))?;
-    Ok(last["status"].clone())
+    wait_phase_within(cp, ns, pod, "Failed", node, Duration::from_secs(60))
 }
 
 #[test]
@@ -1295,8 +1289,20 @@ fn pod_with(name: &str, node: &str, spec: &str) -> String {
 }
 
 fn wait_phase(cp: &ControlPlane, ns: &str, pod: &str, phase: &str, node: &WasmletNode) -> Result<Value> {
+    wait_phase_within(cp, ns, pod, phase, node, Duration::from_secs(90))
+}
+
+/// Waits until the pod's phase is `phase`; its status then.
+fn wait_phase_within(
+    cp: &ControlPlane,
+    ns: &str,
+    pod: &str,
+    phase: &str,
+    node: &WasmletNode,
+    limit: Duration,
+) -> Result<Value> {
     let mut last = Value::Null;
-    cp.wait(&format!("pod {pod} {phase}"), Duration::from_secs(90), || {
+    cp.wait(&format!("pod {pod} {phase}"), limit, || {
         last = cp.get_json(&["get", "pod", "-n", ns, pod])?;
         Ok(last["status"]["phase"] == phase)
     })

@@ -100,13 +100,7 @@ impl Retry {
 
 /// The machine's memory (MemTotal), in bytes.
 pub fn memory_total() -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+    stats::meminfo_bytes(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal")
 }
 
 /// Runs `attempt` up to 5 times, 200 ms apart, until it succeeds: how the kubelet retries a

@@ -27,6 +27,15 @@ pub fn node_usage() -> NodeUsage {
     parse_node_usage(&stat, &meminfo)
 }
 
+/// A field of /proc/meminfo's text (`MemTotal`, `MemAvailable`), in bytes.
+pub fn meminfo_bytes(meminfo: &str, key: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
 fn parse_node_usage(stat: &str, meminfo: &str) -> NodeUsage {
     // USER_HZ is 100 on Linux: one tick is 10 ms.
     const NANOS_PER_TICK: u64 = 10_000_000;
@@ -35,15 +44,8 @@ fn parse_node_usage(stat: &str, meminfo: &str) -> NodeUsage {
         // user nice system idle iowait irq softirq steal ...
         f.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4 && *i < 8).map(|(_, v)| v).sum::<u64>()
     });
-    let kib = |key: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    let (total, available) = (kib("MemTotal:"), kib("MemAvailable:"));
+    let kib = |key: &str| meminfo_bytes(meminfo, key).unwrap_or(0);
+    let (total, available) = (kib("MemTotal"), kib("MemAvailable"));
     NodeUsage { cpu_nanos: cpu * NANOS_PER_TICK, working_set: total.saturating_sub(available), available }
 }
 
