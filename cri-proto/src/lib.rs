@@ -12,6 +12,10 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// Largest gRPC message a CRI client or server takes or sends: the kubelet's own limit
+/// (tonic's default of 4 MiB is too small for the stats of 10,000 containers).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Connects a tonic channel to a CRI server listening on the unix socket at `path`.
 pub async fn connect_unix(
     path: impl AsRef<std::path::Path>,

@@ -146,7 +146,13 @@ pub struct SandboxNetwork {
 
 impl Cri {
     pub fn new(channel: Channel) -> Cri {
-        Cri { rt: RuntimeServiceClient::new(Timed(channel.clone())), img: ImageServiceClient::new(Timed(channel)) }
+        let max = cri_proto::MAX_MESSAGE_BYTES;
+        Cri {
+            rt: RuntimeServiceClient::new(Timed(channel.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            img: ImageServiceClient::new(Timed(channel)).max_decoding_message_size(max).max_encoding_message_size(max),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::model::{self, ContainerRecord, ContainerState, Labels, NamespaceMode, SandboxRecord, SandboxState};
+use crate::net::netns::Interface;
 use crate::runtime::{EventKind, RUNTIME_HANDLERS, Runtime, now_nanos};
 use crate::{Error, Result};
 
@@ -457,8 +458,31 @@ fn container_stats(rt: &Runtime, r: &ContainerRecord) -> Result<cri::ContainerSt
     })
 }
 
-/// A sandbox's stats from those of `records`, its containers.
-fn sandbox_stats(rt: &Runtime, s: &SandboxRecord, records: &[ContainerRecord]) -> Result<cri::PodSandboxStats> {
+/// A pod's network usage from its namespace's interfaces: with CNI the pod's own interface
+/// (eth0) is the default and loopback is left out, as the kubelet's cAdvisor does; a pod of
+/// wasmlet's own network has only its loopback, which carries all its traffic (its address
+/// is there), so that is reported.
+fn network_usage(ts: i64, ifaces: &[Interface]) -> Option<cri::NetworkUsage> {
+    let usage = |i: &Interface| cri::NetworkInterfaceUsage {
+        name: i.name.clone(),
+        rx_bytes: uint(i.rx_bytes),
+        rx_errors: uint(i.rx_errors),
+        tx_bytes: uint(i.tx_bytes),
+        tx_errors: uint(i.tx_errors),
+    };
+    let own: Vec<_> = ifaces.iter().filter(|i| i.name != "lo").map(usage).collect();
+    let interfaces = if own.is_empty() { ifaces.iter().map(usage).collect::<Vec<_>>() } else { own };
+    let default = interfaces.iter().find(|i| i.name == "eth0").or(interfaces.first()).cloned()?;
+    Some(cri::NetworkUsage { timestamp: ts, default_interface: Some(default), interfaces })
+}
+
+/// A sandbox's stats from those of `records`, its containers, and its interfaces.
+fn sandbox_stats(
+    rt: &Runtime,
+    s: &SandboxRecord,
+    records: &[ContainerRecord],
+    net: Option<&Vec<Interface>>,
+) -> Result<cri::PodSandboxStats> {
     let mut containers = Vec::new();
     for c in records {
         containers.push(container_stats(rt, c)?);
@@ -490,13 +514,106 @@ fn sandbox_stats(rt: &Runtime, s: &SandboxRecord, records: &[ContainerRecord]) -
                 rss_bytes: uint(mem),
                 ..Default::default()
             }),
-            network: None,
+            network: net.and_then(|n| network_usage(ts, n)),
             process: Some(cri::ProcessUsage { timestamp: ts, process_count: uint(running) }),
             containers,
             io: None,
         }),
         windows: None,
     })
+}
+
+/// The label keys every metric of ListPodSandboxMetrics starts with: the container's id, name
+/// and image (a pod's own metrics: its id, "POD" and no image). The kubelet appends namespace,
+/// pod and container, and serves them on /metrics/cadvisor.
+const METRIC_LABELS: [&str; 3] = ["id", "name", "image"];
+
+/// The metrics ListPodSandboxMetrics reports, under cAdvisor's names: (name, help, type, the
+/// label keys after [`METRIC_LABELS`]). Values are whole units (the CRI carries integers).
+const METRICS: &[(&str, &str, cri::MetricType, &[&str])] = &[
+    ("container_cpu_usage_seconds_total", "CPU time used, in seconds.", cri::MetricType::Counter, &[]),
+    ("container_memory_usage_bytes", "Memory held now, in bytes.", cri::MetricType::Gauge, &[]),
+    ("container_memory_working_set_bytes", "Working set now, in bytes.", cri::MetricType::Gauge, &[]),
+    ("container_memory_rss", "Resident memory now, in bytes.", cri::MetricType::Gauge, &[]),
+    ("container_oom_events_total", "Times the container ran out of memory.", cri::MetricType::Counter, &[]),
+    ("container_spec_memory_limit_bytes", "The memory limit, in bytes (0: none).", cri::MetricType::Gauge, &[]),
+    ("container_spec_cpu_quota", "The CPU quota per period, in microseconds.", cri::MetricType::Gauge, &[]),
+    ("container_spec_cpu_period", "The CPU quota period, in microseconds.", cri::MetricType::Gauge, &[]),
+    ("container_spec_cpu_shares", "The CPU shares.", cri::MetricType::Gauge, &[]),
+    ("container_network_receive_bytes_total", "Bytes received.", cri::MetricType::Counter, &["interface"]),
+    ("container_network_receive_errors_total", "Receive errors.", cri::MetricType::Counter, &["interface"]),
+    ("container_network_transmit_bytes_total", "Bytes sent.", cri::MetricType::Counter, &["interface"]),
+    ("container_network_transmit_errors_total", "Transmit errors.", cri::MetricType::Counter, &["interface"]),
+];
+
+fn metric_descriptors() -> Vec<cri::MetricDescriptor> {
+    METRICS
+        .iter()
+        .map(|(name, help, _, extra)| cri::MetricDescriptor {
+            name: name.to_string(),
+            help: help.to_string(),
+            label_keys: METRIC_LABELS.iter().chain(extra.iter()).map(|k| k.to_string()).collect(),
+        })
+        .collect()
+}
+
+/// One metric of [`METRICS`] by name, with its label values.
+fn metric(name: &str, ts: i64, labels: &[&str], value: u64) -> cri::Metric {
+    let (_, _, kind, _) = METRICS.iter().find(|m| m.0 == name).expect("a metric of METRICS");
+    cri::Metric {
+        name: name.to_string(),
+        timestamp: ts,
+        metric_type: *kind as i32,
+        label_values: labels.iter().map(|l| l.to_string()).collect(),
+        value: uint(value),
+    }
+}
+
+/// A pod's metrics from its stats: the network at pod level, CPU and memory per container.
+fn sandbox_metrics(stats: &cri::PodSandboxStats, by_id: &HashMap<&str, &ContainerRecord>) -> cri::PodSandboxMetrics {
+    let id = stats.attributes.as_ref().map(|a| a.id.clone()).unwrap_or_default();
+    let linux = stats.linux.clone().unwrap_or_default();
+    let ts = linux.cpu.as_ref().map_or(0, |c| c.timestamp);
+    let mut metrics = Vec::new();
+    if let Some(net) = &linux.network {
+        for i in &net.interfaces {
+            let labels = [id.as_str(), "POD", "", i.name.as_str()];
+            let v = |x: &Option<cri::UInt64Value>| x.as_ref().map_or(0, |v| v.value);
+            metrics.push(metric("container_network_receive_bytes_total", ts, &labels, v(&i.rx_bytes)));
+            metrics.push(metric("container_network_receive_errors_total", ts, &labels, v(&i.rx_errors)));
+            metrics.push(metric("container_network_transmit_bytes_total", ts, &labels, v(&i.tx_bytes)));
+            metrics.push(metric("container_network_transmit_errors_total", ts, &labels, v(&i.tx_errors)));
+        }
+    }
+    let container_metrics = linux
+        .containers
+        .iter()
+        .filter_map(|c| {
+            let r = by_id.get(c.attributes.as_ref()?.id.as_str())?;
+            let labels = [r.id.as_str(), r.spec.metadata.name.as_str(), r.image_name.as_str()];
+            let cpu = c.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds.as_ref()).map_or(0, |v| v.value);
+            let mem = c.memory.unwrap_or_default();
+            let v = |x: Option<cri::UInt64Value>| x.map_or(0, |v| v.value);
+            let res = r.spec.resources.clone().unwrap_or_default();
+            let oom = r.exit.as_ref().is_some_and(|e| e.reason == "OOMKilled");
+            let at = c.cpu.as_ref().map_or(ts, |c| c.timestamp);
+            Some(cri::ContainerMetrics {
+                container_id: r.id.clone(),
+                metrics: vec![
+                    metric("container_cpu_usage_seconds_total", at, &labels, cpu / 1_000_000_000),
+                    metric("container_memory_usage_bytes", at, &labels, v(mem.usage_bytes)),
+                    metric("container_memory_working_set_bytes", at, &labels, v(mem.working_set_bytes)),
+                    metric("container_memory_rss", at, &labels, v(mem.rss_bytes)),
+                    metric("container_oom_events_total", at, &labels, u64::from(oom)),
+                    metric("container_spec_memory_limit_bytes", at, &labels, res.memory_limit_in_bytes.max(0) as u64),
+                    metric("container_spec_cpu_quota", at, &labels, res.cpu_quota.max(0) as u64),
+                    metric("container_spec_cpu_period", at, &labels, res.cpu_period.max(0) as u64),
+                    metric("container_spec_cpu_shares", at, &labels, res.cpu_shares.max(0) as u64),
+                ],
+            })
+        })
+        .collect();
+    cri::PodSandboxMetrics { pod_sandbox_id: id, metrics, container_metrics }
 }
 
 fn chunked<T: Send + 'static, M: Send + 'static>(items: Vec<T>, wrap: fn(Vec<T>) -> M) -> ResponseStream<M> {
@@ -803,7 +920,8 @@ impl RuntimeService for CriServer {
     ) -> std::result::Result<Response<cri::PodSandboxStatsResponse>, Status> {
         let s = self.runtime.sandbox(&req.into_inner().pod_sandbox_id).map_err(status)?;
         let records = self.runtime.containers_where(|c| c.sandbox_id == s.id);
-        let stats = sandbox_stats(&self.runtime, &s, &records).map_err(status)?;
+        let net = self.runtime.network_usage(&[s.id.as_str()]).await;
+        let stats = sandbox_stats(&self.runtime, &s, &records, net.get(&s.id)).map_err(status)?;
         Ok(Response::new(cri::PodSandboxStatsResponse { stats: Some(stats) }))
     }
 
@@ -811,7 +929,7 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> std::result::Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        let stats = self.list_sandbox_stats_inner(req.into_inner().filter)?;
+        let stats = self.list_sandbox_stats_inner(req.into_inner().filter).await?;
         Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
 
@@ -819,7 +937,7 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::StreamPodSandboxStatsRequest>,
     ) -> std::result::Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
-        let stats = self.list_sandbox_stats_inner(req.into_inner().filter)?;
+        let stats = self.list_sandbox_stats_inner(req.into_inner().filter).await?;
         Ok(Response::new(chunked(stats, |pod_sandbox_stats| cri::StreamPodSandboxStatsResponse { pod_sandbox_stats })))
     }
 
@@ -926,22 +1044,22 @@ impl RuntimeService for CriServer {
         &self,
         _: Request<cri::ListMetricDescriptorsRequest>,
     ) -> std::result::Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
-        // wasmlet publishes its metrics on its own /metrics endpoint; none through the CRI.
-        Ok(Response::new(cri::ListMetricDescriptorsResponse { descriptors: Vec::new() }))
+        Ok(Response::new(cri::ListMetricDescriptorsResponse { descriptors: metric_descriptors() }))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> std::result::Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        Ok(Response::new(cri::ListPodSandboxMetricsResponse { pod_metrics: Vec::new() }))
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse { pod_metrics: self.sandbox_metrics().await? }))
     }
 
     async fn stream_pod_sandbox_metrics(
         &self,
         _: Request<cri::StreamPodSandboxMetricsRequest>,
     ) -> std::result::Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
-        Ok(Response::new(chunked(Vec::new(), |pod_sandbox_metrics| cri::StreamPodSandboxMetricsResponse {
+        let metrics = self.sandbox_metrics().await?;
+        Ok(Response::new(chunked(metrics, |pod_sandbox_metrics| cri::StreamPodSandboxMetricsResponse {
             pod_sandbox_metrics,
         })))
     }
@@ -990,7 +1108,7 @@ impl CriServer {
         Ok(out)
     }
 
-    fn list_sandbox_stats_inner(
+    async fn list_sandbox_stats_inner(
         &self,
         f: Option<cri::PodSandboxStatsFilter>,
     ) -> std::result::Result<Vec<cri::PodSandboxStats>, Status> {
@@ -1000,14 +1118,24 @@ impl CriServer {
         for c in self.runtime.containers() {
             by_sandbox.entry(c.sandbox_id.clone()).or_default().push(c);
         }
+        let sandboxes: Vec<SandboxRecord> = self.runtime.sandboxes_where(|s| {
+            (f.id.is_empty() || s.id.starts_with(&f.id)) && matches_labels(&f.label_selector, &s.spec.labels)
+        });
+        let ids: Vec<&str> = sandboxes.iter().map(|s| s.id.as_str()).collect();
+        let nets = self.runtime.network_usage(&ids).await;
         let mut out = Vec::new();
-        for s in self.runtime.sandboxes() {
-            if (f.id.is_empty() || s.id.starts_with(&f.id)) && matches_labels(&f.label_selector, &s.spec.labels) {
-                let records = by_sandbox.get(&s.id).map_or(&[][..], Vec::as_slice);
-                out.push(sandbox_stats(&self.runtime, &s, records).map_err(status)?);
-            }
+        for s in &sandboxes {
+            let records = by_sandbox.get(&s.id).map_or(&[][..], Vec::as_slice);
+            out.push(sandbox_stats(&self.runtime, s, records, nets.get(&s.id)).map_err(status)?);
         }
         Ok(out)
+    }
+
+    async fn sandbox_metrics(&self) -> std::result::Result<Vec<cri::PodSandboxMetrics>, Status> {
+        let stats = self.list_sandbox_stats_inner(None).await?;
+        let records = self.runtime.containers();
+        let by_id: HashMap<&str, &ContainerRecord> = records.iter().map(|r| (r.id.as_str(), r)).collect();
+        Ok(stats.iter().map(|s| sandbox_metrics(s, &by_id)).collect())
     }
 
     fn find_image(

@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod cri;
+mod descriptors;
 pub mod engine;
 mod error;
 mod http;

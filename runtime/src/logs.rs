@@ -11,10 +11,12 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+
+use crate::descriptors;
 pub use wasmlet_images::timefmt::{now_rfc3339, rfc3339_nanos};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
@@ -45,42 +47,57 @@ impl Stream {
 /// With a bound, the file may grow to it between rotations; past it the guest's writes wait
 /// (its output streams report no room) until the kubelet rotates the file and asks for a
 /// reopen: a guest printing at full speed fills no disk, and only it waits.
+///
+/// Its descriptor counts against the log files' budget (`descriptors::LOGS`): closed while others are written to, and
+/// reopened by path on the next write, so idle containers hold none.
 pub struct LogFile {
     path: PathBuf,
-    file: Mutex<File>,
+    /// None while closed to save the descriptor.
+    file: Mutex<Option<File>>,
     /// Bytes in the file now (appended since it was opened, and what it held then).
     size: AtomicU64,
     bound: Option<u64>,
     /// Wakes writers waiting for room: the file was reopened.
     reopened: tokio::sync::Notify,
+    me: Weak<LogFile>,
 }
 
 impl LogFile {
     /// Opens (creating it and its directory if needed) the log file at `path` for appending.
-    pub fn open(path: &Path) -> io::Result<LogFile> {
+    pub fn open(path: &Path) -> io::Result<Arc<LogFile>> {
         LogFile::open_bounded(path, None)
     }
 
     /// Like [`LogFile::open`]; writes wait while the file holds `bound` bytes or more.
-    pub fn open_bounded(path: &Path, bound: Option<u64>) -> io::Result<LogFile> {
+    pub fn open_bounded(path: &Path, bound: Option<u64>) -> io::Result<Arc<LogFile>> {
         let file = open_append(path)?;
         let size = file.metadata()?.len();
-        Ok(LogFile {
+        let log = Arc::new_cyclic(|me| LogFile {
             path: path.to_path_buf(),
-            file: Mutex::new(file),
+            file: Mutex::new(Some(file)),
             size: AtomicU64::new(size),
             bound,
             reopened: tokio::sync::Notify::new(),
-        })
+            me: me.clone(),
+        });
+        log.opened();
+        Ok(log)
+    }
+
+    fn opened(&self) {
+        descriptors::LOGS.opened(self.me.clone());
     }
 
     /// Closes and reopens the file by path, after the kubelet renamed it for rotation.
     pub fn reopen(&self) -> io::Result<()> {
         let fresh = open_append(&self.path)?;
         let size = fresh.metadata()?.len();
-        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        let was_closed = self.file.lock().unwrap_or_else(|e| e.into_inner()).replace(fresh).is_none();
         self.size.store(size, Ordering::Relaxed);
         self.reopened.notify_waiters();
+        if was_closed {
+            self.opened();
+        }
         Ok(())
     }
 
@@ -103,13 +120,41 @@ impl LogFile {
     }
 
     fn append(&self, bytes: &[u8]) {
-        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        match f.write_all(bytes) {
+        let mut reopened = false;
+        let written = {
+            let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+            if f.is_none() {
+                // By path: after a rotation that did not reach us yet this starts the new file.
+                let fresh = open_append(&self.path).and_then(|file| Ok((file.metadata()?.len(), file)));
+                match fresh {
+                    Ok((size, file)) => {
+                        self.size.store(size, Ordering::Relaxed);
+                        *f = Some(file);
+                        reopened = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %self.path.display(), error = %e, "cannot reopen container log");
+                        return;
+                    }
+                }
+            }
+            f.as_mut().expect("opened above").write_all(bytes)
+        };
+        match written {
             Ok(()) => {
                 self.size.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
             Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot write container log"),
         }
+        if reopened {
+            self.opened();
+        }
+    }
+}
+
+impl descriptors::Reopens for LogFile {
+    fn close_idle(&self) {
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -396,7 +441,7 @@ mod tests {
     async fn a_full_log_makes_writers_wait_for_its_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("0.log");
-        let log = Arc::new(LogFile::open_bounded(&path, Some(100)).unwrap());
+        let log = LogFile::open_bounded(&path, Some(100)).unwrap();
         let mut out = GuestOutput::log(Stream::Stdout, log.clone());
         assert!(OutputStream::check_write(&mut out).unwrap() > 0);
         OutputStream::write(&mut out, Bytes::from(vec![b'a'; 200])).unwrap();
@@ -412,10 +457,30 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
         assert!(OutputStream::check_write(&mut out).unwrap() > 0);
         // Unbounded logs never wait.
-        let free = Arc::new(LogFile::open(&dir.path().join("1.log")).unwrap());
+        let free = LogFile::open(&dir.path().join("1.log")).unwrap();
         let mut out = GuestOutput::log(Stream::Stdout, free.clone());
         OutputStream::write(&mut out, Bytes::from(vec![b'b'; 4096])).unwrap();
         assert!(!free.full() && OutputStream::check_write(&mut out).unwrap() > 0);
+    }
+
+    #[test]
+    fn a_closed_log_reopens_on_the_next_write() {
+        use crate::descriptors::Reopens;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let log = LogFile::open_bounded(&path, Some(1000)).unwrap();
+        log.append(b"one\n");
+        log.close_idle();
+        assert!(log.file.lock().unwrap().is_none());
+        log.append(b"two\n");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "one\ntwo\n");
+        // Rotated while closed: the next write starts the new file, and its size is counted
+        // from there.
+        log.close_idle();
+        fs::rename(&path, dir.path().join("0.log.1")).unwrap();
+        log.append(b"three\n");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "three\n");
+        assert_eq!(log.size.load(Ordering::Relaxed), 6);
     }
 
     #[test]
@@ -425,7 +490,7 @@ mod tests {
         assert_eq!(c.captured(), b"abcd");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c/0.log");
-        let log = Arc::new(LogFile::open(&path).unwrap());
+        let log = LogFile::open(&path).unwrap();
         let out = GuestOutput::log(Stream::Stdout, log.clone());
         let err = GuestOutput::log(Stream::Stderr, log);
         out.write(b"one\ntw");

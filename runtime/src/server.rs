@@ -13,8 +13,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::Runtime;
 use crate::cri::CriServer;
 
-/// Largest gRPC message accepted or sent (the kubelet's own limit).
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+pub use cri_proto::MAX_MESSAGE_BYTES;
 
 /// Binds the CRI socket at `path`: its directory is created, the socket gets mode 0600 before
 /// anyone can connect, a stale socket is replaced, and a live one (another server) is refused.

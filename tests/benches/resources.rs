@@ -85,6 +85,7 @@ async fn main() {
 
     // Stats at PODS pods, each with one sleeping container; wasmlet's memory before and after.
     let before = rss_mib(server.pid());
+    let fds_before = open_files(server.pid());
     for i in 0..pods {
         let c = sandbox_config(&server, &format!("idle-{i}"));
         let s = run_sandbox(&mut rt, &c).await.unwrap();
@@ -92,10 +93,15 @@ async fn main() {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_mib(server.pid());
+    let fds_after = open_files(server.pid());
     println!();
     println!(
         "{pods} idle pods: wasmlet's RSS {before:.1} MiB before, {after:.1} MiB after, {:.1} KiB a pod",
         (after - before) * 1024.0 / pods as f64
+    );
+    println!(
+        "open files: {fds_before} before, {fds_after} after, {:.2} a pod",
+        (fds_after - fds_before) as f64 / pods as f64
     );
     let mut list = Vec::new();
     let mut pod_list = Vec::new();
@@ -132,4 +138,9 @@ async fn main() {
     {
         println!("| {name} | {:.3} | {:.3} |", percentile_ms(v, 0.5), percentile_ms(v, 0.99));
     }
+}
+
+/// How many descriptors the process holds.
+fn open_files(pid: u32) -> i64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as i64).unwrap_or(-1)
 }

@@ -278,11 +278,13 @@ impl Server {
     /// A RuntimeService client on a new connection.
     pub async fn runtime(&self) -> RuntimeClient {
         RuntimeServiceClient::new(cri_proto::connect_unix(self.socket()).await.expect("connect"))
+            .max_decoding_message_size(cri_proto::MAX_MESSAGE_BYTES)
     }
 
     /// An ImageService client on a new connection.
     pub async fn images(&self) -> ImageClient {
         ImageServiceClient::new(cri_proto::connect_unix(self.socket()).await.expect("connect"))
+            .max_decoding_message_size(cri_proto::MAX_MESSAGE_BYTES)
     }
 
     /// `wasmlet image import FILE --tag TAG` on this server's root; returns the image id.

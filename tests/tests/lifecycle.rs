@@ -51,7 +51,9 @@ async fn runtime_answers_what_a_kubelet_checks() {
         assert!(e.message().len() > 20, "says why: {}", e.message());
     }
     let d = rt.list_metric_descriptors(cri::ListMetricDescriptorsRequest {}).await.unwrap().into_inner();
-    assert!(d.descriptors.is_empty());
+    assert!(d.descriptors.iter().all(|d| d.label_keys.starts_with(&["id".into(), "name".into(), "image".into()])));
+    let m = rt.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {}).await.unwrap().into_inner();
+    assert!(m.pod_metrics.is_empty(), "no pods, no metrics");
 }
 
 #[tokio::test]
@@ -239,6 +241,13 @@ async fn container_lifecycle_filters_stats_and_idempotence() {
     assert_eq!(linux.process.unwrap().process_count.unwrap().value, 1);
     let lps = rt.list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None }).await.unwrap().into_inner();
     assert_eq!(lps.stats.len(), 1);
+    // And as metrics under cAdvisor's names: the limit, memory held.
+    let metrics = rt.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {}).await.unwrap().into_inner();
+    let of_looper =
+        metrics.pod_metrics.iter().flat_map(|p| &p.container_metrics).find(|c| c.container_id == looper).unwrap();
+    let metric = |n: &str| of_looper.metrics.iter().find(|m| m.name == n).unwrap().value.unwrap().value;
+    assert_eq!(metric("container_spec_memory_limit_bytes"), 64 << 20);
+    assert!(metric("container_memory_working_set_bytes") > 0);
 
     rt.update_container_resources(cri::UpdateContainerResourcesRequest {
         container_id: looper.clone(),

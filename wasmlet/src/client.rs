@@ -50,7 +50,7 @@ async fn connect(socket: &PathBuf) -> Result<tonic::transport::Channel> {
 /// Runs the pod and returns the container's exit code.
 pub async fn run_pod(a: PodRun) -> Result<i32> {
     let channel = connect(&a.socket).await?;
-    let mut rt = RuntimeServiceClient::new(channel);
+    let mut rt = RuntimeServiceClient::new(channel).max_decoding_message_size(cri_proto::MAX_MESSAGE_BYTES);
     let log_dir = a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("wasmlet-pod-logs"));
     let uid = format!("{:032x}", rand_u128());
     let log_directory = log_dir.join(format!("default_{}_{uid}", a.name));

@@ -12,19 +12,28 @@
 //! calling thread), its loopback brought up through rtnetlink, and kept as an open
 //! `/proc/thread-self/ns/net` descriptor. Creating one costs about 1 ms here, more than a whole
 //! pod start, so a small pool is kept ready by a background thread.
+//!
+//! Once pinned (a bind mount, root only) a namespace lives without its descriptor: that is
+//! closed, reopened from the pin when a thread next enters it, and counts against the
+//! namespaces' budget (`descriptors::NAMESPACES`), so idle pods hold none.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Condvar, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::thread::LinkNameSpaceType;
 
 use super::netlink;
+use crate::descriptors;
 
 /// An open network namespace.
 pub struct NetNs {
-    fd: OwnedFd,
+    /// None while closed to save the descriptor (pinned namespaces only).
+    fd: Mutex<Option<OwnedFd>>,
+    /// Where the namespace is pinned, once it is.
+    pin: OnceLock<PathBuf>,
     /// The namespace's inode number: unique among live namespaces.
     id: u64,
     /// An rtnetlink socket opened inside it (sockets stay in the namespace they were made in),
@@ -49,7 +58,7 @@ impl NetNs {
     pub fn current() -> io::Result<NetNs> {
         let fd = rustix::fs::open("/proc/thread-self/ns/net", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
         let id = rustix::fs::fstat(&fd)?.st_ino;
-        Ok(NetNs { fd, id, netlink: Default::default() })
+        Ok(NetNs { fd: Mutex::new(Some(fd)), pin: OnceLock::new(), id, netlink: Default::default() })
     }
 
     /// A new namespace with its loopback up, and `addresses` (IPv4, prefix length) on it.
@@ -79,27 +88,65 @@ impl NetNs {
     }
 
     /// Moves the calling thread into this namespace (nothing to do if it is there already).
-    pub fn enter(&self) -> io::Result<()> {
+    pub fn enter(self: &Arc<Self>) -> io::Result<()> {
         if CURRENT.get() == self.id {
             return Ok(());
         }
-        rustix::thread::move_into_link_name_space(self.fd.as_fd(), Some(LinkNameSpaceType::Network))?;
+        let reopened = {
+            let mut fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+            let reopened = fd.is_none();
+            if reopened {
+                *fd = Some(self.reopen()?);
+            }
+            setns(fd.as_ref().expect("opened above"))?;
+            reopened
+        };
+        CURRENT.set(self.id);
+        if reopened {
+            descriptors::NAMESPACES.opened(Arc::downgrade(self) as std::sync::Weak<dyn descriptors::Reopens>);
+        }
+        Ok(())
+    }
+
+    /// Like [`NetNs::enter`] for a thread that visits many namespaces once (stats): a closed
+    /// descriptor is opened for the visit only, so the visit does not push out the descriptors
+    /// of namespaces in use.
+    fn visit(&self) -> io::Result<()> {
+        let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+        match &*fd {
+            Some(fd) => setns(fd)?,
+            None => setns(&self.reopen()?)?,
+        }
         CURRENT.set(self.id);
         Ok(())
     }
 
+    /// The namespace's descriptor again, from its pin.
+    fn reopen(&self) -> io::Result<OwnedFd> {
+        let pin = self.pin.get().ok_or_else(|| io::Error::other("network namespace closed but not pinned"))?;
+        let fd = rustix::fs::open(pin, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        if rustix::fs::fstat(&fd)?.st_ino != self.id {
+            return Err(io::Error::other(format!("{} is no longer this pod's network namespace", pin.display())));
+        }
+        Ok(fd)
+    }
+
     /// Keeps the namespace alive past this process with a bind mount at `path` (root only), so
-    /// a restarted wasmlet finds its pods' networks as they were.
-    pub fn pin(&self, path: &std::path::Path) -> io::Result<()> {
+    /// a restarted wasmlet finds its pods' networks as they were. The descriptor is closed:
+    /// the pin holds the namespace now.
+    pub fn pin(&self, path: &Path) -> io::Result<()> {
         std::fs::File::create(path)?;
-        rustix::mount::mount_bind(self.proc_path(), path).inspect_err(|_| {
+        rustix::mount::mount_bind(self.path(), path).inspect_err(|_| {
             let _ = std::fs::remove_file(path);
         })?;
+        if self.pin.set(path.to_path_buf()).is_ok() {
+            self.fd.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
         Ok(())
     }
 
     /// The namespace pinned at `path` by an earlier process, if one is.
-    pub fn open_pinned(path: &std::path::Path) -> io::Result<Option<NetNs>> {
+    pub fn open_pinned(path: &Path) -> io::Result<Option<NetNs>> {
         const NSFS_MAGIC: i64 = 0x6e73_6673;
         let fd = match rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
             Ok(fd) => fd,
@@ -110,11 +157,17 @@ impl NetNs {
             return Ok(None);
         }
         let id = rustix::fs::fstat(&fd)?.st_ino;
-        Ok(Some(NetNs { fd, id, netlink: Default::default() }))
+        // Held by the pin: opened again when first entered.
+        Ok(Some(NetNs {
+            fd: Mutex::new(None),
+            pin: OnceLock::from(path.to_path_buf()),
+            id,
+            netlink: Default::default(),
+        }))
     }
 
     /// Removes a pin (the namespace ends when nothing else holds it).
-    pub fn unpin(path: &std::path::Path) {
+    pub fn unpin(path: &Path) {
         let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
         let _ = std::fs::remove_file(path);
     }
@@ -151,10 +204,84 @@ impl NetNs {
         self.id
     }
 
-    /// `/proc/<pid>/fd/<n>` of the descriptor, for tools that want a path (CNI plugins).
-    pub fn proc_path(&self) -> String {
+    /// A path to the namespace for tools that want one (CNI plugins, `setns` by path): its pin,
+    /// or `/proc/<pid>/fd/<n>` of the descriptor of one not pinned.
+    pub fn path(&self) -> String {
         use std::os::fd::AsRawFd;
-        format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd())
+        if let Some(pin) = self.pin.get() {
+            return pin.display().to_string();
+        }
+        match &*self.fd.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(fd) => format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()),
+            None => unreachable!("only a pinned namespace closes its descriptor"),
+        }
+    }
+}
+
+fn setns(fd: &OwnedFd) -> io::Result<()> {
+    Ok(rustix::thread::move_into_link_name_space(fd.as_fd(), Some(LinkNameSpaceType::Network))?)
+}
+
+/// One network interface's counters (a line of `/proc/net/dev`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+    pub tx_dropped: u64,
+}
+
+/// The interfaces of `/proc/net/dev` (two heading lines, then `name: 8 receive and 8
+/// transmit counters`); lines that do not parse are left out.
+pub fn parse_net_dev(text: &str) -> Vec<Interface> {
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let (name, counters) = line.split_once(':')?;
+            let v: Vec<u64> = counters.split_whitespace().map(str::parse).collect::<Result<_, _>>().ok()?;
+            (v.len() >= 16).then(|| Interface {
+                name: name.trim().to_string(),
+                rx_bytes: v[0],
+                rx_packets: v[1],
+                rx_errors: v[2],
+                rx_dropped: v[3],
+                tx_bytes: v[8],
+                tx_packets: v[9],
+                tx_errors: v[10],
+                tx_dropped: v[11],
+            })
+        })
+        .collect()
+}
+
+/// The interfaces of each namespace, read on one short-lived thread that enters them in turn
+/// (`/proc/thread-self/net/dev` is the reading thread's namespace's).
+pub fn interfaces_of(namespaces: Vec<Arc<NetNs>>) -> io::Result<Vec<io::Result<Vec<Interface>>>> {
+    std::thread::Builder::new()
+        .name("netns-stats".into())
+        .spawn(move || {
+            namespaces
+                .iter()
+                .map(|ns| {
+                    ns.visit()?;
+                    Ok(parse_net_dev(&std::fs::read_to_string("/proc/thread-self/net/dev")?))
+                })
+                .collect()
+        })?
+        .join()
+        .map_err(|_| io::Error::other("netns-stats thread panicked"))
+}
+
+impl descriptors::Reopens for NetNs {
+    fn close_idle(&self) {
+        if self.pin.get().is_some() {
+            self.fd.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 }
 
@@ -277,5 +404,87 @@ mod tests {
         // This thread never moved: the host's port 8080 is not taken by either.
         let host = NetNs::current().unwrap();
         assert_ne!(host.id(), 0);
+    }
+
+    #[test]
+    fn a_pinned_namespace_holds_no_descriptor_and_is_entered_from_its_pin() {
+        use descriptors::Reopens;
+        if !can_create() {
+            eprintln!("skipped: cannot create network namespaces here");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("ns");
+        let ns = Arc::new(NetNs::create(&[("10.200.0.2".parse().unwrap(), 32)]).unwrap());
+        if let Err(e) = ns.pin(&pin) {
+            eprintln!("skipped: cannot pin here ({e})");
+            return;
+        }
+        assert!(ns.fd.lock().unwrap().is_none(), "the pin holds the namespace");
+        assert_eq!(ns.path(), pin.display().to_string());
+        let inside = |ns: Arc<NetNs>| {
+            std::thread::spawn(move || {
+                ns.enter().unwrap();
+                std::net::TcpListener::bind("10.200.0.2:0").is_ok()
+            })
+            .join()
+            .unwrap()
+        };
+        assert!(inside(ns.clone()), "entered by reopening the pin");
+        ns.close_idle();
+        assert!(inside(ns.clone()), "and again after the budget closed it");
+        // Found again as a restarted process would.
+        let again = Arc::new(NetNs::open_pinned(&pin).unwrap().unwrap());
+        assert_eq!(again.id(), ns.id());
+        assert!(inside(again));
+        NetNs::unpin(&pin);
+        ns.close_idle();
+        let t = std::thread::spawn(move || ns.enter().map_err(|e| e.to_string()));
+        assert!(t.join().unwrap().is_err(), "without its pin a closed namespace cannot be entered");
+    }
+
+    #[test]
+    fn net_dev_parses_and_counts_follow_the_namespace() {
+        let text = "Inter-|   Receive                            |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n    lo: 100 2 0 0 0 0 0 0 100 2 0 0 0 0 0 0\n  eth0: 5 1 2 3 0 0 0 0 7 1 4 6 0 0 0 0\n  bad: x\n";
+        let ifs = parse_net_dev(text);
+        assert_eq!(ifs.len(), 2);
+        assert_eq!(
+            ifs[1],
+            Interface {
+                name: "eth0".into(),
+                rx_bytes: 5,
+                rx_packets: 1,
+                rx_errors: 2,
+                rx_dropped: 3,
+                tx_bytes: 7,
+                tx_packets: 1,
+                tx_errors: 4,
+                tx_dropped: 6
+            }
+        );
+        if !can_create() {
+            eprintln!("skipped: cannot create network namespaces here");
+            return;
+        }
+        let (a, b) = (Arc::new(NetNs::create(&[]).unwrap()), Arc::new(NetNs::create(&[]).unwrap()));
+        // 1,000 bytes over a's loopback, nothing over b's.
+        let inside = a.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            inside.enter().unwrap();
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            c.write_all(&[7; 1000]).unwrap();
+            let mut got = [0; 1000];
+            s.read_exact(&mut got).unwrap();
+        })
+        .join()
+        .unwrap();
+        let got = interfaces_of(vec![a, b]).unwrap();
+        let lo = |r: &io::Result<Vec<Interface>>| r.as_ref().unwrap().iter().find(|i| i.name == "lo").unwrap().clone();
+        let (la, lb) = (lo(&got[0]), lo(&got[1]));
+        assert!(la.rx_bytes >= 1000 && la.tx_bytes >= 1000, "{la:?}");
+        assert_eq!((lb.rx_bytes, lb.tx_bytes), (0, 0), "{lb:?}");
     }
 }

@@ -206,10 +206,10 @@ impl Runtime {
             None => self.program_for(&self.find_image(&rec.image_id)?)?,
         };
         let log = match &rec.log_file {
-            Some(path) => Some(Arc::new(
+            Some(path) => Some(
                 LogFile::open_bounded(path, self.inner.options.log_bound)
                     .map_err(|e| Error::FailedPrecondition(format!("open log file {}: {e}", path.display())))?,
-            )),
+            ),
             None => None,
         };
         let output = |stream| match &log {

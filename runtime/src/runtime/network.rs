@@ -1,12 +1,14 @@
 //! A sandbox's network: host, a namespace of its own (rootless) or CNI; host ports; pinning
 //! so a restart keeps it; release.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::engine::GuestNet;
 use crate::model::*;
+use crate::net::netns::Interface;
 use crate::net::{NetNs, NetworkMode, ports};
 use crate::{Error, Result};
 
@@ -161,6 +163,35 @@ impl Runtime {
             net.forwards.push(task);
         }
         Ok(())
+    }
+
+    /// The network interfaces of each of `ids` that has a namespace of its own (host-network
+    /// pods have none to report), read in one pass over the namespaces. A namespace that
+    /// cannot be read is left out.
+    pub async fn network_usage(&self, ids: &[&str]) -> HashMap<String, Vec<Interface>> {
+        let (ids, namespaces): (Vec<String>, Vec<Arc<NetNs>>) = {
+            let state = self.state();
+            ids.iter().filter_map(|id| Some((id.to_string(), state.nets.get(*id)?.ns.clone()?))).unzip()
+        };
+        if namespaces.is_empty() {
+            return HashMap::new();
+        }
+        let read = tokio::task::spawn_blocking(move || crate::net::netns::interfaces_of(namespaces)).await;
+        let read = match read.map_err(std::io::Error::other).and_then(|r| r) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pods' network counters");
+                return HashMap::new();
+            }
+        };
+        ids.into_iter()
+            .zip(read)
+            .filter_map(|(id, r)| {
+                r.inspect_err(|e| tracing::debug!(sandbox = %id, error = %e, "network counters"))
+                    .ok()
+                    .map(|ifs| (id, ifs))
+            })
+            .collect()
     }
 
     pub(super) fn netns_pin_path(&self, sandbox_id: &str) -> PathBuf {

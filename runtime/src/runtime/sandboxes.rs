@@ -133,9 +133,7 @@ impl Runtime {
     /// port-forward) that must reach the pod from inside; None on the host's network.
     pub fn netns_path(&self, id: &str) -> Option<String> {
         let state = self.state();
-        let ns = state.nets.get(id)?.ns.as_ref()?;
-        let pinned = self.netns_pin_path(id);
-        Some(if pinned.exists() { pinned.display().to_string() } else { ns.proc_path() })
+        Some(state.nets.get(id)?.ns.as_ref()?.path())
     }
 
     pub fn sandbox(&self, id: &str) -> Result<SandboxRecord> {
