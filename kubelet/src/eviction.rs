@@ -523,13 +523,70 @@ pub struct Node {
     pub allocatable_memory: u64,
 }
 
+/// A filesystem's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FsStats {
+    pub available: u64,
+    pub capacity: u64,
+    pub inodes_free: u64,
+    pub inodes: u64,
+}
+
+/// What a pod holds on the node's disks (and tmpfs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodStorage {
+    /// Each emptyDir's bytes, and whether it is memory-backed.
+    pub volumes: BTreeMap<String, (u64, bool)>,
+    /// Log bytes per container, by name.
+    pub logs: BTreeMap<String, u64>,
+    /// Its ephemeral storage: all it holds on the node's filesystem.
+    pub disk: u64,
+}
+
+/// What the last round found on the node's disks, kept for the node API's summary as the
+/// kubelet keeps its filesystem stats between its housekeeping rounds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Storage {
+    /// When it was read: nanoseconds since the epoch.
+    pub at: i64,
+    pub node_fs: Option<FsStats>,
+    pub image_fs: Option<FsStats>,
+    /// By pod UID.
+    pub pods: HashMap<String, PodStorage>,
+}
+
+impl Storage {
+    fn of(observed: &Observations, candidates: &[Candidate], at: i64) -> Storage {
+        let fs = |bytes, inodes| {
+            let (b, i): (&Observation, &Observation) = (observed.get(&bytes)?, observed.get(&inodes)?);
+            Some(FsStats { available: b.available, capacity: b.capacity, inodes_free: i.available, inodes: i.capacity })
+        };
+        let pods = candidates
+            .iter()
+            .map(|c| {
+                let volumes = c.volumes.iter().map(|(n, b)| (n.clone(), (*b, c.memory_volume(n)))).collect();
+                let uid = c.pod.metadata.uid.clone().unwrap_or_default();
+                (uid, PodStorage { volumes, logs: c.logs.clone(), disk: c.disk_usage() })
+            })
+            .collect();
+        Storage {
+            at,
+            node_fs: fs(Signal::NodeFsAvailable, Signal::NodeFsInodesFree),
+            image_fs: fs(Signal::ImageFsAvailable, Signal::ImageFsInodesFree),
+            pods,
+        }
+    }
+}
+
 /// Runs the eviction manager every [`PERIOD`] until the pod manager goes: asks it for the
-/// running pods, observes, publishes the node's pressure and hands it the evictions.
+/// running pods, observes, publishes the node's pressure and what it found on disk, and hands
+/// the pod manager the evictions.
 pub async fn run(
     config: Config,
     node: Node,
     manager: mpsc::UnboundedSender<PodUpdate>,
     pressure: watch::Sender<NodePressure>,
+    storage: watch::Sender<Arc<Storage>>,
 ) {
     let node = Arc::new(node);
     let mut state = State::default();
@@ -553,6 +610,8 @@ pub async fn run(
         let Ok((observed, candidates)) = tokio::task::spawn_blocking(move || observe(&n, pods, &stats)).await else {
             continue;
         };
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        storage.send_replace(Arc::new(Storage::of(&observed, &candidates, at)));
         let (verdict, evictions) = decide(&config, &mut state, &observed, candidates, Instant::now());
         let now = NodePressure { memory: verdict.memory_pressure, disk: verdict.disk_pressure };
         pressure.send_if_modified(|p| {

@@ -1518,10 +1518,14 @@ fn stats_summary_and_resource_metrics_show_the_guests_known_load() -> Result<()>
     // A CPU-bound guest held to 200m, and one that holds 50 MiB and sleeps.
     let burner = "  containers: [{name: c, image: tool:1, args: [loop], resources: {limits: {cpu: 200m}}}]\n";
     let holder = "  containers: [{name: c, image: tool:1, args: [hold, \"50\"]}]\n";
+    // And one that writes 3 MiB into an emptyDir.
+    let filler = "  volumes: [{name: cache, emptyDir: {}}]\n  containers: [{name: c, image: tool:1, args: [fill, /cache/f, \"3\"], volumeMounts: [{name: cache, mountPath: /cache}]}]\n";
     cp.apply(&ns, &pod_with("burner", &node.name, burner))?;
     cp.apply(&ns, &pod_with("holder", &node.name, holder))?;
+    cp.apply(&ns, &pod_with("filler", &node.name, filler))?;
     wait_phase(cp, &ns, "burner", "Running", &node)?;
     wait_phase(cp, &ns, "holder", "Running", &node)?;
+    wait_phase(cp, &ns, "filler", "Running", &node)?;
     let raw = |path: &str| cp.kubectl_ok(&["get", "--raw", &format!("/api/v1/nodes/{}/proxy{path}", node.name)]);
     let pod = |summary: &Value, name: &str| {
         summary["pods"]
@@ -1550,6 +1554,31 @@ fn stats_summary_and_resource_metrics_show_the_guests_known_load() -> Result<()>
     assert!(((50 << 20)..(52 << 20)).contains(&ws), "the holder's working set: {ws}: {holder}");
     assert_eq!(holder["memory"]["workingSetBytes"].as_u64(), Some(ws), "{holder}");
     assert!(summary["node"]["memory"]["workingSetBytes"].as_u64().unwrap_or(0) > ws, "{}", summary["node"]);
+    // The pod's network: its own namespace's interface, with its counters.
+    let net = &holder["network"];
+    assert!(net["name"].as_str().is_some_and(|n| !n.is_empty()) && net["rxBytes"].is_u64(), "{holder}");
+    assert_eq!(net["interfaces"][0]["name"], net["name"], "{holder}");
+
+    // Disks, from the eviction manager's rounds (every 10 s): the emptyDir's 3 MiB, the
+    // container's log line, no writable layer, and the node's filesystems.
+    let (mut filler, mut summary) = (Value::Null, Value::Null);
+    cp.wait("the filler's emptyDir in the summary", Duration::from_secs(60), || {
+        summary = serde_json::from_str(&raw("/stats/summary")?)?;
+        filler = pod(&summary, "filler");
+        Ok(filler["volume"][0]["usedBytes"] == 3 << 20)
+    })?;
+    assert_eq!(filler["volume"][0]["name"], "cache", "{filler}");
+    assert!(filler["volume"][0]["capacityBytes"].as_u64() > Some(3 << 20), "{filler}");
+    let logs = filler["containers"][0]["logs"]["usedBytes"].as_u64().unwrap_or(0);
+    // "filled /cache/f with 3 MiB" as one CRI log record.
+    assert!((40..200).contains(&logs), "{filler}");
+    assert_eq!(filler["containers"][0]["rootfs"]["usedBytes"], 0, "{filler}");
+    let ephemeral = filler["ephemeral-storage"]["usedBytes"].as_u64().unwrap_or(0);
+    assert!(ephemeral >= (3 << 20) + logs && ephemeral < (3 << 20) + (1 << 20), "{filler}");
+    let fs = &summary["node"]["fs"];
+    assert!(fs["capacityBytes"].as_u64() > fs["availableBytes"].as_u64() && fs["usedBytes"].as_u64() > Some(0), "{fs}");
+    let images = summary["node"]["runtime"]["imageFs"]["usedBytes"].as_u64().unwrap_or(0);
+    assert!(images >= std::fs::metadata(tool_module())?.len(), "{}", summary["node"]);
 
     // /metrics/resource, what metrics-server scrapes: the same working set, and CPU seconds
     // that grow by 0.2 a second.

@@ -52,6 +52,7 @@ async fn node_api(
     socket: &std::path::Path,
     cert_dir: &std::path::Path,
     (name, ip): (&str, &str),
+    storage: tokio::sync::watch::Receiver<std::sync::Arc<wasmlet_kubelet::eviction::Storage>>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     use anyhow::Context;
@@ -102,6 +103,7 @@ async fn node_api(
         node_name: name.to_string(),
         started: std::time::SystemTime::now(),
         config: cfg.clone(),
+        storage,
     });
     tracing::info!(address = %addr, "node API listening");
     tasks.push(tokio::spawn(server::serve(listener, tls, srv)));
@@ -156,6 +158,7 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
     let mut manager = PodManager::new(node.clone());
     let eviction = a.config.eviction().map_err(|e| anyhow::anyhow!("config [node]: {e}"))?;
     let (pressure_tx, pressure) = tokio::sync::watch::channel(Default::default());
+    let (storage_tx, storage) = tokio::sync::watch::channel(Default::default());
     if let Some(client) = &client {
         // The kubelet's hostname label and address follow --hostname-override.
         let facts = wasmlet_kubelet::node::gather_facts(&name, &name, &ip, &a.root);
@@ -170,7 +173,8 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         manager.admit_with(Arc::new(admitter));
         tasks.push(tokio::spawn(agent.clone().run_status()));
         let kubeconfig = a.kubeconfig.as_deref().expect("a client comes from a kubeconfig");
-        tasks.extend(node_api(&a.config, client.clone(), kubeconfig, &local.socket, &cert_dir, (&name, &ip)).await?);
+        let api = node_api(&a.config, client.clone(), kubeconfig, &local.socket, &cert_dir, (&name, &ip), storage);
+        tasks.extend(api.await?);
         tasks.push(tokio::spawn(agent.clone().run_lease()));
         // No pod's environment is built before the Services are known.
         if let Some(o) = &api_objects {
@@ -207,7 +211,7 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         wasmlet_kubelet::node::memory_total().unwrap_or(0).saturating_sub(a.config.reserved_memory());
     let evictions =
         wasmlet_kubelet::eviction::Node { pods: node.clone(), image_root: a.root.clone(), allocatable_memory };
-    tasks.push(tokio::spawn(wasmlet_kubelet::eviction::run(eviction, evictions, tx.clone(), pressure_tx)));
+    tasks.push(tokio::spawn(wasmlet_kubelet::eviction::run(eviction, evictions, tx.clone(), pressure_tx, storage_tx)));
     if let Some(dir) = a.pod_manifest_path.clone() {
         manager.expect(wasmlet_kubelet::pods::Source::File);
         tasks.push(tokio::spawn(static_pods::follow(dir, name.clone(), tx.clone())));

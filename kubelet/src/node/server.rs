@@ -43,6 +43,8 @@ pub struct NodeServer {
     pub started: SystemTime,
     /// The node's settings (`/configz`).
     pub config: super::NodeConfig,
+    /// What the eviction manager last found on disk (the summary's filesystem figures).
+    pub storage: tokio::sync::watch::Receiver<std::sync::Arc<crate::eviction::Storage>>,
 }
 
 /// Who made a request.
@@ -338,7 +340,7 @@ impl NodeServer {
         let (sandboxes, containers) = self.cri_lists().await?;
         let mut rt = self.cri.rt.clone();
         let stats = rt
-            .list_container_stats(cri::ListContainerStatsRequest { filter: None })
+            .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
             .await
             .map_err(grpc)?
             .into_inner()
@@ -350,7 +352,18 @@ impl NodeServer {
         let pods = self.pod_stats().await?;
         let nanos = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
         let node = super::stats::node_usage();
-        let body = super::stats::summary(&self.node_name, nanos(self.started), nanos(SystemTime::now()), &node, &pods);
+        let images = self.cri.img.clone().image_fs_info(cri::ImageFsInfoRequest {}).await.map_err(grpc)?.into_inner();
+        let images_bytes = images.image_filesystems.first().and_then(|f| f.used_bytes.as_ref()).map(|v| v.value);
+        let storage = self.storage.borrow().clone();
+        let body = super::stats::summary(
+            &self.node_name,
+            nanos(self.started),
+            nanos(SystemTime::now()),
+            &node,
+            &pods,
+            &storage,
+            images_bytes,
+        );
         let mut r = full(StatusCode::OK, body.to_string());
         r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().expect("a valid header"));
         Ok(r)

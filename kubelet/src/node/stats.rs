@@ -9,6 +9,8 @@ use std::fmt::Write;
 use cri_proto::v1 as cri;
 use serde_json::{Value, json};
 
+use crate::eviction::{FsStats, Storage};
+
 /// The machine's own usage.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeUsage {
@@ -62,23 +64,29 @@ pub struct ContainerStat {
 }
 
 /// One ready pod's figures.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodStat {
     pub name: String,
     pub namespace: String,
     pub uid: String,
     pub started: i64,
     pub containers: Vec<ContainerStat>,
+    pub network: Option<cri::NetworkUsage>,
 }
 
 /// The ready pods and their running containers' stats, from the CRI's lists.
 pub fn pods(
     sandboxes: &[cri::PodSandbox],
     containers: &[cri::Container],
-    stats: &[cri::ContainerStats],
+    stats: &[cri::PodSandboxStats],
 ) -> Vec<PodStat> {
-    let by_id: HashMap<&str, &cri::ContainerStats> =
-        stats.iter().filter_map(|s| s.attributes.as_ref().map(|a| (a.id.as_str(), s))).collect();
+    let linux: HashMap<&str, &cri::LinuxPodSandboxStats> =
+        stats.iter().filter_map(|s| Some((s.attributes.as_ref()?.id.as_str(), s.linux.as_ref()?))).collect();
+    let by_id: HashMap<&str, &cri::ContainerStats> = linux
+        .values()
+        .flat_map(|l| l.containers.iter())
+        .filter_map(|s| s.attributes.as_ref().map(|a| (a.id.as_str(), s)))
+        .collect();
     let mut out = Vec::new();
     for sb in sandboxes.iter().filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32) {
         let m = sb.metadata.clone().unwrap_or_default();
@@ -88,6 +96,7 @@ pub fn pods(
             uid: m.uid,
             started: sb.created_at,
             containers: Vec::new(),
+            network: linux.get(sb.id.as_str()).and_then(|l| l.network.clone()),
         };
         for c in containers
             .iter()
@@ -116,8 +125,58 @@ fn time(nanos: i64) -> String {
     k8s_openapi::jiff::Timestamp::from_nanosecond(nanos as i128).map(|t| t.to_string()).unwrap_or_default()
 }
 
-/// The summary API's JSON (statsapi.Summary).
-pub fn summary(node_name: &str, node_started: i64, now: i64, node: &NodeUsage, pods: &[PodStat]) -> Value {
+/// A filesystem's figures in the summary's form (statsapi.FsStats), `used` by what is
+/// reported on it (the whole filesystem's use when None).
+fn fs_json(at: i64, fs: Option<FsStats>, used: Option<u64>) -> Value {
+    let mut v = json!({"time": time(at)});
+    if let Some(f) = fs {
+        v["availableBytes"] = json!(f.available);
+        v["capacityBytes"] = json!(f.capacity);
+        v["inodesFree"] = json!(f.inodes_free);
+        v["inodes"] = json!(f.inodes);
+        if used.is_none() {
+            v["usedBytes"] = json!(f.capacity.saturating_sub(f.available));
+            v["inodesUsed"] = json!(f.inodes.saturating_sub(f.inodes_free));
+        }
+    }
+    if let Some(u) = used {
+        v["usedBytes"] = json!(u);
+    }
+    v
+}
+
+/// A pod's network in the summary's form (statsapi.NetworkStats).
+fn network_json(n: &cri::NetworkUsage) -> Value {
+    let value = |v: &Option<cri::UInt64Value>| v.as_ref().map_or(0, |v| v.value);
+    let iface = |i: &cri::NetworkInterfaceUsage| {
+        json!({
+            "name": i.name,
+            "rxBytes": value(&i.rx_bytes),
+            "rxErrors": value(&i.rx_errors),
+            "txBytes": value(&i.tx_bytes),
+            "txErrors": value(&i.tx_errors),
+        })
+    };
+    let mut v = n.default_interface.as_ref().map(iface).unwrap_or_else(|| json!({}));
+    v["time"] = json!(time(n.timestamp));
+    v["interfaces"] = n.interfaces.iter().map(iface).collect();
+    v
+}
+
+/// The summary API's JSON (statsapi.Summary). Disk figures come from `storage`, the eviction
+/// manager's last round, as the kubelet's come from its housekeeping; `images_bytes` is what
+/// the image store holds (the CRI's ImageFsInfo).
+pub fn summary(
+    node_name: &str,
+    node_started: i64,
+    now: i64,
+    node: &NodeUsage,
+    pods: &[PodStat],
+    storage: &Storage,
+    images_bytes: Option<u64>,
+) -> Value {
+    let disk_at = if storage.at > 0 { storage.at } else { now };
+    let no_pod = Default::default();
     let cpu = |at: i64, total: u64, cores: Option<u64>| {
         let mut v = json!({"time": time(at), "usageCoreNanoSeconds": total});
         if let Some(c) = cores {
@@ -129,6 +188,7 @@ pub fn summary(node_name: &str, node_started: i64, now: i64, node: &NodeUsage, p
     let pods: Vec<Value> = pods
         .iter()
         .map(|p| {
+            let disk = storage.pods.get(&p.uid).unwrap_or(&no_pod);
             let containers: Vec<Value> = p
                 .containers
                 .iter()
@@ -138,21 +198,38 @@ pub fn summary(node_name: &str, node_started: i64, now: i64, node: &NodeUsage, p
                         "startTime": time(c.started),
                         "cpu": cpu(c.at, c.cpu_nanos, c.nano_cores),
                         "memory": memory(c.at, c.working_set),
+                        // A wasm container writes no layer of its own: its image is read-only.
+                        "rootfs": fs_json(disk_at, storage.image_fs, Some(0)),
+                        "logs": fs_json(disk_at, storage.node_fs, Some(disk.logs.get(&c.name).copied().unwrap_or(0))),
                     })
+                })
+                .collect();
+            let volumes: Vec<Value> = disk
+                .volumes
+                .iter()
+                .map(|(name, (bytes, in_memory))| {
+                    let mut v = fs_json(disk_at, if *in_memory { None } else { storage.node_fs }, Some(*bytes));
+                    v["name"] = json!(name);
+                    v
                 })
                 .collect();
             let total: u64 = p.containers.iter().map(|c| c.cpu_nanos).sum();
             let cores = p.containers.iter().map(|c| c.nano_cores).sum::<Option<u64>>();
             let ws: u64 = p.containers.iter().map(|c| c.working_set).sum();
             let at = p.containers.iter().map(|c| c.at).max().unwrap_or(now);
-            json!({
+            let mut v = json!({
                 "podRef": {"name": p.name, "namespace": p.namespace, "uid": p.uid},
                 "startTime": time(p.started),
                 "containers": containers,
                 "cpu": cpu(at, total, cores),
                 "memory": memory(at, ws),
-                "volume": [],
-            })
+                "volume": volumes,
+                "ephemeral-storage": fs_json(disk_at, storage.node_fs, Some(disk.disk)),
+            });
+            if let Some(n) = &p.network {
+                v["network"] = network_json(n);
+            }
+            v
         })
         .collect();
     json!({
@@ -161,6 +238,8 @@ pub fn summary(node_name: &str, node_started: i64, now: i64, node: &NodeUsage, p
             "startTime": time(node_started),
             "cpu": cpu(now, node.cpu_nanos, None),
             "memory": {"time": time(now), "workingSetBytes": node.working_set, "usageBytes": node.working_set, "availableBytes": node.available},
+            "fs": fs_json(disk_at, storage.node_fs, None),
+            "runtime": {"imageFs": fs_json(disk_at, storage.image_fs, images_bytes)},
         },
         "pods": pods,
     })
@@ -311,12 +390,61 @@ mod tests {
             container("c2", "s1", "side", true),
             container("c3", "s1", "old", false),
         ];
-        let st = [stat("c1", 2_000_000_000, 1000), stat("c2", 500_000_000, 24)];
+        let lo = cri::NetworkInterfaceUsage {
+            name: "lo".into(),
+            rx_bytes: Some(cri::UInt64Value { value: 300 }),
+            tx_bytes: Some(cri::UInt64Value { value: 300 }),
+            ..Default::default()
+        };
+        let st = [cri::PodSandboxStats {
+            attributes: Some(cri::PodSandboxAttributes { id: "s1".into(), ..Default::default() }),
+            linux: Some(cri::LinuxPodSandboxStats {
+                containers: vec![stat("c1", 2_000_000_000, 1000), stat("c2", 500_000_000, 24)],
+                network: Some(cri::NetworkUsage {
+                    timestamp: 3_000_000_000,
+                    default_interface: Some(lo.clone()),
+                    interfaces: vec![lo],
+                }),
+                ..Default::default()
+            }),
+            windows: None,
+        }];
         let p = pods(&sbs, &cs, &st);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].containers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["app", "side"]);
         let node = NodeUsage { cpu_nanos: 9_000_000_000, working_set: 1 << 30, available: 1 << 31 };
-        let s = summary("n1", 0, 4_000_000_000, &node, &p);
+        let fs = FsStats { available: 600, capacity: 1000, inodes_free: 90, inodes: 100 };
+        let storage = Storage {
+            at: 3_500_000_000,
+            node_fs: Some(fs),
+            image_fs: Some(fs),
+            pods: HashMap::from([(
+                "u-web".to_string(),
+                crate::eviction::PodStorage {
+                    volumes: [("cache".to_string(), (40, false)), ("shm".to_string(), (8, true))].into(),
+                    logs: [("app".to_string(), 10)].into(),
+                    disk: 55,
+                },
+            )]),
+        };
+        let s = summary("n1", 0, 4_000_000_000, &node, &p, &storage, Some(77));
+        assert_eq!(s["node"]["fs"]["usedBytes"], 400);
+        assert_eq!(s["node"]["fs"]["inodesUsed"], 10);
+        assert_eq!(s["node"]["runtime"]["imageFs"]["usedBytes"], 77);
+        let pod = &s["pods"][0];
+        assert_eq!(pod["network"]["name"], "lo");
+        assert_eq!(pod["network"]["rxBytes"], 300);
+        assert_eq!(pod["network"]["interfaces"][0]["txBytes"], 300);
+        assert_eq!(pod["ephemeral-storage"]["usedBytes"], 55);
+        assert_eq!(pod["ephemeral-storage"]["capacityBytes"], 1000);
+        assert_eq!(
+            pod["volume"][0],
+            json!({"time": "1970-01-01T00:00:03.5Z", "name": "cache", "usedBytes": 40, "availableBytes": 600, "capacityBytes": 1000, "inodesFree": 90, "inodes": 100})
+        );
+        assert_eq!(pod["volume"][1], json!({"time": "1970-01-01T00:00:03.5Z", "name": "shm", "usedBytes": 8}));
+        assert_eq!(pod["containers"][0]["logs"]["usedBytes"], 10);
+        assert_eq!(pod["containers"][1]["logs"]["usedBytes"], 0);
+        assert_eq!(pod["containers"][0]["rootfs"]["usedBytes"], 0);
         assert_eq!(s["node"]["nodeName"], "n1");
         let pod = &s["pods"][0];
         assert_eq!(pod["podRef"], json!({"name": "web", "namespace": "ns", "uid": "u-web"}));
