@@ -73,6 +73,11 @@ pub trait RuntimeClient: Send + Sync {
     async fn sandbox_events(&self) -> Result<BoxStream<'static, String>, tonic::Status>;
     /// Every container's stats (ListContainerStats).
     async fn container_stats(&self) -> Result<Vec<cri::ContainerStats>, tonic::Status>;
+    /// Every image the runtime has (ListImages).
+    async fn images(&self) -> Result<Vec<crate::imagegc::Image>, tonic::Status>;
+    /// The IDs of the images of every container the runtime has, running or not.
+    async fn images_in_use(&self) -> Result<std::collections::HashSet<String>, tonic::Status>;
+    async fn remove_image(&self, id: &str) -> Result<(), tonic::Status>;
 }
 
 /// The runtime as the pod workers share it.
@@ -336,6 +341,23 @@ impl RuntimeClient for Cri {
         let mut rt = self.rt.clone();
         let r = rt.list_container_stats(cri::ListContainerStatsRequest { filter: None }).await?;
         Ok(r.into_inner().stats)
+    }
+
+    async fn images(&self) -> Result<Vec<crate::imagegc::Image>, tonic::Status> {
+        let r = self.img.clone().list_images(cri::ListImagesRequest { filter: None }).await?.into_inner();
+        Ok(r.images.into_iter().map(|i| crate::imagegc::Image { id: i.id, size: i.size, pinned: i.pinned }).collect())
+    }
+
+    async fn images_in_use(&self) -> Result<std::collections::HashSet<String>, tonic::Status> {
+        let r = self.rt.clone().list_containers(cri::ListContainersRequest { filter: None }).await?.into_inner();
+        // Image.id is what containers carry as image_ref (and image_id, since CRI 1.36).
+        Ok(r.containers.into_iter().flat_map(|c| [c.image_ref, c.image_id]).filter(|id| !id.is_empty()).collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), tonic::Status> {
+        let spec = cri::ImageSpec { image: id.to_string(), ..Default::default() };
+        self.img.clone().remove_image(cri::RemoveImageRequest { image: Some(spec) }).await?;
+        Ok(())
     }
 
     async fn sandbox_events(&self) -> Result<BoxStream<'static, String>, tonic::Status> {

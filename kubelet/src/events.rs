@@ -11,7 +11,8 @@ pub enum Kind {
     Warning,
 }
 
-/// One event about a pod, or one of its containers (`spec.containers{name}`).
+/// One event about a pod, or one of its containers (`spec.containers{name}`); or, with no pod
+/// named, about the node itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub namespace: String,
@@ -23,6 +24,26 @@ pub struct Event {
     pub reason: String,
     pub message: String,
     pub time: SystemTime,
+}
+
+impl Event {
+    /// An event about the node (image garbage collection, its disks).
+    pub fn about_node(kind: Kind, reason: &str, message: &str) -> Event {
+        Event {
+            namespace: String::new(),
+            pod: String::new(),
+            uid: String::new(),
+            field_path: String::new(),
+            kind,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            time: SystemTime::now(),
+        }
+    }
+
+    pub fn is_about_node(&self) -> bool {
+        self.pod.is_empty()
+    }
 }
 
 /// Where events go.

@@ -587,6 +587,7 @@ pub async fn run(
     manager: mpsc::UnboundedSender<PodUpdate>,
     pressure: watch::Sender<NodePressure>,
     storage: watch::Sender<Arc<Storage>>,
+    images: Option<Arc<crate::imagegc::ImageGc>>,
 ) {
     let node = Arc::new(node);
     let mut state = State::default();
@@ -622,8 +623,21 @@ pub async fn run(
             *p = now;
             changed
         });
+        let mut evictions = evictions;
         if let Some(t) = &verdict.reclaim {
-            tracing::info!(signal = t.signal.name(), "eviction manager: threshold met, evicting to reclaim");
+            let disk = !matches!(t.signal, Signal::MemoryAvailable | Signal::AllocatableMemoryAvailable);
+            // Node-level resources first, as the kubelet reclaims them: for disk, every unused
+            // image. Pods go only if the threshold still holds at the next round.
+            let freed = match (&images, disk) {
+                (Some(gc), true) => gc.delete_unused().await,
+                _ => 0,
+            };
+            if freed > 0 {
+                tracing::info!(signal = t.signal.name(), freed, "eviction manager: unused images removed to reclaim");
+                evictions.retain(|e| !e.pressure);
+            } else {
+                tracing::info!(signal = t.signal.name(), "eviction manager: threshold met, evicting to reclaim");
+            }
         }
         for e in evictions {
             if manager.send(PodUpdate::Evict(e)).is_err() {

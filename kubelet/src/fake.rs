@@ -362,6 +362,20 @@ impl RuntimeClient for FakeRuntime {
         Ok(Vec::new())
     }
 
+    async fn images(&self) -> Result<Vec<crate::imagegc::Image>, tonic::Status> {
+        let st = self.lock();
+        Ok(st.images.iter().map(|id| crate::imagegc::Image { id: id.clone(), size: 1000, pinned: false }).collect())
+    }
+
+    async fn images_in_use(&self) -> Result<HashSet<String>, tonic::Status> {
+        Ok(self.lock().containers.iter().map(|c| c.config.image.clone().unwrap_or_default().image).collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), tonic::Status> {
+        self.lock().images.remove(id);
+        Ok(())
+    }
+
     async fn sandbox_events(&self) -> Result<BoxStream<'static, String>, tonic::Status> {
         let rx = self.events.subscribe();
         Ok(futures_util::stream::unfold(rx, |mut rx| async move {

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod credentials;
 pub mod env;
 pub mod eviction;
+pub mod imagegc;
 pub mod images;
 pub mod logrotate;
 pub mod logs;

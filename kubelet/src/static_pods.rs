@@ -22,7 +22,11 @@ pub struct TracingRecorder;
 
 impl Recorder for TracingRecorder {
     fn record(&self, e: Event) {
-        let object = if e.field_path.is_empty() { e.pod.clone() } else { format!("{} {}", e.pod, e.field_path) };
+        let object = match (e.is_about_node(), e.field_path.is_empty()) {
+            (true, _) => "the node".to_string(),
+            (false, true) => e.pod.clone(),
+            (false, false) => format!("{} {}", e.pod, e.field_path),
+        };
         match e.kind {
             Kind::Normal => {
                 tracing::info!(namespace = %e.namespace, object = %object, reason = %e.reason, "{}", e.message)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::Value;
 use wasmlet_tests::cluster::{ControlPlane, NODE_MONITOR_GRACE, Proxy, SIGNING_DURATION, WasmletNode, node_condition};
-use wasmlet_tests::{examples_dir, tool_module};
+use wasmlet_tests::{examples_dir, http_component, tool_module};
 
 const FAST: &str = "[node]\nnodeLeaseDurationSeconds = 8\nnodeStatusUpdateFrequency = \"2s\"\n";
 
@@ -1601,5 +1601,53 @@ fn stats_summary_and_resource_metrics_show_the_guests_known_load() -> Result<()>
     let pod_ws = format!("pod_memory_working_set_bytes{{namespace=\"{ns}\",pod=\"holder\"}} ");
     assert_eq!(sample(&m1, &pod_ws), Some(ws), "{m1}");
     assert!(sample(&m1, "node_cpu_usage_seconds_total ").unwrap_or(0.0) > 0.0, "{m1}");
+    Ok(())
+}
+
+#[test]
+fn image_gc_over_the_high_threshold_removes_unused_images_and_reports_on_the_node() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    // Any used disk is over 1%, and nothing brings it to 0%: the first round (at start) takes
+    // every unused image and reports that it could not free enough.
+    let config =
+        format!("{FAST}imageGCHighThresholdPercent = 1\nimageGCLowThresholdPercent = 0\nimageMinimumGCAge = \"0s\"\n");
+    let images = [(tool_module(), "tool:1"), (http_component(), "spare:1")];
+    let node = WasmletNode::start(cp, "wasm-node-gc", &images, &config)?;
+    wait_node_ready(cp, &node)?;
+    let crictl = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(cp.bin.join("crictl"))
+            .arg("--runtime-endpoint")
+            .arg(format!("unix://{}", node.cri_socket()?.display()))
+            .args(args)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "crictl {args:?}: {out:?}");
+        Ok(text(&out.stdout))
+    };
+    cp.wait("the unused images removed", Duration::from_secs(60), || Ok(crictl(&["images", "-q"])?.trim().is_empty()))?;
+    let selector = format!("reason=FreeDiskSpaceFailed,involvedObject.kind=Node,involvedObject.name={}", node.name);
+    let mut events = String::new();
+    cp.wait("the node's FreeDiskSpaceFailed event", Duration::from_secs(30), || {
+        events = cp.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            &selector,
+            "-o",
+            "jsonpath={.items[*].message}",
+        ])?;
+        Ok(!events.is_empty())
+    })?;
+    assert!(events.starts_with("Failed to garbage collect required amount of images. Attempted to free "), "{events}");
+    assert!(events.contains("bytes, but only found ") && events.contains(" bytes eligible to free."), "{events}");
+    // The node still serves: a pod whose image is gone waits for it, named.
+    let ns = cp.namespace("gc")?;
+    let pod = "  containers: [{name: c, image: tool:1, imagePullPolicy: Never, args: [sleep, \"60\"]}]\n";
+    cp.apply(&ns, &pod_with("late", &node.name, pod))?;
+    cp.wait("the pod waiting for its image", Duration::from_secs(60), || {
+        let p: Value = serde_json::from_str(&cp.kubectl_ok(&["get", "pod", "-n", &ns, "late", "-o", "json"])?)?;
+        Ok(p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ErrImageNeverPull")
+    })?;
     Ok(())
 }

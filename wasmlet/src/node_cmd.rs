@@ -152,11 +152,12 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         Some(o) => o.clone(),
         None => Arc::new(wasmlet_kubelet::worker::StaticObjects::default()),
     };
-    let local = LocalNode::start(&a.root, &a.run_dir, a.runtime, identity, recorder, objects).await?;
+    let local = LocalNode::start(&a.root, &a.run_dir, a.runtime, identity, recorder.clone(), objects).await?;
     let node = local.node.clone();
     let (tx, rx) = mpsc::unbounded_channel();
     let mut manager = PodManager::new(node.clone());
     let eviction = a.config.eviction().map_err(|e| anyhow::anyhow!("config [node]: {e}"))?;
+    let image_gc = a.config.image_gc().map_err(|e| anyhow::anyhow!("config [node]: {e}"))?;
     let (pressure_tx, pressure) = tokio::sync::watch::channel(Default::default());
     let (storage_tx, storage) = tokio::sync::watch::channel(Default::default());
     if let Some(client) = &client {
@@ -211,7 +212,11 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         wasmlet_kubelet::node::memory_total().unwrap_or(0).saturating_sub(a.config.reserved_memory());
     let evictions =
         wasmlet_kubelet::eviction::Node { pods: node.clone(), image_root: a.root.clone(), allocatable_memory };
-    tasks.push(tokio::spawn(wasmlet_kubelet::eviction::run(eviction, evictions, tx.clone(), pressure_tx, storage_tx)));
+    let images = Arc::new(wasmlet_kubelet::imagegc::ImageGc::new(image_gc, node.cri.clone(), a.root.clone(), recorder));
+    tasks.push(tokio::spawn(wasmlet_kubelet::imagegc::run(images.clone())));
+    let evicting =
+        wasmlet_kubelet::eviction::run(eviction, evictions, tx.clone(), pressure_tx, storage_tx, Some(images));
+    tasks.push(tokio::spawn(evicting));
     if let Some(dir) = a.pod_manifest_path.clone() {
         manager.expect(wasmlet_kubelet::pods::Source::File);
         tasks.push(tokio::spawn(static_pods::follow(dir, name.clone(), tx.clone())));

@@ -403,9 +403,16 @@ impl ApiRecorder {
 /// The Event object for one of ours.
 pub fn api_event(e: &events::Event, node_name: &str, name: String) -> ApiEvent {
     let t = time(e.time);
-    ApiEvent {
-        metadata: ObjectMeta { name: Some(name), namespace: Some(e.namespace.clone()), ..Default::default() },
-        involved_object: ObjectReference {
+    // A node's events are in "default", about the Node whose UID the kubelet gives as its name.
+    let involved_object = if e.is_about_node() {
+        ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(node_name.into()),
+            uid: Some(node_name.into()),
+            ..Default::default()
+        }
+    } else {
+        ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
             name: Some(e.pod.clone()),
@@ -413,7 +420,12 @@ pub fn api_event(e: &events::Event, node_name: &str, name: String) -> ApiEvent {
             uid: Some(e.uid.clone()),
             field_path: (!e.field_path.is_empty()).then(|| e.field_path.clone()),
             ..Default::default()
-        },
+        }
+    };
+    let namespace = if e.is_about_node() { "default".to_string() } else { e.namespace.clone() };
+    ApiEvent {
+        metadata: ObjectMeta { name: Some(name), namespace: Some(namespace), ..Default::default() },
+        involved_object,
         reason: Some(e.reason.clone()),
         message: Some(e.message.clone()),
         type_: Some(match e.kind {
@@ -438,7 +450,12 @@ async fn post_events(client: kube::Client, node_name: String, mut rx: mpsc::Unbo
     let mut seen: HashMap<EventKey, (String, i32, SystemTime)> = HashMap::new();
     let mut complaint = Complaint::default();
     while let Some(e) = rx.recv().await {
-        let api: Api<ApiEvent> = Api::namespaced(client.clone(), &e.namespace);
+        let (namespace, about) = if e.is_about_node() {
+            ("default".to_string(), node_name.clone())
+        } else {
+            (e.namespace.clone(), e.pod.clone())
+        };
+        let api: Api<ApiEvent> = Api::namespaced(client.clone(), &namespace);
         let key = (e.uid.clone(), e.field_path.clone(), e.reason.clone(), e.message.clone());
         seen.retain(|_, (_, _, first)| first.elapsed().unwrap_or_default() < Duration::from_secs(600));
         let result = match seen.get_mut(&key) {
@@ -449,7 +466,7 @@ async fn post_events(client: kube::Client, node_name: String, mut rx: mpsc::Unbo
             }
             None => {
                 let nanos = e.time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-                let name = format!("{}.{:x}", e.pod, nanos);
+                let name = format!("{about}.{nanos:x}");
                 let r = api.create(&PostParams::default(), &api_event(&e, &node_name, name.clone())).await.map(|_| ());
                 if r.is_ok() {
                     seen.insert(key, (name, 1, SystemTime::now()));
@@ -459,7 +476,7 @@ async fn post_events(client: kube::Client, node_name: String, mut rx: mpsc::Unbo
         };
         match result {
             Ok(()) => complaint.succeeded("post events"),
-            Err(err) => complaint.failed(&format!("post event {} for pod {}/{}", e.reason, e.namespace, e.pod), &err),
+            Err(err) => complaint.failed(&format!("post event {} for {namespace}/{about}", e.reason), &err),
         }
     }
 }

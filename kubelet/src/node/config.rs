@@ -86,6 +86,18 @@ pub struct NodeConfig {
     /// the node's allocatable.
     pub system_reserved: BTreeMap<String, String>,
     pub kube_reserved: BTreeMap<String, String>,
+    /// Image garbage collection: unused images go once the image filesystem is this full
+    /// (percent; 100 turns it off), down to the low threshold.
+    #[serde(rename = "imageGCHighThresholdPercent")]
+    pub image_gc_high_threshold_percent: i32,
+    #[serde(rename = "imageGCLowThresholdPercent")]
+    pub image_gc_low_threshold_percent: i32,
+    /// Images seen for less than this are never collected.
+    #[serde(rename = "imageMinimumGCAge", with = "go_duration")]
+    pub image_minimum_gc_age: Duration,
+    /// Images unused for longer than this are collected whatever the disk (0s: off).
+    #[serde(rename = "imageMaximumGCAge", with = "go_duration")]
+    pub image_maximum_gc_age: Duration,
 }
 
 /// KubeletConfiguration's `authentication`: client certificates signed by the client CA (by
@@ -140,6 +152,10 @@ impl Default for NodeConfig {
             eviction_pressure_transition_period: Duration::from_secs(300),
             system_reserved: BTreeMap::new(),
             kube_reserved: BTreeMap::new(),
+            image_gc_high_threshold_percent: 85,
+            image_gc_low_threshold_percent: 80,
+            image_minimum_gc_age: Duration::from_secs(120),
+            image_maximum_gc_age: Duration::ZERO,
         }
     }
 }
@@ -203,6 +219,26 @@ impl NodeConfig {
         q(&self.system_reserved) + q(&self.kube_reserved) + threshold
     }
 
+    /// The image garbage collector's settings. Checked by [`NodeConfig::check`].
+    pub fn image_gc(&self) -> Result<crate::imagegc::Policy, String> {
+        let (high, low) = (self.image_gc_high_threshold_percent, self.image_gc_low_threshold_percent);
+        for (name, v) in [("imageGCHighThresholdPercent", high), ("imageGCLowThresholdPercent", low)] {
+            if !(0..=100).contains(&v) {
+                return Err(format!("{name} {v}: it must be from 0 to 100"));
+            }
+        }
+        if low >= high {
+            return Err(format!(
+                "imageGCLowThresholdPercent {low} must be less than imageGCHighThresholdPercent {high}"
+            ));
+        }
+        let (min_age, max_age) = (self.image_minimum_gc_age, self.image_maximum_gc_age);
+        if !max_age.is_zero() && max_age <= min_age {
+            return Err(format!("imageMaximumGCAge {max_age:?} must be more than imageMinimumGCAge {min_age:?}"));
+        }
+        Ok(crate::imagegc::Policy { high_percent: high as u8, low_percent: low as u8, min_age, max_age })
+    }
+
     /// What is wrong with the settings, if anything.
     pub fn check(&self) -> Result<(), String> {
         for t in &self.register_with_taints {
@@ -236,6 +272,7 @@ impl NodeConfig {
         }
         self.log_policy()?;
         self.eviction()?;
+        self.image_gc()?;
         for (what, m) in [("systemReserved", &self.system_reserved), ("kubeReserved", &self.kube_reserved)] {
             for (k, v) in m {
                 if !matches!(k.as_str(), "cpu" | "memory" | "ephemeral-storage" | "pid") {
@@ -359,6 +396,22 @@ mod tests {
         let bad =
             NodeConfig { system_reserved: [("gpu".to_string(), "1".to_string())].into(), ..NodeConfig::default() };
         assert!(bad.check().unwrap_err().contains("systemReserved: unknown resource \"gpu\""));
+    }
+
+    #[test]
+    fn image_gc_settings_are_checked() {
+        let p = NodeConfig::default().image_gc().unwrap();
+        assert_eq!((p.high_percent, p.low_percent, p.min_age), (85, 80, Duration::from_secs(120)));
+        let cfg = |high, low, max| NodeConfig {
+            image_gc_high_threshold_percent: high,
+            image_gc_low_threshold_percent: low,
+            image_maximum_gc_age: Duration::from_secs(max),
+            ..NodeConfig::default()
+        };
+        assert!(cfg(101, 80, 0).check().unwrap_err().contains("imageGCHighThresholdPercent 101"));
+        assert!(cfg(80, 80, 0).check().unwrap_err().contains("must be less than imageGCHighThresholdPercent 80"));
+        assert!(cfg(85, 80, 60).check().unwrap_err().contains("imageMaximumGCAge 60s must be more"));
+        assert!(cfg(100, 0, 0).check().is_ok());
     }
 
     #[test]
