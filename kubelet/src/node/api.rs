@@ -400,6 +400,11 @@ impl ApiRecorder {
     }
 }
 
+/// (namespace, object name) of an event: a node's events are in "default".
+fn placement(e: &events::Event, node_name: &str) -> (String, String) {
+    if e.is_about_node() { ("default".into(), node_name.into()) } else { (e.namespace.clone(), e.pod.clone()) }
+}
+
 /// The Event object for one of ours.
 pub fn api_event(e: &events::Event, node_name: &str, name: String) -> ApiEvent {
     let t = time(e.time);
@@ -422,9 +427,8 @@ pub fn api_event(e: &events::Event, node_name: &str, name: String) -> ApiEvent {
             ..Default::default()
         }
     };
-    let namespace = if e.is_about_node() { "default".to_string() } else { e.namespace.clone() };
     ApiEvent {
-        metadata: ObjectMeta { name: Some(name), namespace: Some(namespace), ..Default::default() },
+        metadata: ObjectMeta { name: Some(name), namespace: Some(placement(e, node_name).0), ..Default::default() },
         involved_object,
         reason: Some(e.reason.clone()),
         message: Some(e.message.clone()),
@@ -450,11 +454,7 @@ async fn post_events(client: kube::Client, node_name: String, mut rx: mpsc::Unbo
     let mut seen: HashMap<EventKey, (String, i32, SystemTime)> = HashMap::new();
     let mut complaint = Complaint::default();
     while let Some(e) = rx.recv().await {
-        let (namespace, about) = if e.is_about_node() {
-            ("default".to_string(), node_name.clone())
-        } else {
-            (e.namespace.clone(), e.pod.clone())
-        };
+        let (namespace, about) = placement(&e, &node_name);
         let api: Api<ApiEvent> = Api::namespaced(client.clone(), &namespace);
         let key = (e.uid.clone(), e.field_path.clone(), e.reason.clone(), e.message.clone());
         seen.retain(|_, (_, _, first)| first.elapsed().unwrap_or_default() < Duration::from_secs(600));
