@@ -144,9 +144,13 @@ fn state(s: i32) -> State {
 /// A sandbox's network as the runtime reports it.
 #[derive(Debug, Clone, Default)]
 pub struct SandboxNetwork {
+    /// The pod IP (empty where the runtime reports none: rootless pods).
     pub ip: String,
     /// A path `setns` accepts, when the pod has a namespace of its own.
     pub netns: Option<String>,
+    /// The pod's address inside that namespace, where the runtime says (wasmlet's verbose
+    /// `pod_address`): what probes dial from there when there is no pod IP.
+    pub inside: Option<String>,
 }
 
 impl Cri {
@@ -217,7 +221,11 @@ impl RuntimeClient for Cri {
             .await?
             .into_inner();
         let ip = r.status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
-        Ok(SandboxNetwork { ip, netns: r.info.get("network_namespace").cloned() })
+        Ok(SandboxNetwork {
+            ip,
+            netns: r.info.get("network_namespace").cloned(),
+            inside: r.info.get("pod_address").cloned(),
+        })
     }
 
     async fn sandboxes(&self, uid: Option<&str>) -> Result<Vec<cri::PodSandbox>, tonic::Status> {

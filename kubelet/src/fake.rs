@@ -201,7 +201,7 @@ impl RuntimeClient for FakeRuntime {
     async fn sandbox_network(&self, id: &str) -> Result<SandboxNetwork, tonic::Status> {
         let s = self.lock();
         let b = s.sandboxes.iter().find(|b| b.id == id).ok_or_else(|| not_found("sandbox", id))?;
-        Ok(SandboxNetwork { ip: if b.ready { "10.0.0.2".into() } else { String::new() }, netns: None })
+        Ok(SandboxNetwork { ip: if b.ready { "10.0.0.2".into() } else { String::new() }, netns: None, inside: None })
     }
 
     async fn sandboxes(&self, uid: Option<&str>) -> Result<Vec<cri::PodSandbox>, tonic::Status> {

@@ -162,7 +162,7 @@ pub fn resolve_port(port: &IntOrString, c: &Container) -> Result<u16, String> {
 }
 
 fn host_ip(host: Option<&str>, target: &Target) -> Result<IpAddr, String> {
-    let host = host.filter(|h| !h.is_empty()).unwrap_or(&target.net.ip);
+    let host = host.filter(|h| !h.is_empty()).unwrap_or_else(|| pod_address(target));
     host.parse().map_err(|_| format!("cannot resolve host {host:?}: only IP addresses are supported"))
 }
 
@@ -172,9 +172,18 @@ fn endpoint(port: &IntOrString, host: Option<&str>, c: &Container, target: &Targ
     Ok((host_ip(host, target)?, port))
 }
 
+/// The pod's address: its IP, or where the runtime reports none (rootless), its address
+/// inside its own namespace.
+fn pod_address(target: &Target) -> &str {
+    match (&*target.net.ip, &target.net.inside) {
+        ("", Some(inside)) => inside,
+        (ip, _) => ip,
+    }
+}
+
 /// The namespace to dial from: the pod's, when the target is the pod's own address.
 fn dial_ns(ip: IpAddr, target: &Target) -> Option<&str> {
-    (ip.to_string() == target.net.ip).then_some(target.net.netns.as_deref()).flatten()
+    (ip.to_string() == pod_address(target)).then_some(target.net.netns.as_deref()).flatten()
 }
 
 /// A probe's result and the message that goes with it.
@@ -575,8 +584,10 @@ mod tests {
                 });
             }
         });
-        let target =
-            Target { net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None }, container_id: String::new() };
+        let target = Target {
+            net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None, inside: None },
+            container_id: String::new(),
+        };
         let c = Container::default();
         let get = |path: &str| HTTPGetAction {
             path: Some(path.into()),
@@ -585,6 +596,12 @@ mod tests {
         };
         let t = Duration::from_secs(2);
         assert_eq!(http_probe(&target, &get("/ok"), &c, t).await.0, Outcome::Success);
+        // No pod IP reported (rootless): the probe dials the pod's address inside its namespace.
+        let inside = SandboxNetwork { ip: String::new(), netns: None, inside: Some("127.0.0.1".into()) };
+        let rootless = Target { net: inside, container_id: String::new() };
+        assert_eq!(http_probe(&rootless, &get("/ok"), &c, t).await.0, Outcome::Success);
+        let nothing = Target { net: SandboxNetwork::default(), container_id: String::new() };
+        assert_eq!(http_probe(&nothing, &get("/ok"), &c, t).await.0, Outcome::Unknown, "no address at all");
         assert_eq!(http_probe(&target, &get("/agent"), &c, t).await.0, Outcome::Success);
         assert_eq!(http_probe(&target, &get("/hop"), &c, t).await.0, Outcome::Success, "same-host redirect followed");
         let (o, msg) = http_probe(&target, &get("/away"), &c, t).await;
@@ -661,8 +678,10 @@ mod tests {
     #[tokio::test]
     async fn grpc_probes_pass_only_serving() {
         let port = health_server().await;
-        let target =
-            Target { net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None }, container_id: String::new() };
+        let target = Target {
+            net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None, inside: None },
+            container_id: String::new(),
+        };
         let t = Duration::from_secs(2);
         let action = |service: Option<&str>| GRPCAction { port: i32::from(port), service: service.map(str::to_string) };
         assert_eq!(grpc(&target, &action(None), t).await.0, Outcome::Success);
@@ -765,8 +784,10 @@ mod tests {
             });
             port
         };
-        let target =
-            Target { net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None }, container_id: String::new() };
+        let target = Target {
+            net: SandboxNetwork { ip: "127.0.0.1".into(), netns: None, inside: None },
+            container_id: String::new(),
+        };
         let c = Container { name: "web".into(), ..Default::default() };
         let t = Duration::from_secs(2);
         let https = |port: u16| HTTPGetAction {

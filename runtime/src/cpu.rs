@@ -6,7 +6,11 @@
 //! - **Quota** (limits.cpu, the CFS quota and period): a container that used its quota in the
 //!   current period waits for the next one. An overrun (a poll ends at the next epoch tick,
 //!   not at the quota's last nanosecond) is paid back from the next period, so the average
-//!   holds.
+//!   holds. Each container's periods start at a phase of its own ([`Phases`]): where its quota
+//!   overlaps least with the quotas of the other limited containers, so that limited guests
+//!   started together tile the period rather than all spend their quota at its top, saturate
+//!   every core at once and leave the rest idle. (The kernel's CFS timers start wherever each
+//!   cgroup first ran.)
 //! - **Shares** (requests.cpu, the CFS weight): the node's cores are tokens, one per core. A
 //!   poll holds one; when none is free the guest queues, and the token that frees next goes to
 //!   the queued guest with the least weighted CPU time (its virtual runtime: CPU time scaled by
@@ -46,6 +50,8 @@ pub struct Cpu {
     /// CPU nanoseconds scaled by 1024 / shares.
     vruntime: AtomicU64,
     bucket: Mutex<Bucket>,
+    /// Its place in [`Phases`] (0: none yet).
+    phase: AtomicU64,
     periods: AtomicU64,
     throttled_periods: AtomicU64,
     throttled_nanos: AtomicU64,
@@ -89,7 +95,12 @@ impl Cpu {
     fn admit(&self, now: Instant) -> Option<Instant> {
         let (quota, period) = self.quota()?;
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        match bucket.admit(now, quota, period) {
+        let first = || {
+            let (id, fraction) = Phases::node().place(quota as f64 / period.as_nanos().max(1) as f64);
+            self.phase.store(id, Ordering::Relaxed);
+            phase_start(now, period, fraction)
+        };
+        match bucket.admit(now, quota, period, first) {
             Admission::Run { new_period } => {
                 if new_period {
                     self.periods.fetch_add(1, Ordering::Relaxed);
@@ -146,10 +157,11 @@ enum Admission {
 
 impl Bucket {
     /// Moves to the period `now` is in (paying an overrun from the periods passed; unused
-    /// quota is not banked), then says whether the quota is left.
-    fn admit(&mut self, now: Instant, quota: u64, period: Duration) -> Admission {
+    /// quota is not banked), then says whether the quota is left. `first` gives the start of
+    /// the first period.
+    fn admit(&mut self, now: Instant, quota: u64, period: Duration, first: impl FnOnce() -> Instant) -> Admission {
         let mut new_period = self.start.is_none();
-        let start = *self.start.get_or_insert(now);
+        let start = *self.start.get_or_insert_with(first);
         if now >= start + period {
             let passed = ((now - start).as_nanos() / period.as_nanos()) as u32;
             self.start = Some(start + period * passed);
@@ -163,6 +175,87 @@ impl Bucket {
         let first = !std::mem::replace(&mut self.throttled, true);
         Admission::Wait { until: self.start.unwrap_or(now) + period, first }
     }
+}
+
+impl Drop for Cpu {
+    fn drop(&mut self) {
+        Phases::node().remove(*self.phase.get_mut());
+    }
+}
+
+/// Where in the period the limited containers' periods start, and how much of it each one's
+/// quota takes (fractions of a period): a new one is placed where its quota overlaps least
+/// with the others', so that ten containers limited to a tenth of a core each tile the period.
+struct Phases {
+    /// The last id given, and every placed container's (id, phase, share).
+    placed: Mutex<(u64, Vec<Placed>)>,
+}
+
+/// A placed container: its id, its phase and its quota's share of the period.
+type Placed = (u64, f64, f64);
+
+/// Past this many limited containers a new one is placed by the golden-ratio sequence, not by
+/// comparing it with every other (which costs the square of their number).
+const PHASES_COMPARED: usize = 256;
+
+impl Phases {
+    fn node() -> &'static Phases {
+        static PHASES: Phases = Phases { placed: Mutex::new((0, Vec::new())) };
+        &PHASES
+    }
+
+    /// Places a container whose quota is `share` of its period: (its id, its phase).
+    fn place(&self, share: f64) -> (u64, f64) {
+        let mut placed = self.placed.lock().unwrap_or_else(|e| e.into_inner());
+        placed.0 += 1;
+        let id = placed.0;
+        let share = share.clamp(0.0, 1.0);
+        let phase = if placed.1.len() < PHASES_COMPARED {
+            least_overlap(&placed.1, share)
+        } else {
+            // The fractional part of id times the golden ratio.
+            (id as f64 * 0.618_033_988_749_895).fract()
+        };
+        placed.1.push((id, phase, share));
+        (id, phase)
+    }
+
+    fn remove(&self, id: u64) {
+        if id != 0 {
+            self.placed.lock().unwrap_or_else(|e| e.into_inner()).1.retain(|p| p.0 != id);
+        }
+    }
+}
+
+/// The phase at which a quota of `share` overlaps least with the `placed` ones (their ends,
+/// and 0, are the candidates: the first of the best wins).
+fn least_overlap(placed: &[Placed], share: f64) -> f64 {
+    let candidates = std::iter::once(0.0).chain(placed.iter().map(|&(_, p, l)| (p + l).fract()));
+    let mut best = (f64::INFINITY, 0.0);
+    for c in candidates {
+        let overlap: f64 = placed.iter().map(|&(_, p, l)| circular_overlap(c, share, p, l)).sum();
+        if overlap < best.0 - 1e-9 {
+            best = (overlap, c);
+        }
+    }
+    best.1
+}
+
+/// How much `[a, a + l)` and `[b, b + m)` overlap on a circle of circumference 1.
+fn circular_overlap(a: f64, l: f64, b: f64, m: f64) -> f64 {
+    [-1.0, 0.0, 1.0].iter().map(|k| ((a + l).min(b + k + m) - a.max(b + k)).max(0.0)).sum()
+}
+
+/// The latest instant not after `now` at which a period of phase `fraction` starts (periods
+/// counted from a fixed origin).
+fn phase_start(now: Instant, period: Duration, fraction: f64) -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(|| now);
+    let period = period.as_nanos().max(1);
+    let offset = ((period as f64 * fraction) as u128).min(period - 1);
+    let elapsed = now.saturating_duration_since(origin).as_nanos();
+    let back = Duration::from_nanos(((elapsed + period - offset) % period) as u64);
+    now.checked_sub(back).unwrap_or(now)
 }
 
 /// The node's cores as tokens, handed to queued guests least virtual runtime first.
@@ -340,12 +433,14 @@ pub(crate) struct Metered<F> {
     ticket: Option<(u64, u64)>,
     /// It was preempted holding a token and kept it for its next poll.
     held: bool,
+    /// Its last poll ended at an epoch tick: it computes rather than waits.
+    computing: bool,
 }
 
 impl<F> Metered<F> {
     pub(crate) fn new(meter: Arc<GuestMeter>, inner: F) -> Metered<F> {
         let root = meter.root().clone();
-        Metered { inner: Box::pin(inner), meter, root, wait: None, ticket: None, held: false }
+        Metered { inner: Box::pin(inner), meter, root, wait: None, ticket: None, held: false, computing: false }
     }
 }
 
@@ -379,6 +474,7 @@ impl<F: Future> Future for Metered<F> {
             PREEMPTED.set(false);
             Some(Holding { cpu: &root.cpu, kept: false })
         };
+        thread_nice(if this.computing { COMPUTING_NICE } else { 0 });
         let started = Instant::now();
         let r = this.inner.as_mut().poll(cx);
         let spent = started.elapsed().as_nanos() as u64;
@@ -390,7 +486,8 @@ impl<F: Future> Future for Metered<F> {
         if let Some(h) = holding.as_mut() {
             // Preempted, it is polled again at once: it keeps the core unless a guest that
             // is owed more waits for one. (A guest waiting on I/O gives the core back.)
-            if r.is_pending() && PREEMPTED.replace(false) {
+            this.computing = r.is_pending() && PREEMPTED.replace(false);
+            if this.computing {
                 h.kept = Cores::node().keep(root.cpu.vruntime.load(Ordering::Relaxed));
                 this.held = h.kept;
             }
@@ -408,6 +505,40 @@ impl<F> Drop for Metered<F> {
             Cores::node().release(self.root.cpu.vruntime.load(Ordering::Relaxed));
         }
     }
+}
+
+/// The nice value of a thread while it polls a guest that computes: the host's own threads
+/// (host-port forwarders, the CRI server, the kubelet) and guests that wait on I/O then get a
+/// core at once when they wake, as CFS gives a waking task with a small weight's neighbour.
+const COMPUTING_NICE: i32 = 10;
+
+thread_local! {
+    /// The nice value this thread was last set to.
+    static NICE: Cell<i32> = const { Cell::new(0) };
+}
+
+/// Sets the calling thread's nice value, when the process may lower it again (a thread that
+/// could only raise it would end up at the lowest priority for good).
+fn thread_nice(nice: i32) {
+    static MAY: OnceLock<bool> = OnceLock::new();
+    if NICE.get() == nice || !*MAY.get_or_init(may_renice) {
+        return;
+    }
+    if rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice).is_ok() {
+        NICE.set(nice);
+    }
+}
+
+/// Whether a thread may raise its nice value and lower it back (CAP_SYS_NICE, or a nice
+/// limit that allows it), tried on a thread of its own.
+fn may_renice() -> bool {
+    std::thread::spawn(|| {
+        let me = Some(rustix::thread::gettid());
+        rustix::process::setpriority_process(me, COMPUTING_NICE).is_ok()
+            && rustix::process::setpriority_process(me, 0).is_ok()
+    })
+    .join()
+    .unwrap_or(false)
 }
 
 /// CPU readings kept so that every reader of "nano-cores now" gets the same answer: a rate
@@ -450,19 +581,61 @@ mod tests {
         let period = Duration::from_millis(100);
         let t0 = Instant::now();
         let mut b = Bucket::default();
-        assert_eq!(b.admit(t0, 20 * MS, period), Admission::Run { new_period: true });
+        let admit = |b: &mut Bucket, t: Instant| b.admit(t, 20 * MS, period, || t0);
+        assert_eq!(admit(&mut b, t0), Admission::Run { new_period: true });
         b.used = 25 * MS;
         let wait = Admission::Wait { until: t0 + period, first: true };
-        assert_eq!(b.admit(t0 + Duration::from_millis(30), 20 * MS, period), wait);
-        let again = b.admit(t0 + Duration::from_millis(40), 20 * MS, period);
+        assert_eq!(admit(&mut b, t0 + Duration::from_millis(30)), wait);
+        let again = admit(&mut b, t0 + Duration::from_millis(40));
         assert_eq!(again, Admission::Wait { until: t0 + period, first: false });
         // The next period starts 5 ms in debt.
-        assert_eq!(b.admit(t0 + period, 20 * MS, period), Admission::Run { new_period: true });
+        assert_eq!(admit(&mut b, t0 + period), Admission::Run { new_period: true });
         assert_eq!(b.used, 5 * MS);
         // Idle periods pay debt but bank nothing.
         b.used = 0;
-        assert_eq!(b.admit(t0 + period * 5, 20 * MS, period), Admission::Run { new_period: true });
+        assert_eq!(admit(&mut b, t0 + period * 5), Admission::Run { new_period: true });
         assert_eq!((b.used, b.start), (0, Some(t0 + period * 5)));
+    }
+
+    #[test]
+    fn limited_containers_tile_the_period() {
+        // Ten quotas of a tenth: one after the other, no overlap.
+        let mut placed = Vec::new();
+        for id in 0..10 {
+            let p = least_overlap(&placed, 0.1);
+            placed.push((id, p, 0.1));
+        }
+        let mut phases: Vec<f64> = placed.iter().map(|p| p.1).collect();
+        phases.sort_by(f64::total_cmp);
+        for (i, p) in phases.iter().enumerate() {
+            assert!((p - i as f64 / 10.0).abs() < 1e-9, "{phases:?}");
+        }
+        // An eleventh overlaps, but with as little as can be.
+        let p = least_overlap(&placed, 0.1);
+        let overlap: f64 = placed.iter().map(|&(_, b, m)| circular_overlap(p, 0.1, b, m)).sum();
+        assert!((overlap - 0.1).abs() < 1e-9);
+        // Overlaps wrap around the period's end.
+        assert!((circular_overlap(0.95, 0.1, 0.0, 0.1) - 0.05).abs() < 1e-9);
+        assert_eq!(circular_overlap(0.2, 0.1, 0.5, 0.1), 0.0);
+        // A container that goes away frees its place.
+        let phases = Phases { placed: Mutex::new((0, Vec::new())) };
+        let (a, pa) = phases.place(0.5);
+        let (_, pb) = phases.place(0.5);
+        assert_eq!((pa, pb), (0.0, 0.5));
+        phases.remove(a);
+        assert_eq!(phases.place(0.5).1, 0.0);
+    }
+
+    #[test]
+    fn a_phase_start_is_on_the_phase_and_not_after_now() {
+        let period = Duration::from_millis(100);
+        let now = Instant::now() + Duration::from_secs(1);
+        for fraction in [0.0, 0.25, 0.999] {
+            let start = phase_start(now, period, fraction);
+            assert!(start <= now && now - start < period);
+            let later = phase_start(now + Duration::from_millis(337), period, fraction);
+            assert_eq!((later - start).as_nanos() % period.as_nanos(), 0, "the same phase");
+        }
     }
 
     #[test]

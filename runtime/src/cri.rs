@@ -23,6 +23,9 @@ pub const CRI_VERSION: &str = "v1";
 pub const KUBE_RUNTIME_API_VERSION: &str = "0.1.0";
 /// Items per message in the Stream* list RPCs.
 const STREAM_CHUNK: usize = 500;
+/// The key of PodSandboxStatus's verbose info that holds the pod's address inside its own
+/// namespace (reported even where the pod IP is not, in rootless mode).
+pub const POD_ADDRESS_INFO: &str = "pod_address";
 
 /// Maps a runtime error to the gRPC status a CRI client expects.
 pub fn status(e: Error) -> Status {
@@ -696,9 +699,21 @@ impl RuntimeService for CriServer {
             if let Some(path) = self.runtime.netns_path(&s.id) {
                 info.insert("network_namespace".to_string(), path);
             }
+            // The pod's address inside its namespace, for a client that dials from there.
+            if !s.ip.is_empty() {
+                info.insert(POD_ADDRESS_INFO.to_string(), s.ip.clone());
+            }
+        }
+        let mut status = to_sandbox_status(&s);
+        if !self.runtime.pod_ips_reachable()
+            && let Some(n) = status.network.as_mut()
+        {
+            // Rootless: the address exists only inside the pod; the host would route it away.
+            n.ip.clear();
+            n.additional_ips.clear();
         }
         Ok(Response::new(cri::PodSandboxStatusResponse {
-            status: Some(to_sandbox_status(&s)),
+            status: Some(status),
             info,
             containers_statuses: Vec::new(),
             timestamp: now_nanos(),
@@ -956,10 +971,10 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::StatusRequest>,
     ) -> std::result::Result<Response<cri::StatusResponse>, Status> {
-        let condition = |t: &str, ready: Result<String, String>| {
+        let condition = |t: &str, ready: std::result::Result<String, (&str, String)>| {
             let (status, reason, message) = match ready {
                 Ok(message) => (true, String::new(), message),
-                Err(message) => (false, "NetworkPluginNotReady".to_string(), message),
+                Err((reason, message)) => (false, reason.to_string(), message),
             };
             cri::RuntimeCondition { r#type: t.to_string(), status, reason, message }
         };

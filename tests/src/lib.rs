@@ -78,6 +78,43 @@ pub fn cni_config(dir: &Path, bridge: &str, subnet: &str, plugin: &str) -> std::
     file
 }
 
+/// A network of wasmlet's own bridge mode for one test (root): a config file in `dir` naming
+/// a bridge and a /24 that no other test process uses at the same time. Dropping it deletes
+/// the bridge.
+pub struct TestBridge {
+    /// The bridge's name.
+    pub name: String,
+    /// The first three octets of its /24, with a trailing dot ("10.232.57.").
+    pub prefix: String,
+    /// The wasmlet config file.
+    pub config: std::path::PathBuf,
+}
+
+impl TestBridge {
+    /// A bridge `wl<letter><pid>` over 10.232.N.0/24 (`letter` tells apart the tests of one
+    /// process).
+    pub fn new(dir: &Path, letter: char) -> TestBridge {
+        let pid = std::process::id();
+        let name = format!("wl{letter}{:04x}", pid & 0xffff);
+        let third = (pid.wrapping_mul(7) + letter as u32) % 250 + 2;
+        let prefix = format!("10.232.{third}.");
+        let config = dir.join("wasmlet-bridge.toml");
+        std::fs::write(&config, format!("[network]\nbridge = \"{name}\"\npod_cidr = \"{prefix}0/24\"\n")).unwrap();
+        TestBridge { name, prefix, config }
+    }
+
+    /// The pods' gateway: the bridge's address.
+    pub fn gateway(&self) -> String {
+        format!("{}1", self.prefix)
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.name]).status();
+    }
+}
+
 /// Runs `command` with `input` on its stdin (written from a thread of its own, so that a large
 /// input cannot deadlock against the child's output) and returns its output.
 pub fn output_with_input(command: &mut Command, input: &[u8]) -> std::io::Result<std::process::Output> {
@@ -464,6 +501,13 @@ pub async fn stdout_of(rt: &mut RuntimeClient, id: &str) -> Vec<String> {
 pub async fn pod_ip(rt: &mut RuntimeClient, sb: &str) -> String {
     let s = rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: sb.into(), verbose: false }).await;
     s.unwrap().into_inner().status.unwrap().network.unwrap().ip
+}
+
+/// The pod's address inside its own namespace (PodSandboxStatus's verbose `pod_address`): its
+/// IP, also where the runtime reports none (rootless mode).
+pub async fn pod_address(rt: &mut RuntimeClient, sb: &str) -> String {
+    let s = rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: sb.into(), verbose: true }).await;
+    s.unwrap().into_inner().info.get("pod_address").cloned().unwrap_or_default()
 }
 
 /// Creates a container in a sandbox and returns its id.

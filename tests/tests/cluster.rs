@@ -1166,7 +1166,11 @@ fn a_stock_kubelet_streams_through_wasmlets_cri() -> Result<()> {
     use wasmlet_tests::cluster::StockKubelet;
     let Some(cp) = ControlPlane::shared() else { return Ok(()) };
     let tokio = tokio::runtime::Runtime::new()?;
-    let server = tokio.block_on(wasmlet_tests::Server::start())?;
+    // No CNI at all: as root, wasmlet's own bridge (a bridge and range of this test's, as other
+    // tests' wasmlets run at the same time).
+    let dir = tempfile::tempdir()?;
+    let net = wasmlet_tests::TestBridge::new(dir.path(), 'k');
+    let server = tokio.block_on(wasmlet_tests::Server::start_with(&["--config", &net.config.display().to_string()]))?;
     server.import(tool_module(), "tool:1")?;
     server.import(&web(), "web:1")?;
     let socket = server.socket();
@@ -1184,15 +1188,25 @@ fn a_stock_kubelet_streams_through_wasmlets_cri() -> Result<()> {
         )
     };
     cp.apply(&ns, &pod("sleeper", "tool:1", "args: [sleep, \"600\"]"))?;
-    cp.apply(&ns, &pod("web", "web:1", "ports: [{containerPort: 8080}]"))?;
+    // The kubelet's own httpGet probe dials the pod IP from the host.
+    let probe = "readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}";
+    cp.apply(&ns, &pod("web", "web:1", &format!("ports: [{{containerPort: 8080}}], {probe}")))?;
     for typist in ["typist", "typist-crictl"] {
         cp.apply(&ns, &pod(typist, "tool:1", "args: [stdin], stdin: true, stdinOnce: true"))?;
     }
-    cp.wait("the stock kubelet's pods running", Duration::from_secs(60), || {
+    cp.wait("the stock kubelet's pods running, web ready", Duration::from_secs(60), || {
         let all = pods(cp, &ns, "")?;
-        Ok(all.len() == 4 && all.iter().all(|p| p["status"]["phase"] == "Running"))
+        let web_ready = all.iter().any(|p| p["metadata"]["name"] == "web" && ready(p));
+        Ok(all.len() == 4 && all.iter().all(|p| p["status"]["phase"] == "Running") && web_ready)
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", kubelet.log(), server.server_log()))?;
+    // The pod IP the kubelet probed is on the test's bridge, never routed out of the host.
+    let web_ip =
+        cp.get_json(&["get", "pod", "-n", &ns, "web"])?["status"]["podIP"].as_str().unwrap_or_default().to_string();
+    assert!(web_ip.starts_with(&net.prefix), "web's IP {web_ip} is not from {}0/24", net.prefix);
+    let route = std::process::Command::new("ip").args(["-o", "route", "get", &web_ip]).output()?;
+    let route = text(&route.stdout);
+    assert!(route.contains(&format!(" dev {} ", net.name)) && !route.contains(" via "), "{web_ip}: {route}");
 
     // The kubelet's own streaming: kubectl reaches its /exec, /attach and /portForward through
     // the API server, and the kubelet proxies them to wasmlet's streaming server.

@@ -19,6 +19,28 @@ fn ask(addr: &str, msg: &str) -> String {
     answer
 }
 
+/// A container of pod `sb` connects to a server the test runs on the host's `gateway` address,
+/// which sees the connection come from `pod_ip`.
+async fn pod_reaches_the_host(
+    rt: &mut RuntimeClient,
+    (sb, cfg): (&str, &cri::PodSandboxConfig),
+    gateway: &str,
+    pod_ip: &str,
+) {
+    let listener = std::net::TcpListener::bind(format!("{gateway}:0")).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let host_side = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap();
+        conn.write_all(format!("host got {}", String::from_utf8_lossy(&buf[..n])).as_bytes()).unwrap();
+        peer.ip().to_string()
+    });
+    let c = start(rt, sb, cfg, net_config("outbound", &["connect", gateway, &port, "hello-host"])).await;
+    assert_eq!(stdout_of(rt, &c).await, ["host got hello-host"]);
+    assert_eq!(host_side.join().unwrap(), pod_ip, "the connection came from the pod's address");
+}
+
 #[tokio::test]
 async fn pods_on_a_cni_bridge() {
     if !is_root() {
@@ -65,18 +87,7 @@ async fn pods_on_a_cni_bridge() {
     let c = start(&mut rt, &b, &b_cfg, net_config("client", &["connect", &a_ip, "8080", "from-b"])).await;
     assert_eq!(stdout_of(&mut rt, &c).await, ["cni-a got from-b"]);
     // Out of the pod to a server on the host, at the bridge's gateway address.
-    let listener = std::net::TcpListener::bind(format!("{gateway}:0")).unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    let host_side = std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().unwrap();
-        let mut buf = [0u8; 64];
-        let n = conn.read(&mut buf).unwrap();
-        conn.write_all(format!("host got {}", String::from_utf8_lossy(&buf[..n])).as_bytes()).unwrap();
-        peer.ip().to_string()
-    });
-    let c = start(&mut rt, &b, &b_cfg, net_config("outbound", &["connect", &gateway, &port, "hello-host"])).await;
-    assert_eq!(stdout_of(&mut rt, &c).await, ["host got hello-host"]);
-    assert_eq!(host_side.join().unwrap(), b_ip, "the connection came from pod b's address");
+    pod_reaches_the_host(&mut rt, (&b, &b_cfg), &gateway, &b_ip).await;
 
     // Stop and remove: the veths leave the bridge, the addresses go back, nothing is pinned.
     for id in [&a, &b] {
@@ -123,4 +134,76 @@ async fn a_missing_cni_plugin_is_reported() {
     let mut host = sandbox_config(&server, "host-net");
     host_network(&mut host);
     run_sandbox(&mut rt, &host).await.unwrap();
+}
+
+/// The bridge mode, the default as root: with no CNI at all, every pod IP that the runtime
+/// reports is on wasmlet's own bridge, so the host reaches it there and never routes it out.
+#[tokio::test]
+async fn pods_on_wasmlets_own_bridge() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "the bridge mode needs root");
+        eprintln!("skipped: the bridge mode needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestBridge::new(dir.path(), 'b');
+    let (bridge, gateway, prefix) = (net.name.clone(), net.gateway(), net.prefix.clone());
+    let config = net.config.clone();
+    let mut server = Server::start_with(&["--config", config.to_str().unwrap()]).await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let cond = rt.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner().status.unwrap().conditions;
+    let network = cond.iter().find(|c| c.r#type == "NetworkReady").unwrap();
+    assert!(network.status && network.message.contains(&format!("bridge {bridge}")), "{network:?}");
+
+    let (a_cfg, b_cfg) = (sandbox_config(&server, "br-a"), sandbox_config(&server, "br-b"));
+    let a = run_sandbox(&mut rt, &a_cfg).await.unwrap();
+    let b = run_sandbox(&mut rt, &b_cfg).await.unwrap();
+    let (a_ip, b_ip) = (pod_ip(&mut rt, &a).await, pod_ip(&mut rt, &b).await);
+    assert!(a_ip.starts_with(&prefix) && b_ip.starts_with(&prefix) && a_ip != b_ip, "{a_ip} {b_ip}");
+    // Each pod IP resolves to the bridge, not to the host's default route.
+    for ip in [&a_ip, &b_ip] {
+        let route = Command::new("ip").args(["-o", "route", "get", ip]).output().unwrap();
+        let route = String::from_utf8_lossy(&route.stdout).into_owned();
+        assert!(route.contains(&format!(" dev {bridge} ")) && !route.contains(" via "), "{ip}: {route}");
+    }
+
+    let server_a = start(&mut rt, &a, &a_cfg, net_config("server", &["serve", "8080"])).await;
+    wait_log(&mut rt, &server_a, "listening on 8080", WAIT).await.unwrap();
+    let direct = format!("{a_ip}:8080");
+    assert_eq!(tokio::task::spawn_blocking(move || ask(&direct, "direct")).await.unwrap(), "br-a got direct");
+    // Pod to pod by IP, across the bridge.
+    let c = start(&mut rt, &b, &b_cfg, net_config("client", &["connect", &a_ip, "8080", "from-b"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["br-a got from-b"]);
+    // Out of the pod to the host, at the gateway, from the pod's own address.
+    pod_reaches_the_host(&mut rt, (&b, &b_cfg), &gateway, &b_ip).await;
+
+    // A restart keeps the pods' networks as they were.
+    server.kill9();
+    server.spawn().await.unwrap();
+    let mut rt = server.runtime().await;
+    assert_eq!(pod_ip(&mut rt, &a).await, a_ip);
+    let again = start(&mut rt, &a, &a_cfg, net_config("server-again", &["serve", "8080"])).await;
+    wait_log(&mut rt, &again, "listening on 8080", WAIT).await.unwrap();
+    let direct = format!("{a_ip}:8080");
+    assert_eq!(tokio::task::spawn_blocking(move || ask(&direct, "again")).await.unwrap(), "br-a got again");
+
+    // Stop and remove: the veths leave the bridge, nothing is pinned, the address is free.
+    for id in [&a, &b] {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
+    }
+    let links = Command::new("ip").args(["-o", "link", "show", "master", &bridge]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&links.stdout).trim().is_empty(),
+        "veths left: {}",
+        String::from_utf8_lossy(&links.stdout)
+    );
+    assert_eq!(std::fs::read_dir(server.run_dir().join("netns")).map(|d| d.count()).unwrap_or(0), 0);
+    let c_cfg = sandbox_config(&server, "br-c");
+    let c = run_sandbox(&mut rt, &c_cfg).await.unwrap();
+    assert_eq!(pod_ip(&mut rt, &c).await, a_ip, "the lowest free address again");
+    // The server goes first, then the test's bridge.
+    drop(server);
+    drop(net);
 }

@@ -265,15 +265,19 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # [registries."plain.lan:5000"]
 # insecure = true
 
-# Pod networking. "rootless": every pod gets a network namespace of its own, made by wasmlet
-# without privilege (when not run as root, wasmlet enters a user namespace of its own first);
-# the pod's IP is taken from pod_cidr, and the host reaches pods through their host ports.
-# "cni" (nodes, root): every pod gets a namespace configured by the CNI plugins of the first
-# network config in cni_conf_dir (a routable pod IP, routes out). "host": every pod shares the
-# host's network.
+# Pod networking. "auto" (the default): "bridge" as root, "rootless" otherwise. "bridge"
+# (root): every pod gets a network namespace of its own with a veth on the bridge named by
+# `bridge`, which holds pod_cidr's first address (the pods' gateway); pod IPs come from pod_cidr
+# and the host reaches them on the bridge. "rootless": every pod gets a network namespace of
+# its own, made by wasmlet without privilege (when not run as root, wasmlet enters a user
+# namespace of its own first); the pod's IP (from pod_cidr) exists only inside the pod, and the
+# host reaches pods through their host ports. "cni" (nodes, root): every pod gets a namespace
+# configured by the CNI plugins of the first network config in cni_conf_dir (a routable pod
+# IP, routes out). "host": every pod shares the host's network.
 # [network]
-# mode = "rootless"
+# mode = "auto"
 # pod_cidr = "10.88.0.0/16"
+# bridge = "wasmlet0"
 # cni_conf_dir = "/etc/cni/net.d"
 # cni_bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
 
@@ -460,7 +464,7 @@ fn run() -> Result<()> {
     if let Command::Cri { config, .. } | Command::Run { config, .. } | Command::Node { config, .. } = &cli.command {
         let file = load_config(config.as_deref())?;
         let not_root = !rustix::process::geteuid().is_root();
-        if file.network.mode == wasmlet_runtime::net::NetworkMode::Rootless && not_root {
+        if file.network.mode.resolve() == wasmlet_runtime::net::NetworkMode::Rootless && not_root {
             // Before any thread exists: the kernel refuses a user namespace to a threaded process.
             wasmlet_runtime::net::netns::enter_user_namespace().context(
                 "enter a user namespace for rootless pod networking (is kernel.unprivileged_userns_clone 1?)",

@@ -105,7 +105,15 @@ impl Worker {
             let node_hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
             dns::host_network_hosts_file(&self.pod, &node_hosts)
         } else {
-            dns::hosts_file(&self.pod, &self.ips().0, &self.node.dns.cluster_domain)
+            // The pod's name maps to its address inside its namespace, where the runtime
+            // reports no pod IP (rootless) too: the pod reaches itself there.
+            let own: Vec<String> = [self.net.ip.clone()]
+                .into_iter()
+                .chain(self.net.inside.clone())
+                .filter(|s| !s.is_empty())
+                .take(1)
+                .collect();
+            dns::hosts_file(&self.pod, &own, &self.node.dns.cluster_domain)
         };
         let dir = self.node.pod_dir(&self.uid);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;

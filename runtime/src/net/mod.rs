@@ -2,6 +2,9 @@
 //! ports forwarded into it (see [`ports`]).
 //!
 //! Modes (the config file's `[network] mode`):
+//! - `auto` (the default): `bridge` as root, `rootless` otherwise.
+//! - `bridge` (root): a namespace per pod on a bridge of wasmlet's own (see [`bridge`]): the
+//!   pod IP is on the pod's `eth0` and the host reaches it through the bridge.
 //! - `rootless`: no privilege needed. When not root, wasmlet enters a user namespace of its own
 //!   at start-up (before any thread exists) and is root only there; pod namespaces belong to it.
 //!   A pod's namespace has its loopback and the pod IP (from `pod_cidr`) on it; the host reaches
@@ -10,6 +13,7 @@
 //!   routable pod IP, routes out, teardown at StopPodSandbox.
 //! - `host`: no namespaces at all; every pod shares the host's network (a development aid).
 
+pub mod bridge;
 pub mod cni;
 pub mod dns;
 pub mod listeners;
@@ -33,13 +37,41 @@ pub use netns::{NetNs, Pool};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
-    /// A namespace per pod, set up by wasmlet itself; no privilege needed.
+    /// `Bridge` as root, `Rootless` otherwise (see [`NetworkMode::resolve`]).
     #[default]
+    Auto,
+    /// A namespace per pod on wasmlet's own bridge (root).
+    Bridge,
+    /// A namespace per pod, set up by wasmlet itself; no privilege needed.
     Rootless,
     /// A namespace per pod, set up by CNI plugins (root).
     Cni,
     /// Every pod on the host's network.
     Host,
+}
+
+impl NetworkMode {
+    /// The mode `Auto` stands for: `Bridge` for a process that is root in the host's user
+    /// namespace (only it can make links the host sees), `Rootless` otherwise.
+    pub fn resolve(self) -> NetworkMode {
+        match self {
+            NetworkMode::Auto if real_root() => NetworkMode::Bridge,
+            NetworkMode::Auto => NetworkMode::Rootless,
+            m => m,
+        }
+    }
+}
+
+/// Whether this process is root in the initial user namespace (not merely in one of its own).
+pub fn real_root() -> bool {
+    rustix::process::geteuid().is_root()
+        && std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| initial_uid_map(&m))
+}
+
+/// Whether a `uid_map` is the initial namespace's: every uid mapped to itself.
+fn initial_uid_map(map: &str) -> bool {
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    fields == ["0", "0", "4294967295"]
 }
 
 /// Network settings.
@@ -48,8 +80,11 @@ pub enum NetworkMode {
 pub struct NetworkOptions {
     /// See [`NetworkMode`].
     pub mode: NetworkMode,
-    /// Pod addresses are taken from this IPv4 range (rootless mode).
+    /// Pod addresses are taken from this IPv4 range (bridge and rootless modes; the bridge
+    /// holds its first address).
     pub pod_cidr: String,
+    /// The bridge the pods are on (bridge mode).
+    pub bridge: String,
     /// Where CNI network configurations are (cni mode).
     pub cni_conf_dir: std::path::PathBuf,
     /// Where CNI plugins are (cni mode).
@@ -59,8 +94,9 @@ pub struct NetworkOptions {
 impl Default for NetworkOptions {
     fn default() -> NetworkOptions {
         NetworkOptions {
-            mode: NetworkMode::Rootless,
+            mode: NetworkMode::Auto,
             pod_cidr: "10.88.0.0/16".into(),
+            bridge: "wasmlet0".into(),
             cni_conf_dir: "/etc/cni/net.d".into(),
             cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
         }
@@ -85,6 +121,11 @@ impl Cidr {
         }
         let mask = u32::MAX << (32 - prefix);
         Ok(Cidr { base: Ipv4Addr::from(u32::from(base) & mask), prefix })
+    }
+
+    /// Its first host address: the pods' gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 1)
     }
 
     /// How many host addresses it has (network and broadcast addresses excluded).
@@ -173,5 +214,15 @@ mod tests {
         let mut ipam = Ipam::new(Cidr::parse("10.88.0.0/16").unwrap());
         ipam.reserve(Ipv4Addr::new(10, 88, 0, 2));
         assert_eq!(ipam.allocate(), Some(Ipv4Addr::new(10, 88, 0, 3)));
+        assert_eq!(c.gateway(), Ipv4Addr::new(10, 88, 0, 1));
+    }
+
+    #[test]
+    fn only_the_initial_user_namespace_is_real_root() {
+        assert!(initial_uid_map("         0          0 4294967295\n"));
+        assert!(!initial_uid_map("         0       1000          1\n"));
+        assert!(!initial_uid_map(""));
+        assert_eq!(NetworkMode::Cni.resolve(), NetworkMode::Cni);
+        assert_ne!(NetworkMode::Auto.resolve(), NetworkMode::Auto);
     }
 }

@@ -172,14 +172,31 @@ impl NetNs {
         let _ = std::fs::remove_file(path);
     }
 
-    /// Adds `addr/prefix` to the loopback: through the namespace's own rtnetlink socket when it
-    /// still has one (no thread needed; the socket is closed after), else from a short-lived
-    /// thread inside it.
+    /// Adds `addr/prefix` to the loopback (see [`NetNs::configure`]).
     pub fn add_loopback_address(self: &Arc<Self>, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
+        self.configure(move |nl| nl.add_address(1, addr, prefix))
+    }
+
+    /// Runs `f` with an rtnetlink socket inside the namespace: its own kept one when it still
+    /// has it (no thread needed; the socket is closed after), else one opened on a
+    /// short-lived thread inside it.
+    pub fn configure(
+        self: &Arc<Self>,
+        f: impl FnOnce(&netlink::Netlink) -> io::Result<()> + Send + 'static,
+    ) -> io::Result<()> {
         let kept = self.netlink.lock().unwrap_or_else(|e| e.into_inner()).take();
         match &kept {
-            Some(nl) => nl.add_address(1, addr, prefix),
-            None => self.run_inside(move || netlink::Netlink::open()?.add_address(1, addr, prefix)),
+            Some(nl) => f(nl),
+            None => self.run_inside(move || f(&netlink::Netlink::open()?)),
+        }
+    }
+
+    /// Runs `f` with the namespace's descriptor (opened from its pin for the call if closed).
+    pub fn with_fd<T>(&self, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> T) -> io::Result<T> {
+        let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+        match &*fd {
+            Some(fd) => Ok(f(fd.as_fd())),
+            None => Ok(f(self.reopen()?.as_fd())),
         }
     }
 

@@ -151,6 +151,8 @@ struct Inner {
     network_error: Option<String>,
     /// The CNI network (cni mode).
     cni: Option<crate::net::cni::CniNetwork>,
+    /// The node's bridge (bridge mode).
+    bridge: Option<crate::net::bridge::Bridge>,
 }
 
 impl Drop for Inner {
@@ -171,7 +173,7 @@ struct State {
     containers: HashMap<String, Entry>,
     /// The network of each ready sandbox.
     nets: HashMap<String, PodNet>,
-    /// Pod addresses (rootless mode).
+    /// Pod addresses (bridge and rootless modes).
     ipam: Option<Ipam>,
 }
 
@@ -229,7 +231,8 @@ impl Runtime {
     }
 
     /// Like [`Runtime::open`], with options.
-    pub fn open_with(root: impl Into<PathBuf>, options: RuntimeOptions) -> Result<Runtime> {
+    pub fn open_with(root: impl Into<PathBuf>, mut options: RuntimeOptions) -> Result<Runtime> {
+        options.network.mode = options.network.mode.resolve();
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| Error::Internal(format!("create {}: {e}", root.display())))?;
         let images = ImageStore::open(root.join("images"))?;
@@ -247,9 +250,22 @@ impl Runtime {
             )),
         };
         let mut cni = None;
+        let mut bridge = None;
         let setup = match options.network.mode {
             NetworkMode::Host => Ok(None),
-            NetworkMode::Rootless => {
+            NetworkMode::Bridge => {
+                let cidr = Cidr::parse(&options.network.pod_cidr).map_err(Error::InvalidArgument)?;
+                state.ipam = Some(Ipam::new(cidr));
+                let name = &options.network.bridge;
+                crate::net::bridge::Bridge::setup(name, cidr)
+                    .map_err(|e| format!("set up bridge {name} for the pods: {e} (bridge mode needs root)"))
+                    .and_then(|b| {
+                        tracing::info!(bridge = %name, gateway = %b.gateway(), "pod bridge");
+                        bridge = Some(b);
+                        namespaces().map(Some)
+                    })
+            }
+            NetworkMode::Auto | NetworkMode::Rootless => {
                 let cidr = Cidr::parse(&options.network.pod_cidr).map_err(Error::InvalidArgument)?;
                 state.ipam = Some(Ipam::new(cidr));
                 namespaces().map(Some)
@@ -287,6 +303,7 @@ impl Runtime {
                 netns_pool,
                 network_error,
                 cni,
+                bridge,
             }),
         };
         runtime.load(snapshot)?;

@@ -15,6 +15,11 @@ use crate::{Error, Result};
 use super::spec::*;
 use super::{PodNet, Runtime, State};
 
+/// NetworkReady's reason in rootless mode: pods run and their host ports work, but they have no
+/// pod IP the host can dial, which a kubelet's probes and Services need. (wasmlet's own
+/// kubelet in `wasmlet run` needs none: it dials from inside the pods' namespaces.)
+const ROOTLESS_REASON: &str = "RootlessPodNetwork";
+
 impl Runtime {
     /// A TCP connection to `port` on a ready sandbox's loopback, made from inside its network
     /// (port forwarding). The error reads as Go's dialer words it.
@@ -49,19 +54,36 @@ impl Runtime {
         }
     }
 
-    /// Whether pods can get a network: Ok with a word on the mode, or Err with the reason.
-    pub fn network_status(&self) -> std::result::Result<String, String> {
-        match (&self.inner.network_error, self.inner.options.network.mode) {
-            (Some(why), _) => Err(why.clone()),
-            (None, NetworkMode::Rootless) => Ok(format!(
-                "rootless: a network namespace per pod, addresses from {}",
-                self.inner.options.network.pod_cidr
+    /// Whether pods can get a network as a kubelet needs it: Ok with a word on the mode, or
+    /// Err with the reason (a CamelCase word) and the message.
+    pub fn network_status(&self) -> std::result::Result<String, (&'static str, String)> {
+        let n = &self.inner.options.network;
+        match (&self.inner.network_error, n.mode) {
+            (Some(why), _) => Err(("NetworkPluginNotReady", why.clone())),
+            // Pods run, but a kubelet that dials pod IPs from the host cannot reach them.
+            (None, NetworkMode::Auto | NetworkMode::Rootless) => Err((
+                ROOTLESS_REASON,
+                format!(
+                    "rootless: a network namespace per pod, addresses from {} that only the pod itself \
+                     can reach, so none is reported as a pod IP (host ports reach the pods); for pod \
+                     IPs the host can reach, run wasmlet as root (bridge mode) or set [network] mode = \"cni\"",
+                    n.pod_cidr
+                ),
             )),
+            (None, NetworkMode::Bridge) => {
+                Ok(format!("bridge: a network namespace per pod on bridge {}, addresses from {}", n.bridge, n.pod_cidr))
+            }
             (None, NetworkMode::Host) => Ok("host: every pod on the host's network".to_string()),
             (None, NetworkMode::Cni) => {
                 Ok(format!("cni: network {}", self.inner.cni.as_ref().map(|c| c.name.as_str()).unwrap_or_default()))
             }
         }
+    }
+
+    /// Whether the host can reach the addresses this runtime gives pods, so that they are
+    /// reported as pod IPs (not in rootless mode: they exist only inside each pod).
+    pub fn pod_ips_reachable(&self) -> bool {
+        !matches!(self.inner.options.network.mode, NetworkMode::Auto | NetworkMode::Rootless)
     }
 
     pub(super) fn uses_host_network(&self, spec: &SandboxSpec) -> bool {
@@ -96,7 +118,11 @@ impl Runtime {
             ))
         })?;
         let mut net = PodNet { ns: Some(ns.clone()), ip: Some(ip), forwards: Vec::new(), cni: None };
-        let configured = ns.add_loopback_address(ip, 32);
+        // On the bridge the address is the pod's eth0's; rootless pods hold it on their loopback.
+        let configured = match &self.inner.bridge {
+            Some(bridge) => bridge.attach(id, &ns, ip),
+            None => ns.add_loopback_address(ip, 32),
+        };
         let started = configured
             .map_err(|e| Error::Internal(format!("pod sandbox {name}: give the pod its address {ip}: {e}")))
             .and_then(|()| self.forward_ports(&mut net, name, host_ports));
@@ -230,6 +256,11 @@ impl Runtime {
     pub(super) fn release_network(&self, sandbox_id: &str, net: PodNet) -> Vec<tokio::task::JoinHandle<()>> {
         if let (Some(ip), Some(ipam)) = (net.ip, self.state().ipam.as_mut()) {
             ipam.release(ip);
+        }
+        if let (Some(bridge), Some(_)) = (&self.inner.bridge, &net.ns)
+            && let Err(e) = bridge.detach(sandbox_id)
+        {
+            tracing::error!(sandbox = %sandbox_id, error = %e, "remove the pod's veth");
         }
         if let (Some((pod, result)), Some(cni)) = (&net.cni, &self.inner.cni) {
             let path = self.netns_pin_path(sandbox_id);
