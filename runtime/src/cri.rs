@@ -1197,19 +1197,7 @@ fn auth(a: Option<cri::AuthConfig>) -> Result<wasmlet_images::Auth> {
 
 /// The client's deadline from the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
 fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
-    let v = meta.get("grpc-timeout")?.to_str().ok()?;
-    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = n.parse().ok()?;
-    use std::time::Duration;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    crate::server::grpc_timeout(meta.get("grpc-timeout")?.to_str().ok()?)
 }
 
 /// A response stream fed by a task through a channel.
