@@ -11,8 +11,9 @@ trap 'rm -rf "$dir"' EXIT
 export WASMLET_ROOT="$dir/root"
 "$bin" image import examples/tools.wat --tag tools:1 >/dev/null
 "$bin" image import examples/web.wat --tag web:1 >/dev/null
-# Pods get network namespaces of their own (rootless mode). Where this machine lets no
-# unprivileged user make namespaces (some distributions restrict it), use the host's network.
+# Pods get network namespaces of their own (on wasmlet's bridge as root, rootless otherwise).
+# Where this machine lets no unprivileged user make namespaces (some distributions restrict
+# it), use the host's network.
 printf 'run_dir = "%s"\n' "$dir/run" >"$dir/wasmlet.toml"
 if [ "$(id -u)" -ne 0 ] && ! unshare --user --map-root-user --net true 2>/dev/null; then
     echo "note: user namespaces are not available here; pods use the host's network" >&2
