@@ -138,7 +138,12 @@ async fn pod_network(rt: &mut RuntimeClient, sb: &str) -> (String, u64, u64) {
 
 #[tokio::test]
 async fn a_pods_network_bytes_and_its_metrics_are_reported() {
-    let server = Server::start().await.unwrap();
+    // The rootless network, whatever the user (as root the default is the bridge, whose pods
+    // report eth0): the pod's loopback is its only interface and carries every byte.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("wasmlet.toml");
+    std::fs::write(&config, "[network]\nmode = \"rootless\"\n").unwrap();
+    let server = Server::start_with(&["--config", config.to_str().unwrap()]).await.unwrap();
     server.import(http_component(), "http").unwrap();
     let mut rt = server.runtime().await;
     let (sb, web, port) = http_pod(&server, &mut rt, "web").await.unwrap();
