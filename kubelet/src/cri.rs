@@ -153,6 +153,17 @@ pub struct SandboxNetwork {
     pub inside: Option<String>,
 }
 
+impl SandboxNetwork {
+    /// The pod's own address: its IP, or where the runtime reports none (rootless), its
+    /// address inside its namespace; empty if it has neither.
+    pub fn address(&self) -> &str {
+        match (&*self.ip, &self.inside) {
+            ("", Some(inside)) => inside,
+            (ip, _) => ip,
+        }
+    }
+}
+
 impl Cri {
     pub fn new(channel: Channel) -> Cri {
         let max = cri_proto::MAX_MESSAGE_BYTES;

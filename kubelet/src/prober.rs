@@ -162,7 +162,7 @@ pub fn resolve_port(port: &IntOrString, c: &Container) -> Result<u16, String> {
 }
 
 fn host_ip(host: Option<&str>, target: &Target) -> Result<IpAddr, String> {
-    let host = host.filter(|h| !h.is_empty()).unwrap_or_else(|| pod_address(target));
+    let host = host.filter(|h| !h.is_empty()).unwrap_or_else(|| target.net.address());
     host.parse().map_err(|_| format!("cannot resolve host {host:?}: only IP addresses are supported"))
 }
 
@@ -172,18 +172,9 @@ fn endpoint(port: &IntOrString, host: Option<&str>, c: &Container, target: &Targ
     Ok((host_ip(host, target)?, port))
 }
 
-/// The pod's address: its IP, or where the runtime reports none (rootless), its address
-/// inside its own namespace.
-fn pod_address(target: &Target) -> &str {
-    match (&*target.net.ip, &target.net.inside) {
-        ("", Some(inside)) => inside,
-        (ip, _) => ip,
-    }
-}
-
 /// The namespace to dial from: the pod's, when the target is the pod's own address.
 fn dial_ns(ip: IpAddr, target: &Target) -> Option<&str> {
-    (ip.to_string() == pod_address(target)).then_some(target.net.netns.as_deref()).flatten()
+    (ip.to_string() == target.net.address()).then_some(target.net.netns.as_deref()).flatten()
 }
 
 /// A probe's result and the message that goes with it.

@@ -269,14 +269,17 @@ fn to_pod_sandbox(r: &SandboxRecord) -> cri::PodSandbox {
     }
 }
 
-fn to_sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
+/// A sandbox's CRI status; `ip_reported` false (rootless) leaves its address out: it exists
+/// only inside the pod, and the host would route it away.
+fn to_sandbox_status(r: &SandboxRecord, ip_reported: bool) -> cri::PodSandboxStatus {
     let s = &r.spec;
+    let ip = if ip_reported { r.ip.clone() } else { String::new() };
     cri::PodSandboxStatus {
         id: r.id.clone(),
         metadata: Some(sandbox_metadata(r)),
         state: sandbox_state(r.state),
         created_at: r.created_at,
-        network: Some(cri::PodSandboxNetworkStatus { ip: r.ip.clone(), additional_ips: Vec::new() }),
+        network: Some(cri::PodSandboxNetworkStatus { ip, additional_ips: Vec::new() }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: Some(cri::NamespaceOption {
@@ -704,16 +707,8 @@ impl RuntimeService for CriServer {
                 info.insert(POD_ADDRESS_INFO.to_string(), s.ip.clone());
             }
         }
-        let mut status = to_sandbox_status(&s);
-        if !self.runtime.pod_ips_reachable()
-            && let Some(n) = status.network.as_mut()
-        {
-            // Rootless: the address exists only inside the pod; the host would route it away.
-            n.ip.clear();
-            n.additional_ips.clear();
-        }
         Ok(Response::new(cri::PodSandboxStatusResponse {
-            status: Some(status),
+            status: Some(to_sandbox_status(&s, self.runtime.pod_ips_reachable())),
             info,
             containers_statuses: Vec::new(),
             timestamp: now_nanos(),
@@ -1044,7 +1039,10 @@ impl RuntimeService for CriServer {
                     container_id: ev.container_id,
                     container_event_type: kind as i32,
                     created_at: ev.at,
-                    pod_sandbox_status: rt.sandbox(&ev.sandbox_id).ok().as_ref().map(to_sandbox_status),
+                    pod_sandbox_status: rt
+                        .sandbox(&ev.sandbox_id)
+                        .ok()
+                        .map(|s| to_sandbox_status(&s, rt.pod_ips_reachable())),
                     containers_statuses: statuses,
                 };
                 if tx.send(Ok(msg)).await.is_err() {

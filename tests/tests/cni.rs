@@ -41,6 +41,20 @@ async fn pod_reaches_the_host(
     assert_eq!(host_side.join().unwrap(), pod_ip, "the connection came from the pod's address");
 }
 
+/// Stops and removes the sandboxes `ids`, then checks that no veth is left on `bridge`.
+async fn remove_leaving_no_veth(rt: &mut RuntimeClient, ids: &[&str], bridge: &str) {
+    for id in ids {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
+    }
+    let links = Command::new("ip").args(["-o", "link", "show", "master", bridge]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&links.stdout).trim().is_empty(),
+        "veths left: {}",
+        String::from_utf8_lossy(&links.stdout)
+    );
+}
+
 #[tokio::test]
 async fn pods_on_a_cni_bridge() {
     if !is_root() {
@@ -90,16 +104,7 @@ async fn pods_on_a_cni_bridge() {
     pod_reaches_the_host(&mut rt, (&b, &b_cfg), &gateway, &b_ip).await;
 
     // Stop and remove: the veths leave the bridge, the addresses go back, nothing is pinned.
-    for id in [&a, &b] {
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
-    }
-    let links = Command::new("ip").args(["-o", "link", "show", "master", &bridge]).output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&links.stdout).trim().is_empty(),
-        "veths left: {}",
-        String::from_utf8_lossy(&links.stdout)
-    );
+    remove_leaving_no_veth(&mut rt, &[&a, &b], &bridge).await;
     let leases: Vec<String> = std::fs::read_dir(dir.path().join("ipam/wasmlet-test"))
         .unwrap()
         .flatten()
@@ -189,16 +194,7 @@ async fn pods_on_wasmlets_own_bridge() {
     assert_eq!(tokio::task::spawn_blocking(move || ask(&direct, "again")).await.unwrap(), "br-a got again");
 
     // Stop and remove: the veths leave the bridge, nothing is pinned, the address is free.
-    for id in [&a, &b] {
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.to_string() }).await.unwrap();
-    }
-    let links = Command::new("ip").args(["-o", "link", "show", "master", &bridge]).output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&links.stdout).trim().is_empty(),
-        "veths left: {}",
-        String::from_utf8_lossy(&links.stdout)
-    );
+    remove_leaving_no_veth(&mut rt, &[&a, &b], &bridge).await;
     assert_eq!(std::fs::read_dir(server.run_dir().join("netns")).map(|d| d.count()).unwrap_or(0), 0);
     let c_cfg = sandbox_config(&server, "br-c");
     let c = run_sandbox(&mut rt, &c_cfg).await.unwrap();

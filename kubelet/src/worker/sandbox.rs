@@ -107,12 +107,8 @@ impl Worker {
         } else {
             // The pod's name maps to its address inside its namespace, where the runtime
             // reports no pod IP (rootless) too: the pod reaches itself there.
-            let own: Vec<String> = [self.net.ip.clone()]
-                .into_iter()
-                .chain(self.net.inside.clone())
-                .filter(|s| !s.is_empty())
-                .take(1)
-                .collect();
+            let own: Vec<String> =
+                [self.net.address()].into_iter().filter(|a| !a.is_empty()).map(str::to_string).collect();
             dns::hosts_file(&self.pod, &own, &self.node.dns.cluster_domain)
         };
         let dir = self.node.pod_dir(&self.uid);

@@ -48,11 +48,6 @@ impl Bridge {
         Ok(Bridge { name: name.to_string(), index, gateway, prefix: cidr.prefix, host: Mutex::new(host) })
     }
 
-    /// The bridge's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The pods' gateway (the bridge's address).
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway

@@ -204,14 +204,14 @@ impl Netlink {
         msg.extend_from_slice(body);
         let kernel = netlink::SocketAddrNetlink::new(0, 0);
         rustix::net::sendto(&self.fd, &msg, SendFlags::empty(), &kernel)?;
-        // A link's description can run past a page; the first message is all that is read.
-        let mut buf = vec![0u8; 32 * 1024];
+        // Only the headers are read: a longer reply (a link's whole description) is cut here,
+        // and the kernel drops the rest of that datagram.
+        let mut buf = [0u8; 1024];
         let (n, _) = rustix::net::recv(&self.fd, &mut buf, RecvFlags::empty())?;
-        buf.truncate(n);
-        if buf.len() < 20 {
+        if n < 20 {
             return Err(io::Error::other("rtnetlink: short reply"));
         }
-        Ok(buf)
+        Ok(buf[..n].to_vec())
     }
 }
 
