@@ -95,6 +95,8 @@ pub struct GuestSpec {
     pub net: GuestNet,
     /// How its name lookups are answered (components; None: none are).
     pub dns: Option<Arc<PodDns>>,
+    /// How its outgoing wasi:http requests go (components with a network).
+    pub egress: Option<Arc<crate::net::egress::Egress>>,
     /// Becomes true when a stop is requested (wasi:http servers drain and end).
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
     /// A wasi:http server's listener, bound in the pod's namespace before StartContainer
@@ -118,6 +120,7 @@ impl GuestSpec {
             stderr,
             net: GuestNet::None,
             dns: None,
+            egress: None,
             stop: None,
             http_listener: None,
             stdin: None,
@@ -198,14 +201,14 @@ pub struct P2State {
 }
 
 impl P2State {
-    pub(crate) fn new(ctx: WasiCtx, limiter: Limiter, dns: Option<Arc<PodDns>>) -> P2State {
+    pub(crate) fn new(ctx: WasiCtx, limiter: Limiter, spec: &GuestSpec) -> P2State {
         P2State {
             ctx,
             table: ResourceTable::new(),
             limiter,
-            dns,
+            dns: spec.dns.clone(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_hooks: crate::http::Hooks,
+            http_hooks: crate::http::Hooks { egress: spec.egress.clone() },
         }
     }
 
@@ -500,7 +503,6 @@ impl WasmEngine {
         let engine = self.engine.clone();
         let program = program.clone();
         let m = meter.clone();
-        let dns = spec.dns.clone();
         let netns = spec.net.netns();
         let metered = crate::cpu::Metered::new(meter, async move {
             let mut wasi = match build_wasi(&spec, &m) {
@@ -522,7 +524,7 @@ impl WasmEngine {
                     run_module(&mut store, &pre).await
                 }
                 Program::Component(pre) => {
-                    let state = P2State::new(wasi.build(), limiter, dns);
+                    let state = P2State::new(wasi.build(), limiter, &spec);
                     let mut store = Store::new(&engine, state);
                     prepare(&mut store, |s| &mut s.limiter);
                     run_component(&mut store, &pre).await

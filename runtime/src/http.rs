@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use wasmtime::Store;
@@ -15,6 +16,8 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 use crate::engine::{GuestMeter, GuestSpec, Limiter, P2State, build_wasi, prepare};
+use crate::net::dns::LookupError;
+use crate::net::egress::{ConnectError, Egress};
 
 /// Where a handler component listens: the container's `PORT` variable, else `default`.
 pub fn port(spec: &GuestSpec, default: u16) -> u16 {
@@ -153,7 +156,7 @@ impl Server {
         let meter = Arc::new(GuestMeter::exec_in(self.meter.clone()));
         let mut wasi = build_wasi(&self.spec, &meter)?;
         let limiter = Limiter::new(meter.clone());
-        let state = P2State::new(wasi.build(), limiter, self.spec.dns.clone());
+        let state = P2State::new(wasi.build(), limiter, &self.spec);
         let mut store = Store::new(&self.engine, state);
         prepare(&mut store, |s| s.limiter());
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -182,26 +185,215 @@ impl Server {
     }
 }
 
-/// Outgoing requests from handlers are not supported yet: they are refused, not sent from
-/// whichever namespace the executor thread happens to be in.
-pub struct Hooks;
+/// Outgoing requests (`wasi:http/outgoing-handler`), sent by wasmlet on the guest's behalf
+/// through the pod's [`Egress`]: its names, its Services, the namespace that reaches the
+/// destination. A guest with no network has its requests refused.
+pub struct Hooks {
+    pub egress: Option<Arc<Egress>>,
+}
+
+/// How long a connection may take when the guest sets no connect timeout: a guest should not
+/// wait minutes on an address that drops SYNs.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The first byte and between bytes, when the guest sets none.
+const READ_TIMEOUT: Duration = Duration::from_secs(600);
+
+type SendResult = wasmtime_wasi_http::Result<(
+    http::Response<wasmtime_wasi_http::WasiBody>,
+    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+)>;
 
 impl wasmtime_wasi_http::WasiHttpHooks for Hooks {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = wasmtime_wasi_http::Result<(
-                    http::Response<wasmtime_wasi_http::WasiBody>,
-                    Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                )>,
-            > + Send,
-    > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    ) -> Box<dyn Future<Output = SendResult> + Send> {
+        let egress = self.egress.clone();
+        Box::new(async move {
+            let Some(egress) = egress else { return Err(wasmtime_wasi_http::Error::HttpRequestDenied) };
+            send(&egress, request, options.unwrap_or_default()).await
+        })
     }
+}
+
+async fn send(
+    egress: &Egress,
+    mut request: http::Request<wasmtime_wasi_http::WasiBody>,
+    options: wasmtime_wasi_http::RequestOptions,
+) -> SendResult {
+    use wasmtime_wasi_http::Error as E;
+    let uri = request.uri().clone();
+    let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+    let host = uri.host().ok_or(E::HttpRequestUriInvalid)?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let connect_timeout = options.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
+    let stream = egress.connect(&host, port, connect_timeout).await.map_err(|e| {
+        tracing::debug!(%uri, error = %e, "outgoing wasi:http request");
+        connect_error(e)
+    })?;
+    let _ = stream.set_nodelay(true);
+    let io: Box<dyn Stream> = if tls {
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| E::HttpRequestUriInvalid)?;
+        let tls = tokio::time::timeout(connect_timeout, tls_connector().connect(name, stream))
+            .await
+            .map_err(|_| E::ConnectionTimeout)?
+            .map_err(|e| {
+                tracing::debug!(%uri, error = %e, "outgoing wasi:http TLS handshake");
+                tls_error(e)
+            })?;
+        Box::new(tls)
+    } else {
+        Box::new(stream)
+    };
+    let (mut sender, conn) =
+        tokio::time::timeout(connect_timeout, hyper::client::conn::http1::handshake(TokioIo::new(io)))
+            .await
+            .map_err(|_| E::ConnectionTimeout)??;
+    // On the wire, the request line has the path only (the Host header has the authority).
+    *request.uri_mut() = http::Uri::builder()
+        .path_and_query(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .build()
+        .map_err(|_| E::HttpRequestUriInvalid)?;
+    let first_byte = options.first_byte_timeout.unwrap_or(READ_TIMEOUT);
+    let between = options.between_bytes_timeout.unwrap_or(READ_TIMEOUT).max(Duration::from_nanos(1));
+    // The connection is driven while the response head is awaited, then handed back to be
+    // driven on its own while the guest reads the body.
+    let mut conn = Box::pin(conn);
+    let mut conn_ended = false;
+    let response = {
+        let sent = tokio::time::timeout(first_byte, sender.send_request(request));
+        tokio::pin!(sent);
+        tokio::select! {
+            r = &mut sent => r.map_err(|_| E::ConnectionReadTimeout)??,
+            ended = &mut conn => {
+                conn_ended = true;
+                ended?;
+                sent.await.map_err(|_| E::ConnectionReadTimeout)??
+            }
+        }
+    };
+    let response = response.map(|incoming| {
+        use http_body_util::BodyExt;
+        TimedBody { incoming, between, deadline: Box::pin(tokio::time::sleep(between)) }.boxed_unsync()
+    });
+    let driver = async move {
+        if conn_ended {
+            return Ok(());
+        }
+        match conn.await {
+            Err(e) if e.is_timeout() => Err(E::HttpResponseTimeout),
+            other => other.map_err(E::from),
+        }
+    };
+    Ok((response, Box::new(driver)))
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// A response body whose frames must come within `between` of each other.
+struct TimedBody {
+    incoming: hyper::body::Incoming,
+    between: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = bytes::Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.incoming).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + self.between;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionReadTimeout))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.incoming)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.incoming)
+    }
+}
+
+/// The guest's error code for a connection not made.
+fn connect_error(e: ConnectError) -> wasmtime_wasi_http::Error {
+    use std::io::ErrorKind as K;
+    use wasmtime_wasi_http::Error as E;
+    match e {
+        ConnectError::Lookup(_, LookupError::InvalidName) => E::HttpRequestUriInvalid,
+        ConnectError::Lookup(_, LookupError::NotFound) => {
+            E::DnsError { rcode: Some("NXDOMAIN".to_string()), info_code: None }
+        }
+        ConnectError::Lookup(_, LookupError::NoAnswer) => E::DnsTimeout,
+        // kube-proxy rejects a Service with no endpoints: the client sees a refusal.
+        ConnectError::NoEndpoints(_) => E::ConnectionRefused,
+        ConnectError::Timeout(_) => E::ConnectionTimeout,
+        ConnectError::Io(_, e) => match e.kind() {
+            K::ConnectionRefused => E::ConnectionRefused,
+            K::ConnectionReset | K::ConnectionAborted => E::ConnectionTerminated,
+            K::TimedOut => E::ConnectionTimeout,
+            K::NetworkUnreachable | K::HostUnreachable => E::DestinationUnavailable,
+            K::AddrNotAvailable => E::DestinationIpUnroutable,
+            _ => E::InternalError(Some(e.to_string())),
+        },
+    }
+}
+
+/// The guest's error code for a failed TLS handshake.
+fn tls_error(e: std::io::Error) -> wasmtime_wasi_http::Error {
+    use wasmtime_wasi_http::Error as E;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(_)) | Some(rustls::Error::NoCertificatesPresented) => {
+            E::TlsCertificateError
+        }
+        Some(rustls::Error::AlertReceived(alert)) => {
+            E::TlsAlertReceived { alert_id: Some(u8::from(*alert)), alert_message: Some(format!("{alert:?}")) }
+        }
+        Some(_) => E::TlsProtocolError,
+        None => connect_error(ConnectError::Io(SocketAddr::from(([0, 0, 0, 0], 0)), e)),
+    }
+}
+
+/// TLS for outgoing requests: the system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` are
+/// honoured, as OpenSSL does), loaded once.
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    static CONNECTOR: std::sync::OnceLock<tokio_rustls::TlsConnector> = std::sync::OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!(error = %e, "loading the system's CA certificates");
+            }
+            let (added, ignored) = roots.add_parsable_certificates(found.certs);
+            tracing::info!(added, ignored, "CA certificates for outgoing wasi:http requests");
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("rustls protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        })
+        .clone()
 }
 
 #[cfg(test)]

@@ -46,8 +46,9 @@ pub fn self_signed(dir: &Path, subject: &str, days: u32, key: &str, crt: &str) -
 /// How long the controller-manager's signer makes certificates valid.
 pub const SIGNING_DURATION: Duration = Duration::from_secs(180);
 
-/// A key and a certificate signed by the test CA: `NAME.key`, `NAME.crt` in `dir`.
-fn certificate(dir: &Path, name: &str, subject: &str, server_names: Option<&str>) -> Result<()> {
+/// A key and a certificate signed by the CA `ca.crt`/`ca.key` in `dir`: `NAME.key`, `NAME.crt`;
+/// a server's (and a client's) with `server_names` (subjectAltName syntax), else a client's.
+pub fn certificate(dir: &Path, name: &str, subject: &str, server_names: Option<&str>) -> Result<()> {
     let (key, csr, crt, ext) =
         (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
     openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr])?;

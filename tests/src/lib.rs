@@ -189,6 +189,8 @@ pub struct Server {
     args: Vec<String>,
     /// Run as this uid and gid (from root, through `setpriv`), with a copy of the binary.
     run_as: Option<(u32, PathBuf)>,
+    /// Extra environment variables.
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -199,8 +201,15 @@ impl Server {
 
     /// Starts a server on a fresh root with extra `wasmlet cri` arguments.
     pub async fn start_with(args: &[&str]) -> Result<Server> {
+        Server::start_with_env(args, &[]).await
+    }
+
+    /// The same with extra environment variables.
+    pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Result<Server> {
         let dir = tempfile::tempdir()?;
-        let mut s = Server { dir, child: None, args: args.iter().map(|a| a.to_string()).collect(), run_as: None };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Server { dir, child: None, args, run_as: None, envs };
         s.spawn().await?;
         Ok(s)
     }
@@ -220,7 +229,7 @@ impl Server {
             std::fs::copy(wasmlet_bin(), &bin)?;
         }
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
-        let mut s = Server { dir, child: None, args: Vec::new(), run_as: Some((65534, bin)) };
+        let mut s = Server { dir, child: None, args: Vec::new(), run_as: Some((65534, bin)), envs: Vec::new() };
         s.spawn().await?;
         Ok(Some(s))
     }
@@ -265,6 +274,7 @@ impl Server {
             .arg(self.socket())
             .args(&self.args)
             .env("WASMLET_LOG", "info")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -749,4 +759,54 @@ pub async fn pull(img: &mut ImageClient, image: &str) -> std::result::Result<Str
     img.pull_image(cri::PullImageRequest { image: Some(spec), ..Default::default() })
         .await
         .map(|r| r.into_inner().image_ref)
+}
+
+/// A DNS server for a test on `addr`:53 (UDP) that knows the A records `records` and says every
+/// other name does not exist. Returns the names it was asked for; None when port 53 cannot be
+/// bound (not root).
+pub async fn dns_server(
+    addr: &str,
+    records: &[(&str, [u8; 4])],
+) -> Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>> {
+    let socket = match tokio::net::UdpSocket::bind((addr, 53)).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
+        Err(e) => panic!("bind the test DNS server on {addr}: {e}"),
+    };
+    let records: Vec<(String, [u8; 4])> = records.iter().map(|(n, a)| (n.to_string(), *a)).collect();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            let q = &buf[..n];
+            // The question name, label by label.
+            let (mut i, mut labels) = (12, Vec::new());
+            while i < q.len() && q[i] != 0 {
+                let len = q[i] as usize;
+                labels.push(String::from_utf8_lossy(&q[i + 1..(i + 1 + len).min(q.len())]).into_owned());
+                i += 1 + len;
+            }
+            if i + 5 > q.len() {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+            let name = labels.join(".");
+            log.lock().unwrap().push(name.clone());
+            let mut a = q[..i + 5].to_vec();
+            a[2] = 0x81;
+            a[3] = 0x80;
+            match records.iter().find(|(n, _)| *n == name) {
+                Some((_, ip)) if qtype == 1 => {
+                    a[7] = 1;
+                    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+                    a.extend_from_slice(ip);
+                }
+                Some(_) => {}
+                None => a[3] = 0x83, // NXDOMAIN
+            }
+            let _ = socket.send_to(&a, peer).await;
+        }
+    });
+    Some(asked)
 }

@@ -203,3 +203,152 @@ async fn pods_on_wasmlets_own_bridge() {
     drop(server);
     drop(net);
 }
+
+/// GET `path` from the host port `port` until it answers (the handler may not listen yet).
+async fn get_when_up(port: u16, path: String) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let p = path.clone();
+        match tokio::task::spawn_blocking(move || http_get(port, &p)).await.unwrap() {
+            Ok(answer) if answer.starts_with("HTTP/1.") => return answer,
+            other => {
+                assert!(std::time::Instant::now() < deadline, "{path}: no answer: {other:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Outgoing wasi:http: a handler component calls its own localhost, another pod by IP and by
+/// name (the pod's DNS), an HTTPS server with the test's own CA (trusted through SSL_CERT_FILE)
+/// and one with a certificate nobody signed; it gets clear error codes for a refused port, a
+/// name that does not exist and a server that never answers; the body streams through.
+#[tokio::test]
+async fn a_wasi_http_component_calls_out() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "the bridge mode needs root");
+        eprintln!("skipped: the bridge mode needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestBridge::new(dir.path(), 'o');
+    let gateway = net.gateway();
+    let Some(_asked) = dns_server("127.77.0.2", &[]).await else { panic!("root binds port 53") };
+    // The test's CA, and a server certificate from it for the gateway's address.
+    let pki = dir.path();
+    wasmlet_tests::cluster::self_signed(pki, "/CN=wasmlet test CA", 2, "ca.key", "ca.crt").unwrap();
+    wasmlet_tests::cluster::certificate(pki, "good", "/CN=good", Some(&format!("IP:{gateway}"))).unwrap();
+    wasmlet_tests::cluster::self_signed(pki, "/CN=unknown", 2, "bad.key", "bad.crt").unwrap();
+    let ca = pki.join("ca.crt");
+    let server =
+        Server::start_with_env(&["--config", net.config.to_str().unwrap()], &[("SSL_CERT_FILE", ca.to_str().unwrap())])
+            .await
+            .unwrap();
+    server.import(http_component(), "http").unwrap();
+    let mut rt = server.runtime().await;
+
+    let mut handler = container_config("web", "http", &[]);
+    handler.command.clear();
+    let host_port = free_port();
+    let mut web_cfg = sandbox_config(&server, "web");
+    web_cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: host_port as i32,
+        host_ip: String::new(),
+    }];
+    web_cfg.dns_config = Some(cri::DnsConfig {
+        servers: vec!["127.77.0.2".into()],
+        searches: vec!["ns.svc.cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
+    let back_cfg = sandbox_config(&server, "back");
+    let web = run_sandbox(&mut rt, &web_cfg).await.unwrap();
+    let back = run_sandbox(&mut rt, &back_cfg).await.unwrap();
+    start(&mut rt, &web, &web_cfg, handler.clone()).await;
+    start(&mut rt, &back, &back_cfg, handler).await;
+    let back_ip = pod_ip(&mut rt, &back).await;
+    let fetch = |url: String| get_when_up(host_port, format!("/fetch/{url}"));
+
+    // Its own localhost, and the other pod by IP (over the bridge).
+    let answer = fetch("http://localhost:8080/self".into()).await;
+    assert!(answer.ends_with("fetched 200: hello from wasi:http: /self"), "{answer}");
+    let answer = fetch(format!("http://{back_ip}:8080/other")).await;
+    assert!(answer.ends_with("fetched 200: hello from wasi:http: /other"), "{answer}");
+    // A name the pod's DNS does not know: NXDOMAIN, after the search list.
+    let answer = fetch("http://nowhere:8080/".into()).await;
+    assert!(answer.starts_with("HTTP/1.0 502") && answer.ends_with("fetch error 1 NXDOMAIN"), "{answer}");
+    // A port nobody listens on: connection refused (6).
+    let answer = fetch("http://127.0.0.1:1/".into()).await;
+    assert!(answer.ends_with("fetch error 6"), "{answer}");
+
+    // HTTPS on the host, at the bridge's address: trusted through the test's CA, refused with
+    // a certificate error (13) when the certificate is nobody's.
+    let (good_port, bad_port) = (free_port(), free_port());
+    let s_server = |port: u16, name: &str| {
+        Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", &format!("{gateway}:{port}")])
+            .args(["-cert", &format!("{name}.crt"), "-key", &format!("{name}.key")])
+            .current_dir(pki)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut servers = [s_server(good_port, "good"), s_server(bad_port, "bad")];
+    for port in [good_port, bad_port] {
+        let addr: std::net::SocketAddr = format!("{gateway}:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "openssl s_server on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let answer = fetch(format!("https://{gateway}:{good_port}/")).await;
+    assert!(
+        answer.starts_with("HTTP/1.0 200") && answer.contains("fetched 200: ") && answer.contains("s_server"),
+        "{answer}"
+    );
+    let answer = fetch(format!("https://{gateway}:{bad_port}/")).await;
+    assert!(answer.ends_with("fetch error 13"), "{answer}");
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+
+    // A server that accepts and never answers: the guest's first-byte timeout (9).
+    let silent = std::net::TcpListener::bind((gateway.as_str(), 0)).unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let answer = get_when_up(host_port, format!("/fetch-quick/http://{gateway}:{silent_port}/")).await;
+    assert!(answer.ends_with("fetch error 9"), "{answer}");
+    drop(silent);
+
+    // The body streams: the second chunk is sent only once the client has the first.
+    let origin = std::net::TcpListener::bind((gateway.as_str(), 0)).unwrap();
+    let origin_port = origin.local_addr().unwrap().port();
+    let (saw_first, wait_first) = std::sync::mpsc::channel::<()>();
+    let origin = std::thread::spawn(move || {
+        let (mut c, _) = origin.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = c.read(&mut request).unwrap();
+        c.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\npart1 \r\n").unwrap();
+        wait_first.recv_timeout(WAIT).expect("the client saw the first chunk");
+        c.write_all(b"5\r\npart2\r\n0\r\n\r\n").unwrap();
+    });
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", host_port)).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let request = format!("GET /fetch/http://{gateway}:{origin_port}/stream HTTP/1.0\r\nHost: web\r\n\r\n");
+    client.write_all(request.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("part1") {
+        let n = client.read(&mut buf).unwrap();
+        assert!(n > 0, "ended before the first chunk: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    saw_first.send(()).unwrap();
+    client.read_to_end(&mut got).unwrap();
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.ends_with("fetched 200: part1 part2"), "{got}");
+    origin.join().unwrap();
+}

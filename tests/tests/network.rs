@@ -188,50 +188,9 @@ async fn rootless_mode_works_without_privilege() {
     assert_eq!(stdout_of(&mut rt, &c).await, ["nobody-pod got sibling"]);
 }
 
-/// A DNS server for the test on 127.77.0.1:53: `web.ns.svc.cluster.local` is 10.99.0.7, every
-/// other name does not exist. Returns the names it was asked for.
-async fn dns_server() -> Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>> {
-    let socket = match tokio::net::UdpSocket::bind("127.77.0.1:53").await {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
-        Err(e) => panic!("bind the test DNS server: {e}"),
-    };
-    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = asked.clone();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
-            let q = &buf[..n];
-            // The question name, label by label.
-            let (mut i, mut labels) = (12, Vec::new());
-            while q[i] != 0 {
-                let len = q[i] as usize;
-                labels.push(String::from_utf8_lossy(&q[i + 1..i + 1 + len]).into_owned());
-                i += 1 + len;
-            }
-            let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-            let name = labels.join(".");
-            log.lock().unwrap().push(name.clone());
-            let mut a = q[..i + 5].to_vec();
-            a[2] = 0x81;
-            a[3] = 0x80;
-            if name == "web.ns.svc.cluster.local" {
-                if qtype == 1 {
-                    a[7] = 1;
-                    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 99, 0, 7]);
-                }
-            } else {
-                a[3] = 0x83; // NXDOMAIN
-            }
-            let _ = socket.send_to(&a, peer).await;
-        }
-    });
-    Some(asked)
-}
-
 #[tokio::test]
 async fn guest_name_lookups_follow_the_pod_dns_config() {
-    let Some(asked) = dns_server().await else {
+    let Some(asked) = dns_server("127.77.0.1", &[("web.ns.svc.cluster.local", [10, 99, 0, 7])]).await else {
         eprintln!("skipped: binding port 53 needs root");
         return;
     };

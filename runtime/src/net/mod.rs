@@ -16,11 +16,13 @@
 pub mod bridge;
 pub mod cni;
 pub mod dns;
+pub mod egress;
 pub mod listeners;
 pub mod lookup;
 pub mod netlink;
 pub mod netns;
 pub mod ports;
+pub mod services;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -121,6 +123,12 @@ impl Cidr {
         }
         let mask = u32::MAX << (32 - prefix);
         Ok(Cidr { base: Ipv4Addr::from(u32::from(base) & mask), prefix })
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - self.prefix);
+        u32::from(ip) & mask == u32::from(self.base)
     }
 
     /// Its first host address: the pods' gateway.

@@ -217,12 +217,12 @@ impl Runtime {
             None => GuestOutput::discard(stream),
         };
         let pod_dir = podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, &rec.sandbox_id);
-        let dns = self.dns_route(&net);
+        let route = self.net_route(&rec.sandbox_id, &net);
         let (attach, stdin) = Attachable::new(rec.spec.stdin, rec.spec.stdin_once, rec.spec.tty);
         let tty = rec.spec.tty;
         let stdout = output(Stream::Stdout).tapped(attach.stdout.clone()).terminal(tty);
         let stderr = output(Stream::Stderr).tapped(attach.stderr.clone()).terminal(tty);
-        let mut spec = guest_spec(rec, &pod_dir, &dns, hostname, net, stdout, stderr)?;
+        let mut spec = guest_spec(rec, &pod_dir, &route, hostname, net, stdout, stderr)?;
         spec.stdin = stdin;
         if spec.args.is_empty() {
             spec.args.push(rec.spec.metadata.name.clone());

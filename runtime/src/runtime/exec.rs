@@ -136,8 +136,8 @@ impl Runtime {
             (entry.record.clone(), entry.program.clone(), hostname, net, entry.meter.clone(), done)
         };
         let pod_dir = podfiles::pod_dir(&self.inner.root, &self.inner.run_dir, &record.sandbox_id);
-        let dns = self.dns_route(&net);
-        let mut spec = guest_spec(&record, &pod_dir, &dns, &hostname, net.clone(), stdout, stderr)?;
+        let route = self.net_route(&record.sandbox_id, &net);
+        let mut spec = guest_spec(&record, &pod_dir, &route, &hostname, net.clone(), stdout, stderr)?;
         spec.args = cmd.to_vec();
         let found = resolve_command(&spec.preopens, &spec.env, spec.cwd.as_deref(), &cmd[0])
             .map_err(|e| Error::InvalidArgument(format!("exec in container {id}: {e}")))?;

@@ -153,6 +153,8 @@ struct Inner {
     cni: Option<crate::net::cni::CniNetwork>,
     /// The node's bridge (bridge mode).
     bridge: Option<crate::net::bridge::Bridge>,
+    /// The cluster's Service ports, which guests' connections to ClusterIPs go through.
+    services: Arc<crate::net::services::ServiceTable>,
 }
 
 impl Drop for Inner {
@@ -304,10 +306,17 @@ impl Runtime {
                 network_error,
                 cni,
                 bridge,
+                services: crate::net::services::ServiceTable::new(),
             }),
         };
         runtime.load(snapshot)?;
         Ok(runtime)
+    }
+
+    /// The Service table guests' connections go through; whoever watches the cluster's
+    /// Services and EndpointSlices keeps it current.
+    pub fn services(&self) -> Arc<crate::net::services::ServiceTable> {
+        self.inner.services.clone()
     }
 
     /// The image store.

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use crate::engine::GuestNet;
 use crate::model::*;
+use crate::net::egress::Inside;
 use crate::net::netns::Interface;
-use crate::net::{NetNs, NetworkMode, ports};
+use crate::net::{Cidr, NetNs, NetworkMode, ports};
 use crate::{Error, Result};
 
 use super::spec::*;
@@ -45,13 +46,30 @@ impl Runtime {
         tokio::net::TcpStream::from_std(tcp).map_err(|e| Error::Internal(format!("socket: {e}")))
     }
 
-    /// Where a pod's DNS queries go out: from its own namespace when it has routes (cni mode),
-    /// else from the host's, on wasmlet's behalf.
-    pub(super) fn dns_route(&self, net: &GuestNet) -> (tokio::runtime::Handle, Option<Arc<NetNs>>) {
-        match (net, self.inner.options.network.mode) {
-            (GuestNet::Pod(ns), NetworkMode::Cni) => (self.inner.engine.pod_handle(), Some(ns.clone())),
-            _ => (self.inner.engine.host_handle(), None),
-        }
+    /// How the guests of sandbox `id` on `net` reach out: a pod's DNS queries go out from its
+    /// own namespace when it has routes (cni mode), else from the host's, on wasmlet's behalf;
+    /// its outgoing connections as [`crate::net::egress`] says.
+    pub(super) fn net_route(&self, id: &str, net: &GuestNet) -> NetRoute {
+        let mode = self.inner.options.network.mode;
+        let (pod, host) = (self.inner.engine.pod_handle(), self.inner.engine.host_handle());
+        let dns = match (net, mode) {
+            (GuestNet::Pod(ns), NetworkMode::Cni) => (pod.clone(), Some(ns.clone())),
+            _ => (host.clone(), None),
+        };
+        let inside = match mode {
+            NetworkMode::Cni => Inside::Everything,
+            _ => Inside::LoopbackAnd(
+                Cidr::parse(&self.inner.options.network.pod_cidr)
+                    .unwrap_or(Cidr { base: [127, 0, 0, 0].into(), prefix: 8 }),
+            ),
+        };
+        let egress = match net {
+            GuestNet::Pod(ns) => Some((pod, ns.clone(), inside)),
+            GuestNet::Host | GuestNet::None => None,
+        };
+        let client =
+            self.state().nets.get(id).and_then(|n| n.ip).map_or(std::net::IpAddr::from([127, 0, 0, 1]), Into::into);
+        NetRoute { dns, egress, host, services: self.inner.services.clone(), client }
     }
 
     /// Whether pods can get a network as a kubelet needs it: Ok with a word on the mode, or

@@ -9,8 +9,23 @@ use crate::logs::GuestOutput;
 use crate::model::*;
 use crate::net::NetNs;
 use crate::net::dns::PodDns;
+use crate::net::egress::{Egress, Inside};
+use crate::net::services::ServiceTable;
 use crate::podfiles;
 use crate::{Error, Result};
+
+/// How a pod's guests reach out (see `Runtime::net_route`).
+pub(super) struct NetRoute {
+    /// Where its DNS queries run, and the namespace they are sent from (None: the executor's).
+    pub dns: (tokio::runtime::Handle, Option<Arc<NetNs>>),
+    /// The pod's namespace, the executor that may enter it, and what is dialled from inside.
+    pub egress: Option<(tokio::runtime::Handle, Arc<NetNs>, Inside)>,
+    /// The executor that stays in the host's namespace.
+    pub host: tokio::runtime::Handle,
+    pub services: Arc<ServiceTable>,
+    /// The pod's address (Service affinity).
+    pub client: std::net::IpAddr,
+}
 
 /// The guest's view of a container: argv, env, directories, working directory. The CRI's
 /// command replaces a compat image's entrypoint and its args replace the image's cmd (as
@@ -19,7 +34,7 @@ use crate::{Error, Result};
 pub(super) fn guest_spec(
     rec: &ContainerRecord,
     pod_dir: &podfiles::PodDir,
-    dns_route: &(tokio::runtime::Handle, Option<Arc<NetNs>>),
+    route: &NetRoute,
     hostname: &str,
     net: GuestNet,
     stdout: GuestOutput,
@@ -74,9 +89,18 @@ pub(super) fn guest_spec(
     let etc = preopens.iter().rev().find(|p| p.guest == "/etc").map(|p| p.host.clone());
     let read = |name: &str| etc.as_ref().and_then(|e| fs::read_to_string(e.join(name)).ok()).unwrap_or_default();
     let dns = (rec.kind == wasmlet_images::WasmKind::Component && !matches!(net, GuestNet::None)).then(|| {
-        let mut dns = PodDns::parse(&read("resolv.conf"), &read("hosts"), dns_route.0.clone());
-        dns.netns = dns_route.1.clone();
+        let mut dns = PodDns::parse(&read("resolv.conf"), &read("hosts"), route.dns.0.clone());
+        dns.netns = route.dns.1.clone();
         Arc::new(dns)
+    });
+    let egress = dns.as_ref().map(|dns| {
+        Arc::new(Egress {
+            dns: dns.clone(),
+            pod: route.egress.clone(),
+            host: route.host.clone(),
+            services: route.services.clone(),
+            client: route.client,
+        })
     });
     Ok(GuestSpec {
         args,
@@ -87,6 +111,7 @@ pub(super) fn guest_spec(
         stderr,
         net,
         dns,
+        egress,
         stop: None,
         http_listener: None,
         stdin: None,
