@@ -232,6 +232,18 @@ impl crate::net::lookup::HasPodDns for P2State {
     }
 }
 
+impl crate::net::connect::HasServices for P2State {
+    fn sockets(&mut self) -> wasmtime_wasi::sockets::WasiSocketsCtxView<'_> {
+        wasmtime_wasi::sockets::WasiSocketsCtxView { ctx: self.ctx.sockets(), table: &mut self.table }
+    }
+    fn route_tcp(&self, dst: std::net::SocketAddr) -> crate::net::services::Route {
+        match &self.http_hooks.egress {
+            Some(e) => e.services.route(e.client, dst, crate::net::services::Protocol::Tcp),
+            None => crate::net::services::Route::Direct,
+        }
+    }
+}
+
 impl WasiView for P2State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
@@ -352,6 +364,8 @@ impl WasmEngine {
             .map_err(|e| format!("link wasi:http: {e:#}"))?;
         crate::net::lookup::add_to_linker(&mut component_linker)
             .map_err(|e| format!("link the pod name lookup: {e:#}"))?;
+        crate::net::connect::add_to_linker(&mut component_linker)
+            .map_err(|e| format!("link the Service-aware connect: {e:#}"))?;
         let cache = CompiledCache::new(cache_dir, &engine).map_err(|e| e.to_string())?;
         // A guest's poll lasts up to an epoch tick: the I/O and timer drivers are polled
         // between any two (tokio's default is every 61), or a woken guest waits for dozens.

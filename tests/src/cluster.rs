@@ -35,6 +35,29 @@ pub fn openssl(dir: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A Service `name` (port 80 to the pods' port named http, selecting app=`name`) and a client
+/// pod `client` of the `net:1` image on `node`, idle until exec'd into: the manifests of the
+/// Services test and benchmark.
+pub fn service_and_client(name: &str, node: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  selector: {{app: {name}}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client}}
+spec:
+  runtimeClassName: wasmlet
+  nodeName: {node}
+  containers: [{{name: c, image: net:1, args: [serve, "9000"]}}]
+"#
+    )
+}
+
 /// A self-signed certificate for `subject`, valid `days`, with its key: `key` and `crt` in `dir`.
 pub fn self_signed(dir: &Path, subject: &str, days: u32, key: &str, crt: &str) -> Result<()> {
     let days = days.to_string();
@@ -327,6 +350,17 @@ impl ControlPlane {
         let out = child.wait_with_output()?;
         if !out.status.success() {
             bail!("kubectl apply: {}\n{manifest}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Gives nodes kube-proxy's read rights (Services, EndpointSlices), which a wasmlet node
+    /// needs to route Services.
+    pub fn grant_node_proxier(&self) -> Result<()> {
+        let args = ["create", "clusterrolebinding", "wasmlet-node-proxier", "--clusterrole=system:node-proxier"];
+        let out = self.kubectl(&[&args[..], &["--group=system:nodes"]].concat())?;
+        if !out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("AlreadyExists") {
+            bail!("grant the node proxier role: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }

@@ -761,8 +761,10 @@ pub async fn pull(img: &mut ImageClient, image: &str) -> std::result::Result<Str
         .map(|r| r.into_inner().image_ref)
 }
 
-/// A DNS server for a test on `addr`:53 (UDP) that knows the A records `records` and says every
-/// other name does not exist. Returns the names it was asked for; None when port 53 cannot be
+/// A DNS server for a test on `addr`:53, UDP and TCP, that knows the A records `records` and
+/// says every other name does not exist; a name starting with `big.` gets a truncated answer
+/// over UDP (the TC bit) and the full one over TCP, a name starting with `garbage.` gets bytes
+/// that are no DNS message. Returns the names it was asked for; None when port 53 cannot be
 /// bound (not root).
 pub async fn dns_server(
     addr: &str,
@@ -773,40 +775,80 @@ pub async fn dns_server(
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
         Err(e) => panic!("bind the test DNS server on {addr}: {e}"),
     };
-    let records: Vec<(String, [u8; 4])> = records.iter().map(|(n, a)| (n.to_string(), *a)).collect();
+    let tcp = tokio::net::TcpListener::bind((addr, 53)).await.expect("the test DNS server's TCP port");
+    let records: std::sync::Arc<Vec<(String, [u8; 4])>> =
+        std::sync::Arc::new(records.iter().map(|(n, a)| (n.to_string(), *a)).collect());
     let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = asked.clone();
+    let (log, known) = (asked.clone(), records.clone());
     tokio::spawn(async move {
         let mut buf = [0u8; 512];
         while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
-            let q = &buf[..n];
-            // The question name, label by label.
-            let (mut i, mut labels) = (12, Vec::new());
-            while i < q.len() && q[i] != 0 {
-                let len = q[i] as usize;
-                labels.push(String::from_utf8_lossy(&q[i + 1..(i + 1 + len).min(q.len())]).into_owned());
-                i += 1 + len;
+            if let Some(a) = dns_answer(&buf[..n], &known, &log, true) {
+                let _ = socket.send_to(&a, peer).await;
             }
-            if i + 5 > q.len() {
-                continue;
-            }
-            let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
-            let name = labels.join(".");
-            log.lock().unwrap().push(name.clone());
-            let mut a = q[..i + 5].to_vec();
-            a[2] = 0x81;
-            a[3] = 0x80;
-            match records.iter().find(|(n, _)| *n == name) {
-                Some((_, ip)) if qtype == 1 => {
-                    a[7] = 1;
-                    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
-                    a.extend_from_slice(ip);
+        }
+    });
+    let log = asked.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut c, _)) = tcp.accept().await {
+            let (known, log) = (records.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(len) = c.read_u16().await else { return };
+                let mut q = vec![0u8; len as usize];
+                if c.read_exact(&mut q).await.is_err() {
+                    return;
                 }
-                Some(_) => {}
-                None => a[3] = 0x83, // NXDOMAIN
-            }
-            let _ = socket.send_to(&a, peer).await;
+                if let Some(a) = dns_answer(&q, &known, &log, false) {
+                    let _ = c.write_all(&(a.len() as u16).to_be_bytes()).await;
+                    let _ = c.write_all(&a).await;
+                }
+            });
         }
     });
     Some(asked)
+}
+
+/// The test DNS server's answer to the query `q` (see [`dns_server`]).
+fn dns_answer(
+    q: &[u8],
+    records: &[(String, [u8; 4])],
+    log: &std::sync::Mutex<Vec<String>>,
+    udp: bool,
+) -> Option<Vec<u8>> {
+    // The question name, label by label.
+    let (mut i, mut labels) = (12, Vec::new());
+    while i < q.len() && q[i] != 0 {
+        let len = q[i] as usize;
+        labels.push(String::from_utf8_lossy(&q[i + 1..(i + 1 + len).min(q.len())]).into_owned());
+        i += 1 + len;
+    }
+    if i + 5 > q.len() {
+        return None;
+    }
+    let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+    let name = labels.join(".");
+    log.lock().unwrap().push(name.clone());
+    if name.starts_with("garbage.") {
+        return Some(vec![q[0], q[1], 0x81, 0x80, 0, 1, 0, 9, 0xde, 0xad]);
+    }
+    let mut a = q[..i + 5].to_vec();
+    a[2] = 0x81;
+    a[3] = 0x80;
+    if udp && name.starts_with("big.") {
+        a[2] |= 0x02;
+        return Some(a);
+    }
+    let found = records.iter().find(|(n, _)| *n == name).map(|(_, ip)| *ip);
+    let found = found.or_else(|| name.starts_with("big.").then_some([10, 99, 0, 99]));
+    match found {
+        Some(ip) if qtype == 1 => {
+            a[7] = 1;
+            a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+            a.extend_from_slice(&ip);
+        }
+        Some(_) => {}
+        None => a[3] = 0x83, // NXDOMAIN
+    }
+    Some(a)
 }

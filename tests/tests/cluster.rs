@@ -1665,3 +1665,173 @@ fn image_gc_over_the_high_threshold_removes_unused_images_and_reports_on_the_nod
     })?;
     Ok(())
 }
+
+/// Lines of `kubectl exec POD -- CMD...` in `ns`: Ok(stdout) or Err(stderr) when it fails.
+fn exec_in(cp: &ControlPlane, ns: &str, pod: &str, cmd: &[&str]) -> Result<std::result::Result<String, String>> {
+    let mut args = vec!["exec", "-n", ns, pod, "--"];
+    args.extend_from_slice(cmd);
+    let out = cp.kubectl(&args)?;
+    Ok(if out.status.success() { Ok(text(&out.stdout)) } else { Err(text(&out.stderr)) })
+}
+
+/// How many answers each backend gave, from `connect-n`'s lines ("<pod> got <msg>").
+fn backends(lines: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for l in lines.lines().filter(|l| !l.is_empty()) {
+        *seen.entry(l.split(" got ").next().unwrap_or(l).to_string()).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// Services without kube-proxy: a wasm client reaches a Deployment of wasm servers through
+/// its Service's ClusterIP and DNS name (the cluster DNS Service itself routed the same way),
+/// balanced round robin; an endpoint that turns unready is taken out; ClientIP affinity
+/// sticks; no endpoint, or a port name no slice has, refuses the connection; a slice of a
+/// Service that does not exist changes nothing.
+#[test]
+fn services_route_guests_to_ready_endpoints_without_kube_proxy() -> Result<()> {
+    let Some(cp) = ControlPlane::shared() else { return Ok(()) };
+    let dir = tempfile::tempdir()?;
+    let net = wasmlet_tests::TestBridge::new(dir.path(), 's');
+    let gateway = net.gateway();
+    let ns = cp.namespace("svc")?;
+    // The node stands in for kube-proxy, so it needs kube-proxy's rights (docs/architecture.md).
+    cp.grant_node_proxier()?;
+    // The cluster DNS: a Service with no selector whose slice points at the test's DNS
+    // server on the bridge's address.
+    let selectorless = |name: &str, proto: &str, port_name: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{name: {port_name}, port: {port}, protocol: {proto}}}]\n"
+        )
+    };
+    let manual_slice = |name: &str, service: &str, proto: &str, port_name: &str, addr: &str, port: u16| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/service-name: {service}, endpointslice.kubernetes.io/managed-by: wasmlet-test}}\naddressType: IPv4\nports: [{{name: {port_name}, port: {port}, protocol: {proto}}}]\nendpoints: [{{addresses: [\"{addr}\"], conditions: {{ready: true}}}}]\n"
+        )
+    };
+    cp.apply(&ns, &selectorless("dns", "UDP", "dns", 53))?;
+    cp.apply(&ns, &manual_slice("dns-1", "dns", "UDP", "dns", &gateway, 53))?;
+    let dns_ip = cp.get_json(&["get", "service", "-n", &ns, "dns"])?["spec"]["clusterIP"].as_str().unwrap().to_string();
+    // Bad input: a Service whose port name no slice has, and a slice of no Service.
+    cp.apply(&ns, &selectorless("mismatch", "TCP", "http", 80))?;
+    cp.apply(&ns, &manual_slice("mismatch-1", "mismatch", "TCP", "web", &gateway, 8080))?;
+    cp.apply(&ns, &manual_slice("orphan-1", "no-such-service", "TCP", "http", &gateway, 8080))?;
+
+    let bridge_config = std::fs::read_to_string(&net.config)?;
+    let config = format!("{FAST}clusterDNS = [\"{dns_ip}\"]\n{bridge_config}");
+    let node = WasmletNode::start(cp, "wasm-node-svc", &[(wasmlet_tests::net_component(), "net:1")], &config)?;
+    wait_node_ready(cp, &node)?;
+    let web = format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
+spec:
+  replicas: 3
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      runtimeClassName: wasmlet
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      containers:
+      - name: web
+        image: net:1
+        imagePullPolicy: IfNotPresent
+        args: [serve, "8080"]
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe:
+          exec: {{command: [ready, "8080"]}}
+          periodSeconds: 1
+          failureThreshold: 1
+"#,
+        node = node.name
+    );
+    cp.apply(&ns, &web)?;
+    cp.apply(&ns, &wasmlet_tests::cluster::service_and_client("web", &node.name))?;
+    wait_ready_replicas(cp, &ns, "web", 3, &node)?;
+    cp.wait("the client running", Duration::from_secs(60), || {
+        Ok(cp.get_json(&["get", "pod", "-n", &ns, "client"])?["status"]["phase"] == "Running")
+    })?;
+    let cluster_ip =
+        cp.get_json(&["get", "service", "-n", &ns, "web"])?["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let name = format!("web.{ns}.svc.cluster.local");
+    let ip: Vec<u8> = cluster_ip.split('.').map(|o| o.parse().unwrap()).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    let Some(asked) = rt.block_on(wasmlet_tests::dns_server(&gateway, &[(&name, [ip[0], ip[1], ip[2], ip[3]])])) else {
+        anyhow::bail!("the test DNS server needs root")
+    };
+    let connect =
+        |host: &str, n: usize, msg: &str| exec_in(cp, &ns, "client", &["connect-n", host, "80", &n.to_string(), msg]);
+
+    // Through the ClusterIP, once the node has the Service: round robin over the three.
+    // (The slice's endpoints become ready one by one after the pods do.)
+    cp.wait("the Service routed to all three", Duration::from_secs(30), || {
+        Ok(connect(&cluster_ip, 6, "hello")?.is_ok_and(|a| backends(&a).len() == 3))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    let answers = connect(&cluster_ip, 12, "by-ip")?.map_err(|e| {
+        let slices = cp.kubectl_ok(&["get", "endpointslices", "-n", &ns, "-o", "wide"]);
+        let pods = cp.kubectl_ok(&["get", "pods", "-n", &ns, "-o", "wide"]);
+        anyhow::anyhow!("{e}\n{slices:?}\n{pods:?}\n{}", node.log())
+    })?;
+    let seen = backends(&answers);
+    assert_eq!(seen.len(), 3, "{answers}");
+    assert!(seen.values().all(|&n| n == 4), "round robin: {seen:?}");
+    // By its DNS name: the short name through the pod's search list, the query sent to the
+    // cluster DNS Service's endpoint.
+    let answers = connect("web", 3, "by-name")?.map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+    assert_eq!(backends(&answers).len(), 3, "{answers}");
+    assert!(asked.lock().unwrap().contains(&name), "asked: {:?}", asked.lock().unwrap());
+
+    // One endpoint turns unready: once the API says so, the node stops sending it anything.
+    let victim = pods(cp, &ns, "app=web")?[0]["metadata"]["name"].as_str().unwrap().to_string();
+    exec_in(cp, &ns, &victim, &["connect", "localhost", "8080", "set-unready"])?.map_err(anyhow::Error::msg)?;
+    cp.wait("the endpoint unready", Duration::from_secs(30), || {
+        Ok(!ready(&cp.get_json(&["get", "pod", "-n", &ns, &victim])?))
+    })?;
+    let unready_at = std::time::Instant::now();
+    cp.wait("the unready endpoint taken out", Duration::from_secs(30), || {
+        Ok(!connect(&cluster_ip, 3, "probe")?.map_err(anyhow::Error::msg)?.contains(&victim))
+    })?;
+    eprintln!("the unready endpoint was out {:?} after the API said so", unready_at.elapsed());
+    let answers = connect(&cluster_ip, 8, "after")?.map_err(anyhow::Error::msg)?;
+    let seen = backends(&answers);
+    assert!(seen.len() == 2 && !seen.contains_key(&victim), "{seen:?}");
+
+    // ClientIP affinity: every connection of the client goes to one endpoint.
+    cp.kubectl_ok(&["patch", "service", "-n", &ns, "web", "-p", r#"{"spec":{"sessionAffinity":"ClientIP"}}"#])?;
+    cp.wait("affinity", Duration::from_secs(30), || {
+        Ok(backends(&connect(&cluster_ip, 6, "sticky")?.map_err(anyhow::Error::msg)?).len() == 1)
+    })?;
+    let first = backends(&connect(&cluster_ip, 6, "sticky")?.map_err(anyhow::Error::msg)?);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(backends(&connect("web", 6, "sticky")?.map_err(anyhow::Error::msg)?), first, "still the same one");
+
+    // A Service port no slice port matches, and a Service with no endpoint: refused (14 is
+    // wasi:sockets' connection-refused), as kube-proxy's REJECT.
+    let mismatch =
+        cp.get_json(&["get", "service", "-n", &ns, "mismatch"])?["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let e = connect(&mismatch, 1, "x")?.unwrap_err();
+    assert!(e.contains("connect: error code 14"), "{e}");
+    cp.kubectl_ok(&["scale", "-n", &ns, "deployment/web", "--replicas=0"])?;
+    // Once the pods are gone and the Service's slices list no endpoint (a connection made
+    // while one is going can hang on its vanishing address, as it would through kube-proxy).
+    cp.wait("no web pod and no endpoint", Duration::from_secs(60), || {
+        let slices = cp.get_json(&["get", "endpointslices", "-n", &ns, "-l", "kubernetes.io/service-name=web"])?;
+        let empty = slices["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|s| s["endpoints"].as_array().is_none_or(|e| e.is_empty()));
+        Ok(empty && pods(cp, &ns, "app=web")?.is_empty())
+    })?;
+    let mut last = Ok(String::new());
+    cp.wait("no endpoint refused", Duration::from_secs(30), || {
+        last = connect(&cluster_ip, 1, "x")?;
+        Ok(last.as_ref().is_err_and(|e| e.contains("connect: error code 14")))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {last:?}\n{}", node.log()))?;
+    // The node kept serving through all of it.
+    assert!(node.log().lines().all(|l| !l.contains("panicked")), "{}", node.log());
+    Ok(())
+}

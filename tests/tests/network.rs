@@ -201,7 +201,8 @@ async fn guest_name_lookups_follow_the_pod_dns_config() {
     cfg.dns_config = Some(cri::DnsConfig {
         servers: vec!["127.77.0.1".into()],
         searches: vec!["ns.svc.cluster.local".into(), "svc.cluster.local".into()],
-        options: vec!["ndots:5".into()],
+        // (One attempt of a second: the malformed answer below waits that long, not 10 s.)
+        options: vec!["ndots:5".into(), "timeout:1".into(), "attempts:1".into()],
     });
     let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
     let ip = pod_address(&mut rt, &sb).await;
@@ -224,6 +225,15 @@ async fn guest_name_lookups_follow_the_pod_dns_config() {
     for name in ["nowhere.ns.svc.cluster.local", "nowhere.svc.cluster.local", "nowhere"] {
         assert!(seen.contains(&name.to_string()), "{name} not asked: {seen:?}");
     }
+    // An answer too big for UDP (truncated) is asked again over TCP.
+    let c = start(&mut rt, &sb, &cfg, net_config("big", &["lookup", "big.example."])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["10.99.0.99"]);
+    // A malformed answer is no answer: the guest's lookup fails, and the next one works.
+    let c = start(&mut rt, &sb, &cfg, net_config("garbage", &["lookup", "garbage.example."])).await;
+    let s = wait_exited(&mut rt, &c, WAIT).await.unwrap();
+    assert_eq!(s.exit_code, 1, "{s:?}");
+    let c = start(&mut rt, &sb, &cfg, net_config("web-again", &["lookup", "web"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, ["10.99.0.7"]);
 }
 
 /// GET `path` from `addr` (HTTP/1.0, so the answer ends with the connection).

@@ -1,11 +1,19 @@
 // The socket test workload: a wasi:cli/command that uses wasi:sockets through the C bindings
-// tests/build.rs generates. Its first argument picks what it does:
+// tests/build.rs generates. Its first argument picks what it does (or its argv[0], when it is
+// one of connect, connect-n, lookup and ready: an exec's command):
 //   serve PORT        TCP server on 0.0.0.0:PORT; answers each connection's first read with
 //                     "<HOSTNAME> got <bytes>" (or, to an HTTP GET, a minimal HTTP/1.0
-//                     response) and closes it
+//                     response; to "ready?", yes or no) and closes it
 //   connect HOST PORT MSG
 //                     looks HOST up, connects, sends MSG, prints the answer
+//   connect-n HOST PORT N MSG
+//                     the same N times over, one connection and one answer line each
+//   bench-connect HOST PORT N MSG
+//                     connect-n without the output: prints one line with the requests per
+//                     second and the latencies' p50 and p99 in microseconds
 //   lookup NAME       prints NAME's addresses, one per line
+//   ready PORT        asks the server on localhost:PORT "ready?": exits 0 if it says yes (a
+//                     readiness probe); a server that got "set-unready" says no from then on
 //   udp-echo PORT     UDP server on 0.0.0.0:PORT; answers each datagram with
 //                     "<HOSTNAME> echoes <bytes>"
 //   (run as httpd) HTTP on port 80, its command line logged first
@@ -165,6 +173,9 @@ static void close_conn(wasi_sockets_tcp_tuple3_own_tcp_socket_own_input_stream_o
     wasi_sockets_tcp_tcp_socket_drop_own(conn.f0);
 }
 
+// Set by a "set-unready" message: the server says no to "ready?" from then on.
+static int unready;
+
 static int serve(int port) {
     wasi_sockets_tcp_own_tcp_socket_t sock;
     if (listen_on(port, &sock)) return 1;
@@ -181,7 +192,10 @@ static int serve(int port) {
             int len = snprintf(body, sizeof body, "%s got a request\n", me ? me : "?");
             n = snprintf(reply, sizeof reply,
                          "HTTP/1.0 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len, body);
+        } else if (!strcmp(buf, "ready?")) {
+            n = snprintf(reply, sizeof reply, "%s", unready ? "no" : "yes");
         } else {
+            if (!strcmp(buf, "set-unready")) unready = 1;
             n = snprintf(reply, sizeof reply, "%s got %s", me ? me : "?", buf);
         }
         write_all(conn.f2, reply, (size_t)n);
@@ -287,7 +301,8 @@ static int grpc_health(int port, int not_serving) {
     }
 }
 
-static int connect_to(const char *host, int port, const char *msg) {
+// Connects to HOST:PORT, sends MSG and reads the answer into buf (NUL-terminated).
+static int ask(const char *host, int port, const char *msg, char *buf, size_t cap) {
     wasi_sockets_network_ip_address_t addrs[8];
     int n = lookup(host, addrs, 8);
     if (n <= 0) {
@@ -306,16 +321,54 @@ static int connect_to(const char *host, int port, const char *msg) {
         return fail("create socket", err);
     wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
     wasi_sockets_tcp_ip_socket_address_t addr = ipv4(addrs[i].val.ipv4, port);
-    if (!wasi_sockets_tcp_method_tcp_socket_start_connect(s, network(), &addr, &err)) return fail("connect", err);
+    if (!wasi_sockets_tcp_method_tcp_socket_start_connect(s, network(), &addr, &err)) {
+        wasi_sockets_tcp_tcp_socket_drop_own(sock);
+        return fail("connect", err);
+    }
     wasi_sockets_tcp_tuple2_own_input_stream_own_output_stream_t io;
     while (!wasi_sockets_tcp_method_tcp_socket_finish_connect(s, &io, &err)) {
-        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("connect", err);
+        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) {
+            wasi_sockets_tcp_tcp_socket_drop_own(sock);
+            return fail("connect", err);
+        }
         block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
     }
     write_all(io.f1, msg, strlen(msg));
+    read_some(io.f0, buf, cap);
+    wasi_io_streams_input_stream_drop_own(io.f0);
+    wasi_io_streams_output_stream_drop_own(io.f1);
+    wasi_sockets_tcp_tcp_socket_drop_own(sock);
+    return 0;
+}
+
+static int connect_to(const char *host, int port, const char *msg) {
     char buf[1024];
-    read_some(io.f0, buf, sizeof buf);
+    if (ask(host, port, msg, buf, sizeof buf)) return 1;
     printf("%s\n", buf);
+    return 0;
+}
+
+static int by_value(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+// N requests, one connection each, timed with the monotonic clock.
+static int bench_connect(const char *host, int port, int n, const char *msg) {
+    if (n <= 0 || n > 1000000) return 2;
+    uint64_t *took = malloc(sizeof(uint64_t) * (size_t)n);
+    if (!took) return 1;
+    char buf[1024];
+    uint64_t start = wasi_clocks_monotonic_clock_now();
+    for (int i = 0; i < n; i++) {
+        uint64_t t0 = wasi_clocks_monotonic_clock_now();
+        if (ask(host, port, msg, buf, sizeof buf)) return 1;
+        took[i] = wasi_clocks_monotonic_clock_now() - t0;
+    }
+    uint64_t total = wasi_clocks_monotonic_clock_now() - start;
+    qsort(took, (size_t)n, sizeof(uint64_t), by_value);
+    printf("requests=%d rps=%.0f p50_us=%.1f p99_us=%.1f\n", n, n / (total / 1e9), took[n / 2] / 1e3,
+           took[(size_t)((n - 1) * 0.99)] / 1e3);
     return 0;
 }
 
@@ -379,6 +432,16 @@ int main(int argc, char **argv) {
     const char *me = argc ? strrchr(argv[0], '/') : NULL;
     me = me ? me + 1 : (argc ? argv[0] : "");
     if (!strcmp(me, "httpd") || !strcmp(me, "httpd.wasm")) return httpd(argc, argv);
+    // Exec'd as `CMD ARGS...` (a kubelet's exec runs the container's module with argv = cmd):
+    // the command is argv[0].
+    static char *shifted[64];
+    if (argc < 62 && (!strcmp(me, "connect") || !strcmp(me, "connect-n") || !strcmp(me, "ready") || !strcmp(me, "bench-connect") ||
+        !strcmp(me, "lookup"))) {
+        shifted[0] = "net";
+        for (int i = 0; i <= argc; i++) shifted[i + 1] = argv[i];
+        argv = shifted;
+        argc++;
+    }
     if (argc >= 3 && !strcmp(argv[1], "serve")) {
         stubborn = argc >= 4 && !strcmp(argv[3], "stubborn");
         return serve(atoi(argv[2]));
@@ -387,6 +450,20 @@ int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "sink")) return sink(atoi(argv[2]));
     if (argc >= 4 && !strcmp(argv[1], "grpc-health")) return grpc_health(atoi(argv[2]), atoi(argv[3]));
     if (argc >= 5 && !strcmp(argv[1], "connect")) return connect_to(argv[2], atoi(argv[3]), argv[4]);
+    if (argc >= 6 && !strcmp(argv[1], "connect-n")) {
+        for (int i = atoi(argv[4]); i > 0; i--) {
+            if (connect_to(argv[2], atoi(argv[3]), argv[5])) return 1;
+            fflush(stdout);
+        }
+        return 0;
+    }
+    if (argc >= 6 && !strcmp(argv[1], "bench-connect")) return bench_connect(argv[2], atoi(argv[3]), atoi(argv[4]), argv[5]);
+    if (argc >= 3 && !strcmp(argv[1], "ready")) {
+        // (No libc file calls here: linking them breaks the sockets of this component.)
+        char answer[64];
+        if (ask("localhost", atoi(argv[2]), "ready?", answer, sizeof answer)) return 1;
+        return strcmp(answer, "yes") == 0 ? 0 : 1;
+    }
     if (argc >= 3 && !strcmp(argv[1], "lookup")) {
         wasi_sockets_network_ip_address_t addrs[16];
         int n = lookup(argv[2], addrs, 16);
@@ -394,6 +471,6 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) print_ip(&addrs[i]);
         return 0;
     }
-    fprintf(stderr, "usage: net serve PORT | sink PORT | udp-echo PORT | grpc-health PORT N | connect HOST PORT MSG | lookup NAME\n");
+    fprintf(stderr, "usage: net serve PORT | sink PORT | udp-echo PORT | grpc-health PORT N | connect HOST PORT MSG | connect-n HOST PORT N MSG | bench-connect HOST PORT N MSG | lookup NAME | ready PORT\n");
     return 2;
 }

@@ -45,6 +45,8 @@ pub struct LocalNode {
     pub node: Arc<Node>,
     /// The in-process CRI socket.
     pub socket: PathBuf,
+    /// The runtime's Service table (`wasmlet node` keeps it current from the cluster).
+    pub services: Arc<wasmlet_runtime::net::services::ServiceTable>,
     stop_server: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     threads: tokio::runtime::Runtime,
@@ -77,6 +79,7 @@ impl LocalNode {
             let root = root.to_path_buf();
             threads.spawn_blocking(move || wasmlet_runtime::Runtime::open_with(root, options)).await??
         };
+        let services = runtime.services();
         std::fs::create_dir_all(run_dir).with_context(|| format!("create {}", run_dir.display()))?;
         let socket = run_dir.join(format!("kubelet-{}.sock", std::process::id()));
         let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -109,7 +112,7 @@ impl LocalNode {
             pulls: worker::Puller::default(),
             memory_root: memory_root(run_dir),
         });
-        Ok(LocalNode { node, socket, stop_server, server, threads })
+        Ok(LocalNode { node, socket, services, stop_server, server, threads })
     }
 
     /// Removes the pods a previous run left behind (killed before it could clean up): for

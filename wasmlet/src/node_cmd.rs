@@ -8,9 +8,11 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 use tokio::sync::mpsc;
 use wasmlet_kubelet::node::api::{ApiPods, ApiRecorder, StatusManager};
+use wasmlet_kubelet::node::services::ServiceRoute;
 use wasmlet_kubelet::node::{NodeAgent, NodeConfig};
 use wasmlet_kubelet::pods::PodManager;
 use wasmlet_kubelet::static_pods;
+use wasmlet_runtime::net::services::{Protocol, ServicePortSpec};
 
 use crate::local_node::{Identity, LocalNode, hostname};
 
@@ -110,6 +112,21 @@ async fn node_api(
     Ok(tasks)
 }
 
+/// A route as the runtime's Service table takes it.
+fn service_port(r: ServiceRoute) -> ServicePortSpec {
+    ServicePortSpec {
+        name: r.name,
+        cluster_ip: r.cluster_ip,
+        port: r.port,
+        protocol: match r.protocol {
+            wasmlet_kubelet::node::services::Protocol::Tcp => Protocol::Tcp,
+            wasmlet_kubelet::node::services::Protocol::Udp => Protocol::Udp,
+        },
+        endpoints: r.endpoints,
+        affinity: r.affinity,
+    }
+}
+
 pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     if a.kubeconfig.is_none() && a.pod_manifest_path.is_none() {
         bail!("wasmlet node needs --kubeconfig (join a cluster), --pod-manifest-path (static pods), or both");
@@ -177,6 +194,11 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         let api = node_api(&a.config, client.clone(), kubeconfig, &local.socket, &cert_dir, (&name, &ip), storage);
         tasks.extend(api.await?);
         tasks.push(tokio::spawn(agent.clone().run_lease()));
+        // Guests reach Services through the runtime's table: no kube-proxy on this node.
+        let table = local.services.clone();
+        let sink =
+            Arc::new(move |routes: Vec<ServiceRoute>| table.replace(routes.into_iter().map(service_port).collect()));
+        tasks.push(tokio::spawn(wasmlet_kubelet::node::services::watch(client.clone(), sink)));
         // No pod's environment is built before the Services are known.
         if let Some(o) = &api_objects {
             o.synced().await;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod mirror;
 pub mod objects;
 pub mod server;
+pub mod services;
 pub mod serving;
 pub mod stats;
 pub mod status;

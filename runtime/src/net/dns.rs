@@ -1,17 +1,21 @@
 //! Name lookups for guests (`wasi:sockets/ip-name-lookup`), answered as the pod's own
 //! `/etc/hosts` and `/etc/resolv.conf` say, not as the host's resolver would: hosts entries
-//! first, then the pod's nameservers with its search list and `ndots`, so that ClusterFirst
-//! DNS reaches the cluster's DNS server. Queries are plain DNS over UDP, sent by wasmlet on
-//! the pod's behalf from the namespace whose executor runs them (the host's in rootless mode,
-//! where pods have no route out).
+//! first (hostAliases included), then the pod's nameservers with its search list, `ndots`,
+//! `timeout` and `attempts`, so that ClusterFirst DNS reaches the cluster's DNS server. Queries
+//! are plain DNS over UDP, retried over TCP when the answer is truncated, as glibc's resolver
+//! does; A and AAAA records. They are sent by wasmlet on the pod's behalf from the namespace
+//! whose executor runs them (the host's in rootless mode, where pods have no route out).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long one query waits for its answer, and how many times it is sent.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one query waits for its answer, and how many times each server is asked, when
+/// resolv.conf does not say (glibc's defaults), and the most it may say (glibc's caps).
+const TIMEOUT: Duration = Duration::from_secs(5);
 const ATTEMPTS: usize = 2;
+const MAX_TIMEOUT_SECS: u64 = 30;
+const MAX_ATTEMPTS: usize = 5;
 
 /// Why a lookup failed (mapped to the WASI error codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,17 +35,35 @@ pub struct PodDns {
     pub servers: Vec<IpAddr>,
     pub search: Vec<String>,
     pub ndots: usize,
+    /// `options timeout:` and `attempts:`.
+    pub timeout: Duration,
+    pub attempts: usize,
+    /// The nameservers' port (53; tests use others).
+    pub port: u16,
     /// Where the queries run (their sockets are created there).
     pub spawner: tokio::runtime::Handle,
     /// The namespace to send them from (a pod with routes out); None: the spawner's threads'.
     pub netns: Option<Arc<super::NetNs>>,
+    /// The Service table and the pod's address: a nameserver that is a Service's ClusterIP
+    /// (the cluster's DNS) is asked at one of its endpoints.
+    pub services: Option<(Arc<super::services::ServiceTable>, IpAddr)>,
 }
 
 impl PodDns {
     /// Reads `resolv.conf` and `hosts` contents.
     pub fn parse(resolv_conf: &str, hosts: &str, spawner: tokio::runtime::Handle) -> PodDns {
-        let mut dns =
-            PodDns { hosts: Vec::new(), servers: Vec::new(), search: Vec::new(), ndots: 1, spawner, netns: None };
+        let mut dns = PodDns {
+            hosts: Vec::new(),
+            servers: Vec::new(),
+            search: Vec::new(),
+            ndots: 1,
+            timeout: TIMEOUT,
+            attempts: ATTEMPTS,
+            port: 53,
+            spawner,
+            netns: None,
+            services: None,
+        };
         for line in resolv_conf.lines().map(|l| l.split(['#', ';']).next().unwrap_or("")) {
             let mut words = line.split_whitespace();
             match words.next() {
@@ -49,8 +71,13 @@ impl PodDns {
                 Some("search") | Some("domain") => dns.search = words.map(str::to_string).collect(),
                 Some("options") => {
                     for o in words {
-                        if let Some(n) = o.strip_prefix("ndots:").and_then(|n| n.parse::<usize>().ok()) {
-                            dns.ndots = n.min(15);
+                        let value = |key: &str| o.strip_prefix(key).and_then(|n| n.parse::<u64>().ok());
+                        if let Some(n) = value("ndots:") {
+                            dns.ndots = n.min(15) as usize;
+                        } else if let Some(n) = value("timeout:") {
+                            dns.timeout = Duration::from_secs(n.clamp(1, MAX_TIMEOUT_SECS));
+                        } else if let Some(n) = value("attempts:") {
+                            dns.attempts = (n as usize).clamp(1, MAX_ATTEMPTS);
                         }
                     }
                 }
@@ -129,13 +156,13 @@ impl PodDns {
             let mut out = Vec::new();
             let mut answered = false;
             for qtype in [TYPE_A, TYPE_AAAA] {
-                match query(SocketAddr::new(*server, 53), name, qtype).await {
+                match self.query(*server, name, qtype).await {
                     Some(Answer::Addresses(a)) => {
                         answered = true;
                         out.extend(a);
                     }
                     Some(Answer::NoSuchName) => return Ok(Vec::new()),
-                    None => {}
+                    Some(Answer::Truncated) | None => {}
                 }
             }
             if answered {
@@ -143,6 +170,37 @@ impl PodDns {
             }
         }
         Err(LookupError::NoAnswer)
+    }
+}
+
+impl PodDns {
+    /// One question to `server`: over UDP, with the retries; over TCP when the answer says it
+    /// is truncated. None if it never answered usefully.
+    async fn query(&self, server: IpAddr, name: &str, qtype: u16) -> Option<Answer> {
+        use super::services::Protocol;
+        let udp = self.server_address(SocketAddr::new(server, self.port), Protocol::Udp)?;
+        match query_udp(udp, name, qtype, self.timeout, self.attempts).await? {
+            Answer::Truncated => {
+                let tcp = self.server_address(SocketAddr::new(server, self.port), Protocol::Tcp)?;
+                match query_tcp(tcp, name, qtype, self.timeout).await? {
+                    Answer::Truncated => None,
+                    answer => Some(answer),
+                }
+            }
+            answer => Some(answer),
+        }
+    }
+
+    /// Where a query to `server` goes: a Service's ClusterIP to one of its endpoints (None
+    /// when it has none), any other address as it is.
+    fn server_address(&self, server: SocketAddr, protocol: super::services::Protocol) -> Option<SocketAddr> {
+        use super::services::Route;
+        let Some((table, client)) = &self.services else { return Some(server) };
+        match table.route(*client, server, protocol) {
+            Route::Direct => Some(server),
+            Route::To(endpoint) => Some(endpoint),
+            Route::Refused(_) => None,
+        }
     }
 }
 
@@ -154,18 +212,20 @@ const TYPE_AAAA: u16 = 28;
 pub enum Answer {
     Addresses(Vec<IpAddr>),
     NoSuchName,
+    /// The answer did not fit (the TC bit): ask again over TCP.
+    Truncated,
 }
 
-/// One question to one server, with retries; None if it never answered usefully.
-async fn query(server: SocketAddr, name: &str, qtype: u16) -> Option<Answer> {
+/// One question over UDP, sent `attempts` times; None if it never answered usefully.
+async fn query_udp(server: SocketAddr, name: &str, qtype: u16, timeout: Duration, attempts: usize) -> Option<Answer> {
     let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("address");
     let socket = tokio::net::UdpSocket::bind(bind).await.ok()?;
     socket.connect(server).await.ok()?;
-    for _ in 0..ATTEMPTS {
+    for _ in 0..attempts {
         let id: u16 = rand::random();
         socket.send(&encode_query(id, name, qtype)).await.ok()?;
         let mut buf = [0u8; 1500];
-        let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + timeout;
         while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
             if let Some(answer) = parse_answer(id, &buf[..n]) {
                 return Some(answer);
@@ -173,6 +233,24 @@ async fn query(server: SocketAddr, name: &str, qtype: u16) -> Option<Answer> {
         }
     }
     None
+}
+
+/// One question over TCP (two length bytes before each message), within `timeout`.
+async fn query_tcp(server: SocketAddr, name: &str, qtype: u16, timeout: Duration) -> Option<Answer> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(server).await.ok()?;
+        let id: u16 = rand::random();
+        let q = encode_query(id, name, qtype);
+        let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&q);
+        stream.write_all(&framed).await.ok()?;
+        let len = stream.read_u16().await.ok()? as usize;
+        let mut answer = vec![0u8; len];
+        stream.read_exact(&mut answer).await.ok()?;
+        parse_answer(id, &answer)
+    };
+    tokio::time::timeout(timeout, exchange).await.ok().flatten()
 }
 
 /// A recursive query for `name`.
@@ -196,6 +274,9 @@ pub fn parse_answer(id: u16, b: &[u8]) -> Option<Answer> {
     let u16_at = |i: usize| b.get(i..i + 2).map(|s| u16::from_be_bytes([s[0], s[1]]));
     if u16_at(0)? != id || b.get(2)? & 0x80 == 0 {
         return None;
+    }
+    if b.get(2)? & 0x02 != 0 {
+        return Some(Answer::Truncated);
     }
     match b.get(3)? & 0x0f {
         0 => {}
@@ -270,7 +351,62 @@ mod tests {
         nx[2] = 0x81;
         nx[3] = 0x83;
         assert_eq!(parse_answer(0x1234, &nx), Some(Answer::NoSuchName));
-        assert_eq!(parse_answer(0x1234, &a[..20]), None, "truncated");
+        assert_eq!(parse_answer(0x1234, &a[..20]), None, "cut short: malformed");
+        let mut tc = a.clone();
+        tc[2] |= 0x02;
+        assert_eq!(parse_answer(0x1234, &tc), Some(Answer::Truncated));
+        // A record whose length runs past the end: malformed.
+        let mut long = a.clone();
+        let rdlen = long.len() - 5;
+        long[rdlen] = 200;
+        assert_eq!(parse_answer(0x1234, &long), None);
+    }
+
+    #[test]
+    fn timeout_and_attempts_from_options_within_glibcs_bounds() {
+        let d = dns("options ndots:2 timeout:1 attempts:3\n", "");
+        assert_eq!((d.ndots, d.timeout, d.attempts), (2, Duration::from_secs(1), 3));
+        let d = dns("options timeout:0 attempts:99\n", "");
+        assert_eq!((d.timeout, d.attempts), (Duration::from_secs(1), MAX_ATTEMPTS));
+        let d = dns("", "");
+        assert_eq!((d.ndots, d.timeout, d.attempts), (1, TIMEOUT, ATTEMPTS));
+    }
+
+    #[tokio::test]
+    async fn a_truncated_answer_is_asked_again_over_tcp() {
+        // One server on UDP and TCP, same port: UDP answers with TC set, TCP with the address.
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let answer = |q: &[u8], tc: bool| {
+            let mut a = q.to_vec();
+            a[2] = 0x81 | if tc { 0x02 } else { 0 };
+            a[3] = 0x80;
+            if !tc {
+                a[7] = 1;
+                a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 9]);
+            }
+            a
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (n, peer) = udp.recv_from(&mut buf).await.unwrap();
+            udp.send_to(&answer(&buf[..n], true), peer).await.unwrap();
+        });
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut c, _) = tcp.accept().await.unwrap();
+            let len = c.read_u16().await.unwrap() as usize;
+            let mut q = vec![0u8; len];
+            c.read_exact(&mut q).await.unwrap();
+            let a = answer(&q, false);
+            c.write_all(&(a.len() as u16).to_be_bytes()).await.unwrap();
+            c.write_all(&a).await.unwrap();
+        });
+        let mut d = PodDns::parse("options attempts:1\n", "", tokio::runtime::Handle::current());
+        d.port = addr.port();
+        let got = d.query(addr.ip(), "big.example", TYPE_A).await;
+        assert_eq!(got, Some(Answer::Addresses(vec!["10.0.0.9".parse().unwrap()])));
     }
 
     #[tokio::test]

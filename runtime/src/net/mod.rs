@@ -15,6 +15,7 @@
 
 pub mod bridge;
 pub mod cni;
+pub mod connect;
 pub mod dns;
 pub mod egress;
 pub mod listeners;

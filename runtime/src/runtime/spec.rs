@@ -91,6 +91,7 @@ pub(super) fn guest_spec(
     let dns = (rec.kind == wasmlet_images::WasmKind::Component && !matches!(net, GuestNet::None)).then(|| {
         let mut dns = PodDns::parse(&read("resolv.conf"), &read("hosts"), route.dns.0.clone());
         dns.netns = route.dns.1.clone();
+        dns.services = Some((route.services.clone(), route.client));
         Arc::new(dns)
     });
     let egress = dns.as_ref().map(|dns| {
