@@ -44,7 +44,9 @@ async fn main() -> anyhow::Result<()> {
     // NETWORK=host: pods on the host's network, to see what a pod's own namespace costs.
     let config = std::env::temp_dir().join(format!("wasmlet-bench-{}.toml", std::process::id()));
     let network = std::env::var("NETWORK").unwrap_or_else(|_| "rootless".into());
-    std::fs::write(&config, format!("[network]\nmode = \"{network}\"\n"))?;
+    // PASTA="": rootless pods without their way out (one pasta process each otherwise).
+    let pasta = std::env::var("PASTA").map(|p| format!("pasta = \"{p}\"\n")).unwrap_or_default();
+    std::fs::write(&config, format!("[network]\nmode = \"{network}\"\n{pasta}"))?;
     let server = Server::start_with(&["--config", config.to_str().expect("utf-8")]).await?;
     let _ = std::fs::remove_file(&config);
     let image = server.import(tool_module(), "hello")?;

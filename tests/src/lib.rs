@@ -761,6 +761,101 @@ pub async fn pull(img: &mut ImageClient, image: &str) -> std::result::Result<Str
         .map(|r| r.into_inner().image_ref)
 }
 
+/// A network namespace a test makes to stand for "the world outside" (root only): a veth pair
+/// `wlo<letter><pid>` with the host end at 10.233.N.1/30 and the other end, in the namespace,
+/// at 10.233.N.2. Deleted on drop.
+pub struct OutsideNetns {
+    pub name: String,
+    /// The address inside the namespace.
+    pub address: String,
+}
+
+impl OutsideNetns {
+    pub fn new(letter: char) -> OutsideNetns {
+        let pid = std::process::id();
+        let name = format!("wlo{letter}{:04x}", pid & 0xffff);
+        let third = (pid.wrapping_mul(11) + letter as u32) % 250 + 2;
+        let (host, inside) = (format!("10.233.{third}.1/30"), format!("10.233.{third}.2/30"));
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip").args(args).output().expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let peer = format!("{name}p");
+        ip(&["netns", "add", &name]);
+        let ns = OutsideNetns { name: name.clone(), address: format!("10.233.{third}.2") };
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &name]);
+        ip(&["addr", "add", &host, "dev", &name]);
+        ip(&["link", "set", &name, "up"]);
+        for args in [
+            vec!["addr", "add", &inside, "dev", &peer],
+            vec!["link", "set", &peer, "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            ip(&[&["-n", &name][..], &args].concat());
+        }
+        ns
+    }
+
+    /// Runs `serve` with a listener on `port` inside the namespace, in a thread of its own
+    /// (which enters the namespace), once the listener is bound.
+    fn listen_inside<F>(&self, port: u16, serve: F) -> std::thread::JoinHandle<()>
+    where
+        F: FnOnce(std::net::TcpListener) + Send + 'static,
+    {
+        let (name, addr) = (self.name.clone(), self.address.clone());
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/run/netns/{name}")).expect("the namespace");
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&ns),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .expect("enter the namespace");
+            let listener = std::net::TcpListener::bind((addr.as_str(), port)).expect("listen inside");
+            ready_tx.send(()).unwrap();
+            serve(listener);
+        });
+        ready.recv().expect("the server listens");
+        t
+    }
+
+    /// Answers one TCP connection on `port` with "outside saw <peer>".
+    pub fn answer_once(&self, port: u16) -> std::thread::JoinHandle<()> {
+        self.listen_inside(port, |listener| {
+            use std::io::Write;
+            let (mut c, peer) = listener.accept().expect("accept");
+            let _ = c.write_all(format!("outside saw {}", peer.ip()).as_bytes());
+        })
+    }
+
+    /// A sink on `port`: counts what each connection sends until the client ends its side,
+    /// answers the count, for ever.
+    pub fn sink(&self, port: u16) {
+        self.listen_inside(port, |listener| {
+            use std::io::{Read, Write};
+            let mut buf = vec![0u8; 1 << 20];
+            while let Ok((mut c, _)) = listener.accept() {
+                let mut total = 0u64;
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = c.write_all(format!("{total}\n").as_bytes());
+            }
+        });
+    }
+}
+
+impl Drop for OutsideNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.name]).output();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
 /// A DNS server for a test on `addr`:53, UDP and TCP, that knows the A records `records` and
 /// says every other name does not exist; a name starting with `big.` gets a truncated answer
 /// over UDP (the TC bit) and the full one over TCP, a name starting with `garbage.` gets bytes

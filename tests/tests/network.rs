@@ -186,6 +186,23 @@ async fn rootless_mode_works_without_privilege() {
     assert_eq!(answer, "nobody-pod got unprivileged");
     let c = start(&mut rt, &sb, &cfg, net_config("client", &["connect", "localhost", "8080", "sibling"])).await;
     assert_eq!(stdout_of(&mut rt, &c).await, ["nobody-pod got sibling"]);
+
+    // A way out (pasta): the pod reaches a server in a namespace of the test's own, over the
+    // host's routes; the server sees the host's address, not the pod's.
+    let outside = OutsideNetns::new('r');
+    let port = 7000 + (std::process::id() % 1000) as u16;
+    let server_thread = outside.answer_once(port);
+    let c = start(&mut rt, &sb, &cfg, net_config("out", &["connect", &outside.address, &port.to_string(), "hi"])).await;
+    let host_end = format!("{}.1", outside.address.rsplit_once('.').unwrap().0);
+    let lines = stdout_of(&mut rt, &c).await;
+    assert_eq!(lines, [format!("outside saw {host_end}")], "{}", server.server_log());
+    server_thread.join().unwrap();
+    // Another pod's address is unreachable from here at once: it exists only in that pod, and
+    // is never sent off through the host's default route.
+    let c = start(&mut rt, &sb, &cfg, net_config("other-pod", &["connect", "10.88.200.200", "8080", "x"])).await;
+    let s = wait_exited(&mut rt, &c, WAIT).await.unwrap();
+    let log = read_log(std::path::Path::new(&s.log_path)).unwrap();
+    assert!(texts(&log, "stderr").iter().any(|l| l == "connect: error code 13"), "{log:?}");
 }
 
 #[tokio::test]

@@ -142,7 +142,8 @@ async fn a_pods_network_bytes_and_its_metrics_are_reported() {
     // report eth0): the pod's loopback is its only interface and carries every byte.
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("wasmlet.toml");
-    std::fs::write(&config, "[network]\nmode = \"rootless\"\n").unwrap();
+    // (Without pasta: its link would be a second interface.)
+    std::fs::write(&config, "[network]\nmode = \"rootless\"\npasta = \"\"\n").unwrap();
     let server = Server::start_with(&["--config", config.to_str().unwrap()]).await.unwrap();
     server.import(http_component(), "http").unwrap();
     let mut rt = server.runtime().await;

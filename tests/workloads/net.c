@@ -11,6 +11,8 @@
 //   bench-connect HOST PORT N MSG
 //                     connect-n without the output: prints one line with the requests per
 //                     second and the latencies' p50 and p99 in microseconds
+//   blast HOST PORT MB
+//                     sends MB MiB to a sink at HOST:PORT and prints the rate
 //   lookup NAME       prints NAME's addresses, one per line
 //   ready PORT        asks the server on localhost:PORT "ready?": exits 0 if it says yes (a
 //                     readiness probe); a server that got "set-unready" says no from then on
@@ -301,8 +303,9 @@ static int grpc_health(int port, int not_serving) {
     }
 }
 
-// Connects to HOST:PORT, sends MSG and reads the answer into buf (NUL-terminated).
-static int ask(const char *host, int port, const char *msg, char *buf, size_t cap) {
+// Connects to HOST:PORT: the socket and its streams in *sock and *io.
+static int dial(const char *host, int port, wasi_sockets_tcp_own_tcp_socket_t *sockp,
+                wasi_sockets_tcp_tuple2_own_input_stream_own_output_stream_t *iop) {
     wasi_sockets_network_ip_address_t addrs[8];
     int n = lookup(host, addrs, 8);
     if (n <= 0) {
@@ -333,6 +336,16 @@ static int ask(const char *host, int port, const char *msg, char *buf, size_t ca
         }
         block_on(wasi_sockets_tcp_method_tcp_socket_subscribe(s));
     }
+    *sockp = sock;
+    *iop = io;
+    return 0;
+}
+
+// Connects to HOST:PORT, sends MSG and reads the answer into buf (NUL-terminated).
+static int ask(const char *host, int port, const char *msg, char *buf, size_t cap) {
+    wasi_sockets_tcp_own_tcp_socket_t sock;
+    wasi_sockets_tcp_tuple2_own_input_stream_own_output_stream_t io;
+    if (dial(host, port, &sock, &io)) return 1;
     write_all(io.f1, msg, strlen(msg));
     read_some(io.f0, buf, cap);
     wasi_io_streams_input_stream_drop_own(io.f0);
@@ -369,6 +382,40 @@ static int bench_connect(const char *host, int port, int n, const char *msg) {
     qsort(took, (size_t)n, sizeof(uint64_t), by_value);
     printf("requests=%d rps=%.0f p50_us=%.1f p99_us=%.1f\n", n, n / (total / 1e9), took[n / 2] / 1e3,
            took[(size_t)((n - 1) * 0.99)] / 1e3);
+    return 0;
+}
+
+// Sends MB mebibytes to HOST:PORT (a sink), ends its side and prints the rate and the count
+// the sink answered.
+static int blast(const char *host, int port, int mb) {
+    static uint8_t chunk[65536];
+    wasi_sockets_tcp_own_tcp_socket_t sock;
+    wasi_sockets_tcp_tuple2_own_input_stream_own_output_stream_t io;
+    if (dial(host, port, &sock, &io)) return 1;
+    wasi_io_streams_borrow_output_stream_t out = wasi_io_streams_borrow_output_stream(io.f1);
+    uint64_t left = (uint64_t)mb << 20, start = wasi_clocks_monotonic_clock_now();
+    while (left > 0) {
+        uint64_t room;
+        wasi_io_streams_stream_error_t err;
+        if (!wasi_io_streams_method_output_stream_check_write(out, &room, &err)) return fail("write", 0);
+        if (room == 0) {
+            block_on(wasi_io_streams_method_output_stream_subscribe(out));
+            continue;
+        }
+        uint64_t n = room < left ? room : left;
+        if (n > sizeof chunk) n = sizeof chunk;
+        net_list_u8_t bytes = {chunk, (size_t)n};
+        if (!wasi_io_streams_method_output_stream_write(out, &bytes, &err)) return fail("write", 0);
+        left -= n;
+    }
+    wasi_io_streams_stream_error_t ferr;
+    wasi_io_streams_method_output_stream_blocking_flush(out, &ferr);
+    wasi_sockets_tcp_error_code_t err;
+    wasi_sockets_tcp_method_tcp_socket_shutdown(wasi_sockets_tcp_borrow_tcp_socket(sock), WASI_SOCKETS_TCP_SHUTDOWN_TYPE_SEND, &err);
+    char answer[64];
+    read_some(io.f0, answer, sizeof answer);
+    double secs = (wasi_clocks_monotonic_clock_now() - start) / 1e9;
+    printf("sent %d MiB in %.3f s: %.1f MiB/s; the sink counted %s", mb, secs, mb / secs, answer);
     return 0;
 }
 
@@ -457,6 +504,7 @@ int main(int argc, char **argv) {
         }
         return 0;
     }
+    if (argc >= 5 && !strcmp(argv[1], "blast")) return blast(argv[2], atoi(argv[3]), atoi(argv[4]));
     if (argc >= 6 && !strcmp(argv[1], "bench-connect")) return bench_connect(argv[2], atoi(argv[3]), atoi(argv[4]), argv[5]);
     if (argc >= 3 && !strcmp(argv[1], "ready")) {
         // (No libc file calls here: linking them breaks the sockets of this component.)
@@ -471,6 +519,6 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) print_ip(&addrs[i]);
         return 0;
     }
-    fprintf(stderr, "usage: net serve PORT | sink PORT | udp-echo PORT | grpc-health PORT N | connect HOST PORT MSG | connect-n HOST PORT N MSG | bench-connect HOST PORT N MSG | lookup NAME | ready PORT\n");
+    fprintf(stderr, "usage: net serve PORT | sink PORT | udp-echo PORT | grpc-health PORT N | connect HOST PORT MSG | connect-n HOST PORT N MSG | bench-connect HOST PORT N MSG | blast HOST PORT MB | lookup NAME | ready PORT\n");
     return 2;
 }

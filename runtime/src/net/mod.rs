@@ -22,6 +22,7 @@ pub mod listeners;
 pub mod lookup;
 pub mod netlink;
 pub mod netns;
+pub mod pasta;
 pub mod ports;
 pub mod services;
 
@@ -92,6 +93,9 @@ pub struct NetworkOptions {
     pub cni_conf_dir: std::path::PathBuf,
     /// Where CNI plugins are (cni mode).
     pub cni_bin_dirs: Vec<std::path::PathBuf>,
+    /// The pasta command (Debian's `passt`) that gives rootless pods a way out: a path, or a
+    /// name searched along PATH; empty for none.
+    pub pasta: String,
 }
 
 impl Default for NetworkOptions {
@@ -102,6 +106,7 @@ impl Default for NetworkOptions {
             bridge: "wasmlet0".into(),
             cni_conf_dir: "/etc/cni/net.d".into(),
             cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+            pasta: "pasta".into(),
         }
     }
 }

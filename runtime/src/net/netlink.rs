@@ -36,6 +36,9 @@ const RTA_GATEWAY: u16 = 5;
 const RT_TABLE_MAIN: u8 = 254;
 const RTPROT_BOOT: u8 = 3;
 const RTN_UNICAST: u8 = 1;
+const RTN_UNREACHABLE: u8 = 7;
+const RTA_DST: u16 = 1;
+const RT_SCOPE_LINK: u8 = 253;
 /// The longest interface name the kernel takes (IFNAMSIZ less its NUL).
 pub const MAX_IFNAME: usize = 15;
 
@@ -171,6 +174,23 @@ impl Netlink {
         body.extend_from_slice(&0u32.to_ne_bytes());
         attr(&mut body, RTA_GATEWAY, &gateway.octets());
         attr(&mut body, RTA_OIF, &(index as u32).to_ne_bytes());
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body)
+    }
+
+    /// Adds a route to `dst/prefix` straight on the link `index` (scope link: no gateway).
+    pub fn add_link_route(&self, index: i32, dst: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut body = vec![AF_INET, prefix, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_LINK, RTN_UNICAST];
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        attr(&mut body, RTA_DST, &dst.octets());
+        attr(&mut body, RTA_OIF, &(index as u32).to_ne_bytes());
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body)
+    }
+
+    /// Makes `dst/prefix` unreachable (a connect fails at once, nothing is sent).
+    pub fn add_unreachable_route(&self, dst: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        let mut body = vec![AF_INET, prefix, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNREACHABLE];
+        body.extend_from_slice(&0u32.to_ne_bytes());
+        attr(&mut body, RTA_DST, &dst.octets());
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body)
     }
 

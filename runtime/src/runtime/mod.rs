@@ -153,6 +153,8 @@ struct Inner {
     cni: Option<crate::net::cni::CniNetwork>,
     /// The node's bridge (bridge mode).
     bridge: Option<crate::net::bridge::Bridge>,
+    /// The pasta command rootless pods go out through (rootless mode, when found).
+    pasta: Option<PathBuf>,
     /// The cluster's Service ports, which guests' connections to ClusterIPs go through.
     services: Arc<crate::net::services::ServiceTable>,
 }
@@ -201,6 +203,8 @@ impl State {
 /// port forwarders.
 struct PodNet {
     ns: Option<Arc<NetNs>>,
+    /// The pod's way out in rootless mode.
+    pasta: Option<crate::net::pasta::Pasta>,
     ip: Option<std::net::Ipv4Addr>,
     forwards: Vec<tokio::task::JoinHandle<()>>,
     /// Set up by CNI: who the pod is and the ADD result, for DEL.
@@ -253,6 +257,7 @@ impl Runtime {
         };
         let mut cni = None;
         let mut bridge = None;
+        let mut pasta = None;
         let setup = match options.network.mode {
             NetworkMode::Host => Ok(None),
             NetworkMode::Bridge => {
@@ -270,6 +275,15 @@ impl Runtime {
             NetworkMode::Auto | NetworkMode::Rootless => {
                 let cidr = Cidr::parse(&options.network.pod_cidr).map_err(Error::InvalidArgument)?;
                 state.ipam = Some(Ipam::new(cidr));
+                pasta = crate::net::pasta::find(&options.network.pasta);
+                match &pasta {
+                    Some(p) => tracing::info!(pasta = %p.display(), "rootless pods go out through pasta"),
+                    None if options.network.pasta.is_empty() => {}
+                    None => tracing::warn!(
+                        pasta = %options.network.pasta,
+                        "pasta not found: rootless pods have no way out (install Debian's passt, or set [network] pasta)"
+                    ),
+                }
                 namespaces().map(Some)
             }
             NetworkMode::Cni => {
@@ -306,6 +320,7 @@ impl Runtime {
                 network_error,
                 cni,
                 bridge,
+                pasta,
                 services: crate::net::services::ServiceTable::new(),
             }),
         };
@@ -373,7 +388,7 @@ impl Runtime {
             let net = match ready {
                 false => None,
                 true if self.uses_host_network(&sandbox.spec) => {
-                    Some(PodNet { ns: None, ip: None, forwards: Vec::new(), cni: None })
+                    Some(PodNet { ns: None, pasta: None, ip: None, forwards: Vec::new(), cni: None })
                 }
                 true => self.restore_network(&mut state, &sandbox),
             };

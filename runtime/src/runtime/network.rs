@@ -83,9 +83,13 @@ impl Runtime {
                 ROOTLESS_REASON,
                 format!(
                     "rootless: a network namespace per pod, addresses from {} that only the pod itself \
-                     can reach, so none is reported as a pod IP (host ports reach the pods); for pod \
+                     can reach, so none is reported as a pod IP (host ports reach the pods; {}); for pod \
                      IPs the host can reach, run wasmlet as root (bridge mode) or set [network] mode = \"cni\"",
-                    n.pod_cidr
+                    n.pod_cidr,
+                    match &self.inner.pasta {
+                        Some(_) => "pods go out through pasta",
+                        None => "pods have no way out: pasta (Debian's passt) was not found",
+                    }
                 ),
             )),
             (None, NetworkMode::Bridge) => {
@@ -118,7 +122,7 @@ impl Runtime {
         host_ports: &[PortMapping],
     ) -> Result<PodNet> {
         if self.uses_host_network(spec) {
-            return Ok(PodNet { ns: None, ip: None, forwards: Vec::new(), cni: None });
+            return Ok(PodNet { ns: None, pasta: None, ip: None, forwards: Vec::new(), cni: None });
         }
         if let Some(why) = &self.inner.network_error {
             return Err(Error::FailedPrecondition(format!("pod sandbox {name}: the pod network is not ready: {why}")));
@@ -135,11 +139,19 @@ impl Runtime {
                 self.inner.options.network.pod_cidr
             ))
         })?;
-        let mut net = PodNet { ns: Some(ns.clone()), ip: Some(ip), forwards: Vec::new(), cni: None };
-        // On the bridge the address is the pod's eth0's; rootless pods hold it on their loopback.
+        let mut net = PodNet { ns: Some(ns.clone()), pasta: None, ip: Some(ip), forwards: Vec::new(), cni: None };
+        // On the bridge the address is the pod's eth0's; rootless pods hold it on their loopback
+        // (and on pasta's link, their way out).
         let configured = match &self.inner.bridge {
             Some(bridge) => bridge.attach(id, &ns, ip),
-            None => ns.add_loopback_address(ip, 32),
+            None => ns.add_loopback_address(ip, 32).map(|()| {
+                // Without its way out a pod still runs (and serves): a pasta that cannot start
+                // here (no usable /dev/net/tun, say) is reported, not fatal.
+                net.pasta = self.start_pasta(&ns, ip).unwrap_or_else(|e| {
+                    tracing::warn!(sandbox = %id, error = %e, "the pod has no way out");
+                    None
+                });
+            }),
         };
         let started = configured
             .map_err(|e| Error::Internal(format!("pod sandbox {name}: give the pod its address {ip}: {e}")))
@@ -184,6 +196,7 @@ impl Runtime {
         tracing::info!(sandbox = %id, ip = %attached.ip, gateway = ?attached.gateway, "CNI ADD");
         let mut net = PodNet {
             ns: Some(ns),
+            pasta: None,
             ip: Some(attached.ip),
             forwards: Vec::new(),
             cni: Some((pod, Some(attached.result))),
@@ -238,6 +251,22 @@ impl Runtime {
             .collect()
     }
 
+    /// A rootless pod's pasta, when there is a pasta command.
+    fn start_pasta(
+        &self,
+        ns: &Arc<NetNs>,
+        ip: std::net::Ipv4Addr,
+    ) -> std::io::Result<Option<crate::net::pasta::Pasta>> {
+        let Some(bin) = &self.inner.pasta else { return Ok(None) };
+        let cidr = Cidr::parse(&self.inner.options.network.pod_cidr).map_err(std::io::Error::other)?;
+        crate::net::pasta::Pasta::start(bin, ns, ip, cidr).map(Some).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{e} (pasta gives rootless pods their way out; [network] pasta = \"\" runs them without one)"),
+            )
+        })
+    }
+
     pub(super) fn netns_pin_path(&self, sandbox_id: &str) -> PathBuf {
         self.inner.run_dir.join("netns").join(sandbox_id)
     }
@@ -259,7 +288,16 @@ impl Runtime {
             ipam.reserve(ip);
         }
         let cni = self.inner.cni.as_ref().map(|_| (pod_identity(&sandbox.spec), None));
-        let mut net = PodNet { ns: Some(Arc::new(ns)), ip: Some(ip), forwards: Vec::new(), cni };
+        let ns = Arc::new(ns);
+        // A restored rootless pod gets a new pasta (the old one died with the old process).
+        let pasta = match (&self.inner.bridge, &cni) {
+            (None, None) => self.start_pasta(&ns, ip).unwrap_or_else(|e| {
+                tracing::error!(sandbox = %sandbox.id, error = %e, "pasta of a restored pod");
+                None
+            }),
+            _ => None,
+        };
+        let mut net = PodNet { ns: Some(ns), pasta, ip: Some(ip), forwards: Vec::new(), cni };
         let name = sandbox.spec.metadata.reserved_name();
         let host_ports = ports::check(&name, &sandbox.spec.port_mappings).unwrap_or_default();
         if let Err(e) = self.forward_ports(&mut net, &name, &host_ports) {
