@@ -271,15 +271,18 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # and the host reaches them on the bridge. "rootless": every pod gets a network namespace of
 # its own, made by wasmlet without privilege (when not run as root, wasmlet enters a user
 # namespace of its own first); the pod's IP (from pod_cidr) exists only inside the pod, and the
-# host reaches pods through their host ports. "cni" (nodes, root): every pod gets a namespace
-# configured by the CNI plugins of the first network config in cni_conf_dir (a routable pod
-# IP, routes out). "host": every pod shares the host's network.
+# host reaches pods through their host ports; rootless pods go out through `pasta` (Debian's
+# passt; one process per pod, about 19 MiB and 11 ms at its start; "" for no way out). "cni"
+# (nodes, root): every pod gets a namespace configured by the CNI plugins of the first network
+# config in cni_conf_dir (a routable pod IP, routes out). "host": every pod shares the host's
+# network.
 # [network]
 # mode = "auto"
 # pod_cidr = "10.88.0.0/16"
 # bridge = "wasmlet0"
 # cni_conf_dir = "/etc/cni/net.d"
 # cni_bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+# pasta = "pasta"
 
 # The node (`wasmlet node --kubeconfig`), keys as the kubelet's KubeletConfiguration names
 # them. The default taint keeps ordinary pods off a wasm node; wasm pods tolerate it through
