@@ -217,6 +217,11 @@ impl Server {
     /// Starts a server as the unprivileged user `nobody` (65534), as a user on a laptop would
     /// run it. The caller must be root (CI is); `None` otherwise.
     pub async fn start_unprivileged() -> Result<Option<Server>> {
+        Server::start_unprivileged_with_env(&[]).await
+    }
+
+    /// The same with extra environment variables.
+    pub async fn start_unprivileged_with_env(envs: &[(&str, &str)]) -> Result<Option<Server>> {
         if !is_root() {
             return Ok(None);
         }
@@ -229,7 +234,8 @@ impl Server {
             std::fs::copy(wasmlet_bin(), &bin)?;
         }
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
-        let mut s = Server { dir, child: None, args: Vec::new(), run_as: Some((65534, bin)), envs: Vec::new() };
+        let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Server { dir, child: None, args: Vec::new(), run_as: Some((65534, bin)), envs };
         s.spawn().await?;
         Ok(Some(s))
     }

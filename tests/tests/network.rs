@@ -163,11 +163,26 @@ async fn two_hundred_pods_leave_nothing_behind() {
 #[tokio::test]
 async fn rootless_mode_works_without_privilege() {
     // As `nobody`: wasmlet enters a user namespace of its own and makes the pods' namespaces.
-    let Some(server) = Server::start_unprivileged().await.unwrap() else {
+    if !is_root() {
         // Not root here, so the other tests of this file already ran without privilege.
         return;
-    };
+    }
+    // "The world outside": a namespace of the test's own, with an HTTPS server whose
+    // certificate comes from the test's CA, which wasmlet trusts through SSL_CERT_FILE.
+    let outside = OutsideNetns::new('r');
+    let pki = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(pki.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    wasmlet_tests::cluster::self_signed(pki.path(), "/CN=wasmlet test CA", 2, "ca.key", "ca.crt").unwrap();
+    let san = format!("IP:{}", outside.address);
+    wasmlet_tests::cluster::certificate(pki.path(), "good", "/CN=outside", Some(&san)).unwrap();
+    let ca = pki.path().join("ca.crt");
+    let server =
+        Server::start_unprivileged_with_env(&[("SSL_CERT_FILE", ca.to_str().unwrap())]).await.unwrap().unwrap();
     server.import(net_component(), "net").unwrap();
+    server.import(http_component(), "http").unwrap();
     let mut rt = server.runtime().await;
     let cond = rt.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner().status.unwrap().conditions;
     let network = cond.iter().find(|c| c.r#type == "NetworkReady").unwrap();
@@ -189,7 +204,6 @@ async fn rootless_mode_works_without_privilege() {
 
     // A way out (pasta): the pod reaches a server in a namespace of the test's own, over the
     // host's routes; the server sees the host's address, not the pod's.
-    let outside = OutsideNetns::new('r');
     let port = 7000 + (std::process::id() % 1000) as u16;
     let server_thread = outside.answer_once(port);
     let c = start(&mut rt, &sb, &cfg, net_config("out", &["connect", &outside.address, &port.to_string(), "hi"])).await;
@@ -203,6 +217,49 @@ async fn rootless_mode_works_without_privilege() {
     let s = wait_exited(&mut rt, &c, WAIT).await.unwrap();
     let log = read_log(std::path::Path::new(&s.log_path)).unwrap();
     assert!(texts(&log, "stderr").iter().any(|l| l == "connect: error code 13"), "{log:?}");
+
+    // Outgoing wasi:http from a rootless pod: to the other pod through its host port at the
+    // gateway (pasta maps it to the host), and to the HTTPS server outside.
+    let web_port = free_port();
+    let web_cfg = with_ports(sandbox_config(&server, "web-r"), &[(8080, web_port as i32)]);
+    let web = run_sandbox(&mut rt, &web_cfg).await.unwrap();
+    let mut handler = container_config("web", "http", &[]);
+    handler.command.clear();
+    start(&mut rt, &web, &web_cfg, handler).await;
+    let fetch = |url: String| async move {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let path = format!("/fetch/{url}");
+            match tokio::task::spawn_blocking(move || http_get(web_port, &path)).await.unwrap() {
+                Ok(a) if a.starts_with("HTTP/1.") => return a,
+                other => {
+                    assert!(std::time::Instant::now() < deadline, "{url}: {other:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    };
+    let answer = fetch(format!("http://10.88.0.1:{host_port}/other-pod")).await;
+    assert!(answer.ends_with("fetched 200: nobody-pod got a request\n"), "{answer}\n{}", server.server_log());
+    let tls_port = port + 1;
+    let mut s_server = std::process::Command::new("ip")
+        .args(["netns", "exec", &outside.name, "openssl", "s_server", "-quiet", "-www"])
+        .args(["-accept", &format!("{}:{tls_port}", outside.address), "-cert", "good.crt", "-key", "good.key"])
+        .current_dir(pki.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("{}:{tls_port}", outside.address).parse().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "openssl s_server on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answer = fetch(format!("https://{addr}/")).await;
+    let _ = s_server.kill();
+    let _ = s_server.wait();
+    assert!(answer.contains("fetched 200: ") && answer.contains("s_server"), "{answer}");
 }
 
 #[tokio::test]
