@@ -236,10 +236,10 @@ impl crate::net::connect::HasServices for P2State {
     fn sockets(&mut self) -> wasmtime_wasi::sockets::WasiSocketsCtxView<'_> {
         wasmtime_wasi::sockets::WasiSocketsCtxView { ctx: self.ctx.sockets(), table: &mut self.table }
     }
-    fn route_tcp(&self, dst: std::net::SocketAddr) -> crate::net::services::Route {
+    fn destination_tcp(&self, dst: std::net::SocketAddr) -> Result<std::net::SocketAddr, String> {
         match &self.http_hooks.egress {
-            Some(e) => e.services.route(e.client, dst, crate::net::services::Protocol::Tcp),
-            None => crate::net::services::Route::Direct,
+            Some(e) => e.services.destination(e.client, dst, crate::net::services::Protocol::Tcp),
+            None => Ok(dst),
         }
     }
 }

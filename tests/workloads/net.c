@@ -1,6 +1,6 @@
 // The socket test workload: a wasi:cli/command that uses wasi:sockets through the C bindings
 // tests/build.rs generates. Its first argument picks what it does (or its argv[0], when it is
-// one of connect, connect-n, lookup and ready: an exec's command):
+// one of connect, connect-n, bench-connect, lookup and ready: an exec's command):
 //   serve PORT        TCP server on 0.0.0.0:PORT; answers each connection's first read with
 //                     "<HOSTNAME> got <bytes>" (or, to an HTTP GET, a minimal HTTP/1.0
 //                     response; to "ready?", yes or no) and closes it

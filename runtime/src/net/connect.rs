@@ -11,7 +11,8 @@ use wasmtime_wasi::p2::bindings::sockets::tcp::HostTcpSocket;
 use wasmtime_wasi::p2::{Network, TcpSocket};
 use wasmtime_wasi::sockets::WasiSocketsCtxView;
 
-use super::services::Route;
+#[cfg(doc)]
+use super::services::ServiceTable;
 
 /// The interface as wasmtime-wasi 48 defines it (older 0.2 imports match it by semver).
 const INTERFACE: &str = "wasi:sockets/tcp@0.2.12";
@@ -19,8 +20,8 @@ const INTERFACE: &str = "wasi:sockets/tcp@0.2.12";
 /// What a store must give the connect function.
 pub trait HasServices: Send + 'static {
     fn sockets(&mut self) -> WasiSocketsCtxView<'_>;
-    /// Where a TCP connection to `dst` goes.
-    fn route_tcp(&self, dst: SocketAddr) -> Route;
+    /// Where a TCP connection to `dst` is made (see [`ServiceTable::destination`]).
+    fn destination_tcp(&self, dst: SocketAddr) -> Result<SocketAddr, String>;
 }
 
 /// Replaces `start-connect` in `linker` with the Service-aware one.
@@ -33,12 +34,14 @@ pub fn add_to_linker<T: HasServices>(linker: &mut Linker<T>) -> wasmtime::Result
          (this, network, remote): (Resource<TcpSocket>, Resource<Network>, IpSocketAddress)|
          -> wasmtime::Result<(Result<(), ErrorCode>,)> {
             let data = store.data_mut();
-            let route = data.route_tcp(SocketAddr::from(remote));
-            tracing::debug!(remote = %SocketAddr::from(remote), ?route, "connect");
-            let remote = match route {
-                Route::Direct => remote,
-                Route::To(endpoint) => IpSocketAddress::from(endpoint),
-                Route::Refused(service) => {
+            let asked = SocketAddr::from(remote);
+            let remote = match data.destination_tcp(asked) {
+                Ok(dst) if dst == asked => remote,
+                Ok(endpoint) => {
+                    tracing::debug!(service = %asked, %endpoint, "connect");
+                    IpSocketAddress::from(endpoint)
+                }
+                Err(service) => {
                     tracing::debug!(%service, "connect: the Service has no ready endpoint");
                     return Ok((Err(ErrorCode::ConnectionRefused),));
                 }

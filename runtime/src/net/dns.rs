@@ -194,12 +194,9 @@ impl PodDns {
     /// Where a query to `server` goes: a Service's ClusterIP to one of its endpoints (None
     /// when it has none), any other address as it is.
     fn server_address(&self, server: SocketAddr, protocol: super::services::Protocol) -> Option<SocketAddr> {
-        use super::services::Route;
-        let Some((table, client)) = &self.services else { return Some(server) };
-        match table.route(*client, server, protocol) {
-            Route::Direct => Some(server),
-            Route::To(endpoint) => Some(endpoint),
-            Route::Refused(_) => None,
+        match &self.services {
+            Some((table, client)) => table.destination(*client, server, protocol).ok(),
+            None => Some(server),
         }
     }
 }

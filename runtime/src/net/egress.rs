@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::dns::{LookupError, PodDns};
-use super::services::{Protocol, Route, ServiceTable};
+use super::services::{Protocol, ServiceTable};
 use super::{Cidr, InNetns, NetNs};
 
 /// Which destinations are dialled from inside the pod's namespace.
@@ -86,11 +86,9 @@ impl Egress {
             self.dns.clone().resolve(host.to_string()).await.map_err(|e| ConnectError::Lookup(host.into(), e))?;
         let mut last = ConnectError::Lookup(host.into(), LookupError::NotFound);
         for ip in addrs {
-            let asked = SocketAddr::new(ip, port);
-            let dst = match self.services.route(self.client, asked, Protocol::Tcp) {
-                Route::Direct => asked,
-                Route::To(endpoint) => endpoint,
-                Route::Refused(svc) => {
+            let dst = match self.services.destination(self.client, SocketAddr::new(ip, port), Protocol::Tcp) {
+                Ok(dst) => dst,
+                Err(svc) => {
                     last = ConnectError::NoEndpoints(svc);
                     continue;
                 }

@@ -49,7 +49,8 @@ impl Pasta {
         let gateway = cidr.gateway();
         // setpriv (util-linux) sets the parent-death signal, so pasta dies with wasmlet even when
         // wasmlet is killed; without it pasta is started as it is.
-        let mut command = match find("setpriv") {
+        static SETPRIV: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+        let mut command = match SETPRIV.get_or_init(|| find("setpriv")) {
             Some(setpriv) => {
                 let mut c = Command::new(setpriv);
                 c.args(["--pdeathsig", "KILL", "--"]).arg(bin);

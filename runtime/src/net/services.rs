@@ -1,6 +1,7 @@
 //! Services at the socket layer: when a guest connects to a Service's ClusterIP and port,
 //! wasmlet connects it to one of the Service's ready endpoints instead, as kube-proxy's rules
-//! would have rewritten the packets. Round robin over the ready, non-terminating endpoints;
+//! would have rewritten the packets. Round robin over the endpoints the watcher chose (ready
+//! ones, or serving terminating ones when none is ready);
 //! `sessionAffinity: ClientIP` keeps a client on its endpoint for the affinity's timeout; a
 //! Service port with no endpoint refuses the connection (kube-proxy's REJECT).
 //!
@@ -29,7 +30,8 @@ pub struct ServicePortSpec {
     pub cluster_ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
-    /// Ready, non-terminating endpoints with the target port resolved, in a stable order.
+    /// The endpoints to use (ready ones, or serving terminating ones when none is ready), with
+    /// the target port resolved, in a stable order.
     pub endpoints: Vec<SocketAddr>,
     /// `sessionAffinity: ClientIP` and its timeout.
     pub affinity: Option<Duration>,
@@ -101,6 +103,16 @@ impl ServiceTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The address a connection from `client` to `dst` is made to: `dst` itself, or a Service's
+    /// endpoint; Err with the Service's name when it has none (the connection is refused).
+    pub fn destination(&self, client: IpAddr, dst: SocketAddr, protocol: Protocol) -> Result<SocketAddr, String> {
+        match self.route(client, dst, protocol) {
+            Route::Direct => Ok(dst),
+            Route::To(endpoint) => Ok(endpoint),
+            Route::Refused(service) => Err(service),
+        }
     }
 
     /// Where a connection from `client` to `dst` goes.

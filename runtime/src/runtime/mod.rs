@@ -155,6 +155,8 @@ struct Inner {
     bridge: Option<crate::net::bridge::Bridge>,
     /// The pasta command rootless pods go out through (rootless mode, when found).
     pasta: Option<PathBuf>,
+    /// The pod range parsed (bridge and rootless modes, where wasmlet hands out addresses).
+    cidr: Option<Cidr>,
     /// The cluster's Service ports, which guests' connections to ClusterIPs go through.
     services: Arc<crate::net::services::ServiceTable>,
 }
@@ -258,11 +260,13 @@ impl Runtime {
         let mut cni = None;
         let mut bridge = None;
         let mut pasta = None;
+        let mut pod_range = None;
         let setup = match options.network.mode {
             NetworkMode::Host => Ok(None),
             NetworkMode::Bridge => {
                 let cidr = Cidr::parse(&options.network.pod_cidr).map_err(Error::InvalidArgument)?;
                 state.ipam = Some(Ipam::new(cidr));
+                pod_range = Some(cidr);
                 let name = &options.network.bridge;
                 crate::net::bridge::Bridge::setup(name, cidr)
                     .map_err(|e| format!("set up bridge {name} for the pods: {e} (bridge mode needs root)"))
@@ -275,6 +279,7 @@ impl Runtime {
             NetworkMode::Auto | NetworkMode::Rootless => {
                 let cidr = Cidr::parse(&options.network.pod_cidr).map_err(Error::InvalidArgument)?;
                 state.ipam = Some(Ipam::new(cidr));
+                pod_range = Some(cidr);
                 pasta = crate::net::pasta::find(&options.network.pasta);
                 match &pasta {
                     Some(p) => tracing::info!(pasta = %p.display(), "rootless pods go out through pasta"),
@@ -321,6 +326,7 @@ impl Runtime {
                 cni,
                 bridge,
                 pasta,
+                cidr: pod_range,
                 services: crate::net::services::ServiceTable::new(),
             }),
         };

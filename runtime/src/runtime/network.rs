@@ -10,7 +10,7 @@ use crate::engine::GuestNet;
 use crate::model::*;
 use crate::net::egress::Inside;
 use crate::net::netns::Interface;
-use crate::net::{Cidr, NetNs, NetworkMode, ports};
+use crate::net::{NetNs, NetworkMode, ports};
 use crate::{Error, Result};
 
 use super::spec::*;
@@ -56,12 +56,10 @@ impl Runtime {
             (GuestNet::Pod(ns), NetworkMode::Cni) => (pod.clone(), Some(ns.clone())),
             _ => (host.clone(), None),
         };
-        let inside = match mode {
-            NetworkMode::Cni => Inside::Everything,
-            _ => Inside::LoopbackAnd(
-                Cidr::parse(&self.inner.options.network.pod_cidr)
-                    .unwrap_or(Cidr { base: [127, 0, 0, 0].into(), prefix: 8 }),
-            ),
+        // wasmlet's own pod ranges (bridge, rootless); CNI's pods have routes for everything.
+        let inside = match self.inner.cidr {
+            Some(cidr) => Inside::LoopbackAnd(cidr),
+            None => Inside::Everything,
         };
         let egress = match net {
             GuestNet::Pod(ns) => Some((pod, ns.clone(), inside)),
@@ -257,8 +255,7 @@ impl Runtime {
         ns: &Arc<NetNs>,
         ip: std::net::Ipv4Addr,
     ) -> std::io::Result<Option<crate::net::pasta::Pasta>> {
-        let Some(bin) = &self.inner.pasta else { return Ok(None) };
-        let cidr = Cidr::parse(&self.inner.options.network.pod_cidr).map_err(std::io::Error::other)?;
+        let (Some(bin), Some(cidr)) = (&self.inner.pasta, self.inner.cidr) else { return Ok(None) };
         crate::net::pasta::Pasta::start(bin, ns, ip, cidr).map(Some).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
