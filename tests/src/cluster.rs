@@ -441,6 +441,30 @@ pub struct WasmletNode {
     config: String,
 }
 
+/// The test's `[node]` config, with disk thresholds no test machine trips unless the test sets
+/// its own: the kubelet's defaults (nodefs 10%, imagefs 15% available, image GC from 85% used)
+/// would put every node of a machine whose disk is fuller than that under DiskPressure, and
+/// have it reject its pods. The memory threshold keeps the kubelet's default (100Mi).
+fn disk_neutral(config: &str) -> String {
+    let mut extra = String::new();
+    if !config.contains("evictionHard") {
+        extra.push_str(
+            "evictionHard = { \"memory.available\" = \"100Mi\", \"nodefs.available\" = \"1%\", \
+             \"nodefs.inodesFree\" = \"1%\", \"imagefs.available\" = \"1%\", \"imagefs.inodesFree\" = \"1%\" }\n",
+        );
+    }
+    if !config.contains("imageGCHighThresholdPercent") {
+        extra.push_str("imageGCHighThresholdPercent = 100\nimageGCLowThresholdPercent = 99\n");
+    }
+    match config.find("[node]\n") {
+        Some(i) => {
+            let at = i + "[node]\n".len();
+            format!("{}{extra}{}", &config[..at], &config[at..])
+        }
+        None => format!("[node]\n{extra}{config}"),
+    }
+}
+
 impl WasmletNode {
     /// Imports the images (file, tag) into a fresh root and starts `wasmlet node --kubeconfig`
     /// as node `name`, with `config` as its config file's text (`[node]` settings and more).
@@ -495,7 +519,7 @@ impl WasmletNode {
     /// (Re)starts the process on the same root.
     pub fn spawn(&mut self) -> Result<()> {
         let config = self.dir.path().join("wasmlet.toml");
-        std::fs::write(&config, &self.config)?;
+        std::fs::write(&config, disk_neutral(&self.config))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("wasmlet.log"))?;
         let child = Command::new(crate::wasmlet_bin())
             .arg("node")
