@@ -198,6 +198,7 @@ pub struct P2State {
     dns: Option<Arc<PodDns>>,
     http: wasmtime_wasi_http::WasiHttpCtx,
     http_hooks: crate::http::Hooks,
+    udp_flows: crate::net::connect::UdpFlows,
 }
 
 impl P2State {
@@ -209,6 +210,7 @@ impl P2State {
             dns: spec.dns.clone(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             http_hooks: crate::http::Hooks { egress: spec.egress.clone() },
+            udp_flows: Default::default(),
         }
     }
 
@@ -236,11 +238,26 @@ impl crate::net::connect::HasServices for P2State {
     fn sockets(&mut self) -> wasmtime_wasi::sockets::WasiSocketsCtxView<'_> {
         wasmtime_wasi::sockets::WasiSocketsCtxView { ctx: self.ctx.sockets(), table: &mut self.table }
     }
-    fn destination_tcp(&self, dst: std::net::SocketAddr) -> Result<std::net::SocketAddr, String> {
+    fn destination(
+        &self,
+        dst: std::net::SocketAddr,
+        protocol: crate::net::services::Protocol,
+    ) -> Result<std::net::SocketAddr, String> {
         match &self.http_hooks.egress {
-            Some(e) => e.services.destination(e.client, dst, crate::net::services::Protocol::Tcp),
+            Some(e) => e.services.destination(e.client, dst, protocol),
             None => Ok(dst),
         }
+    }
+    fn serves(
+        &self,
+        dst: std::net::SocketAddr,
+        protocol: crate::net::services::Protocol,
+        endpoint: std::net::SocketAddr,
+    ) -> bool {
+        self.http_hooks.egress.as_ref().is_some_and(|e| e.services.serves(dst, protocol, endpoint))
+    }
+    fn udp_flows(&mut self) -> &mut crate::net::connect::UdpFlows {
+        &mut self.udp_flows
     }
 }
 

@@ -1743,6 +1743,17 @@ spec:
           exec: {{command: [ready, "8080"]}}
           periodSeconds: 1
           failureThreshold: 1
+      - name: echo
+        image: net:1
+        imagePullPolicy: IfNotPresent
+        args: [udp-echo, "5353"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: echo, port: 53, targetPort: 5353, protocol: UDP}}]
 "#,
         node = node.name
     );
@@ -1782,6 +1793,27 @@ spec:
     let answers = connect("web", 3, "by-name")?.map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
     assert_eq!(backends(&answers).len(), 3, "{answers}");
     assert!(asked.lock().unwrap().contains(&name), "asked: {:?}", asked.lock().unwrap());
+
+    // UDP to a ClusterIP, on a connected socket and on an unconnected one: the datagram goes
+    // to an endpoint, and the guest sees the answer come from the Service's address.
+    let echo_ip =
+        cp.get_json(&["get", "service", "-n", &ns, "echo"])?["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let udp = |mode: &str| exec_in(cp, &ns, "client", &["udp-ask", &echo_ip, "53", "ping", mode]);
+    let mut said = Ok(String::new());
+    cp.wait("UDP through the ClusterIP", Duration::from_secs(30), || {
+        said = udp("unconnected")?;
+        Ok(said.as_ref().is_ok_and(|a| a.contains(" echoes ping from ")))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {said:?}\n{}", node.log()))?;
+    let answer = said.map_err(anyhow::Error::msg)?;
+    assert!(answer.trim().ends_with(&format!(" echoes ping from {echo_ip}:53")), "{answer}");
+    let answer = udp("connected")?.map_err(anyhow::Error::msg)?;
+    let lines: Vec<&str> = answer.lines().collect();
+    assert_eq!(lines.first(), Some(&format!("remote {echo_ip}:53").as_str()), "{answer}");
+    assert!(lines.get(1).is_some_and(|l| l.ends_with(&format!(" echoes ping from {echo_ip}:53"))), "{answer}");
+    let web_pods: Vec<String> =
+        pods(cp, &ns, "app=web")?.iter().map(|p| p["metadata"]["name"].as_str().unwrap_or("").to_string()).collect();
+    assert!(web_pods.iter().any(|p| lines[1].starts_with(&format!("{p} echoes"))), "{answer}: {web_pods:?}");
 
     // One endpoint turns unready: once the API says so, the node stops sending it anything.
     let victim = pods(cp, &ns, "app=web")?[0]["metadata"]["name"].as_str().unwrap().to_string();
@@ -1831,6 +1863,11 @@ spec:
         Ok(last.as_ref().is_err_and(|e| e.contains("connect: error code 14")))
     })
     .map_err(|e| anyhow::anyhow!("{e}: {last:?}\n{}", node.log()))?;
+    // UDP too: no endpoint, refused at the connect and at the send.
+    for (mode, what) in [("connected", "udp stream"), ("unconnected", "udp send")] {
+        let e = udp(mode)?.unwrap_err();
+        assert!(e.contains(&format!("{what}: error code 14")), "{mode}: {e}");
+    }
     // The node kept serving through all of it.
     assert!(node.log().lines().all(|l| !l.contains("panicked")), "{}", node.log());
     Ok(())

@@ -19,7 +19,7 @@ fn ask(addr: &str, msg: &str) -> String {
     answer
 }
 
-/// A container of pod `sb` connects to a server the test runs on the host's `gateway` address,
+/// A container of pod `sb` connects to a server the test runs on the host's address `gateway`,
 /// which sees the connection come from `pod_ip`.
 async fn pod_reaches_the_host(
     rt: &mut RuntimeClient,
@@ -36,9 +36,44 @@ async fn pod_reaches_the_host(
         conn.write_all(format!("host got {}", String::from_utf8_lossy(&buf[..n])).as_bytes()).unwrap();
         peer.ip().to_string()
     });
-    let c = start(rt, sb, cfg, net_config("outbound", &["connect", gateway, &port, "hello-host"])).await;
+    let name = format!("outbound-{}", gateway.replace('.', "-"));
+    let c = start(rt, sb, cfg, net_config(&name, &["connect", gateway, &port, "hello-host"])).await;
     assert_eq!(stdout_of(rt, &c).await, ["host got hello-host"]);
     assert_eq!(host_side.join().unwrap(), pod_ip, "the connection came from the pod's address");
+}
+
+/// An address of the host's own on a link of its own (a veth pair: this kernel may have no
+/// dummy links), for root; deleted on drop.
+struct HostAddress {
+    link: String,
+    ip: String,
+}
+
+impl HostAddress {
+    /// `wh<letter><pid>` with 10.233.N.1/32 (`letter` tells apart the tests of one process).
+    fn new(letter: char) -> HostAddress {
+        let pid = std::process::id();
+        let link = format!("wh{letter}{:04x}", pid & 0xffff);
+        let peer = format!("{link}p");
+        let ip = format!("10.233.{}.1", (pid.wrapping_mul(7) + letter as u32) % 250 + 2);
+        let _ = Command::new("ip").args(["link", "del", &link]).output();
+        for args in [
+            vec!["link", "add", &link, "type", "veth", "peer", "name", &peer],
+            vec!["addr", "add", &format!("{ip}/32"), "dev", &link],
+            vec!["link", "set", &peer, "up"],
+            vec!["link", "set", &link, "up"],
+        ] {
+            let out = Command::new("ip").args(&args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        HostAddress { link, ip }
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.link]).output();
+    }
 }
 
 /// Stops and removes the sandboxes `ids`, then checks that no veth is left on `bridge`.
@@ -153,6 +188,8 @@ async fn pods_on_wasmlets_own_bridge() {
     let dir = tempfile::tempdir().unwrap();
     let net = TestBridge::new(dir.path(), 'b');
     let (bridge, gateway, prefix) = (net.name.clone(), net.gateway(), net.prefix.clone());
+    // Another address of the host, off the bridge, there before the pods start.
+    let other = HostAddress::new('b');
     let config = net.config.clone();
     let mut server = Server::start_with(&["--config", config.to_str().unwrap()]).await.unwrap();
     server.import(net_component(), "net").unwrap();
@@ -180,8 +217,20 @@ async fn pods_on_wasmlets_own_bridge() {
     // Pod to pod by IP, across the bridge.
     let c = start(&mut rt, &b, &b_cfg, net_config("client", &["connect", &a_ip, "8080", "from-b"])).await;
     assert_eq!(stdout_of(&mut rt, &c).await, ["br-a got from-b"]);
-    // Out of the pod to the host, at the gateway, from the pod's own address.
+    // Out of the pod to the host, at the gateway and at another of its addresses, from the
+    // pod's own address.
     pod_reaches_the_host(&mut rt, (&b, &b_cfg), &gateway, &b_ip).await;
+    pod_reaches_the_host(&mut rt, (&b, &b_cfg), &other.ip, &b_ip).await;
+    // Nothing else: with no NAT out, an address of another machine is unreachable in the pod
+    // (asked of the pod's routing table: nothing is sent), whatever the host's ip_forward.
+    let pinned = server.run_dir().join("netns").join(&b);
+    let route = Command::new("nsenter")
+        .arg(format!("--net={}", pinned.display()))
+        .args(["ip", "-o", "route", "get", "192.0.2.1"])
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&route.stdout), String::from_utf8_lossy(&route.stderr));
+    assert!(!route.status.success() && said.contains("No route to host"), "{}: {said}", pinned.display());
 
     // A restart keeps the pods' networks as they were.
     server.kill9();

@@ -1,6 +1,6 @@
 // The socket test workload: a wasi:cli/command that uses wasi:sockets through the C bindings
 // tests/build.rs generates. Its first argument picks what it does (or its argv[0], when it is
-// one of connect, connect-n, bench-connect, lookup and ready: an exec's command):
+// one of connect, connect-n, bench-connect, lookup, ready and udp-ask: an exec's command):
 //   serve PORT        TCP server on 0.0.0.0:PORT; answers each connection's first read with
 //                     "<HOSTNAME> got <bytes>" (or, to an HTTP GET, a minimal HTTP/1.0
 //                     response; to "ready?", yes or no) and closes it
@@ -18,6 +18,11 @@
 //                     readiness probe); a server that got "set-unready" says no from then on
 //   udp-echo PORT     UDP server on 0.0.0.0:PORT; answers each datagram with
 //                     "<HOSTNAME> echoes <bytes>"
+//   udp-ask HOST PORT MSG connected|unconnected
+//                     sends MSG in a datagram to HOST:PORT, on a socket streamed to that
+//                     address or not, and prints the answer and where it came from
+//                     ("<answer> from A.B.C.D:P"; connected, also "remote A.B.C.D:P" first),
+//                     or "no answer" after 3 s
 //   (run as httpd) HTTP on port 80, its command line logged first
 //   grpc-health PORT N
 //                     gRPC health server over h2c on 0.0.0.0:PORT: answers every call
@@ -465,6 +470,82 @@ static int udp_echo(int port) {
     }
 }
 
+static void print_addr(const char *before, wasi_sockets_network_ip_socket_address_t *a, const char *after) {
+    wasi_sockets_network_ipv4_socket_address_t v = a->val.ipv4;
+    printf("%s%u.%u.%u.%u:%u%s", before, v.address.f0, v.address.f1, v.address.f2, v.address.f3, v.port, after);
+}
+
+// One datagram to HOST:PORT and its answer (see udp-ask above).
+static int udp_ask(const char *host, int port, const char *msg, int connected) {
+    wasi_sockets_network_ip_address_t addrs[8];
+    int n = lookup(host, addrs, 8), i = 0;
+    while (i < n && addrs[i].tag != WASI_SOCKETS_NETWORK_IP_ADDRESS_IPV4) i++;
+    if (n <= 0 || i == n) {
+        fprintf(stderr, "no IPv4 address for %s\n", host);
+        return 1;
+    }
+    wasi_sockets_udp_ip_socket_address_t to = ipv4(addrs[i].val.ipv4, port);
+    wasi_sockets_udp_own_udp_socket_t sock;
+    wasi_sockets_udp_error_code_t err;
+    if (!wasi_sockets_udp_create_socket_create_udp_socket(WASI_SOCKETS_NETWORK_IP_ADDRESS_FAMILY_IPV4, &sock, &err))
+        return fail("create udp socket", err);
+    wasi_sockets_udp_borrow_udp_socket_t s = wasi_sockets_udp_borrow_udp_socket(sock);
+    wasi_sockets_udp_ip_socket_address_t any = ipv4(ANY, 0);
+    if (!wasi_sockets_udp_method_udp_socket_start_bind(s, network(), &any, &err)) return fail("udp bind", err);
+    while (!wasi_sockets_udp_method_udp_socket_finish_bind(s, &err)) {
+        if (err != WASI_SOCKETS_NETWORK_ERROR_CODE_WOULD_BLOCK) return fail("udp bind", err);
+        block_on(wasi_sockets_udp_method_udp_socket_subscribe(s));
+    }
+    wasi_sockets_udp_tuple2_own_incoming_datagram_stream_own_outgoing_datagram_stream_t streams;
+    if (!wasi_sockets_udp_method_udp_socket_stream(s, connected ? &to : NULL, &streams, &err))
+        return fail("udp stream", err);
+    if (connected) {
+        wasi_sockets_udp_ip_socket_address_t remote;
+        if (!wasi_sockets_udp_method_udp_socket_remote_address(s, &remote, &err)) return fail("remote address", err);
+        print_addr("remote ", &remote, "\n");
+    }
+    wasi_sockets_udp_borrow_incoming_datagram_stream_t in = wasi_sockets_udp_borrow_incoming_datagram_stream(streams.f0);
+    wasi_sockets_udp_borrow_outgoing_datagram_stream_t out = wasi_sockets_udp_borrow_outgoing_datagram_stream(streams.f1);
+    uint64_t room = 0, sent = 0;
+    while (wasi_sockets_udp_method_outgoing_datagram_stream_check_send(out, &room, &err) && room == 0)
+        block_on(wasi_sockets_udp_method_outgoing_datagram_stream_subscribe(out));
+    wasi_sockets_udp_outgoing_datagram_t d;
+    d.data.ptr = (uint8_t *)msg;
+    d.data.len = strlen(msg);
+    d.remote_address.is_some = !connected;
+    d.remote_address.val = to;
+    wasi_sockets_udp_list_outgoing_datagram_t list = {&d, 1};
+    if (!wasi_sockets_udp_method_outgoing_datagram_stream_send(out, &list, &sent, &err)) return fail("udp send", err);
+    uint64_t deadline = wasi_clocks_monotonic_clock_now() + 3000000000ull;
+    for (;;) {
+        wasi_sockets_udp_list_incoming_datagram_t got;
+        if (!wasi_sockets_udp_method_incoming_datagram_stream_receive(in, 1, &got, &err)) return fail("udp receive", err);
+        if (got.len > 0) {
+            printf("%.*s", (int)got.ptr[0].data.len, (const char *)got.ptr[0].data.ptr);
+            print_addr(" from ", &got.ptr[0].remote_address, "\n");
+            wasi_sockets_udp_list_incoming_datagram_free(&got);
+            return 0;
+        }
+        uint64_t now = wasi_clocks_monotonic_clock_now();
+        if (now >= deadline) {
+            printf("no answer\n");
+            return 1;
+        }
+        wasi_io_poll_own_pollable_t both[2] = {
+            wasi_sockets_udp_method_incoming_datagram_stream_subscribe(in),
+            wasi_clocks_monotonic_clock_subscribe_instant(deadline),
+        };
+        wasi_io_poll_borrow_pollable_t borrowed[2] = {wasi_io_poll_borrow_pollable(both[0]),
+                                                      wasi_io_poll_borrow_pollable(both[1])};
+        wasi_io_poll_list_borrow_pollable_t polled = {borrowed, 2};
+        net_list_u32_t ready;
+        wasi_io_poll_poll(&polled, &ready);
+        net_list_u32_free(&ready);
+        wasi_io_poll_pollable_drop_own(both[0]);
+        wasi_io_poll_pollable_drop_own(both[1]);
+    }
+}
+
 // Run as httpd (the conformance images' web server, argv[0] .../httpd[.wasm]): serves HTTP on
 // port 80, after logging its command line as Apache's httpd does when it starts.
 static int httpd(int argc, char **argv) {
@@ -483,7 +564,7 @@ int main(int argc, char **argv) {
     // the command is argv[0].
     static char *shifted[64];
     if (argc < 62 && (!strcmp(me, "connect") || !strcmp(me, "connect-n") || !strcmp(me, "ready") || !strcmp(me, "bench-connect") ||
-        !strcmp(me, "lookup"))) {
+        !strcmp(me, "lookup") || !strcmp(me, "udp-ask"))) {
         shifted[0] = "net";
         for (int i = 0; i <= argc; i++) shifted[i + 1] = argv[i];
         argv = shifted;
@@ -494,6 +575,8 @@ int main(int argc, char **argv) {
         return serve(atoi(argv[2]));
     }
     if (argc >= 3 && !strcmp(argv[1], "udp-echo")) return udp_echo(atoi(argv[2]));
+    if (argc >= 6 && !strcmp(argv[1], "udp-ask"))
+        return udp_ask(argv[2], atoi(argv[3]), argv[4], !strcmp(argv[5], "connected"));
     if (argc >= 3 && !strcmp(argv[1], "sink")) return sink(atoi(argv[2]));
     if (argc >= 4 && !strcmp(argv[1], "grpc-health")) return grpc_health(atoi(argv[2]), atoi(argv[3]));
     if (argc >= 5 && !strcmp(argv[1], "connect")) return connect_to(argv[2], atoi(argv[3]), argv[4]);
@@ -519,6 +602,6 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) print_ip(&addrs[i]);
         return 0;
     }
-    fprintf(stderr, "usage: net serve PORT | sink PORT | udp-echo PORT | grpc-health PORT N | connect HOST PORT MSG | connect-n HOST PORT N MSG | bench-connect HOST PORT N MSG | blast HOST PORT MB | lookup NAME | ready PORT\n");
+    fprintf(stderr, "usage: net serve PORT | sink PORT | udp-echo PORT | udp-ask HOST PORT MSG connected|unconnected | grpc-health PORT N | connect HOST PORT MSG | connect-n HOST PORT N MSG | bench-connect HOST PORT N MSG | blast HOST PORT MB | lookup NAME | ready PORT\n");
     return 2;
 }

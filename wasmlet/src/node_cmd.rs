@@ -198,7 +198,9 @@ pub async fn run(a: NodeArgs, shutdown: impl std::future::Future<Output = ()>) -
         let table = local.services.clone();
         let sink =
             Arc::new(move |routes: Vec<ServiceRoute>| table.replace(routes.into_iter().map(service_port).collect()));
-        tasks.push(tokio::spawn(wasmlet_kubelet::node::services::watch(client.clone(), sink)));
+        let o = api_objects.as_ref().expect("a client has its API objects");
+        let (services, changed) = o.services_watch();
+        tasks.push(tokio::spawn(wasmlet_kubelet::node::services::watch(client.clone(), services, changed, sink)));
         // No pod's environment is built before the Services are known.
         if let Some(o) = &api_objects {
             o.synced().await;

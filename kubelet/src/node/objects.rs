@@ -60,8 +60,10 @@ struct Token {
 /// ConfigMaps, Secrets and tokens fetched from the API server for the pods that use them.
 pub struct ApiObjects {
     client: kube::Client,
-    /// Every Service (watched), for the pods' Service variables.
+    /// Every Service (watched), for the pods' Service variables and the node's Service routes.
     services: reflector::Store<Service>,
+    /// Bumped at every event of that watch.
+    services_changed: watch::Receiver<()>,
     watched: Mutex<HashMap<ObjectKey, Watched>>,
     /// (pod UID, audience, expirationSeconds) -> token.
     tokens: Mutex<HashMap<(String, String, i64), Token>>,
@@ -128,8 +130,25 @@ impl ApiObjects {
         let (services, writer) = reflector::store();
         let api: Api<Service> = Api::all(client.clone());
         let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-        tokio::spawn(stream.for_each(|_| std::future::ready(())));
-        ApiObjects { client, services, watched: Mutex::default(), tokens: Mutex::default(), claims: Mutex::default() }
+        let (changed, services_changed) = watch::channel(());
+        tokio::spawn(stream.for_each(move |_| {
+            changed.send_replace(());
+            std::future::ready(())
+        }));
+        ApiObjects {
+            client,
+            services,
+            services_changed,
+            watched: Mutex::default(),
+            tokens: Mutex::default(),
+            claims: Mutex::default(),
+        }
+    }
+
+    /// The watched Services, and a signal that fires at each change of them (one watch serves
+    /// the pods' environments and the Service routes).
+    pub fn services_watch(&self) -> (reflector::Store<Service>, watch::Receiver<()>) {
+        (self.services.clone(), self.services_changed.clone())
     }
 
     /// Waits until the Services have been listed once: the kubelet builds no pod's

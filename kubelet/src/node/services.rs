@@ -142,16 +142,22 @@ fn endpoints(slices: &[&EndpointSlice], ip: IpAddr, port_name: &str, protocol: P
     if ready.is_empty() { terminating } else { ready }.into_iter().collect()
 }
 
-/// Watches Services and EndpointSlices and hands every new set of routes to `sink`, until
-/// aborted.
-pub async fn watch(client: kube::Client, sink: Arc<dyn Fn(Vec<ServiceRoute>) + Send + Sync>) {
-    let (services, services_w) = reflector::store::<Service>();
+/// Watches EndpointSlices and, with the Services of `services` (whose watch bumps `changed`),
+/// hands every new set of routes to `sink`, until aborted.
+pub async fn watch(
+    client: kube::Client,
+    services: Store<Service>,
+    changed: tokio::sync::watch::Receiver<()>,
+    sink: Arc<dyn Fn(Vec<ServiceRoute>) + Send + Sync>,
+) {
     let (slices, slices_w) = reflector::store::<EndpointSlice>();
-    let config = watcher::Config::default();
-    let svc_events =
-        reflector(services_w, watcher(Api::<Service>::all(client.clone()), config.clone())).default_backoff();
-    let slice_events = reflector(slices_w, watcher(Api::<EndpointSlice>::all(client), config)).default_backoff();
-    let mut events = Box::pin(futures_util::stream::select(svc_events.map(explain), slice_events.map(explain)));
+    let slice_events =
+        reflector(slices_w, watcher(Api::<EndpointSlice>::all(client), watcher::Config::default())).default_backoff();
+    let service_events = futures_util::stream::unfold(changed, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
+    let mut events = Box::pin(futures_util::stream::select(service_events, slice_events.map(explain)));
     let mut last = None;
     while events.next().await.is_some() {
         // Events come in bursts (a rollout changes many slices): one recomputation per burst.
@@ -169,14 +175,14 @@ pub async fn watch(client: kube::Client, sink: Arc<dyn Fn(Vec<ServiceRoute>) + S
 }
 
 /// Says what a refused watch needs: a node may not list EndpointSlices unless granted the
-/// rights kube-proxy has.
+/// rights kube-proxy has (it may list Services).
 fn explain<T>(event: Result<T, watcher::Error>) {
     if let Err(e) = event
         && e.to_string().contains("403")
     {
         tracing::warn!(
             error = %e,
-            "Services cannot be routed: the node may not watch Services and EndpointSlices; \
+            "Services cannot be routed: the node may not watch EndpointSlices; \
              grant it kube-proxy's rights (kubectl create clusterrolebinding wasmlet-node-proxier \
              --clusterrole=system:node-proxier --group=system:nodes)"
         );

@@ -1,9 +1,15 @@
 //! The bridge network: what a container runtime's default network is, made by wasmlet itself
 //! (root, no CNI). One Linux bridge holds the first address of the pod range (the pods'
 //! gateway, and the host's way to them); every pod gets a veth pair, `eth0` in its namespace
-//! with its address and a default route through the gateway, the other end on the bridge. So
-//! the pod IP that the CRI reports is reachable from the host's own namespace, and the host
-//! never routes traffic for it anywhere else.
+//! with its address, the other end on the bridge. So the pod IP that the CRI reports is
+//! reachable from the host's own namespace, and the host never routes traffic for it anywhere
+//! else.
+//!
+//! A pod reaches the other pods (on the bridge) and the host, on each address the host has when
+//! the pod starts (a route through the gateway: the host delivers those itself). Everything
+//! else is unreachable from the pod: there is no NAT out, so a packet to another machine would
+//! leave with the pod's address wherever the host forwards, and its answer could not come back.
+//! Outgoing wasi:http and the pod's DNS queries leave from the host's namespace instead.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -22,14 +28,14 @@ pub struct Bridge {
     name: String,
     index: i32,
     gateway: Ipv4Addr,
-    prefix: u8,
+    cidr: Cidr,
     /// An rtnetlink socket in the host's namespace (made where the bridge is).
     host: Mutex<Netlink>,
 }
 
 impl std::fmt::Debug for Bridge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bridge({} {}/{})", self.name, self.gateway, self.prefix)
+        write!(f, "Bridge({} {}/{})", self.name, self.gateway, self.cidr.prefix)
     }
 }
 
@@ -45,7 +51,7 @@ impl Bridge {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io::Error::new(e.kind(), format!("give bridge {name} the address {gateway}: {e}"))),
         }
-        Ok(Bridge { name: name.to_string(), index, gateway, prefix: cidr.prefix, host: Mutex::new(host) })
+        Ok(Bridge { name: name.to_string(), index, gateway, cidr, host: Mutex::new(host) })
     }
 
     /// The pods' gateway (the bridge's address).
@@ -70,17 +76,28 @@ impl Bridge {
             ns.with_fd(|fd| host.add_veth(&veth, self.index, POD_INTERFACE, POD_LINK, fd))?
                 .map_err(|e| io::Error::new(e.kind(), format!("veth {veth} on bridge {}: {e}", self.name)))?;
         }
-        let (prefix, gateway) = (self.prefix, self.gateway);
+        let (prefix, gateway) = (self.cidr.prefix, self.gateway);
+        let host = self.host_addresses()?;
         let configured = ns.configure(move |nl| {
             nl.link_up(POD_LINK)?;
             nl.add_address(POD_LINK, ip, prefix)?;
-            nl.add_default_route(POD_LINK, gateway)
+            for addr in &host {
+                nl.add_gateway_route(POD_LINK, *addr, 32, gateway)?;
+            }
+            nl.add_unreachable_route(Ipv4Addr::UNSPECIFIED, 0)
         });
         configured
             .map_err(|e| io::Error::new(e.kind(), format!("{POD_INTERFACE} of the pod ({ip}/{prefix}): {e}")))
             .inspect_err(|_| {
                 let _ = self.detach(sandbox_id);
             })
+    }
+
+    /// The host's addresses a pod reaches through the gateway: all but the loopback's and
+    /// those on the bridge's own subnet (the pod reaches those on its link).
+    fn host_addresses(&self) -> io::Result<Vec<Ipv4Addr>> {
+        let all = self.host.lock().unwrap_or_else(|e| e.into_inner()).ipv4_addresses()?;
+        Ok(all.into_iter().filter(|a| !a.is_loopback() && !self.cidr.contains(*a)).collect())
     }
 
     /// Takes a sandbox's veth away (its peer in the pod goes with it).

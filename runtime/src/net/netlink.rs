@@ -13,6 +13,9 @@ const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
+const RTM_GETADDR: u16 = 22;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_DUMP: u16 = 0x300;
 const RTM_NEWROUTE: u16 = 24;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -169,9 +172,17 @@ impl Netlink {
 
     /// Adds the default route through `gateway` on the link `index`.
     pub fn add_default_route(&self, index: i32, gateway: Ipv4Addr) -> io::Result<()> {
+        self.add_gateway_route(index, Ipv4Addr::UNSPECIFIED, 0, gateway)
+    }
+
+    /// Adds a route to `dst/prefix` through `gateway` on the link `index`.
+    pub fn add_gateway_route(&self, index: i32, dst: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> io::Result<()> {
         // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-        let mut body = vec![AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST];
+        let mut body = vec![AF_INET, prefix, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST];
         body.extend_from_slice(&0u32.to_ne_bytes());
+        if prefix > 0 {
+            attr(&mut body, RTA_DST, &dst.octets());
+        }
         attr(&mut body, RTA_GATEWAY, &gateway.octets());
         attr(&mut body, RTA_OIF, &(index as u32).to_ne_bytes());
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &body)
@@ -207,6 +218,35 @@ impl Netlink {
         self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, &body)
     }
 
+    /// The IPv4 addresses of every link in this namespace.
+    pub fn ipv4_addresses(&self) -> io::Result<Vec<Ipv4Addr>> {
+        // struct ifaddrmsg: family, prefixlen, flags, scope, index (0: every link).
+        let body = [AF_INET, 0, 0, 0, 0, 0, 0, 0];
+        self.send(RTM_GETADDR, NLM_F_DUMP, &body)?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let (n, _) = rustix::net::recv(&self.fd, &mut buf, RecvFlags::empty())?;
+            let mut rest = &buf[..n];
+            while rest.len() >= 16 {
+                let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                if len < 16 || len > rest.len() {
+                    return Err(io::Error::other("rtnetlink: malformed address dump"));
+                }
+                let msg = &rest[..len];
+                match u16::from_ne_bytes([msg[4], msg[5]]) {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        ack(msg)?;
+                    }
+                    RTM_NEWADDR if len >= 24 && msg[16] == AF_INET => out.extend(address_of(&msg[24..])),
+                    _ => {}
+                }
+                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+            }
+        }
+    }
+
     /// Sends one request and waits for its acknowledgement.
     fn request(&self, kind: u16, flags: u16, body: &[u8]) -> io::Result<()> {
         ack(&self.exchange(kind, flags | NLM_F_ACK, body)?)
@@ -214,6 +254,19 @@ impl Netlink {
 
     /// Sends one request and returns the first message of the reply.
     fn exchange(&self, kind: u16, flags: u16, body: &[u8]) -> io::Result<Vec<u8>> {
+        self.send(kind, flags, body)?;
+        // Only the headers are read: a longer reply (a link's whole description) is cut here,
+        // and the kernel drops the rest of that datagram.
+        let mut buf = [0u8; 1024];
+        let (n, _) = rustix::net::recv(&self.fd, &mut buf, RecvFlags::empty())?;
+        if n < 20 {
+            return Err(io::Error::other("rtnetlink: short reply"));
+        }
+        Ok(buf[..n].to_vec())
+    }
+
+    /// Sends one message to the kernel.
+    fn send(&self, kind: u16, flags: u16, body: &[u8]) -> io::Result<()> {
         let len = 16 + body.len() as u32;
         let mut msg = Vec::with_capacity(len as usize);
         msg.extend_from_slice(&len.to_ne_bytes());
@@ -224,15 +277,29 @@ impl Netlink {
         msg.extend_from_slice(body);
         let kernel = netlink::SocketAddrNetlink::new(0, 0);
         rustix::net::sendto(&self.fd, &msg, SendFlags::empty(), &kernel)?;
-        // Only the headers are read: a longer reply (a link's whole description) is cut here,
-        // and the kernel drops the rest of that datagram.
-        let mut buf = [0u8; 1024];
-        let (n, _) = rustix::net::recv(&self.fd, &mut buf, RecvFlags::empty())?;
-        if n < 20 {
-            return Err(io::Error::other("rtnetlink: short reply"));
-        }
-        Ok(buf[..n].to_vec())
+        Ok(())
     }
+}
+
+/// The address in the attributes of an RTM_NEWADDR message: IFA_LOCAL (the link's own
+/// address), or IFA_ADDRESS where there is no IFA_LOCAL.
+fn address_of(mut attrs: &[u8]) -> Option<Ipv4Addr> {
+    let (mut local, mut address) = (None, None);
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        let value = &attrs[4..len];
+        let ip = <[u8; 4]>::try_from(value).ok().map(Ipv4Addr::from);
+        match u16::from_ne_bytes([attrs[2], attrs[3]]) {
+            IFA_LOCAL => local = ip,
+            IFA_ADDRESS => address = ip,
+            _ => {}
+        }
+        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
+    }
+    local.or(address)
 }
 
 /// The outcome an NLMSG_ERROR reply carries (0: done).
@@ -261,5 +328,19 @@ mod tests {
         assert!(ifname("a-name-that-is-too-long").is_err());
         assert!(ifname("").is_err() && ifname("a/b").is_err() && ifname("a b").is_err());
         assert!(ifname(&"x".repeat(MAX_IFNAME)).is_ok());
+    }
+
+    #[test]
+    fn addresses_are_read_from_a_dump() {
+        let mut attrs = Vec::new();
+        attr(&mut attrs, IFA_ADDRESS, &[10, 0, 0, 255]);
+        attr(&mut attrs, 3, b"eth0\0"); // IFA_LABEL
+        assert_eq!(address_of(&attrs), Some(Ipv4Addr::new(10, 0, 0, 255)));
+        attr(&mut attrs, IFA_LOCAL, &[10, 0, 0, 7]);
+        assert_eq!(address_of(&attrs), Some(Ipv4Addr::new(10, 0, 0, 7)), "the link's own address first");
+        assert_eq!(address_of(&[8, 0, 2, 0, 1]), None, "a cut attribute is no address");
+        // This namespace's loopback, whoever runs the test.
+        let all = Netlink::open().unwrap().ipv4_addresses().unwrap();
+        assert!(all.contains(&Ipv4Addr::LOCALHOST), "{all:?}");
     }
 }

@@ -115,6 +115,13 @@ impl ServiceTable {
         }
     }
 
+    /// Whether `endpoint` is still one of the endpoints of the Service port at `dst` (a UDP
+    /// flow keeps its endpoint while it is, as a conntrack entry does).
+    pub fn serves(&self, dst: SocketAddr, protocol: Protocol, endpoint: SocketAddr) -> bool {
+        let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
+        ports.get(&(dst.ip(), dst.port(), protocol)).is_some_and(|p| p.spec.endpoints.contains(&endpoint))
+    }
+
     /// Where a connection from `client` to `dst` goes.
     pub fn route(&self, client: IpAddr, dst: SocketAddr, protocol: Protocol) -> Route {
         self.route_at(client, dst, protocol, Instant::now())
