@@ -203,13 +203,14 @@ pub struct P2State {
 
 impl P2State {
     pub(crate) fn new(ctx: WasiCtx, limiter: Limiter, spec: &GuestSpec) -> P2State {
+        let meter = limiter.meter.clone();
         P2State {
             ctx,
             table: ResourceTable::new(),
             limiter,
             dns: spec.dns.clone(),
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
-            http_hooks: crate::http::Hooks { egress: spec.egress.clone() },
+            http_hooks: crate::http::Hooks { egress: spec.egress.clone(), meter },
             udp_flows: Default::default(),
         }
     }

@@ -190,6 +190,9 @@ impl Server {
 /// destination. A guest with no network has its requests refused.
 pub struct Hooks {
     pub egress: Option<Arc<Egress>>,
+    /// The guest's meter: the CPU of its requests (the TLS handshake, the connection's I/O
+    /// while the body streams) is the guest's, under its quota, as a process's own would be.
+    pub meter: Arc<crate::engine::GuestMeter>,
 }
 
 /// How long a connection may take when the guest sets no connect timeout: a guest should not
@@ -210,11 +213,14 @@ impl wasmtime_wasi_http::WasiHttpHooks for Hooks {
         options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
-        let egress = self.egress.clone();
-        Box::new(async move {
+        let (egress, meter) = (self.egress.clone(), self.meter.clone());
+        Box::new(crate::cpu::Metered::new(meter.clone(), async move {
             let Some(egress) = egress else { return Err(wasmtime_wasi_http::Error::HttpRequestDenied) };
-            send(&egress, request, options.unwrap_or_default()).await
-        })
+            let (response, driver) = send(&egress, request, options.unwrap_or_default()).await?;
+            let driver: Box<dyn Future<Output = _> + Send> =
+                Box::new(crate::cpu::Metered::new(meter, Box::into_pin(driver)));
+            Ok((response, driver))
+        }))
     }
 }
 
@@ -399,6 +405,51 @@ fn tls_connector() -> tokio_rustls::TlsConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU of an outgoing request is the guest's: the send and the connection's driver
+    /// are metered on the guest's meter, the body's transfer included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outgoing_requests_are_charged_to_the_guest() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const BODY: usize = 16 << 20;
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = server.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = conn.read(&mut head).await.unwrap();
+            let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n");
+            conn.write_all(reply.as_bytes()).await.unwrap();
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..BODY / chunk.len() {
+                conn.write_all(&chunk).await.unwrap();
+            }
+        });
+        let handle = tokio::runtime::Handle::current();
+        let egress = Egress {
+            dns: Arc::new(crate::net::dns::PodDns::parse("", "", handle.clone())),
+            pod: None,
+            host: handle,
+            services: crate::net::services::ServiceTable::new(),
+            client: "10.88.0.2".parse().unwrap(),
+        };
+        let meter = Arc::new(crate::engine::GuestMeter::default());
+        let mut hooks = Hooks { egress: Some(Arc::new(egress)), meter: meter.clone() };
+        let body = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
+        let request = http::Request::get(format!("http://{addr}/big")).body(body).unwrap();
+        let sent =
+            wasmtime_wasi_http::WasiHttpHooks::send_request(&mut hooks, request, None, Box::new(async { Ok(()) }));
+        let (response, driver) = Box::into_pin(sent).await.unwrap();
+        let cpu = || meter.cpu_nanos.load(std::sync::atomic::Ordering::Relaxed);
+        let at_head = cpu();
+        assert!(at_head > 0, "the send is charged");
+        let driving = tokio::spawn(Box::into_pin(driver));
+        let got = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got.len(), BODY);
+        driving.await.unwrap().unwrap();
+        assert!(cpu() > at_head, "the connection's driver is charged too: {at_head} then {}", cpu());
+    }
 
     #[test]
     fn only_components_importing_a_filesystem_get_preopens() {

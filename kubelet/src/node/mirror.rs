@@ -71,6 +71,9 @@ impl Observer for MirrorPods {
     }
 }
 
+/// How many looks (2 s apart) may miss the mirror before it is made again.
+const UNSEEN_LOOKS: u32 = 3;
+
 /// Creates the mirror (replacing one of another hash), posts the static pod's status to it
 /// as it changes, and deletes it when the static pod's worker ends.
 async fn keep_mirror(
@@ -96,7 +99,10 @@ async fn keep_mirror(
         };
         complaint.succeeded(&what);
         let mut sent = None;
-        let mut seen = false;
+        // Looks at which the API's view did not show the mirror: right after it is made the
+        // watch may not have it yet; past a few, it is gone (its deletion may have been seen
+        // before it was).
+        let mut unseen = 0;
         let mut look = tokio::time::interval(Duration::from_secs(2));
         loop {
             let ended = tokio::select! {
@@ -116,12 +122,14 @@ async fn keep_mirror(
                             tracing::info!(pod = %key, "mirror pod deleted: making it again");
                             continue 'mirror;
                         }
-                        Some(_) => seen = true,
-                        None if seen => {
-                            tracing::info!(pod = %key, "mirror pod deleted: making it again");
-                            continue 'mirror;
+                        Some(_) => unseen = 0,
+                        None => {
+                            unseen += 1;
+                            if unseen >= UNSEEN_LOOKS {
+                                tracing::info!(pod = %key, "mirror pod deleted: making it again");
+                                continue 'mirror;
+                            }
                         }
-                        None => {}
                     }
                     false
                 }
@@ -169,12 +177,15 @@ async fn ensure_mirror(
         match known {
             Some(old) => {
                 let old_hash = old.metadata.annotations.as_ref().and_then(|a| a.get(MIRROR)).cloned();
-                if old_hash.as_deref() == Some(hash) {
+                // A terminating mirror is finished and made again, whatever its hash.
+                if old_hash.as_deref() == Some(hash) && old.metadata.deletion_timestamp.is_none() {
                     return Some(old.metadata.uid.unwrap_or_default());
                 }
                 // A mirror of an older version of the static pod (or not a mirror): replaced.
                 let dp = for_good(old.metadata.uid.as_deref().unwrap_or_default());
-                if let Err(e) = api.delete(name, &dp).await {
+                if let Err(e) = api.delete(name, &dp).await
+                    && !matches!(api_code(&e), Some(404) | Some(409))
+                {
                     complaint.failed(&format!("replace {what}"), &e);
                 }
             }
