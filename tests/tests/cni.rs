@@ -253,6 +253,41 @@ async fn pods_on_wasmlets_own_bridge() {
     drop(net);
 }
 
+/// The bridge with `masquerade = true`: a pod reaches a server in a namespace the test makes
+/// (standing for another machine, reached through the host's routes), and the server sees the
+/// host's address, not the pod's.
+#[tokio::test]
+async fn bridge_pods_go_out_masqueraded_when_asked() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "the bridge mode needs root");
+        eprintln!("skipped: the bridge mode needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let net = TestBridge::new(dir.path(), 'm');
+    let config = std::fs::read_to_string(&net.config).unwrap();
+    std::fs::write(&net.config, format!("{config}masquerade = true\n")).unwrap();
+    let outside = wasmlet_tests::OutsideNetns::new('m');
+    let host_side = outside.address.rsplit_once('.').map(|(a, _)| format!("{a}.1")).unwrap();
+    let server = Server::start_with(&["--config", net.config.to_str().unwrap()]).await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let cfg = sandbox_config(&server, "masq");
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    let ip = pod_ip(&mut rt, &sb).await;
+    let listener = outside.answer_once(7070);
+    let c = start(&mut rt, &sb, &cfg, net_config("out", &["connect", &outside.address, "7070", "hi"])).await;
+    assert_eq!(stdout_of(&mut rt, &c).await, [format!("outside saw {host_side}")], "the pod is {ip}");
+    listener.join().unwrap();
+    let table = format!("wasmlet_{}", net.name);
+    let rules = Command::new("nft").args(["list", "table", "ip", &table]).output().unwrap();
+    assert!(String::from_utf8_lossy(&rules.stdout).contains("masquerade"), "{rules:?}");
+    remove_leaving_no_veth(&mut rt, &[&sb], &net.name).await;
+    drop(server);
+    let _ = Command::new("nft").args(["delete", "table", "ip", &table]).output();
+    drop(net);
+}
+
 /// GET `path` from the host port `port` until it answers (the handler may not listen yet).
 async fn get_when_up(port: u16, path: String) -> String {
     let deadline = std::time::Instant::now() + WAIT;

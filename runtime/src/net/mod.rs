@@ -89,6 +89,11 @@ pub struct NetworkOptions {
     pub pod_cidr: String,
     /// The bridge the pods are on (bridge mode).
     pub bridge: String,
+    /// Bridge mode: pods' traffic to other machines leaves behind the host's address
+    /// (nftables masquerade, with the host's IPv4 forwarding turned on), as a container
+    /// runtime's default network does. Off (the default): pods reach each other and the host,
+    /// nothing past it.
+    pub masquerade: bool,
     /// Where CNI network configurations are (cni mode).
     pub cni_conf_dir: std::path::PathBuf,
     /// Where CNI plugins are (cni mode).
@@ -104,6 +109,7 @@ impl Default for NetworkOptions {
             mode: NetworkMode::Auto,
             pod_cidr: "10.88.0.0/16".into(),
             bridge: "wasmlet0".into(),
+            masquerade: false,
             cni_conf_dir: "/etc/cni/net.d".into(),
             cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
             pasta: "pasta".into(),

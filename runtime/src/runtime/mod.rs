@@ -268,10 +268,11 @@ impl Runtime {
                 state.ipam = Some(Ipam::new(cidr));
                 pod_range = Some(cidr);
                 let name = &options.network.bridge;
-                crate::net::bridge::Bridge::setup(name, cidr)
+                crate::net::bridge::Bridge::setup(name, cidr, options.network.masquerade)
                     .map_err(|e| format!("set up bridge {name} for the pods: {e} (bridge mode needs root)"))
                     .and_then(|b| {
-                        tracing::info!(bridge = %name, gateway = %b.gateway(), "pod bridge");
+                        let masquerade = options.network.masquerade;
+                        tracing::info!(bridge = %name, gateway = %b.gateway(), masquerade, "pod bridge");
                         bridge = Some(b);
                         namespaces().map(Some)
                     })
