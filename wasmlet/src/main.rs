@@ -268,8 +268,8 @@ const DEFAULT_CONFIG: &str = r#"# wasmlet configuration (TOML). Every key is opt
 # Pod networking. "auto" (the default): "bridge" as root, "rootless" otherwise. "bridge"
 # (root): every pod gets a network namespace of its own with a veth on the bridge named by
 # `bridge`, which holds pod_cidr's first address (the pods' gateway); pod IPs come from pod_cidr
-# and the host reaches them on the bridge; pods reach each other and the host, and with
-# masquerade = true other machines too, behind the host's address (nftables NAT; the host's
+# and the host reaches them on the bridge; pods reach each other and the host, and other
+# machines too when `masquerade` is true, behind the host's address (nftables NAT; the host's
 # IPv4 forwarding is turned on). "rootless": every pod gets a network namespace of
 # its own, made by wasmlet without privilege (when not run as root, wasmlet enters a user
 # namespace of its own first); the pod's IP (from pod_cidr) exists only inside the pod, and the
