@@ -136,6 +136,17 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Whether a test that needs root skips here: without root it says why (`needs`) and skips,
+/// except under CI, which runs as root, where it fails.
+pub fn skip_unless_root(needs: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{needs}");
+    eprintln!("skipped: {needs}");
+    true
+}
+
 /// A TCP port free on the host's loopback right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
@@ -774,6 +785,8 @@ pub struct OutsideNetns {
     pub name: String,
     /// The address inside the namespace.
     pub address: String,
+    /// The host's end of the veth: an address of the host's own, on a link of its own.
+    pub host_address: String,
 }
 
 impl OutsideNetns {
@@ -788,7 +801,11 @@ impl OutsideNetns {
         };
         let peer = format!("{name}p");
         ip(&["netns", "add", &name]);
-        let ns = OutsideNetns { name: name.clone(), address: format!("10.233.{third}.2") };
+        let ns = OutsideNetns {
+            name: name.clone(),
+            address: format!("10.233.{third}.2"),
+            host_address: format!("10.233.{third}.1"),
+        };
         ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
         ip(&["link", "set", &peer, "netns", &name]);
         ip(&["addr", "add", &host, "dev", &name]);

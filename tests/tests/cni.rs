@@ -42,40 +42,6 @@ async fn pod_reaches_the_host(
     assert_eq!(host_side.join().unwrap(), pod_ip, "the connection came from the pod's address");
 }
 
-/// An address of the host's own on a link of its own (a veth pair: this kernel may have no
-/// dummy links), for root; deleted on drop.
-struct HostAddress {
-    link: String,
-    ip: String,
-}
-
-impl HostAddress {
-    /// `wh<letter><pid>` with 10.233.N.1/32 (`letter` tells apart the tests of one process).
-    fn new(letter: char) -> HostAddress {
-        let pid = std::process::id();
-        let link = format!("wh{letter}{:04x}", pid & 0xffff);
-        let peer = format!("{link}p");
-        let ip = format!("10.233.{}.1", (pid.wrapping_mul(7) + letter as u32) % 250 + 2);
-        let _ = Command::new("ip").args(["link", "del", &link]).output();
-        for args in [
-            vec!["link", "add", &link, "type", "veth", "peer", "name", &peer],
-            vec!["addr", "add", &format!("{ip}/32"), "dev", &link],
-            vec!["link", "set", &peer, "up"],
-            vec!["link", "set", &link, "up"],
-        ] {
-            let out = Command::new("ip").args(&args).output().unwrap();
-            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        HostAddress { link, ip }
-    }
-}
-
-impl Drop for HostAddress {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.link]).output();
-    }
-}
-
 /// Stops and removes the sandboxes `ids`, then checks that no veth is left on `bridge`.
 async fn remove_leaving_no_veth(rt: &mut RuntimeClient, ids: &[&str], bridge: &str) {
     for id in ids {
@@ -180,16 +146,14 @@ async fn a_missing_cni_plugin_is_reported() {
 /// reports is on wasmlet's own bridge, so the host reaches it there and never routes it out.
 #[tokio::test]
 async fn pods_on_wasmlets_own_bridge() {
-    if !is_root() {
-        assert!(std::env::var_os("CI").is_none(), "the bridge mode needs root");
-        eprintln!("skipped: the bridge mode needs root");
+    if skip_unless_root("the bridge mode needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let net = TestBridge::new(dir.path(), 'b');
     let (bridge, gateway, prefix) = (net.name.clone(), net.gateway(), net.prefix.clone());
     // Another address of the host, off the bridge, there before the pods start.
-    let other = HostAddress::new('b');
+    let other = OutsideNetns::new('b');
     let config = net.config.clone();
     let mut server = Server::start_with(&["--config", config.to_str().unwrap()]).await.unwrap();
     server.import(net_component(), "net").unwrap();
@@ -220,7 +184,7 @@ async fn pods_on_wasmlets_own_bridge() {
     // Out of the pod to the host, at the gateway and at another of its addresses, from the
     // pod's own address.
     pod_reaches_the_host(&mut rt, (&b, &b_cfg), &gateway, &b_ip).await;
-    pod_reaches_the_host(&mut rt, (&b, &b_cfg), &other.ip, &b_ip).await;
+    pod_reaches_the_host(&mut rt, (&b, &b_cfg), &other.host_address, &b_ip).await;
     // Nothing else: with no NAT out, an address of another machine is unreachable in the pod
     // (asked of the pod's routing table: nothing is sent), whatever the host's ip_forward.
     let pinned = server.run_dir().join("netns").join(&b);
@@ -258,17 +222,14 @@ async fn pods_on_wasmlets_own_bridge() {
 /// host's address, not the pod's.
 #[tokio::test]
 async fn bridge_pods_go_out_masqueraded_when_asked() {
-    if !is_root() {
-        assert!(std::env::var_os("CI").is_none(), "the bridge mode needs root");
-        eprintln!("skipped: the bridge mode needs root");
+    if skip_unless_root("the bridge mode needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let net = TestBridge::new(dir.path(), 'm');
     let config = std::fs::read_to_string(&net.config).unwrap();
     std::fs::write(&net.config, format!("{config}masquerade = true\n")).unwrap();
-    let outside = wasmlet_tests::OutsideNetns::new('m');
-    let host_side = outside.address.rsplit_once('.').map(|(a, _)| format!("{a}.1")).unwrap();
+    let outside = OutsideNetns::new('m');
     let server = Server::start_with(&["--config", net.config.to_str().unwrap()]).await.unwrap();
     server.import(net_component(), "net").unwrap();
     let mut rt = server.runtime().await;
@@ -277,7 +238,7 @@ async fn bridge_pods_go_out_masqueraded_when_asked() {
     let ip = pod_ip(&mut rt, &sb).await;
     let listener = outside.answer_once(7070);
     let c = start(&mut rt, &sb, &cfg, net_config("out", &["connect", &outside.address, "7070", "hi"])).await;
-    assert_eq!(stdout_of(&mut rt, &c).await, [format!("outside saw {host_side}")], "the pod is {ip}");
+    assert_eq!(stdout_of(&mut rt, &c).await, [format!("outside saw {}", outside.host_address)], "the pod is {ip}");
     listener.join().unwrap();
     let table = format!("wasmlet_{}", net.name);
     let rules = Command::new("nft").args(["list", "table", "ip", &table]).output().unwrap();
@@ -309,9 +270,7 @@ async fn get_when_up(port: u16, path: String) -> String {
 /// name that does not exist and a server that never answers; the body streams through.
 #[tokio::test]
 async fn a_wasi_http_component_calls_out() {
-    if !is_root() {
-        assert!(std::env::var_os("CI").is_none(), "the bridge mode needs root");
-        eprintln!("skipped: the bridge mode needs root");
+    if skip_unless_root("the bridge mode needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -74,9 +74,7 @@ fn config(made: &Made) -> Value {
 
 #[tokio::test]
 async fn critest_conformance() {
-    if !is_root() {
-        assert!(std::env::var_os("CI").is_none(), "critest needs root (pods on a bridge)");
-        eprintln!("skipped: critest needs root (pods on a bridge)");
+    if skip_unless_root("critest needs root (pods on a bridge)") {
         return;
     }
     let Some(bin) = wasmlet_tests::cluster::k8s_bin() else {

@@ -109,16 +109,11 @@ async fn keep_mirror(
                 r = rx.changed() => r.is_err(),
                 _ = look.tick() => {
                     // Deleted by someone else: made again. A graceful deletion of a mirror is
-                    // finished at once (nothing of it runs), as the kubelet does.
+                    // finished at once by `ensure_mirror` (nothing of it runs), as the kubelet
+                    // does.
                     let current = lock(&mirrors).get(&key).filter(|p| p.metadata.uid.as_deref() == Some(mirror_uid.as_str())).cloned();
                     match current {
                         Some(m) if m.metadata.deletion_timestamp.is_some() => {
-                            let dp = for_good(&mirror_uid);
-                            if let Err(e) = api.delete(&name, &dp).await && !matches!(api_code(&e), Some(404) | Some(409)) {
-                                complaint.failed(&format!("delete {what}"), &e);
-                                continue;
-                            }
-                            lock(&mirrors).remove(&key);
                             tracing::info!(pod = %key, "mirror pod deleted: making it again");
                             continue 'mirror;
                         }
@@ -182,11 +177,16 @@ async fn ensure_mirror(
                     return Some(old.metadata.uid.unwrap_or_default());
                 }
                 // A mirror of an older version of the static pod (or not a mirror): replaced.
+                // Once it is gone it leaves the view at once (not when the watch says so) and
+                // the new one is made without waiting.
                 let dp = for_good(old.metadata.uid.as_deref().unwrap_or_default());
-                if let Err(e) = api.delete(name, &dp).await
-                    && !matches!(api_code(&e), Some(404) | Some(409))
-                {
-                    complaint.failed(&format!("replace {what}"), &e);
+                match api.delete(name, &dp).await {
+                    Err(e) if api_code(&e) == Some(409) => {}
+                    Err(e) if api_code(&e) != Some(404) => complaint.failed(&format!("replace {what}"), &e),
+                    _ => {
+                        lock(mirrors).remove(key);
+                        continue;
+                    }
                 }
             }
             None => match api.create(&PostParams::default(), want).await {
