@@ -846,9 +846,17 @@ impl OutsideNetns {
     /// Answers one TCP connection on `port` with "outside saw <peer>".
     pub fn answer_once(&self, port: u16) -> std::thread::JoinHandle<()> {
         self.listen_inside(port, |listener| {
-            use std::io::Write;
+            use std::io::{Read, Write};
             let (mut c, peer) = listener.accept().expect("accept");
+            // Read the client's message first and its end last: closing a socket with unread
+            // input sends a reset, which may reach the client (through pasta, say) before the
+            // answer does.
+            let mut buf = [0u8; 256];
+            let _ = c.read(&mut buf);
             let _ = c.write_all(format!("outside saw {}", peer.ip()).as_bytes());
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
         })
     }
 
