@@ -107,7 +107,11 @@ impl Cpu {
                 }
                 None
             }
-            Admission::Wait { until, first } => {
+            Admission::Wait { until, first, new_period } => {
+                // A period counts once it starts, whether the guest runs in it or waits.
+                if new_period {
+                    self.periods.fetch_add(1, Ordering::Relaxed);
+                }
                 if first {
                     self.throttled_periods.fetch_add(1, Ordering::Relaxed);
                     self.throttled_nanos.fetch_add((until - now).as_nanos() as u64, Ordering::Relaxed);
@@ -148,10 +152,12 @@ enum Admission {
     Run {
         new_period: bool,
     },
-    /// `first`: the first wait of this period.
+    /// `first`: the first wait of this period, which may be a new one (an overrun carried
+    /// in can use up its quota before the guest runs in it).
     Wait {
         until: Instant,
         first: bool,
+        new_period: bool,
     },
 }
 
@@ -173,7 +179,7 @@ impl Bucket {
             return Admission::Run { new_period };
         }
         let first = !std::mem::replace(&mut self.throttled, true);
-        Admission::Wait { until: self.start.unwrap_or(now) + period, first }
+        Admission::Wait { until: self.start.unwrap_or(now) + period, first, new_period }
     }
 }
 
@@ -584,10 +590,10 @@ mod tests {
         let admit = |b: &mut Bucket, t: Instant| b.admit(t, 20 * MS, period, || t0);
         assert_eq!(admit(&mut b, t0), Admission::Run { new_period: true });
         b.used = 25 * MS;
-        let wait = Admission::Wait { until: t0 + period, first: true };
+        let wait = Admission::Wait { until: t0 + period, first: true, new_period: false };
         assert_eq!(admit(&mut b, t0 + Duration::from_millis(30)), wait);
         let again = admit(&mut b, t0 + Duration::from_millis(40));
-        assert_eq!(again, Admission::Wait { until: t0 + period, first: false });
+        assert_eq!(again, Admission::Wait { until: t0 + period, first: false, new_period: false });
         // The next period starts 5 ms in debt.
         assert_eq!(admit(&mut b, t0 + period), Admission::Run { new_period: true });
         assert_eq!(b.used, 5 * MS);
@@ -595,6 +601,11 @@ mod tests {
         b.used = 0;
         assert_eq!(admit(&mut b, t0 + period * 5), Admission::Run { new_period: true });
         assert_eq!((b.used, b.start), (0, Some(t0 + period * 5)));
+        // A debt of more than a quota (the quota was lowered): the new period starts spent,
+        // and is still a new period (cpu.stat's nr_throttled never passes nr_periods).
+        b.used = 45 * MS;
+        let next = admit(&mut b, t0 + period * 6);
+        assert_eq!(next, Admission::Wait { until: t0 + period * 7, first: true, new_period: true });
     }
 
     #[test]

@@ -904,6 +904,7 @@ impl RuntimeService for CriServer {
         req: Request<cri::ContainerStatsRequest>,
     ) -> std::result::Result<Response<cri::ContainerStatsResponse>, Status> {
         let c = self.runtime.container(&req.into_inner().container_id).map_err(status)?;
+        self.runtime.sample_socket_queues().await;
         let stats = container_stats(&self.runtime, &c).map_err(status)?;
         Ok(Response::new(cri::ContainerStatsResponse { stats: Some(stats) }))
     }
@@ -912,6 +913,7 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::ListContainerStatsRequest>,
     ) -> std::result::Result<Response<cri::ListContainerStatsResponse>, Status> {
+        self.runtime.sample_socket_queues().await;
         let stats = self.list_container_stats_inner(req.into_inner().filter)?;
         Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
@@ -920,6 +922,7 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::StreamContainerStatsRequest>,
     ) -> std::result::Result<Response<Self::StreamContainerStatsStream>, Status> {
+        self.runtime.sample_socket_queues().await;
         let stats = self.list_container_stats_inner(req.into_inner().filter)?;
         Ok(Response::new(chunked(stats, |container_stats| cri::StreamContainerStatsResponse { container_stats })))
     }
@@ -931,6 +934,7 @@ impl RuntimeService for CriServer {
         let s = self.runtime.sandbox(&req.into_inner().pod_sandbox_id).map_err(status)?;
         let records = self.runtime.containers_where(|c| c.sandbox_id == s.id);
         let net = self.runtime.network_usage(&[s.id.as_str()]).await;
+        self.runtime.sample_socket_queues().await;
         let stats = sandbox_stats(&self.runtime, &s, &records, net.get(&s.id)).map_err(status)?;
         Ok(Response::new(cri::PodSandboxStatsResponse { stats: Some(stats) }))
     }
@@ -939,6 +943,7 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> std::result::Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        self.runtime.sample_socket_queues().await;
         let stats = self.list_sandbox_stats_inner(req.into_inner().filter).await?;
         Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
@@ -947,6 +952,7 @@ impl RuntimeService for CriServer {
         &self,
         req: Request<cri::StreamPodSandboxStatsRequest>,
     ) -> std::result::Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
+        self.runtime.sample_socket_queues().await;
         let stats = self.list_sandbox_stats_inner(req.into_inner().filter).await?;
         Ok(Response::new(chunked(stats, |pod_sandbox_stats| cri::StreamPodSandboxStatsResponse { pod_sandbox_stats })))
     }

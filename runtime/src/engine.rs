@@ -145,6 +145,11 @@ pub struct GuestMeter {
     pub listening: AtomicBool,
     /// The ports it listens on (those known when it listened), closed at a stop.
     pub listen_ports: std::sync::Mutex<Vec<u16>>,
+    /// Which sockets of its namespace are the container's (on its root meter only).
+    pub sockets: std::sync::Mutex<crate::net::queues::SocketClaim>,
+    /// The bytes queued in those sockets when they were last read: memory a cgroup would
+    /// charge to the container (on its root meter only).
+    pub socket_bytes: AtomicU64,
     /// The container an exec'd instance belongs to: its CPU time and memory count there too,
     /// and the container's memory limit covers them, as a cgroup covers a process's children.
     pub counted_in: Option<Arc<GuestMeter>>,
@@ -298,13 +303,16 @@ impl Limiter {
         let limit = self.meter.memory_limit.load(Ordering::Relaxed);
         let used = self.meter.memory_bytes.load(Ordering::Relaxed);
         let after = used + grown;
-        if limit != 0 && after > limit {
+        // The sockets' queues count too, as a cgroup charges them: a guest whose peers filled
+        // them has that much less to grow into.
+        if limit != 0 && after + self.meter.socket_bytes.load(Ordering::Relaxed) > limit {
             self.meter.oom.store(true, Ordering::Relaxed);
             return Err(wasmtime::Error::msg(format!("memory limit of {limit} bytes exceeded")));
         }
         if let Some(parent) = &self.meter.counted_in {
             let limit = parent.memory_limit.load(Ordering::Relaxed);
-            let total = parent.memory_bytes.load(Ordering::Relaxed) + grown;
+            let total =
+                parent.memory_bytes.load(Ordering::Relaxed) + grown + parent.socket_bytes.load(Ordering::Relaxed);
             if limit != 0 && total > limit {
                 self.meter.oom.store(true, Ordering::Relaxed);
                 return Err(wasmtime::Error::msg(format!("the container's memory limit of {limit} bytes exceeded")));
@@ -726,13 +734,22 @@ pub(crate) fn build_wasi(spec: &GuestSpec, meter: &Arc<GuestMeter>) -> std::resu
         // Sockets are created in the namespace of the polling thread: the pod's.
         // Every address is allowed; a listen is noted, as it makes the guest one that can
         // observe a stop (StopContainer).
+        // Binds and connects are noted in the container's claim on its sockets, whose queues
+        // count as its memory (net::queues).
         let meter = meter.clone();
         b.socket_addr_check(move |addr, used| {
-            if matches!(used, wasmtime_wasi::sockets::SocketAddrUse::TcpListen) {
+            use wasmtime_wasi::sockets::SocketAddrUse as Use;
+            if matches!(used, Use::TcpListen) {
                 meter.listening.store(true, Ordering::Relaxed);
                 if addr.port() != 0 {
                     meter.listen_ports.lock().unwrap_or_else(|e| e.into_inner()).push(addr.port());
                 }
+            }
+            let mut claim = meter.root().sockets.lock().unwrap_or_else(|e| e.into_inner());
+            match used {
+                Use::TcpBind | Use::TcpListen | Use::UdpBind => claim.bound(addr.port()),
+                Use::TcpConnect | Use::UdpSend => claim.connected(addr),
+                _ => {}
             }
             Box::pin(async { true })
         });
@@ -753,6 +770,22 @@ pub(crate) fn build_wasi(spec: &GuestSpec, meter: &Arc<GuestMeter>) -> std::resu
 mod tests {
     use super::*;
     use crate::logs::Stream;
+
+    #[test]
+    fn queued_socket_bytes_count_against_the_limit() {
+        let container = Arc::new(GuestMeter::default());
+        container.memory_limit.store(1 << 20, Ordering::Relaxed);
+        let mut own = Limiter::new(container.clone());
+        assert!(own.charge(512 << 10).is_ok());
+        container.socket_bytes.store(600 << 10, Ordering::Relaxed);
+        assert!(own.charge(1).is_err(), "512 KiB grown and 600 KiB queued: past 1 MiB");
+        // An exec'd instance grows into what its container's memory and sockets leave.
+        let mut exec = Limiter::new(Arc::new(GuestMeter::exec_in(container.clone())));
+        assert!(exec.charge(1).is_err());
+        container.socket_bytes.store(0, Ordering::Relaxed);
+        assert!(exec.charge(256 << 10).is_ok());
+        assert!(own.charge(256 << 10).is_ok(), "the queue drained: room again");
+    }
 
     fn spec(out: &GuestOutput) -> GuestSpec {
         GuestSpec::new(vec!["t".into()], out.clone(), GuestOutput::discard(Stream::Stderr))

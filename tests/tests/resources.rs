@@ -1,6 +1,7 @@
 //! Resources held inside wasm, through the real server: a CPU quota on a busy guest (and
-//! changed while it runs), the CPU of wasi:http requests counted in their container, and
-//! resource figures that are refused with the field named.
+//! changed while it runs), the CPU of wasi:http requests counted in their container, what a
+//! guest's sockets hold counted in its memory, and resource figures that are refused with the
+//! field named.
 
 use std::time::Duration;
 
@@ -188,4 +189,59 @@ async fn a_pods_network_bytes_and_its_metrics_are_reported() {
     assert_eq!(ws.value.unwrap().value, held);
     let limit = c.metrics.iter().find(|m| m.name == "container_spec_memory_limit_bytes").unwrap();
     assert_eq!(limit.value.unwrap().value, 0, "no limit set");
+}
+
+async fn working_set(rt: &mut RuntimeClient, id: &str) -> u64 {
+    let s = rt.container_stats(cri::ContainerStatsRequest { container_id: id.to_string() }).await.unwrap();
+    s.into_inner().stats.unwrap().memory.unwrap().working_set_bytes.unwrap().value
+}
+
+#[tokio::test]
+async fn what_a_guests_sockets_hold_counts_in_its_memory() {
+    // A guest that accepts a connection and never reads it: what the test sends waits in the
+    // guest's socket, memory a cgroup would charge to the container.
+    let server = Server::start().await.unwrap();
+    server.import(net_component(), "net").unwrap();
+    let mut rt = server.runtime().await;
+    let port = free_port();
+    let mut cfg = sandbox_config(&server, "holder");
+    cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: port as i32,
+        host_ip: String::new(),
+    }];
+    let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
+    let id = start(&mut rt, &sb, &cfg, net_config("hold", &["hold", "8080"])).await;
+    wait_log(&mut rt, &id, "listening on 8080", Duration::from_secs(30)).await.unwrap();
+    let before = working_set(&mut rt, &id).await;
+    let sender = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+        // Until the queues on the way are full and a write waits.
+        while s.write_all(&[1u8; 16 * 1024]).is_ok() {}
+        s
+    })
+    .await
+    .unwrap();
+    wait_log(&mut rt, &id, "holding a connection", Duration::from_secs(30)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        let now = working_set(&mut rt, &id).await;
+        if now >= before + 32 * 1024 {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "working set {now} bytes, {before} before the guest's queue filled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The guest's own memory did not move: the difference is its socket's queue.
+    let linear = before;
+    assert!(held - linear <= 8 << 20, "{held} bytes held against {linear}: more than a socket queue");
+    drop(sender);
+    rt.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 }).await.unwrap();
+    assert_eq!(working_set(&mut rt, &id).await, 0, "an exited container holds nothing");
 }

@@ -4,6 +4,8 @@
 //   serve PORT        TCP server on 0.0.0.0:PORT; answers each connection's first read with
 //                     "<HOSTNAME> got <bytes>" (or, to an HTTP GET, a minimal HTTP/1.0
 //                     response; to "ready?", yes or no) and closes it
+//   hold PORT         TCP server on 0.0.0.0:PORT that accepts connections ("holding a
+//                     connection") and never reads them
 //   connect HOST PORT MSG
 //                     looks HOST up, connects, sends MSG, prints the answer
 //   connect-n HOST PORT N MSG
@@ -207,6 +209,19 @@ static int serve(int port) {
         }
         write_all(conn.f2, reply, (size_t)n);
         close_conn(conn);
+    }
+}
+
+// Accepts connections and never reads them: what the peers send waits in the guest's sockets
+// (the memory accounting of their queues is tested with it).
+static int hold(int port) {
+    wasi_sockets_tcp_own_tcp_socket_t sock;
+    if (listen_on(port, &sock)) return 1;
+    wasi_sockets_tcp_borrow_tcp_socket_t s = wasi_sockets_tcp_borrow_tcp_socket(sock);
+    for (;;) {
+        accept_on(s);
+        printf("holding a connection\n");
+        fflush(stdout);
     }
 }
 
@@ -575,6 +590,7 @@ int main(int argc, char **argv) {
         return serve(atoi(argv[2]));
     }
     if (argc >= 3 && !strcmp(argv[1], "udp-echo")) return udp_echo(atoi(argv[2]));
+    if (argc >= 3 && !strcmp(argv[1], "hold")) return hold(atoi(argv[2]));
     if (argc >= 6 && !strcmp(argv[1], "udp-ask"))
         return udp_ask(argv[2], atoi(argv[3]), argv[4], !strcmp(argv[5], "connected"));
     if (argc >= 3 && !strcmp(argv[1], "sink")) return sink(atoi(argv[2]));

@@ -24,6 +24,7 @@ pub mod netlink;
 pub mod netns;
 pub mod pasta;
 pub mod ports;
+pub mod queues;
 pub mod services;
 
 use std::collections::BTreeSet;

@@ -276,17 +276,27 @@ pub fn parse_net_dev(text: &str) -> Vec<Interface> {
         .collect()
 }
 
-/// The interfaces of each namespace, read on one short-lived thread that enters them in turn
-/// (`/proc/thread-self/net/dev` is the reading thread's namespace's).
+/// The interfaces of each namespace (`/proc/thread-self/net/dev` is the reading thread's
+/// namespace's).
 pub fn interfaces_of(namespaces: Vec<Arc<NetNs>>) -> io::Result<Vec<io::Result<Vec<Interface>>>> {
+    read_in_each(namespaces, |_| Ok(parse_net_dev(&std::fs::read_to_string("/proc/thread-self/net/dev")?)))
+}
+
+/// `read(i)` inside each of `namespaces` (the i-th), on one short-lived thread that enters them
+/// in turn.
+pub fn read_in_each<T: Send + 'static>(
+    namespaces: Vec<Arc<NetNs>>,
+    read: impl Fn(usize) -> io::Result<T> + Send + 'static,
+) -> io::Result<Vec<io::Result<T>>> {
     std::thread::Builder::new()
         .name("netns-stats".into())
         .spawn(move || {
             namespaces
                 .iter()
-                .map(|ns| {
+                .enumerate()
+                .map(|(i, ns)| {
                     ns.visit()?;
-                    Ok(parse_net_dev(&std::fs::read_to_string("/proc/thread-self/net/dev")?))
+                    read(i)
                 })
                 .collect()
         })?

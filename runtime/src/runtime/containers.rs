@@ -360,7 +360,13 @@ impl Runtime {
             timestamp: now,
             cpu_nanos: cpu,
             nano_cores,
-            memory_bytes: if running { entry.meter.memory_bytes.load(Ordering::Relaxed) } else { 0 },
+            // Its sockets' queues count, as a cgroup charges them (read by the stats calls,
+            // Runtime::sample_socket_queues).
+            memory_bytes: if running {
+                entry.meter.memory_bytes.load(Ordering::Relaxed) + entry.meter.socket_bytes.load(Ordering::Relaxed)
+            } else {
+                0
+            },
             memory_limit: (limit > 0).then_some(limit),
         })
     }

@@ -73,7 +73,7 @@ pub struct Usage {
     /// CPU use over the last second or so (the same for every reader), in nanoseconds per
     /// second; None on the first reading.
     pub nano_cores: Option<u64>,
-    /// Wasm memory currently allocated.
+    /// Memory held: wasm memory currently allocated and the bytes queued in its sockets.
     pub memory_bytes: u64,
     /// The memory limit, if any.
     pub memory_limit: Option<u64>,

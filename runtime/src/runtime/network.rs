@@ -10,6 +10,7 @@ use crate::engine::GuestNet;
 use crate::model::*;
 use crate::net::egress::Inside;
 use crate::net::netns::Interface;
+use crate::net::queues::{SocketClaim, queued_bytes};
 use crate::net::{NetNs, NetworkMode, ports};
 use crate::{Error, Result};
 
@@ -247,6 +248,57 @@ impl Runtime {
                     .map(|ifs| (id, ifs))
             })
             .collect()
+    }
+
+    /// Reads what the sockets of each running container that claimed some hold in their
+    /// queues (net::queues) into its meter, visiting each pod's namespace once (the host's
+    /// tables for host-network pods). A namespace that cannot be read keeps its last figures.
+    pub async fn sample_socket_queues(&self) {
+        type Group = (Vec<Arc<crate::engine::GuestMeter>>, Vec<SocketClaim>);
+        let (mut pods, mut host): (Vec<(Arc<NetNs>, Group)>, Vec<Group>) = (Vec::new(), Vec::new());
+        {
+            let state = self.state();
+            let mut by_pod: HashMap<&str, Group> = HashMap::new();
+            for e in state.containers.values().filter(|e| e.record.state == ContainerState::Running) {
+                let claim = e.meter.sockets.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if !claim.is_empty() {
+                    let g = by_pod.entry(e.record.sandbox_id.as_str()).or_default();
+                    g.0.push(e.meter.clone());
+                    g.1.push(claim);
+                }
+            }
+            for (id, g) in by_pod {
+                match state.nets.get(id).map(|n| n.ns.clone()) {
+                    Some(Some(ns)) => pods.push((ns, g)),
+                    Some(None) => host.push(g),
+                    None => {}
+                }
+            }
+        }
+        if pods.is_empty() && host.is_empty() {
+            return;
+        }
+        let read = tokio::task::spawn_blocking(move || {
+            let (namespaces, groups): (Vec<Arc<NetNs>>, Vec<Group>) = pods.drain(..).unzip();
+            let claims: Vec<Vec<SocketClaim>> = groups.iter().map(|g| g.1.clone()).collect();
+            let inside = crate::net::netns::read_in_each(namespaces, move |i| queued_bytes(&claims[i]))?;
+            let outside = host.iter().map(|g| queued_bytes(&g.1));
+            for ((meters, _), totals) in groups.iter().chain(host.iter()).zip(inside.into_iter().chain(outside)) {
+                match totals {
+                    Ok(totals) => {
+                        for (m, t) in meters.iter().zip(totals) {
+                            m.socket_bytes.store(t, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "socket queues"),
+                }
+            }
+            std::io::Result::Ok(())
+        })
+        .await;
+        if let Err(e) = read.map_err(std::io::Error::other).and_then(|r| r) {
+            tracing::warn!(error = %e, "cannot read the pods' socket queues");
+        }
     }
 
     /// A rootless pod's pasta, when there is a pasta command.
