@@ -91,7 +91,12 @@ pub async fn watch_pods(
                 continue;
             }
             watcher::Event::Delete(p) if is_mirror(&p) => {
-                lock(&mirrors).remove(&full_name(&p));
+                // Only that mirror: one made since under the same name stays.
+                let mut m = lock(&mirrors);
+                let name = full_name(&p);
+                if m.get(&name).is_some_and(|known| known.metadata.uid == p.metadata.uid) {
+                    m.remove(&name);
+                }
                 continue;
             }
             watcher::Event::Apply(p) if !is_mirror(&p) => {
