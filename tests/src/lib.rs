@@ -441,6 +441,20 @@ pub async fn http_pod(server: &Server, rt: &mut RuntimeClient, name: &str) -> Re
     http_pod_of(server, rt, name, "http", Duration::from_secs(30)).await
 }
 
+/// `cfg` with TCP host ports: (container port, host port; 0 picks none) pairs.
+pub fn with_ports(mut cfg: cri::PodSandboxConfig, ports: &[(i32, i32)]) -> cri::PodSandboxConfig {
+    cfg.port_mappings = ports
+        .iter()
+        .map(|&(container_port, host_port)| cri::PortMapping {
+            protocol: cri::Protocol::Tcp as i32,
+            container_port,
+            host_port,
+            host_ip: String::new(),
+        })
+        .collect();
+    cfg
+}
+
 /// [`http_pod`] with the handler of `image`, given `limit` to answer (a large component
 /// compiles first).
 pub async fn http_pod_of(
@@ -451,13 +465,7 @@ pub async fn http_pod_of(
     limit: Duration,
 ) -> Result<(String, String, u16)> {
     let port = free_port();
-    let mut cfg = sandbox_config(server, name);
-    cfg.port_mappings = vec![cri::PortMapping {
-        protocol: cri::Protocol::Tcp as i32,
-        container_port: 8080,
-        host_port: port as i32,
-        host_ip: String::new(),
-    }];
+    let cfg = with_ports(sandbox_config(server, name), &[(8080, port as i32)]);
     let sb = run_sandbox(rt, &cfg).await?;
     let mut web = container_config("web", image, &[]);
     web.command.clear();

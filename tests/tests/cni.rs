@@ -77,13 +77,7 @@ async fn pods_on_a_cni_bridge() {
     assert!(network.status && network.message.contains("cni: network wasmlet-test"), "{network:?}");
 
     let host_port = free_port();
-    let mut a_cfg = sandbox_config(&server, "cni-a");
-    a_cfg.port_mappings = vec![cri::PortMapping {
-        protocol: 0,
-        container_port: 8080,
-        host_port: host_port as i32,
-        host_ip: String::new(),
-    }];
+    let a_cfg = with_ports(sandbox_config(&server, "cni-a"), &[(8080, host_port as i32)]);
     let a = run_sandbox(&mut rt, &a_cfg).await.unwrap();
     let b_cfg = sandbox_config(&server, "cni-b");
     let b = run_sandbox(&mut rt, &b_cfg).await.unwrap();
@@ -293,13 +287,7 @@ async fn a_wasi_http_component_calls_out() {
     let mut handler = container_config("web", "http", &[]);
     handler.command.clear();
     let host_port = free_port();
-    let mut web_cfg = sandbox_config(&server, "web");
-    web_cfg.port_mappings = vec![cri::PortMapping {
-        protocol: cri::Protocol::Tcp as i32,
-        container_port: 8080,
-        host_port: host_port as i32,
-        host_ip: String::new(),
-    }];
+    let mut web_cfg = with_ports(sandbox_config(&server, "web"), &[(8080, host_port as i32)]);
     web_cfg.dns_config = Some(cri::DnsConfig {
         servers: vec!["127.77.0.2".into()],
         searches: vec!["ns.svc.cluster.local".into()],

@@ -10,19 +10,6 @@ use wasmlet_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn with_ports(mut cfg: cri::PodSandboxConfig, ports: &[(i32, i32)]) -> cri::PodSandboxConfig {
-    cfg.port_mappings = ports
-        .iter()
-        .map(|&(container_port, host_port)| cri::PortMapping {
-            protocol: cri::Protocol::Tcp as i32,
-            container_port,
-            host_port,
-            host_ip: String::new(),
-        })
-        .collect();
-    cfg
-}
-
 /// Sends `msg` to 127.0.0.1:`port` on the host and returns the answer.
 fn ask(port: u16, msg: &str) -> std::io::Result<String> {
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;

@@ -204,13 +204,7 @@ async fn what_a_guests_sockets_hold_counts_in_its_memory() {
     server.import(net_component(), "net").unwrap();
     let mut rt = server.runtime().await;
     let port = free_port();
-    let mut cfg = sandbox_config(&server, "holder");
-    cfg.port_mappings = vec![cri::PortMapping {
-        protocol: cri::Protocol::Tcp as i32,
-        container_port: 8080,
-        host_port: port as i32,
-        host_ip: String::new(),
-    }];
+    let cfg = with_ports(sandbox_config(&server, "holder"), &[(8080, port as i32)]);
     let sb = run_sandbox(&mut rt, &cfg).await.unwrap();
     let id = start(&mut rt, &sb, &cfg, net_config("hold", &["hold", "8080"])).await;
     wait_log(&mut rt, &id, "listening on 8080", Duration::from_secs(30)).await.unwrap();
@@ -239,8 +233,7 @@ async fn what_a_guests_sockets_hold_counts_in_its_memory() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     // The guest's own memory did not move: the difference is its socket's queue.
-    let linear = before;
-    assert!(held - linear <= 8 << 20, "{held} bytes held against {linear}: more than a socket queue");
+    assert!(held - before <= 8 << 20, "{held} bytes held against {before}: more than a socket queue");
     drop(sender);
     rt.stop_container(cri::StopContainerRequest { container_id: id.clone(), timeout: 0 }).await.unwrap();
     assert_eq!(working_set(&mut rt, &id).await, 0, "an exited container holds nothing");

@@ -279,11 +279,12 @@ impl Runtime {
             return;
         }
         let read = tokio::task::spawn_blocking(move || {
-            let (namespaces, groups): (Vec<Arc<NetNs>>, Vec<Group>) = pods.drain(..).unzip();
-            let claims: Vec<Vec<SocketClaim>> = groups.iter().map(|g| g.1.clone()).collect();
+            let (namespaces, groups): (Vec<Arc<NetNs>>, Vec<Group>) = pods.into_iter().unzip();
+            let (meters, claims): (Vec<_>, Vec<Vec<SocketClaim>>) = groups.into_iter().unzip();
             let inside = crate::net::netns::read_in_each(namespaces, move |i| queued_bytes(&claims[i]))?;
             let outside = host.iter().map(|g| queued_bytes(&g.1));
-            for ((meters, _), totals) in groups.iter().chain(host.iter()).zip(inside.into_iter().chain(outside)) {
+            let meters = meters.iter().chain(host.iter().map(|g| &g.0));
+            for (meters, totals) in meters.zip(inside.into_iter().chain(outside)) {
                 match totals {
                     Ok(totals) => {
                         for (m, t) in meters.iter().zip(totals) {
