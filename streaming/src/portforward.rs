@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -140,20 +140,28 @@ async fn forward(
     let _ = tcp.set_nodelay(true);
     let (mut rd, mut wr) = tcp.into_split();
     let upstream = tokio::spawn(async move {
+        // What is already queued goes in one write.
+        let mut parts = Vec::new();
         while let Some(b) = from_client.recv().await {
-            if wr.write_all(&b).await.is_err() {
+            parts.push(b);
+            while parts.len() < 16
+                && let Ok(b) = from_client.try_recv()
+            {
+                parts.push(b);
+            }
+            if spdy::write_parts(&mut wr, &mut parts).await.is_err() {
                 return;
             }
         }
         // The client finished its side: pass the half-close on.
         let _ = wr.shutdown().await;
     });
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = bytes::BytesMut::new();
     loop {
-        match rd.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                if to_client.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+        match spdy::read_chunk(&mut rd, &mut buf).await {
+            Ok(None) => break,
+            Ok(Some(chunk)) => {
+                if to_client.send(chunk).await.is_err() {
                     break;
                 }
             }

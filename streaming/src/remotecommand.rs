@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::channels::{Channels, Framing};
@@ -240,14 +240,14 @@ pub(crate) async fn run(mut s: Session, backend: Arc<dyn Backend>, call: Call) {
         out.map(|out| {
             let (mut r, w) = tokio::io::duplex(PIPE);
             pumps.push(tokio::spawn(async move {
-                let mut buf = vec![0u8; 32 * 1024];
+                let mut buf = bytes::BytesMut::new();
                 let mut open = true;
                 loop {
-                    match r.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
+                    match crate::spdy::read_chunk(&mut r, &mut buf).await {
+                        Ok(None) | Err(_) => break,
                         // A stream the client closed still drains, so the backend never waits.
-                        Ok(n) if open => open = out.send(Bytes::copy_from_slice(&buf[..n])).await.is_ok(),
-                        Ok(_) => {}
+                        Ok(Some(chunk)) if open => open = out.send(chunk).await.is_ok(),
+                        Ok(Some(_)) => {}
                     }
                 }
                 let _ = out.finish().await;

@@ -336,12 +336,17 @@ pub fn encode(frame: &Frame, z: &mut Deflater, out: &mut BytesMut) {
             control(out, GOAWAY, 0, &p);
         }
         Frame::Data { id, data, fin: f } => {
-            out.put_u32(id & 0x7fff_ffff);
-            out.put_u32(((fin(*f) as u32) << 24) | data.len() as u32);
+            encode_data_head(*id, data.len(), *f, out);
             out.put_slice(data);
         }
         Frame::Ignored(_) => {}
     }
+}
+
+/// Appends the 8-byte head of a DATA frame of `len` bytes.
+fn encode_data_head(id: u32, len: usize, fin: bool, out: &mut BytesMut) {
+    out.put_u32(id & 0x7fff_ffff);
+    out.put_u32((u32::from(if fin { FLAG_FIN } else { 0 }) << 24) | len as u32);
 }
 
 /// Reads frames from a byte stream into one buffer: a data frame's payload is a slice of it,
@@ -593,13 +598,24 @@ async fn write_loop<W: AsyncWrite>(
 ) {
     let mut write = write;
     let mut z = Deflater::default();
+    // Control frames and data-frame heads are encoded into `buf`; where the connection takes
+    // vectored writes, large payloads go out as they came, between them, not copied again.
+    let vectored = write.is_write_vectored();
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut parts: Vec<Bytes> = Vec::new();
     let mut last_seen = 0u32;
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
+        let mut batched = 0;
         // Batch what is already queued into one write.
         while let Some(item) = next.take() {
             match item {
+                Out::Frame(Frame::Data { id, data, fin }) if vectored && data.len() >= SEPARATE_PAYLOAD => {
+                    encode_data_head(id, data.len(), fin, &mut buf);
+                    parts.push(buf.split().freeze());
+                    batched += data.len();
+                    parts.push(data);
+                }
                 Out::Frame(f) => {
                     if let Frame::SynReply { id, .. } = f {
                         last_seen = last_seen.max(id);
@@ -608,26 +624,80 @@ async fn write_loop<W: AsyncWrite>(
                 }
                 Out::Close => {
                     encode(&Frame::GoAway { last_id: last_seen, status: 0 }, &mut z, &mut buf);
-                    let _ = write.write_all(&buf).await;
+                    parts.push(buf.split().freeze());
+                    let _ = write_parts(&mut write, &mut parts).await;
                     let _ = write.flush().await;
                     let _ = write.shutdown().await;
                     break 'outer;
                 }
             }
-            if buf.len() < 256 * 1024 {
+            if batched + buf.len() < 256 * 1024 && parts.len() < MAX_PARTS {
                 next = rx.try_recv().ok();
             }
         }
-        if let Err(e) = write.write_all(&buf).await {
+        if !buf.is_empty() {
+            parts.push(buf.split().freeze());
+        }
+        if let Err(e) = write_parts(&mut write, &mut parts).await {
             tracing::debug!(error = %e, "SPDY connection write failed");
             break;
         }
-        buf.clear();
         if write.flush().await.is_err() {
             break;
         }
     }
     let _ = closed.send(true);
+}
+
+/// Payloads this large are written from where they are rather than copied behind their head.
+const SEPARATE_PAYLOAD: usize = 4096;
+/// The most pieces one vectored write is given (well under the kernel's IOV_MAX of 1024).
+const MAX_PARTS: usize = 64;
+
+/// Writes every piece of `parts`, in order, in as few calls as the writer allows, and empties
+/// it.
+pub(crate) async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: &mut Vec<Bytes>) -> std::io::Result<()> {
+    let mut done = 0;
+    loop {
+        // An empty piece left first would make the write return 0.
+        while done < parts.len() && parts[done].is_empty() {
+            done += 1;
+        }
+        if done == parts.len() {
+            break;
+        }
+        let slices: Vec<std::io::IoSlice<'_>> =
+            parts[done..].iter().take(MAX_PARTS).map(|b| std::io::IoSlice::new(b)).collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let first = &mut parts[done];
+            if n >= first.len() {
+                n -= first.len();
+                done += 1;
+            } else {
+                first.advance(n);
+                n = 0;
+            }
+        }
+    }
+    parts.clear();
+    Ok(())
+}
+
+/// Reads what `r` has (up to 64 KiB) as an owned chunk to send on a stream, without copying
+/// it again; `None` at the end. `buf` is the reader's, reused while it has room.
+pub async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
+    if buf.capacity() - buf.len() < 16 * 1024 {
+        buf.reserve(64 * 1024);
+    }
+    buf.clear();
+    match r.read_buf(buf).await? {
+        0 => Ok(None),
+        _ => Ok(Some(buf.split().freeze())),
+    }
 }
 
 async fn read_loop<R: AsyncRead>(
@@ -762,6 +832,86 @@ pub async fn dial(url: &str, protocol: &str) -> Result<(Connection, mpsc::Receiv
 mod tests {
     use super::*;
     use sha2::Digest;
+
+    /// A writer that takes vectored writes but at most 5 bytes a call, as a full socket may.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(5);
+            self.get_mut().0.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let me = self.get_mut();
+            let mut room = 5;
+            for b in bufs {
+                let n = b.len().min(room);
+                me.0.extend_from_slice(&b[..n]);
+                room -= n;
+            }
+            std::task::Poll::Ready(Ok(5 - room))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn pieces_are_written_whole_and_in_order_through_short_writes() {
+        let pieces = ["", "head", "", "a payload longer than one write", "x", ""];
+        let mut parts: Vec<Bytes> = pieces.iter().map(|p| Bytes::from_static(p.as_bytes())).collect();
+        let mut w = Trickle(Vec::new());
+        write_parts(&mut w, &mut parts).await.unwrap();
+        assert_eq!(w.0, pieces.concat().as_bytes());
+        assert!(parts.is_empty());
+        // Only empty pieces: nothing to write, and no WriteZero.
+        let mut parts = vec![Bytes::new(), Bytes::new()];
+        write_parts(&mut w, &mut parts).await.unwrap();
+        assert_eq!(w.0, pieces.concat().as_bytes());
+    }
+
+    #[tokio::test]
+    async fn chunks_read_are_whole_and_the_buffer_is_reused() {
+        let (mut a, mut b) = tokio::io::duplex(256 * 1024);
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await.unwrap();
+        });
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut chunks = Vec::new();
+        while let Some(c) = read_chunk(&mut b, &mut buf).await.unwrap() {
+            assert!(!c.is_empty() && c.len() <= 64 * 1024, "{}", c.len());
+            got.extend_from_slice(&c);
+            // Chunks handed out stay as they were while the next ones are read.
+            chunks.push(c);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, data);
+        assert_eq!(chunks.concat(), data);
+    }
 
     #[test]
     fn the_dictionary_is_the_protocols() {

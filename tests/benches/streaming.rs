@@ -5,10 +5,15 @@
 //!   in-process SPDY client; beside it, fork+exec+wait of `/bin/echo` here, the floor of what
 //!   a process-based runtime (runc, containerd) pays before its own overhead; and `crictl
 //!   exec` end to end (crictl's own start included);
-//! - port-forward throughput: 100 MB through `crictl port-forward` to a wasm sink in the
-//!   pod, and the same 100 MB on a direct connection to it.
+//! - port-forward throughput: 100 MB through `crictl port-forward` (SPDY and WebSocket) and
+//!   an in-process SPDY client to a wasm sink in the pod; the same 100 MB on a direct
+//!   connection to it, and through one and two plain relays (two threads copying, no
+//!   framing), the least any forwarder (and a client and server pair) that copies in user
+//!   space pays.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,11 +47,11 @@ async fn exec_once(rt: &mut RuntimeClient, id: &str, cmd: &[&str]) -> anyhow::Re
     Ok(out)
 }
 
-/// Sends `total` bytes to the sink at 127.0.0.1:`port`, ends its side and reads the count back.
-fn transfer(port: u16, total: usize) -> anyhow::Result<Duration> {
+/// Sends `total` bytes to the sink at `to`, ends its side and reads the count back.
+fn transfer(to: SocketAddr, total: usize) -> anyhow::Result<Duration> {
     let chunk = vec![b'w'; 256 * 1024];
     let start = Instant::now();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let mut s = std::net::TcpStream::connect(to)?;
     s.set_nodelay(true)?;
     let mut sent = 0;
     while sent < total {
@@ -94,6 +99,180 @@ async fn transfer_spdy(rt: &mut RuntimeClient, sandbox: &str, port: u16, total: 
     Ok(took)
 }
 
+/// A plain relay on a free loopback port to `to`: a thread per direction, blocking reads and
+/// writes of 128 KiB (or, with `splice`, splice(2) through a 1 MiB pipe: no copy in user
+/// space), no framing. What any forwarder pays at the least, on this machine, in the same run.
+fn plain_relay(to: SocketAddr, splice: bool) -> anyhow::Result<SocketAddr> {
+    fn copy(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+        let mut buf = vec![0u8; 128 * 1024];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    }
+    fn splice_copy(from: std::net::TcpStream, to: std::net::TcpStream) {
+        use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
+        let Ok((r, w)) = pipe_with(PipeFlags::CLOEXEC) else { return };
+        let _ = fcntl_setpipe_size(&r, 1 << 20);
+        while let Ok(n) = splice(&from, None, &w, None, 1 << 20, SpliceFlags::MOVE) {
+            let mut left = n;
+            while left > 0 {
+                match splice(&r, None, &to, None, left, SpliceFlags::MOVE) {
+                    Ok(k) if k > 0 => left -= k,
+                    _ => return,
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    }
+    let pump = if splice { splice_copy } else { copy };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(pod) = std::net::TcpStream::connect(to) else { continue };
+            let _ = (client.set_nodelay(true), pod.set_nodelay(true));
+            let (Ok(c2), Ok(p2)) = (client.try_clone(), pod.try_clone()) else { continue };
+            std::thread::spawn(move || pump(p2, c2));
+            std::thread::spawn(move || pump(client, pod));
+        }
+    });
+    Ok(addr)
+}
+
+/// Starts `crictl port-forward` with `transport` on a free local port to `port` of `sandbox`.
+fn crictl_forward(
+    crictl: &Path,
+    endpoint: &str,
+    sandbox: &str,
+    port: u16,
+    transport: &str,
+) -> anyhow::Result<(std::process::Child, SocketAddr)> {
+    let local = free_port();
+    let mut cmd = Command::new(crictl);
+    cmd.args(["--runtime-endpoint", endpoint, "port-forward", "--transport", transport, sandbox]);
+    cmd.arg(format!("{local}:{port}"));
+    listening(cmd, local)
+}
+
+/// Spawns a forwarder and waits until it listens on 127.0.0.1:`local`.
+fn listening(mut cmd: Command, local: u16) -> anyhow::Result<(std::process::Child, SocketAddr)> {
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", local)).is_err() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("{cmd:?} never listened");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, SocketAddr::from(([127, 0, 0, 1], local))))
+}
+
+/// The sandbox config with the pod-name label a kubelet gives, which `wasmlet port-forward`
+/// finds pods by.
+fn named(mut cfg: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
+    let name = cfg.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+    cfg.labels.insert("io.kubernetes.pod.name".into(), name);
+    cfg
+}
+
+/// What the port-forward table needs beside the pod.
+struct Forwarding<'a> {
+    crictl: &'a Path,
+    /// A run dir for `wasmlet port-forward` that leads to the server.
+    run_dir: &'a Path,
+    endpoint: &'a str,
+    server: &'a Server,
+    total: usize,
+}
+
+impl Forwarding<'_> {
+    /// Sends `total` bytes into the sink of `sandbox` (at `direct` from the host) each way,
+    /// best of 3, and prints the table.
+    async fn run(
+        &self,
+        rt: &mut RuntimeClient,
+        pod: &str,
+        (name, sandbox): (&str, &str),
+        direct: SocketAddr,
+    ) -> anyhow::Result<()> {
+        let (total, port) = (self.total, direct.port());
+        let (mut pf, local) = crictl_forward(self.crictl, self.endpoint, sandbox, port, "spdy")?;
+        let (mut ws, ws_local) = crictl_forward(self.crictl, self.endpoint, sandbox, port, "websocket")?;
+        let (mut cli, cli_local) = wasmlet_forward(self.run_dir, name, port)?;
+        let relay = plain_relay(direct, false)?;
+        // Two in a row: a local client and a server, as with crictl and wasmlet, at the least.
+        let relays = plain_relay(relay, false)?;
+        let spliced = plain_relay(direct, true)?;
+        let mb = total as f64 / 1e6;
+        let mut times: [Vec<Duration>; 8] = Default::default();
+        // Who spends the CPU of the crictl transfers: wasmlet (SPDY, the copy into the pod,
+        // the wasm sink) or crictl (client-go's SPDY).
+        let (mut wasmlet_cpu, mut crictl_cpu) = (0.0, 0.0);
+        for _ in 0..3 {
+            times[0].push(transfer(direct, total)?);
+            times[1].push(transfer(relay, total)?);
+            times[2].push(transfer(relays, total)?);
+            let (w0, c0) = (cpu_seconds(self.server.pid()), cpu_seconds(pf.id()));
+            times[3].push(transfer(local, total)?);
+            wasmlet_cpu += cpu_seconds(self.server.pid()) - w0;
+            crictl_cpu += cpu_seconds(pf.id()) - c0;
+            times[4].push(transfer(ws_local, total)?);
+            times[5].push(transfer_spdy(rt, sandbox, port, total).await?);
+            times[6].push(transfer(cli_local, total)?);
+            times[7].push(transfer(spliced, total)?);
+        }
+        for child in [&mut pf, &mut ws, &mut cli] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default().as_secs_f64();
+        println!();
+        println!("{} MiB into a wasm sink in {pod} (best of 3):", total >> 20);
+        println!("| path | seconds | MB/s | against direct |");
+        println!("|---|---|---|---|");
+        let what = [
+            "direct connection to the pod",
+            "plain relay (two threads, blocking copy, no framing)",
+            "two plain relays in a row",
+            "crictl port-forward (SPDY)",
+            "crictl port-forward --transport websocket",
+            "wasmlet's port forwarding, in-process SPDY client",
+            "wasmlet port-forward (the CLI, SPDY)",
+            "splicing relay (splice(2) through a pipe, no framing)",
+        ];
+        for (what, v) in what.iter().zip(&times) {
+            let t = best(v);
+            println!("| {what} | {t:.3} | {:.0} | {:.2} |", mb / t, best(&times[0]) / t);
+        }
+        let spent: f64 = times[3].iter().map(Duration::as_secs_f64).sum();
+        println!(
+            "CPU during the crictl SPDY transfers: wasmlet {:.0}% of one core, crictl {:.0}%",
+            100.0 * wasmlet_cpu / spent,
+            100.0 * crictl_cpu / spent
+        );
+        Ok(())
+    }
+}
+
+/// Starts `wasmlet port-forward POD LOCAL:PORT` (the CLI `wasmlet run` users have) on a free
+/// local port. It finds pods through the `kubelet-*.sock` links of a run dir; `run_dir` holds
+/// one to the bench's server.
+fn wasmlet_forward(run_dir: &Path, pod: &str, port: u16) -> anyhow::Result<(std::process::Child, SocketAddr)> {
+    let local = free_port();
+    let config = run_dir.join("config.toml");
+    std::fs::write(&config, format!("run_dir = {:?}\n", run_dir.display().to_string()))?;
+    let mut cmd = Command::new(wasmlet_bin());
+    cmd.args(["port-forward", "--config"]).arg(&config).args([pod, &format!("{local}:{port}")]);
+    listening(cmd, local)
+}
+
 /// User and system CPU seconds the process `pid` has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -118,7 +297,7 @@ async fn main() -> anyhow::Result<()> {
     server.import(tool_module(), "tool")?;
     server.import(net_component(), "net")?;
     let mut rt = server.runtime().await;
-    let mut cfg = sandbox_config(&server, "bench-streaming");
+    let mut cfg = named(sandbox_config(&server, "bench-streaming"));
     host_network(&mut cfg);
     let sb = run_sandbox(&mut rt, &cfg).await?;
     let sleeper = start(&mut rt, &sb, &cfg, container_config("sleeper", "tool", &["sleep", "100000"])).await;
@@ -172,57 +351,28 @@ async fn main() -> anyhow::Result<()> {
         println!("| {what} | {:.2} | {:.2} |", percentile_ms(v, 0.5), percentile_ms(v, 0.99));
     }
 
-    // Port-forward throughput against a direct connection.
+    // Port-forward throughput against a direct connection: to the host-network pod (kernel
+    // loopback, the fastest direct path there is) and, as root, to a pod on wasmlet's bridge
+    // at its pod IP (how a cluster reaches a pod).
     let total = megabytes << 20;
-    let local = free_port();
-    let mut pf = Command::new(&crictl)
-        .args(["--runtime-endpoint", &endpoint, "port-forward", &sb, &format!("{local}:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", local)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "crictl port-forward never listened");
-        std::thread::sleep(Duration::from_millis(20));
+    let sink_at = SocketAddr::from(([127, 0, 0, 1], port));
+    let run_dir = tempfile::tempdir()?;
+    std::os::unix::fs::symlink(server.socket(), run_dir.path().join("kubelet-bench.sock"))?;
+    let table = Forwarding { crictl: &crictl, run_dir: run_dir.path(), endpoint: &endpoint, server: &server, total };
+    table.run(&mut rt, "a host-network pod", ("bench-streaming", &sb), sink_at).await?;
+    if is_root() {
+        let cfg = named(sandbox_config(&server, "bench-streaming-bridge"));
+        let bridged = run_sandbox(&mut rt, &cfg).await?;
+        let sink = start(&mut rt, &bridged, &cfg, net_config("sink", &["sink", &port.to_string()])).await;
+        wait_log(&mut rt, &sink, "listening", Duration::from_secs(30)).await?;
+        let ip = pod_ip(&mut rt, &bridged).await;
+        // Dial the pod IP only where it is on wasmlet's bridge on this machine.
+        let route = String::from_utf8(Command::new("ip").args(["route", "get", &ip]).output()?.stdout)?;
+        anyhow::ensure!(!route.contains(" via ") && route.contains(" dev "), "pod IP {ip} is not on a bridge: {route}");
+        let at = SocketAddr::new(ip.parse()?, port);
+        table
+            .run(&mut rt, "a pod on wasmlet's bridge, at its pod IP", ("bench-streaming-bridge", &bridged), at)
+            .await?;
     }
-    let mb = total as f64 / 1e6;
-    let (mut direct, mut forwarded, mut in_process) = (Vec::new(), Vec::new(), Vec::new());
-    // Who spends the CPU of the forwarded transfers: wasmlet (SPDY, the copy into the pod, the
-    // wasm sink) or crictl (client-go's SPDY).
-    let (mut wasmlet_cpu, mut crictl_cpu) = (0.0, 0.0);
-    for _ in 0..3 {
-        direct.push(transfer(port, total)?);
-        let (w0, c0) = (cpu_seconds(server.pid()), cpu_seconds(pf.id()));
-        forwarded.push(transfer(local, total)?);
-        wasmlet_cpu += cpu_seconds(server.pid()) - w0;
-        crictl_cpu += cpu_seconds(pf.id()) - c0;
-        in_process.push(transfer_spdy(&mut rt, &sb, port, total).await?);
-    }
-    let _ = pf.kill();
-    let _ = pf.wait();
-    let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
-    let (d, f, i) = (best(&direct), best(&forwarded), best(&in_process));
-    println!();
-    println!("{megabytes} MiB into a wasm sink in the pod (best of 3):");
-    println!("| path | seconds | MB/s |");
-    println!("|---|---|---|");
-    println!("| direct connection to the pod | {:.3} | {:.0} |", d.as_secs_f64(), mb / d.as_secs_f64());
-    println!("| crictl port-forward (SPDY) | {:.3} | {:.0} |", f.as_secs_f64(), mb / f.as_secs_f64());
-    println!(
-        "| wasmlet's port forwarding, in-process SPDY client | {:.3} | {:.0} |",
-        i.as_secs_f64(),
-        mb / i.as_secs_f64()
-    );
-    println!(
-        "port-forward / direct: crictl {:.2}, in-process client {:.2}",
-        d.as_secs_f64() / f.as_secs_f64(),
-        d.as_secs_f64() / i.as_secs_f64()
-    );
-    let spent: f64 = forwarded.iter().map(Duration::as_secs_f64).sum();
-    println!(
-        "CPU during the forwarded transfers: wasmlet {:.0}% of one core, crictl {:.0}%",
-        100.0 * wasmlet_cpu / spent,
-        100.0 * crictl_cpu / spent
-    );
     Ok(())
 }

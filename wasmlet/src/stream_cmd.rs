@@ -10,9 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::Bytes;
 use cri_proto::v1 as cri;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use wasmlet_kubelet::cri::{CONTAINER_NAME, POD_NAME};
 use wasmlet_streaming::spdy::{Connection, Stream};
 
@@ -101,15 +100,10 @@ fn feed(
     mut from: impl tokio::io::AsyncRead + Unpin + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match from.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
-                        break;
-                    }
-                }
+        let mut buf = bytes::BytesMut::new();
+        while let Ok(Some(chunk)) = wasmlet_streaming::spdy::read_chunk(&mut from, &mut buf).await {
+            if tx.send(chunk).await.is_err() {
+                break;
             }
         }
         let _ = tx.finish().await;
