@@ -289,6 +289,58 @@ thread_local! {
     static HOLDING: Cell<bool> = const { Cell::new(false) };
     /// The guest being polled was preempted at an epoch tick: it is still runnable.
     static PREEMPTED: Cell<bool> = const { Cell::new(false) };
+    /// The guest just polled on this thread computes: its last run ended at an epoch tick
+    /// (it may be waiting for its quota or a core since). Set by `Metered`, read by `tiered`.
+    static COMPUTES: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs a guest's future `fut` on the executor it was spawned on while it waits on I/O, and
+/// on `batch` while it computes, moving it at each change. The executor where requests and
+/// wakeups arrive then has idle threads: a light guest's request is polled when it arrives,
+/// not after a computing guest's poll (up to an epoch tick) on the same thread. Dropping the
+/// returned future drops `fut` wherever it is.
+pub(crate) async fn tiered<F>(fut: F, batch: tokio::runtime::Handle) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    /// Polls `fut` until it ends or its polls stop (`computing`: false) or start (true)
+    /// ending in computation; `None` then.
+    async fn until<F: Future>(fut: &mut Pin<Box<F>>, computing: bool) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            COMPUTES.set(false);
+            match fut.as_mut().poll(cx) {
+                Poll::Ready(v) => Poll::Ready(Some(v)),
+                Poll::Pending if COMPUTES.replace(false) == computing => Poll::Pending,
+                Poll::Pending => Poll::Ready(None),
+            }
+        })
+        .await
+    }
+    /// The task on `batch`, aborted (dropping the guest) when the guest's owner goes away.
+    struct Away<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for Away<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut fut = Box::pin(fut);
+    loop {
+        if let Some(v) = until(&mut fut, false).await {
+            return v;
+        }
+        let mut away = Away(batch.spawn(async move {
+            let v = until(&mut fut, true).await;
+            (fut, v)
+        }));
+        match (&mut away.0).await {
+            Ok((_, Some(v))) => return v,
+            Ok((back, None)) => fut = back,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The batch executor shut down: so does the process.
+            Err(_) => return std::future::pending().await,
+        }
+    }
 }
 
 /// The engines whose running guests a wakeup preempts (one in a wasmlet; tests make many).
@@ -453,6 +505,14 @@ impl<F> Metered<F> {
 impl<F: Future> Future for Metered<F> {
     type Output = F::Output;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let r = self.as_mut().poll_guest(cx);
+        COMPUTES.set(r.is_pending() && self.computing);
+        r
+    }
+}
+
+impl<F: Future> Metered<F> {
+    fn poll_guest(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
         let root = &this.root;
         let mut holding = if HOLDING.get() {
@@ -581,6 +641,82 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    /// A guest that computes for its first `computing` polls, then waits once, then ends; it
+    /// notes the thread of each poll, and whether it was dropped.
+    struct TwoPhases {
+        computing: usize,
+        polls: Vec<String>,
+        dropped: Arc<std::sync::atomic::AtomicBool>,
+        waited: bool,
+    }
+
+    impl Future for TwoPhases {
+        type Output = Vec<String>;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<String>> {
+            let name = std::thread::current().name().unwrap_or_default().to_string();
+            self.polls.push(name);
+            if self.polls.len() <= self.computing {
+                COMPUTES.set(true);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if !std::mem::replace(&mut self.waited, true) {
+                // Waits on something that wakes it from elsewhere.
+                let w = cx.waker().clone();
+                std::thread::spawn(move || w.wake());
+                return Poll::Pending;
+            }
+            Poll::Ready(std::mem::take(&mut self.polls))
+        }
+    }
+
+    impl Drop for TwoPhases {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn executors() -> (tokio::runtime::Runtime, tokio::runtime::Runtime) {
+        let rt = |name: &str| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(name)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        (rt("home"), rt("batch"))
+    }
+
+    #[test]
+    fn a_computing_guest_runs_on_the_batch_executor_and_comes_back_to_wait() {
+        let (home, batch) = executors();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guest = TwoPhases { computing: 3, polls: Vec::new(), dropped: dropped.clone(), waited: false };
+        let polls = home.block_on(home.spawn(tiered(guest, batch.handle().clone()))).unwrap();
+        // The first computing poll is at home; the rest of its computing on the batch
+        // executor, where the poll that ends waiting also happens; the wake brings it home.
+        assert_eq!(polls, ["home", "batch", "batch", "batch", "home"]);
+        assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn dropping_a_tiered_guest_drops_it_where_it_runs() {
+        let (home, batch) = executors();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // It computes for good: it stays on the batch executor.
+        let guest = TwoPhases { computing: usize::MAX, polls: Vec::new(), dropped: dropped.clone(), waited: false };
+        let task = home.spawn(tiered(guest, batch.handle().clone()));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!dropped.load(Ordering::SeqCst));
+        task.abort();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the guest on the batch executor was never dropped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 
     #[test]
     fn a_bucket_runs_within_its_quota_and_pays_an_overrun_back() {

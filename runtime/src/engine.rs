@@ -354,6 +354,11 @@ pub struct WasmEngine {
     /// For the host ports' forwarders: unmetered host work that must not queue behind the
     /// guests' polls (a millisecond each) at every hop of a request.
     ports_executor: Option<tokio::runtime::Runtime>,
+    /// Where guests without the host's network run while they compute (`cpu::tiered`): the
+    /// pod executor's threads stay free for guests that wait on I/O and wake, so a light
+    /// request is never queued behind a computing guest's poll. Its threads move between pod
+    /// namespaces too.
+    batch_executor: Option<tokio::runtime::Runtime>,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -395,25 +400,23 @@ impl WasmEngine {
         let cache = CompiledCache::new(cache_dir, &engine).map_err(|e| e.to_string())?;
         // A guest's poll lasts up to an epoch tick: the I/O and timer drivers are polled
         // between any two (tokio's default is every 61), or a woken guest waits for dozens.
-        let executor = tokio::runtime::Builder::new_multi_thread()
-            .thread_name("wasm-guest")
-            .event_interval(1)
-            .enable_all()
-            .build()
-            .map_err(|e| format!("guest executor: {e}"))?;
-        let host_executor = tokio::runtime::Builder::new_multi_thread()
-            .thread_name("wasm-guest-host")
-            .worker_threads(2)
-            .event_interval(1)
-            .enable_all()
-            .build()
-            .map_err(|e| format!("host-network guest executor: {e}"))?;
+        let executor = |name: &str, threads: Option<usize>, what: &str| {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = threads {
+                b.worker_threads(n);
+            }
+            b.thread_name(name).event_interval(1).enable_all().build().map_err(|e| format!("{what} executor: {e}"))
+        };
+        let host_executor = executor("wasm-guest-host", Some(2), "host-network guest")?;
+        let batch_executor = executor("wasm-batch", None, "computing guest")?;
+        // The forwarders do little between polls: tokio's default driver interval suits them.
         let ports_executor = tokio::runtime::Builder::new_multi_thread()
             .thread_name("wasm-ports")
             .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|e| format!("host port executor: {e}"))?;
+        let executor = executor("wasm-guest", None, "guest")?;
         crate::cpu::preempts(&engine);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), ticker_stop.clone());
@@ -435,6 +438,7 @@ impl WasmEngine {
             executor: Some(executor),
             host_executor: Some(host_executor),
             ports_executor: Some(ports_executor),
+            batch_executor: Some(batch_executor),
             ticker_stop,
         })
     }
@@ -544,6 +548,7 @@ impl WasmEngine {
         let program = program.clone();
         let m = meter.clone();
         let netns = spec.net.netns();
+        let host = matches!(spec.net, GuestNet::Host);
         let metered = crate::cpu::Metered::new(meter, async move {
             let mut wasi = match build_wasi(&spec, &m) {
                 Ok(w) => w,
@@ -572,12 +577,21 @@ impl WasmEngine {
             };
             classify(result, &m)
         });
-        async move {
+        let guest = async move {
             match netns {
                 Some(ns) => crate::net::InNetns::new(ns, metered)
                     .await
                     .unwrap_or_else(|e| Outcome::StartFailed(format!("enter the pod's network namespace: {e}"))),
                 None => metered.await,
+            }
+        };
+        // A host-network guest stays on the host executor, whose threads never enter a pod's
+        // namespace.
+        let batch = (!host).then(|| self.batch_executor.as_ref().expect("executor lives until drop").handle().clone());
+        async move {
+            match batch {
+                Some(batch) => crate::cpu::tiered(guest, batch).await,
+                None => guest.await,
             }
         }
     }
@@ -656,9 +670,9 @@ impl Drop for WasmEngine {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
         // Dropping a runtime blocks, which panics inside async code: let it wind down alone.
-        for executor in
-            [self.executor.take(), self.host_executor.take(), self.ports_executor.take()].into_iter().flatten()
-        {
+        let executors =
+            [self.executor.take(), self.host_executor.take(), self.ports_executor.take(), self.batch_executor.take()];
+        for executor in executors.into_iter().flatten() {
             executor.shutdown_background();
         }
     }
