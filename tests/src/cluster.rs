@@ -586,6 +586,10 @@ impl WasmletNode {
 impl Drop for WasmletNode {
     fn drop(&mut self) {
         self.kill9();
+        crate::release_run_dir(&wasmlet_runtime::default_run_dir_for(
+            &self.root(),
+            rustix::process::geteuid().as_raw(),
+        ));
     }
 }
 
@@ -600,10 +604,14 @@ pub fn node_condition(node: &Value, kind: &str) -> Option<String> {
 }
 
 impl WasmletNode {
+    /// Its run directory (the default for its root).
+    pub fn run_dir(&self) -> PathBuf {
+        wasmlet_runtime::default_run_dir_for(&self.root(), rustix::process::geteuid().as_raw())
+    }
+
     /// The CRI socket its runtime serves in the run directory.
     pub fn cri_socket(&self) -> Result<PathBuf> {
-        let run_dir = wasmlet_runtime::default_run_dir_for(&self.root(), rustix::process::geteuid().as_raw());
-        std::fs::read_dir(&run_dir)?
+        std::fs::read_dir(self.run_dir())?
             .flatten()
             .map(|e| e.path())
             .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("kubelet-")))

@@ -369,14 +369,18 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
-        // Pod namespaces the server pinned (as root) outlive it by design: let them go, with
-        // its scratch directory on /dev/shm.
-        let run_dir = self.run_dir();
-        for pin in std::fs::read_dir(run_dir.join("netns")).into_iter().flatten().flatten() {
-            wasmlet_runtime::net::NetNs::unpin(&pin.path());
-        }
-        let _ = std::fs::remove_dir_all(run_dir);
+        release_run_dir(&self.run_dir());
     }
+}
+
+/// Lets go of what a killed wasmlet left in its run dir: the pod namespaces it pinned (as
+/// root), which outlive it by design and keep their veths on the bridge (a bridge takes 1,024
+/// at most), and the scratch directory itself.
+pub fn release_run_dir(run_dir: &Path) {
+    for pin in std::fs::read_dir(run_dir.join("netns")).into_iter().flatten().flatten() {
+        wasmlet_runtime::net::NetNs::unpin(&pin.path());
+    }
+    let _ = std::fs::remove_dir_all(run_dir);
 }
 
 /// A sandbox config with unique metadata and a log directory under the server's temp dir.
