@@ -400,15 +400,15 @@ impl WasmEngine {
         let cache = CompiledCache::new(cache_dir, &engine).map_err(|e| e.to_string())?;
         // A guest's poll lasts up to an epoch tick: the I/O and timer drivers are polled
         // between any two (tokio's default is every 61), or a woken guest waits for dozens.
-        let executor = |name: &str, threads: Option<usize>, what: &str| {
+        let guest_executor = |name: &str, threads: Option<usize>, what: &str| {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = threads {
                 b.worker_threads(n);
             }
             b.thread_name(name).event_interval(1).enable_all().build().map_err(|e| format!("{what} executor: {e}"))
         };
-        let host_executor = executor("wasm-guest-host", Some(2), "host-network guest")?;
-        let batch_executor = executor("wasm-batch", None, "computing guest")?;
+        let host_executor = guest_executor("wasm-guest-host", Some(2), "host-network guest")?;
+        let batch_executor = guest_executor("wasm-batch", None, "computing guest")?;
         // The forwarders do little between polls: tokio's default driver interval suits them.
         let ports_executor = tokio::runtime::Builder::new_multi_thread()
             .thread_name("wasm-ports")
@@ -416,7 +416,7 @@ impl WasmEngine {
             .enable_all()
             .build()
             .map_err(|e| format!("host port executor: {e}"))?;
-        let executor = executor("wasm-guest", None, "guest")?;
+        let executor = guest_executor("wasm-guest", None, "guest")?;
         crate::cpu::preempts(&engine);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), ticker_stop.clone());
@@ -913,8 +913,13 @@ mod tests {
 
     const SPIN: &str = r#"(module (func (export "_start") (loop $l (br $l))))"#;
 
+    /// Held by the tests that spin guests: each measures the CPU its guests get, which the
+    /// spinners of another test running beside it on the same cores would take.
+    static SPINNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     #[tokio::test]
     async fn a_cpu_quota_holds_a_spinning_guest_and_changes_while_it_runs() {
+        let _alone = SPINNING.lock().await;
         let (_d, e) = engine();
         let spin = program(&e, SPIN);
         let out = GuestOutput::discard(Stream::Stdout);
@@ -936,6 +941,7 @@ mod tests {
 
     #[tokio::test]
     async fn busy_guests_split_saturated_cores_by_their_shares() {
+        let _alone = SPINNING.lock().await;
         let (_d, e) = engine();
         let spin = program(&e, SPIN);
         let out = GuestOutput::discard(Stream::Stdout);
@@ -991,9 +997,14 @@ mod tests {
         let out = GuestOutput::discard(Stream::Stdout);
         let meter = Arc::new(GuestMeter::default());
         let run = e.spawn(e.run(&spin, spec(&out), meter.clone()));
-        tokio::time::sleep(EPOCH_TICK * 5).await;
+        // The meter counts a poll's CPU when the poll ends: more than two ticks' worth shows
+        // that a poll of the spinning guest itself ended, that is, it gave its thread back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while meter.cpu_nanos.load(Ordering::Relaxed) <= 2 * EPOCH_TICK.as_nanos() as u64 {
+            assert!(std::time::Instant::now() < deadline, "the spinning guest never yielded");
+            tokio::time::sleep(EPOCH_TICK).await;
+        }
         run.abort();
         assert!(run.await.unwrap_err().is_cancelled());
-        assert!(meter.cpu_nanos.load(Ordering::Relaxed) > 0);
     }
 }

@@ -140,11 +140,11 @@ async fn forward(
     let _ = tcp.set_nodelay(true);
     let (mut rd, mut wr) = tcp.into_split();
     let upstream = tokio::spawn(async move {
-        // What is already queued goes in one write.
+        // What is already queued goes in one write, as many chunks as one vectored write takes.
         let mut parts = Vec::new();
         while let Some(b) = from_client.recv().await {
             parts.push(b);
-            while parts.len() < 16
+            while parts.len() < spdy::MAX_PARTS
                 && let Ok(b) = from_client.try_recv()
             {
                 parts.push(b);

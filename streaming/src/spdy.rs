@@ -652,7 +652,7 @@ async fn write_loop<W: AsyncWrite>(
 /// Payloads this large are written from where they are rather than copied behind their head.
 const SEPARATE_PAYLOAD: usize = 4096;
 /// The most pieces one vectored write is given (well under the kernel's IOV_MAX of 1024).
-const MAX_PARTS: usize = 64;
+pub(crate) const MAX_PARTS: usize = 64;
 
 /// Writes every piece of `parts`, in order, in as few calls as the writer allows, and empties
 /// it.

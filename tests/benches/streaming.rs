@@ -178,8 +178,47 @@ fn listening(mut cmd: Command, local: u16) -> anyhow::Result<(std::process::Chil
 /// finds pods by.
 fn named(mut cfg: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
     let name = cfg.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default();
-    cfg.labels.insert("io.kubernetes.pod.name".into(), name);
+    cfg.labels.insert(wasmlet_kubelet::cri::POD_NAME.into(), name);
     cfg
+}
+
+/// The ways into the pod's sink that the port-forward table measures.
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Direct,
+    Relay,
+    Relays,
+    CrictlSpdy,
+    CrictlWebsocket,
+    InProcess,
+    Cli,
+    Spliced,
+}
+
+impl Way {
+    const ALL: [Way; 8] = [
+        Way::Direct,
+        Way::Relay,
+        Way::Relays,
+        Way::CrictlSpdy,
+        Way::CrictlWebsocket,
+        Way::InProcess,
+        Way::Cli,
+        Way::Spliced,
+    ];
+
+    fn what(self) -> &'static str {
+        match self {
+            Way::Direct => "direct connection to the pod",
+            Way::Relay => "plain relay (two threads, blocking copy, no framing)",
+            Way::Relays => "two plain relays in a row",
+            Way::CrictlSpdy => "crictl port-forward (SPDY)",
+            Way::CrictlWebsocket => "crictl port-forward --transport websocket",
+            Way::InProcess => "wasmlet's port forwarding, in-process SPDY client",
+            Way::Cli => "wasmlet port-forward (the CLI, SPDY)",
+            Way::Spliced => "splicing relay (splice(2) through a pipe, no framing)",
+        }
+    }
 }
 
 /// What the port-forward table needs beside the pod.
@@ -211,47 +250,48 @@ impl Forwarding<'_> {
         let relays = plain_relay(relay, false)?;
         let spliced = plain_relay(direct, true)?;
         let mb = total as f64 / 1e6;
-        let mut times: [Vec<Duration>; 8] = Default::default();
+        // Each path with its times; the direct connection first, the one the others are
+        // measured against.
+        let mut ways: Vec<(Way, Vec<Duration>)> = Way::ALL.iter().map(|&p| (p, Vec::new())).collect();
         // Who spends the CPU of the crictl transfers: wasmlet (SPDY, the copy into the pod,
         // the wasm sink) or crictl (client-go's SPDY).
         let (mut wasmlet_cpu, mut crictl_cpu) = (0.0, 0.0);
         for _ in 0..3 {
-            times[0].push(transfer(direct, total)?);
-            times[1].push(transfer(relay, total)?);
-            times[2].push(transfer(relays, total)?);
-            let (w0, c0) = (cpu_seconds(self.server.pid()), cpu_seconds(pf.id()));
-            times[3].push(transfer(local, total)?);
-            wasmlet_cpu += cpu_seconds(self.server.pid()) - w0;
-            crictl_cpu += cpu_seconds(pf.id()) - c0;
-            times[4].push(transfer(ws_local, total)?);
-            times[5].push(transfer_spdy(rt, sandbox, port, total).await?);
-            times[6].push(transfer(cli_local, total)?);
-            times[7].push(transfer(spliced, total)?);
+            for (path, times) in &mut ways {
+                let (w0, c0) = (cpu_seconds(self.server.pid()), cpu_seconds(pf.id()));
+                let took = match path {
+                    Way::Direct => transfer(direct, total)?,
+                    Way::Relay => transfer(relay, total)?,
+                    Way::Relays => transfer(relays, total)?,
+                    Way::CrictlSpdy => transfer(local, total)?,
+                    Way::CrictlWebsocket => transfer(ws_local, total)?,
+                    Way::InProcess => transfer_spdy(rt, sandbox, port, total).await?,
+                    Way::Cli => transfer(cli_local, total)?,
+                    Way::Spliced => transfer(spliced, total)?,
+                };
+                if *path == Way::CrictlSpdy {
+                    wasmlet_cpu += cpu_seconds(self.server.pid()) - w0;
+                    crictl_cpu += cpu_seconds(pf.id()) - c0;
+                }
+                times.push(took);
+            }
         }
         for child in [&mut pf, &mut ws, &mut cli] {
             let _ = child.kill();
             let _ = child.wait();
         }
         let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default().as_secs_f64();
+        let direct_best = best(&ways[0].1);
         println!();
         println!("{} MiB into a wasm sink in {pod} (best of 3):", total >> 20);
         println!("| path | seconds | MB/s | against direct |");
         println!("|---|---|---|---|");
-        let what = [
-            "direct connection to the pod",
-            "plain relay (two threads, blocking copy, no framing)",
-            "two plain relays in a row",
-            "crictl port-forward (SPDY)",
-            "crictl port-forward --transport websocket",
-            "wasmlet's port forwarding, in-process SPDY client",
-            "wasmlet port-forward (the CLI, SPDY)",
-            "splicing relay (splice(2) through a pipe, no framing)",
-        ];
-        for (what, v) in what.iter().zip(&times) {
-            let t = best(v);
-            println!("| {what} | {t:.3} | {:.0} | {:.2} |", mb / t, best(&times[0]) / t);
+        for (path, times) in &ways {
+            let t = best(times);
+            println!("| {} | {t:.3} | {:.0} | {:.2} |", path.what(), mb / t, direct_best / t);
         }
-        let spent: f64 = times[3].iter().map(Duration::as_secs_f64).sum();
+        let spdy = &ways.iter().find(|(p, _)| *p == Way::CrictlSpdy).expect("measured").1;
+        let spent: f64 = spdy.iter().map(Duration::as_secs_f64).sum();
         println!(
             "CPU during the crictl SPDY transfers: wasmlet {:.0}% of one core, crictl {:.0}%",
             100.0 * wasmlet_cpu / spent,
@@ -367,8 +407,7 @@ async fn main() -> anyhow::Result<()> {
         wait_log(&mut rt, &sink, "listening", Duration::from_secs(30)).await?;
         let ip = pod_ip(&mut rt, &bridged).await;
         // Dial the pod IP only where it is on wasmlet's bridge on this machine.
-        let route = String::from_utf8(Command::new("ip").args(["route", "get", &ip]).output()?.stdout)?;
-        anyhow::ensure!(!route.contains(" via ") && route.contains(" dev "), "pod IP {ip} is not on a bridge: {route}");
+        ensure_on_device(&ip, "wasmlet0")?;
         let at = SocketAddr::new(ip.parse()?, port);
         table
             .run(&mut rt, "a pod on wasmlet's bridge, at its pod IP", ("bench-streaming-bridge", &bridged), at)

@@ -131,6 +131,20 @@ pub fn output_with_input(command: &mut Command, input: &[u8]) -> std::io::Result
     out
 }
 
+/// Checks that the host reaches `ip` straight through the device `dev` (no gateway) before
+/// a test dials it: an address that exists only inside a pod's namespace would otherwise go
+/// out of the machine by the default route.
+pub fn ensure_on_device(ip: &str, dev: &str) -> Result<()> {
+    let out = Command::new("ip").args(["-o", "route", "get", ip]).output()?;
+    let route = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success() && route.contains(&format!(" dev {dev} ")) && !route.contains(" via "),
+        "{ip} is not reached through {dev} on this machine: {route}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Whether the tests run as root (CNI networks and bridges need it).
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()

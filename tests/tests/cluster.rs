@@ -1204,9 +1204,7 @@ fn a_stock_kubelet_streams_through_wasmlets_cri() -> Result<()> {
     let web_ip =
         cp.get_json(&["get", "pod", "-n", &ns, "web"])?["status"]["podIP"].as_str().unwrap_or_default().to_string();
     assert!(web_ip.starts_with(&net.prefix), "web's IP {web_ip} is not from {}0/24", net.prefix);
-    let route = std::process::Command::new("ip").args(["-o", "route", "get", &web_ip]).output()?;
-    let route = text(&route.stdout);
-    assert!(route.contains(&format!(" dev {} ", net.name)) && !route.contains(" via "), "{web_ip}: {route}");
+    wasmlet_tests::ensure_on_device(&web_ip, &net.name)?;
 
     // The kubelet's own streaming: kubectl reaches its /exec, /attach and /portForward through
     // the API server, and the kubelet proxies them to wasmlet's streaming server.

@@ -163,9 +163,7 @@ async fn pods_on_wasmlets_own_bridge() {
     assert!(a_ip.starts_with(&prefix) && b_ip.starts_with(&prefix) && a_ip != b_ip, "{a_ip} {b_ip}");
     // Each pod IP resolves to the bridge, not to the host's default route.
     for ip in [&a_ip, &b_ip] {
-        let route = Command::new("ip").args(["-o", "route", "get", ip]).output().unwrap();
-        let route = String::from_utf8_lossy(&route.stdout).into_owned();
-        assert!(route.contains(&format!(" dev {bridge} ")) && !route.contains(" via "), "{ip}: {route}");
+        wasmlet_tests::ensure_on_device(ip, &bridge).unwrap();
     }
 
     let server_a = start(&mut rt, &a, &a_cfg, net_config("server", &["serve", "8080"])).await;

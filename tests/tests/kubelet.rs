@@ -37,13 +37,15 @@ fn setup(manifest: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let file = dir.path().join("pod.yaml");
     std::fs::write(&file, manifest).unwrap();
     let config = dir.path().join("wasmlet.toml");
-    let run_dir = PathBuf::from(format!("/dev/shm/wasmlet-run-test-{}", rand_suffix()));
-    std::fs::write(&config, format!("run_dir = {:?}\n", run_dir.display().to_string())).unwrap();
+    std::fs::write(&config, format!("run_dir = {:?}\n", run_dir_of(&dir).display().to_string())).unwrap();
     (dir, root, file, config)
 }
 
-fn rand_suffix() -> String {
-    format!("{}-{:?}", std::process::id(), Instant::now()).replace(|c: char| !c.is_ascii_alphanumeric(), "")
+/// The run dir of the test whose files are in `dir`: in memory, as on a node, and as unique
+/// as `dir`.
+fn run_dir_of(dir: &tempfile::TempDir) -> PathBuf {
+    let name = dir.path().file_name().expect("a temp dir has a name").to_string_lossy();
+    PathBuf::from(format!("/dev/shm/wasmlet-run-test-{}", name.trim_start_matches('.')))
 }
 
 impl Run {
@@ -167,6 +169,7 @@ impl Drop for Run {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        wasmlet_tests::release_run_dir(&run_dir_of(&self._dir));
     }
 }
 
