@@ -15,7 +15,9 @@
 //!   poll holds one; when none is free the guest queues, and the token that frees next goes to
 //!   the queued guest with the least weighted CPU time (its virtual runtime: CPU time scaled by
 //!   1024 / shares). Busy guests thus split saturated cores in proportion to their shares,
-//!   and with fewer busy guests than cores each runs unhindered, as under CFS.
+//!   and with fewer busy guests than cores each runs unhindered, as under CFS. A guest well
+//!   behind the running ones (one that slept, as a light server between requests) runs at
+//!   once on a lent token and makes them yield, as a waking task preempts under CFS.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
@@ -267,20 +269,43 @@ fn phase_start(now: Instant, period: Duration, fraction: f64) -> Instant {
 /// The node's cores as tokens, handed to queued guests least virtual runtime first.
 struct Cores {
     state: Mutex<CoresState>,
+    /// Makes every running guest yield now ([`preempt_all`]; counted in unit tests).
+    preempt: fn(),
 }
 
 struct CoresState {
-    free: usize,
-    /// The least virtual runtime seen of a guest that ran; only grows.
+    /// Tokens free; below zero, tokens lent to guests that preempted the running ones
+    /// (at most one per core), which the next ones released pay back.
+    free: isize,
+    cores: isize,
+    /// The least virtual runtime of the guests running or queued at the last release (CFS's
+    /// min_vruntime); only grows. A guest that slept starts no further behind it than
+    /// [`SLEEPER_CREDIT_NANOS`].
     min_vruntime: u64,
     /// Queued guests by (virtual runtime, ticket).
     queued: BTreeMap<(u64, u64), Waker>,
     /// Tickets handed a token they have not yet taken.
     granted: HashSet<u64>,
     next_ticket: u64,
-    /// The virtual runtime of the guest that last kept its token when preempted: one that is
-    /// computing now, which a guest queueing well behind it preempts.
-    busy_vruntime: u64,
+    /// The virtual runtimes of the guests holding a token, as of when each took it or last
+    /// kept it (a multiset, by count): a guest that queues well behind the furthest ahead of
+    /// them preempts them, as a waking task preempts the running one under CFS.
+    running: BTreeMap<u64, usize>,
+}
+
+impl CoresState {
+    fn run(&mut self, vruntime: u64) {
+        *self.running.entry(vruntime).or_default() += 1;
+    }
+
+    fn stop(&mut self, vruntime: u64) {
+        if let Some(n) = self.running.get_mut(&vruntime) {
+            *n -= 1;
+            if *n == 0 {
+                self.running.remove(&vruntime);
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -375,19 +400,21 @@ impl Cores {
         static CORES: OnceLock<Cores> = OnceLock::new();
         CORES.get_or_init(|| {
             let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            Cores::new(n)
+            Cores::new(n, preempt_all)
         })
     }
 
-    fn new(n: usize) -> Cores {
+    fn new(n: usize, preempt: fn()) -> Cores {
         Cores {
+            preempt,
             state: Mutex::new(CoresState {
-                free: n,
+                free: n as isize,
+                cores: n as isize,
                 min_vruntime: 0,
                 queued: BTreeMap::new(),
                 granted: HashSet::new(),
                 next_ticket: 0,
-                busy_vruntime: 0,
+                running: BTreeMap::new(),
             }),
         }
     }
@@ -396,13 +423,17 @@ impl Cores {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Ready once `cpu`'s guest holds a token; `ticket` remembers its place across polls.
-    fn acquire(&self, cpu: &Cpu, ticket: &mut Option<(u64, u64)>, cx: &mut Context<'_>) -> Poll<()> {
+    /// Ready once `cpu`'s guest holds a token, with the virtual runtime it runs under (to
+    /// give to [`Cores::keep`] or [`Cores::release`]); `ticket` remembers its place across
+    /// polls. `waking`: its last poll ended waiting (on I/O, a timer), not computing.
+    fn acquire(&self, cpu: &Cpu, ticket: &mut Option<(u64, u64)>, cx: &mut Context<'_>, waking: bool) -> Poll<u64> {
         let mut s = self.lock();
         if let Some(key) = *ticket {
             if s.granted.remove(&key.1) {
                 *ticket = None;
-                return Poll::Ready(());
+                let v = cpu.vruntime.load(Ordering::Relaxed);
+                s.run(v);
+                return Poll::Ready(v);
             }
             if let Some(w) = s.queued.get_mut(&key) {
                 w.clone_from(cx.waker());
@@ -413,37 +444,60 @@ impl Cores {
         let v = cpu.vruntime.fetch_max(floor, Ordering::Relaxed).max(floor);
         if s.free > 0 {
             s.free -= 1;
-            return Poll::Ready(());
+            s.run(v);
+            return Poll::Ready(v);
+        }
+        // Waking behind guests that ran more than it (it slept, or weighs more): it runs now,
+        // on a token lent until one of them, told to yield at once, gives its own back.
+        // (Queued instead, it would wait for that yield and the wakeup after it; and a
+        // computing guest keeps a core's token while its thread waits for the core.) A guest
+        // that computes queues: the epoch ticks share the cores among those.
+        let ahead = s.running.last_key_value().map_or(0, |(&v, _)| v);
+        if waking && v.saturating_add(WAKEUP_GRANULARITY_NANOS) < ahead && s.free > -s.cores {
+            s.free -= 1;
+            s.run(v);
+            drop(s);
+            (self.preempt)();
+            return Poll::Ready(v);
         }
         let key = (v, s.next_ticket);
         s.next_ticket += 1;
         s.queued.insert(key, cx.waker().clone());
         *ticket = Some(key);
-        // Behind guests that ran more than it (it slept, or weighs more): they yield now.
-        let preempt = v.saturating_add(WAKEUP_GRANULARITY_NANOS) < s.busy_vruntime;
-        drop(s);
-        if preempt {
-            preempt_all();
-        }
         Poll::Pending
     }
 
-    /// Whether a guest preempted with `vruntime` keeps its token: unless a queued guest is
-    /// further behind (which the token then goes to, when it is released).
-    fn keep(&self, vruntime: u64) -> bool {
+    /// Whether a guest preempted with `vruntime`, holding the token it took under `held`,
+    /// keeps it (now under `vruntime`): unless a token is lent, which it pays back, or a
+    /// queued guest is further behind, which the token then goes to when it is released.
+    fn keep(&self, held: u64, vruntime: u64) -> bool {
         let mut s = self.lock();
-        let keep = s.queued.first_key_value().is_none_or(|(k, _)| k.0 >= vruntime);
+        let keep = s.free >= 0 && s.queued.first_key_value().is_none_or(|(k, _)| k.0 >= vruntime);
         if keep {
-            s.busy_vruntime = vruntime;
+            s.stop(held);
+            s.run(vruntime);
         }
         keep
     }
 
-    /// Gives a token back: to the queued guest with the least virtual runtime, if any.
-    fn release(&self, vruntime: u64) {
+    /// Gives a token back, held under `held` (none: granted but never taken), by a guest now
+    /// at `vruntime`: to the queued guest with the least virtual runtime, if any.
+    fn release(&self, held: Option<u64>, vruntime: u64) {
         let mut s = self.lock();
-        let least = s.queued.first_key_value().map_or(vruntime, |(k, _)| k.0.min(vruntime));
+        if let Some(held) = held {
+            s.stop(held);
+        }
+        // The least of the guests that still run or wait for a core, this one included: a
+        // guest that ran far ahead must not lift the floor above guests running behind it.
+        let queued = s.queued.first_key_value().map(|(k, _)| k.0);
+        let running = s.running.first_key_value().map(|(&v, _)| v);
+        let least = [queued, running].into_iter().flatten().fold(vruntime, u64::min);
         s.min_vruntime = s.min_vruntime.max(least);
+        if s.free < 0 {
+            // Pays back a lent token.
+            s.free += 1;
+            return;
+        }
         match s.queued.pop_first() {
             Some(((_, ticket), waker)) => {
                 s.granted.insert(ticket);
@@ -459,7 +513,7 @@ impl Cores {
         let mut s = self.lock();
         if s.queued.remove(&key).is_none() && s.granted.remove(&key.1) {
             drop(s);
-            self.release(0);
+            self.release(None, 0);
         }
     }
 }
@@ -467,6 +521,8 @@ impl Cores {
 /// Gives the token back when the guest's poll ends, panics included, unless it is kept.
 struct Holding<'a> {
     cpu: &'a Cpu,
+    /// The virtual runtime the token is held under.
+    held: u64,
     kept: bool,
 }
 
@@ -474,7 +530,7 @@ impl Drop for Holding<'_> {
     fn drop(&mut self) {
         HOLDING.set(false);
         if !self.kept {
-            Cores::node().release(self.cpu.vruntime.load(Ordering::Relaxed));
+            Cores::node().release(Some(self.held), self.cpu.vruntime.load(Ordering::Relaxed));
         }
     }
 }
@@ -489,8 +545,9 @@ pub(crate) struct Metered<F> {
     /// Throttled until the next period.
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
     ticket: Option<(u64, u64)>,
-    /// It was preempted holding a token and kept it for its next poll.
-    held: bool,
+    /// It was preempted holding a token and kept it for its next poll (under this virtual
+    /// runtime).
+    held: Option<u64>,
     /// Its last poll ended at an epoch tick: it computes rather than waits.
     computing: bool,
 }
@@ -498,7 +555,7 @@ pub(crate) struct Metered<F> {
 impl<F> Metered<F> {
     pub(crate) fn new(meter: Arc<GuestMeter>, inner: F) -> Metered<F> {
         let root = meter.root().clone();
-        Metered { inner: Box::pin(inner), meter, root, wait: None, ticket: None, held: false, computing: false }
+        Metered { inner: Box::pin(inner), meter, root, wait: None, ticket: None, held: None, computing: false }
     }
 }
 
@@ -525,20 +582,21 @@ impl<F: Future> Metered<F> {
                 }
                 match root.cpu.admit(Instant::now()) {
                     Some(until) => {
-                        if std::mem::take(&mut this.held) {
-                            Cores::node().release(root.cpu.vruntime.load(Ordering::Relaxed));
+                        if let Some(held) = this.held.take() {
+                            Cores::node().release(Some(held), root.cpu.vruntime.load(Ordering::Relaxed));
                         }
                         this.wait = Some(Box::pin(tokio::time::sleep_until(until.into())));
                     }
                     None => break,
                 }
             }
-            if !std::mem::take(&mut this.held) {
-                ready!(Cores::node().acquire(&root.cpu, &mut this.ticket, cx));
-            }
+            let held = match this.held.take() {
+                Some(held) => held,
+                None => ready!(Cores::node().acquire(&root.cpu, &mut this.ticket, cx, !this.computing)),
+            };
             HOLDING.set(true);
             PREEMPTED.set(false);
-            Some(Holding { cpu: &root.cpu, kept: false })
+            Some(Holding { cpu: &root.cpu, held, kept: false })
         };
         thread_nice(if this.computing { COMPUTING_NICE } else { 0 });
         let started = Instant::now();
@@ -554,8 +612,9 @@ impl<F: Future> Metered<F> {
             // is owed more waits for one. (A guest waiting on I/O gives the core back.)
             this.computing = r.is_pending() && PREEMPTED.replace(false);
             if this.computing {
-                h.kept = Cores::node().keep(root.cpu.vruntime.load(Ordering::Relaxed));
-                this.held = h.kept;
+                let v = root.cpu.vruntime.load(Ordering::Relaxed);
+                h.kept = Cores::node().keep(h.held, v);
+                this.held = h.kept.then_some(v);
             }
         }
         r
@@ -567,8 +626,8 @@ impl<F> Drop for Metered<F> {
         if let Some(key) = self.ticket.take() {
             Cores::node().abandon(key);
         }
-        if self.held {
-            Cores::node().release(self.root.cpu.vruntime.load(Ordering::Relaxed));
+        if let Some(held) = self.held {
+            Cores::node().release(Some(held), self.root.cpu.vruntime.load(Ordering::Relaxed));
         }
     }
 }
@@ -825,38 +884,106 @@ mod tests {
 
     #[test]
     fn a_freed_core_goes_to_the_guest_furthest_behind() {
-        let cores = Cores::new(1);
+        let cores = Cores::new(1, count_preemption);
         let (busy, light, late) = (Cpu::default(), Cpu::default(), Cpu::default());
+        // Both queue within the wakeup granularity of the running guest (further behind,
+        // they would preempt it).
         busy.vruntime.store(50 * MS, Ordering::Relaxed);
-        light.vruntime.store(10 * MS, Ordering::Relaxed);
-        late.vruntime.store(20 * MS, Ordering::Relaxed);
+        light.vruntime.store(49 * MS + MS / 5, Ordering::Relaxed);
+        late.vruntime.store(49 * MS + MS / 2, Ordering::Relaxed);
         let (woken, w) = waker();
         let mut cx = Context::from_waker(&w);
         let (mut t_busy, mut t_late, mut t_light) = (None, None, None);
-        assert!(cores.acquire(&busy, &mut t_busy, &mut cx).is_ready());
-        assert!(cores.acquire(&late, &mut t_late, &mut cx).is_pending());
-        assert!(cores.acquire(&light, &mut t_light, &mut cx).is_pending());
-        cores.release(busy.vruntime.load(Ordering::Relaxed));
+        assert!(cores.acquire(&busy, &mut t_busy, &mut cx, true).is_ready());
+        assert!(cores.acquire(&late, &mut t_late, &mut cx, true).is_pending());
+        assert!(cores.acquire(&light, &mut t_light, &mut cx, true).is_pending());
+        cores.release(Some(50 * MS), busy.vruntime.load(Ordering::Relaxed));
         assert_eq!(woken.load(Ordering::Relaxed), 1);
-        assert!(cores.acquire(&late, &mut t_late, &mut cx).is_pending());
-        assert!(cores.acquire(&light, &mut t_light, &mut cx).is_ready());
+        assert!(cores.acquire(&late, &mut t_late, &mut cx, true).is_pending());
+        assert_eq!(cores.acquire(&light, &mut t_light, &mut cx, true), Poll::Ready(49 * MS + MS / 5));
         // A killed waiter's grant is passed on, not lost.
-        cores.release(light.vruntime.load(Ordering::Relaxed));
+        cores.release(Some(49 * MS + MS / 5), light.vruntime.load(Ordering::Relaxed));
         cores.abandon(t_late.unwrap());
-        assert!(cores.acquire(&busy, &mut t_busy, &mut cx).is_ready());
+        assert!(cores.acquire(&busy, &mut t_busy, &mut cx, true).is_ready());
+    }
+
+    #[test]
+    fn a_guest_far_ahead_does_not_lift_the_floor_above_one_running_behind() {
+        let cores = Cores::new(2, count_preemption);
+        let (ahead, behind, sleeper) = (Cpu::default(), Cpu::default(), Cpu::default());
+        ahead.vruntime.store(100 * MS, Ordering::Relaxed);
+        behind.vruntime.store(10 * MS, Ordering::Relaxed);
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        assert!(cores.acquire(&ahead, &mut None, &mut cx, true).is_ready());
+        assert!(cores.acquire(&behind, &mut None, &mut cx, true).is_ready());
+        cores.release(Some(100 * MS), 101 * MS);
+        // The sleeper starts its credit behind the guest still running, not behind the one
+        // that left: it would otherwise queue behind that one and never preempt it.
+        assert_eq!(cores.acquire(&sleeper, &mut None, &mut cx, true), Poll::Ready(10 * MS - SLEEPER_CREDIT_NANOS));
+    }
+
+    thread_local! {
+        static PREEMPTIONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn count_preemption() {
+        PREEMPTIONS.set(PREEMPTIONS.get() + 1);
+    }
+
+    #[test]
+    fn a_guest_well_behind_the_running_ones_runs_at_once_on_a_lent_token() {
+        let cores = Cores::new(2, count_preemption);
+        let cpu = |ms: f64| {
+            let c = Cpu::default();
+            c.vruntime.store((ms * MS as f64) as u64, Ordering::Relaxed);
+            c
+        };
+        let (a, b, light, close, late) = (cpu(50.0), cpu(20.0), cpu(30.0), cpu(49.5), cpu(29.5));
+        let (_, w) = waker();
+        let mut cx = Context::from_waker(&w);
+        // Two guests take the two cores as they come, neither kept one at a preemption.
+        assert_eq!(cores.acquire(&a, &mut None, &mut cx, true), Poll::Ready(50 * MS));
+        assert_eq!(cores.acquire(&b, &mut None, &mut cx, true), Poll::Ready(20 * MS));
+        // Within the wakeup granularity of the furthest ahead: it queues and waits its turn.
+        assert!(cores.acquire(&close, &mut None, &mut cx, true).is_pending());
+        assert_eq!(PREEMPTIONS.get(), 0);
+        // Well behind the furthest ahead (a), though not behind b: it runs now, and the
+        // running guests are told to yield.
+        assert_eq!(cores.acquire(&light, &mut None, &mut cx, true), Poll::Ready(30 * MS));
+        assert_eq!(PREEMPTIONS.get(), 1);
+        // The first to yield pays the lent token back; the next keeps its own, as the queued
+        // guest is not behind it.
+        assert!(!cores.keep(50 * MS, 51 * MS));
+        cores.release(Some(50 * MS), 51 * MS);
+        assert!(cores.keep(20 * MS, 21 * MS));
+        // A guest that computes queues wherever it is.
+        assert!(cores.acquire(&cpu(0.0), &mut None, &mut cx, false).is_pending());
+        assert_eq!(PREEMPTIONS.get(), 1);
+        // With b at 21 ms and the light guest at 30 ms running, 29.5 ms is not behind.
+        assert!(cores.acquire(&late, &mut None, &mut cx, true).is_pending());
+        assert_eq!(PREEMPTIONS.get(), 1);
+        // Guests that slept start at the floor (3 ms behind b's 20 ms): one token per core is
+        // lent at most, then they queue.
+        for lent in 1..=2 {
+            assert_eq!(cores.acquire(&cpu(0.0), &mut None, &mut cx, true), Poll::Ready(17 * MS));
+            assert_eq!(PREEMPTIONS.get(), 1 + lent);
+        }
+        assert!(cores.acquire(&cpu(0.0), &mut None, &mut cx, true).is_pending());
+        assert_eq!(PREEMPTIONS.get(), 3);
     }
 
     #[test]
     fn a_sleeper_gets_bounded_credit() {
-        let cores = Cores::new(1);
+        let cores = Cores::new(1, count_preemption);
         let (old, idle) = (Cpu::default(), Cpu::default());
         old.vruntime.store(100 * MS, Ordering::Relaxed);
         let (_, w) = waker();
         let mut cx = Context::from_waker(&w);
         let mut t = None;
-        assert!(cores.acquire(&old, &mut t, &mut cx).is_ready());
-        cores.release(old.vruntime.load(Ordering::Relaxed));
-        assert!(cores.acquire(&idle, &mut t, &mut cx).is_ready());
+        assert!(cores.acquire(&old, &mut t, &mut cx, true).is_ready());
+        cores.release(Some(100 * MS), old.vruntime.load(Ordering::Relaxed));
+        assert!(cores.acquire(&idle, &mut t, &mut cx, true).is_ready());
         assert_eq!(idle.vruntime.load(Ordering::Relaxed), 100 * MS - SLEEPER_CREDIT_NANOS);
     }
 }

@@ -913,13 +913,13 @@ mod tests {
 
     const SPIN: &str = r#"(module (func (export "_start") (loop $l (br $l))))"#;
 
-    /// Held by the tests that spin guests: each measures the CPU its guests get, which the
-    /// spinners of another test running beside it on the same cores would take.
-    static SPINNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    /// Held by the tests that measure the CPU their guests get and by the one that compiles
+    /// for seconds: beside each other, on the same cores, they would take each other's.
+    static CPU_BOUND: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     #[tokio::test]
     async fn a_cpu_quota_holds_a_spinning_guest_and_changes_while_it_runs() {
-        let _alone = SPINNING.lock().await;
+        let _alone = CPU_BOUND.lock().await;
         let (_d, e) = engine();
         let spin = program(&e, SPIN);
         let out = GuestOutput::discard(Stream::Stdout);
@@ -941,7 +941,7 @@ mod tests {
 
     #[tokio::test]
     async fn busy_guests_split_saturated_cores_by_their_shares() {
-        let _alone = SPINNING.lock().await;
+        let _alone = CPU_BOUND.lock().await;
         let (_d, e) = engine();
         let spin = program(&e, SPIN);
         let out = GuestOutput::discard(Stream::Stdout);
@@ -970,6 +970,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_module_of_forty_thousand_functions_runs() {
+        let _alone = CPU_BOUND.lock().await;
         let (_d, e) = engine();
         let n = 40_000;
         let mut wat = String::from("(module (type $f (func (result i32))) (table 40000 funcref)\n");
