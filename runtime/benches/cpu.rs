@@ -1,5 +1,6 @@
 //! Criterion benchmark of CPU metering: one compute-bound guest (a fixed loop, about 0.1 s),
-//! run on plain wasmtime (no epoch interruption, no metering: the floor), and on wasmlet's
+//! run on plain wasmtime (no epoch interruption, no metering: the floor), on plain wasmtime
+//! with epoch checks compiled in but never triggered (their own cost), and on wasmlet's
 //! engine metered (epoch yields every 1 ms, each poll timed and run on a core token) without a
 //! quota and with one it never reaches, in the same run.
 
@@ -35,6 +36,22 @@ fn metering(c: &mut Criterion) {
     g.bench_function("plain wasmtime, no metering", |b| {
         b.iter(|| {
             let mut store = wasmtime::Store::new(&plain, ());
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start").unwrap();
+            start.call(&mut store, ()).unwrap();
+        })
+    });
+
+    // The same with wasmtime's epoch checks compiled into the guest's loops, and a deadline
+    // never reached: what the checks that let wasmlet preempt cost by themselves.
+    let mut config = wasmtime::Config::new();
+    config.epoch_interruption(true);
+    let checked = wasmtime::Engine::new(&config).unwrap();
+    let module = wasmtime::Module::new(&checked, &wasm).unwrap();
+    g.bench_function("plain wasmtime with epoch checks, never interrupted", |b| {
+        b.iter(|| {
+            let mut store = wasmtime::Store::new(&checked, ());
+            store.set_epoch_deadline(u64::MAX / 2);
             let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start").unwrap();
             start.call(&mut store, ()).unwrap();
