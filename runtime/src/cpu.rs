@@ -269,6 +269,8 @@ fn phase_start(now: Instant, period: Duration, fraction: f64) -> Instant {
 /// The node's cores as tokens, handed to queued guests least virtual runtime first.
 struct Cores {
     state: Mutex<CoresState>,
+    /// How many there are (and how many may be lent at most).
+    cores: isize,
     /// Makes every running guest yield now ([`preempt_all`]; counted in unit tests).
     preempt: fn(),
 }
@@ -277,7 +279,6 @@ struct CoresState {
     /// Tokens free; below zero, tokens lent to guests that preempted the running ones
     /// (at most one per core), which the next ones released pay back.
     free: isize,
-    cores: isize,
     /// The least virtual runtime of the guests running or queued at the last release (CFS's
     /// min_vruntime); only grows. A guest that slept starts no further behind it than
     /// [`SLEEPER_CREDIT_NANOS`].
@@ -407,9 +408,9 @@ impl Cores {
     fn new(n: usize, preempt: fn()) -> Cores {
         Cores {
             preempt,
+            cores: n as isize,
             state: Mutex::new(CoresState {
                 free: n as isize,
-                cores: n as isize,
                 min_vruntime: 0,
                 queued: BTreeMap::new(),
                 granted: HashSet::new(),
@@ -453,7 +454,7 @@ impl Cores {
         // computing guest keeps a core's token while its thread waits for the core.) A guest
         // that computes queues: the epoch ticks share the cores among those.
         let ahead = s.running.last_key_value().map_or(0, |(&v, _)| v);
-        if waking && v.saturating_add(WAKEUP_GRANULARITY_NANOS) < ahead && s.free > -s.cores {
+        if waking && v.saturating_add(WAKEUP_GRANULARITY_NANOS) < ahead && s.free > -self.cores {
             s.free -= 1;
             s.run(v);
             drop(s);

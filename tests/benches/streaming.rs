@@ -250,16 +250,17 @@ impl Forwarding<'_> {
         let relays = plain_relay(relay, false)?;
         let spliced = plain_relay(direct, true)?;
         let mb = total as f64 / 1e6;
-        // Each path with its times; the direct connection first, the one the others are
+        // Each way with its times; the direct connection first, the one the others are
         // measured against.
-        let mut ways: Vec<(Way, Vec<Duration>)> = Way::ALL.iter().map(|&p| (p, Vec::new())).collect();
+        let mut ways: Vec<(Way, Vec<Duration>)> = Way::ALL.iter().map(|&w| (w, Vec::new())).collect();
         // Who spends the CPU of the crictl transfers: wasmlet (SPDY, the copy into the pod,
         // the wasm sink) or crictl (client-go's SPDY).
         let (mut wasmlet_cpu, mut crictl_cpu) = (0.0, 0.0);
         for _ in 0..3 {
-            for (path, times) in &mut ways {
-                let (w0, c0) = (cpu_seconds(self.server.pid()), cpu_seconds(pf.id()));
-                let took = match path {
+            for (way, times) in &mut ways {
+                let spdy = *way == Way::CrictlSpdy;
+                let cpu0 = spdy.then(|| (cpu_seconds(self.server.pid()), cpu_seconds(pf.id())));
+                let took = match way {
                     Way::Direct => transfer(direct, total)?,
                     Way::Relay => transfer(relay, total)?,
                     Way::Relays => transfer(relays, total)?,
@@ -269,7 +270,7 @@ impl Forwarding<'_> {
                     Way::Cli => transfer(cli_local, total)?,
                     Way::Spliced => transfer(spliced, total)?,
                 };
-                if *path == Way::CrictlSpdy {
+                if let Some((w0, c0)) = cpu0 {
                     wasmlet_cpu += cpu_seconds(self.server.pid()) - w0;
                     crictl_cpu += cpu_seconds(pf.id()) - c0;
                 }
@@ -286,11 +287,11 @@ impl Forwarding<'_> {
         println!("{} MiB into a wasm sink in {pod} (best of 3):", total >> 20);
         println!("| path | seconds | MB/s | against direct |");
         println!("|---|---|---|---|");
-        for (path, times) in &ways {
+        for (way, times) in &ways {
             let t = best(times);
-            println!("| {} | {t:.3} | {:.0} | {:.2} |", path.what(), mb / t, direct_best / t);
+            println!("| {} | {t:.3} | {:.0} | {:.2} |", way.what(), mb / t, direct_best / t);
         }
-        let spdy = &ways.iter().find(|(p, _)| *p == Way::CrictlSpdy).expect("measured").1;
+        let spdy = &ways.iter().find(|(w, _)| *w == Way::CrictlSpdy).expect("measured").1;
         let spent: f64 = spdy.iter().map(Duration::as_secs_f64).sum();
         println!(
             "CPU during the crictl SPDY transfers: wasmlet {:.0}% of one core, crictl {:.0}%",

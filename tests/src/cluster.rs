@@ -586,10 +586,7 @@ impl WasmletNode {
 impl Drop for WasmletNode {
     fn drop(&mut self) {
         self.kill9();
-        crate::release_run_dir(&wasmlet_runtime::default_run_dir_for(
-            &self.root(),
-            rustix::process::geteuid().as_raw(),
-        ));
+        crate::release_run_dir(&self.run_dir());
     }
 }
 

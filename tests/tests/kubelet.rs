@@ -16,7 +16,7 @@ struct Run {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     root: PathBuf,
     config: PathBuf,
 }
@@ -86,7 +86,7 @@ impl Run {
             }
         });
         let config = config.clone();
-        Run { child, lines: rx, seen: Vec::new(), _dir: dir, root, config }
+        Run { child, lines: rx, seen: Vec::new(), dir, root, config }
     }
 
     /// Waits for a line matching `pred`; panics with everything seen after `limit`.
@@ -169,7 +169,7 @@ impl Drop for Run {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        wasmlet_tests::release_run_dir(&run_dir_of(&self._dir));
+        wasmlet_tests::release_run_dir(&run_dir_of(&self.dir));
     }
 }
 
