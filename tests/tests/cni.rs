@@ -58,8 +58,7 @@ async fn remove_leaving_no_veth(rt: &mut RuntimeClient, ids: &[&str], bridge: &s
 
 #[tokio::test]
 async fn pods_on_a_cni_bridge() {
-    if !is_root() {
-        eprintln!("skipped: the cni mode needs root");
+    if skip_unless_root("the cni mode needs root") {
         return;
     }
     let tag = format!("{:04x}", std::process::id() & 0xffff);
@@ -84,6 +83,8 @@ async fn pods_on_a_cni_bridge() {
     let (a_ip, b_ip) = (pod_ip(&mut rt, &a).await, pod_ip(&mut rt, &b).await);
     let prefix = format!("10.231.{third}.");
     assert!(a_ip.starts_with(&prefix) && b_ip.starts_with(&prefix) && a_ip != b_ip, "{a_ip} {b_ip}");
+    // The host reaches the pod on the plugin's bridge, never by its default route.
+    ensure_on_device(&a_ip, &bridge).unwrap();
 
     let server_a = start(&mut rt, &a, &a_cfg, net_config("server", &["serve", "8080"])).await;
     wait_log(&mut rt, &server_a, "listening on 8080", WAIT).await.unwrap();
@@ -114,8 +115,7 @@ async fn pods_on_a_cni_bridge() {
 
 #[tokio::test]
 async fn a_missing_cni_plugin_is_reported() {
-    if !is_root() {
-        eprintln!("skipped: the cni mode needs root");
+    if skip_unless_root("the cni mode needs root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -163,7 +163,7 @@ async fn pods_on_wasmlets_own_bridge() {
     assert!(a_ip.starts_with(&prefix) && b_ip.starts_with(&prefix) && a_ip != b_ip, "{a_ip} {b_ip}");
     // Each pod IP resolves to the bridge, not to the host's default route.
     for ip in [&a_ip, &b_ip] {
-        wasmlet_tests::ensure_on_device(ip, &bridge).unwrap();
+        ensure_on_device(ip, &bridge).unwrap();
     }
 
     let server_a = start(&mut rt, &a, &a_cfg, net_config("server", &["serve", "8080"])).await;
